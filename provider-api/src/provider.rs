@@ -1,0 +1,334 @@
+//! The provider trait: the Proxmox VE backup provider lifecycle, seen from
+//! a platform adapter.
+//!
+//! Roles follow `DESIGN.md`: the *host* (the embedding backup product, or
+//! the workspace's `engine`) drives the transaction and owns the target;
+//! the *provider* talks to one platform. During backup the provider exposes
+//! snapshot access to each volume and keeps it valid until
+//! [`BackupProvider::backup_cleanup`]; during restore it says what it
+//! consumes and imports data the host exposes.
+//!
+//! The host calls a provider for several guests at once, so every method
+//! takes `&self`; a provider keeps per-guest state behind its own lock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::access::{SnapshotAccess, VmBackup};
+use crate::error::{Error, Result};
+use crate::target::{BaseImageCatalog, Layer, SnapshotInfo, StoredVolume};
+use crate::types::{
+    ArchiveName, BackupStats, BitmapMode, ConfigBlob, Guest, GuestKind, JobInfo, PlatformMetadata,
+};
+
+/// Optional abilities of a provider. The host checks them before it calls
+/// an optional method; a provider that lacks one also answers such a call
+/// with [`crate::ErrorKind::Unsupported`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Container backup and restore.
+    pub containers: bool,
+    /// Incremental backups through change tracking.
+    pub incremental: bool,
+    /// Snapshot access as a hot-added disk (file handle) besides NBD.
+    pub hot_add: bool,
+    /// Restore over the original guest.
+    pub restore_in_place: bool,
+}
+
+/// How a guest's data is exposed during backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupMechanism {
+    /// VM volumes as NBD exports.
+    Nbd,
+    /// VM volumes as readable files with a dirty-region iterator.
+    FileHandle,
+    /// A container's filesystem as a directory.
+    Directory,
+}
+
+/// How a guest's data is consumed during restore.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreMechanism {
+    /// VM volumes: the host gives qemu-img-readable sources (NBD URIs)
+    /// and writes into destinations the provider returns.
+    QemuImg,
+    /// Container: a directory tree.
+    Directory,
+    /// Container: a tar archive.
+    Tar,
+}
+
+/// The previous backup of a guest, as the host's target holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreviousBackup {
+    /// The snapshot.
+    pub snapshot: SnapshotInfo,
+    /// The provider's metadata stored with it.
+    pub metadata: PlatformMetadata,
+}
+
+/// Per-volume answer of `backup_vm_query_incremental`, keyed by device name.
+/// Volumes not listed get [`BitmapMode::None`].
+pub type IncrementalPlan = BTreeMap<String, BitmapMode>;
+
+/// Everything `backup_vm` gets.
+pub struct BackupVmRequest {
+    /// The plan the host settled on (the provider's answer, checked).
+    pub plan: IncrementalPlan,
+    /// The previous backup, when the host has a usable one.
+    pub previous: Option<PreviousBackup>,
+    /// Which base images the target already holds.
+    pub base_images: Arc<dyn BaseImageCatalog>,
+}
+
+impl std::fmt::Debug for BackupVmRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupVmRequest")
+            .field("plan", &self.plan)
+            .field("previous", &self.previous.as_ref().map(|p| &p.snapshot.id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackupVmRequest {
+    /// The mode for one device (`None` when the plan leaves it out).
+    pub fn mode(&self, device: &str) -> BitmapMode {
+        self.plan.get(device).copied().unwrap_or(BitmapMode::None)
+    }
+}
+
+/// A container's filesystem exposed for backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerBackup {
+    /// Guest configuration.
+    pub guest_config: ConfigBlob,
+    /// Firewall configuration.
+    pub firewall_config: Option<ConfigBlob>,
+    /// Metadata for restore.
+    pub metadata: PlatformMetadata,
+    /// The filesystem tree.
+    pub directory: PathBuf,
+}
+
+/// How a guest's backup ended, for cleanups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// True when everything succeeded.
+    pub success: bool,
+    /// The error text when not.
+    pub error: Option<String>,
+}
+
+impl Outcome {
+    /// Success.
+    pub fn ok() -> Self {
+        Outcome {
+            success: true,
+            error: None,
+        }
+    }
+
+    /// Failure with the error's full report.
+    pub fn failed(error: &Error) -> Self {
+        Outcome {
+            success: false,
+            error: Some(error.report()),
+        }
+    }
+}
+
+/// What the host read from the archive for a restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveView {
+    /// The snapshot.
+    pub snapshot: SnapshotInfo,
+    /// Stored guest configuration.
+    pub guest_config: Option<ConfigBlob>,
+    /// Stored firewall configuration.
+    pub firewall_config: Option<ConfigBlob>,
+    /// Stored provider metadata.
+    pub metadata: PlatformMetadata,
+}
+
+/// Where a restore goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreTarget {
+    /// A new guest; the name is a hint (the provider may add a suffix).
+    NewGuest {
+        /// Name for the new guest.
+        name: Option<String>,
+    },
+    /// Overwrite the original guest (needs
+    /// [`Capabilities::restore_in_place`]).
+    InPlace,
+}
+
+/// A restore of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreVmRequest {
+    /// What is restored.
+    pub archive: ArchiveView,
+    /// Where to.
+    pub target: RestoreTarget,
+    /// The configuration to apply (from `archive_get_guest_config`).
+    pub guest_config: ConfigBlob,
+}
+
+/// The host's sources for one volume, all readable by `qemu-img`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSources {
+    /// The volume as the guest saw it.
+    pub merged: String,
+    /// The base image only (linked volumes).
+    pub base: Option<String>,
+    /// Size of the base image.
+    pub base_size: Option<u64>,
+}
+
+/// One volume to restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreVolumeRequest {
+    /// The guest being restored (as `restore_vm_init` returned it).
+    pub guest: Guest,
+    /// The stored volume.
+    pub volume: StoredVolume,
+    /// Where the host offers its data.
+    pub sources: RestoreSources,
+}
+
+/// One layer the host writes into a destination the provider opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerWrite {
+    /// Which view of the stored volume to write.
+    pub layer: Layer,
+    /// Where (a writable NBD export or file).
+    pub destination: SnapshotAccess,
+}
+
+/// The provider's answer to `restore_vm_volume_init`: the writes the host
+/// performs, in order. Empty when the provider pulled the data itself
+/// from [`RestoreSources`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeImport {
+    /// Writes in order.
+    pub writes: Vec<LayerWrite>,
+}
+
+/// A container restore.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreContainerRequest {
+    /// What is restored.
+    pub archive: ArchiveView,
+    /// Where to.
+    pub target: RestoreTarget,
+    /// Directory or tar path, per the mechanism.
+    pub source: PathBuf,
+}
+
+/// A backup provider for one platform.
+///
+/// Required methods cover VM backup and restore; container and in-place
+/// abilities answer [`crate::ErrorKind::Unsupported`] unless a provider
+/// overrides them and says so in [`BackupProvider::capabilities`].
+#[async_trait]
+pub trait BackupProvider: Send + Sync {
+    /// Provider (platform) name, e.g. `scp`; groups snapshots in targets.
+    fn provider_name(&self) -> &str;
+
+    /// Optional abilities.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Start of a job: check the platform, log in.
+    async fn job_init(&self, job: &JobInfo) -> Result<()>;
+
+    /// End of a job: log out, release everything. Runs even when
+    /// `job_init` failed.
+    async fn job_cleanup(&self) -> Result<()>;
+
+    /// Start of one guest's backup; returns the archive name.
+    async fn backup_init(&self, guest: &Guest, start_time: i64) -> Result<ArchiveName>;
+
+    /// How the guest's data will be exposed.
+    async fn backup_get_mechanism(&self, guest: &Guest) -> Result<BackupMechanism>;
+
+    /// Per volume: `Use` (incremental since the previous checkpoint), `New`
+    /// (start tracking, read in full); volumes left out get `None`.
+    async fn backup_vm_query_incremental(
+        &self,
+        guest: &Guest,
+        previous: Option<&PreviousBackup>,
+    ) -> Result<IncrementalPlan>;
+
+    /// Take the snapshot and expose every volume, the configuration and
+    /// the metadata. Access stays valid until `backup_cleanup`.
+    async fn backup_vm(&self, guest: &Guest, request: BackupVmRequest) -> Result<VmBackup>;
+
+    /// Privileged preparation of a container backup.
+    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()> {
+        let _ = guest;
+        Err(Error::unsupported("container backup"))
+    }
+
+    /// Expose a container's filesystem.
+    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup> {
+        let _ = guest;
+        Err(Error::unsupported("container backup"))
+    }
+
+    /// End of one guest's backup, on every path: delete snapshots, detach
+    /// disks, release leases. `outcome` says whether the host stored it.
+    async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats>;
+
+    /// The guest's task log, once per guest after `backup_cleanup`.
+    async fn backup_handle_log_file(&self, guest: &Guest, path: &Path) -> Result<()> {
+        let _ = (guest, path);
+        Ok(())
+    }
+
+    /// How restored data is consumed for this kind of guest.
+    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism>;
+
+    /// The guest configuration to restore with.
+    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob>;
+
+    /// The firewall configuration to restore with, if any.
+    async fn archive_get_firewall_config(&self, archive: &ArchiveView)
+    -> Result<Option<ConfigBlob>>;
+
+    /// Create (or prepare, in place) the guest; returns it.
+    async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest>;
+
+    /// Prepare one volume; the host then performs the returned writes.
+    async fn restore_vm_volume_init(&self, request: &RestoreVolumeRequest) -> Result<VolumeImport>;
+
+    /// After one volume, on every path.
+    async fn restore_vm_volume_cleanup(
+        &self,
+        guest: &Guest,
+        device: &str,
+        outcome: &Outcome,
+    ) -> Result<()>;
+
+    /// After the whole VM, on every path.
+    async fn restore_vm_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()>;
+
+    /// Restore a container from a directory or tar.
+    async fn restore_container_init(&self, request: &RestoreContainerRequest) -> Result<Guest> {
+        let _ = request;
+        Err(Error::unsupported("container restore"))
+    }
+
+    /// After a container restore, on every path.
+    async fn restore_container_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
+        let _ = (guest, outcome);
+        Err(Error::unsupported("container restore"))
+    }
+}
