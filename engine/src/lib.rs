@@ -1,1 +1,29 @@
-//! engine
+//! # engine: the reference host
+//!
+//! Drives the backup provider transaction of `provider-api` with one
+//! provider and one target, and moves the data between them.
+//!
+//! - [`backup::BackupDriver`] runs a backup job over many guests with
+//!   bounded parallelism and enforces the contract's cleanup guarantees
+//!   whatever the provider does (see the module docs for the list);
+//! - [`restore::RestoreDriver`] runs restores with the same discipline;
+//! - [`mover::DataMover`] is the data path's interface: the driver says
+//!   which regions go where, a mover copies them with several reads in
+//!   flight and bounded memory.
+//!
+//! Tracing spans: `job` (id, provider) → `guest` (id) → `volume`. Each
+//! guest also gets a plain-text task log, handed to the provider's
+//! `backup_handle_log_file`.
+
+pub mod backup;
+pub mod data_mover;
+pub mod expose;
+pub mod guest_log;
+pub mod mover;
+pub mod restore;
+
+pub use backup::{BackupDriver, GuestBackup, GuestOutcome, JobOptions, JobReport, VolumeReport};
+pub use data_mover::{MoverOptions, StandardMover};
+pub use expose::{NbdExposer, VolumeExport};
+pub use mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress, SourceExposer};
+pub use restore::{RestoreDriver, RestoreReport};

@@ -69,8 +69,12 @@ impl NbdAccess {
     /// and logs; TLS credentials are not part of it).
     pub fn uri(&self) -> String {
         match (&self.address, self.tls.is_some()) {
-            (NbdAddress::Tcp { host, port }, false) => format!("nbd://{host}:{port}/{}", self.export),
-            (NbdAddress::Tcp { host, port }, true) => format!("nbds://{host}:{port}/{}", self.export),
+            (NbdAddress::Tcp { host, port }, false) => {
+                format!("nbd://{host}:{port}/{}", self.export)
+            }
+            (NbdAddress::Tcp { host, port }, true) => {
+                format!("nbds://{host}:{port}/{}", self.export)
+            }
             (NbdAddress::Unix(p), false) => {
                 format!("nbd+unix:///{}?socket={}", self.export, p.display())
             }
@@ -236,7 +240,10 @@ mod tests {
     #[tokio::test]
     async fn whole_volume_yields_once() {
         let mut w = WholeVolume::new(10);
-        assert_eq!(w.next_dirty_region().await.unwrap(), Some(Extent::new(0, 10)));
+        assert_eq!(
+            w.next_dirty_region().await.unwrap(),
+            Some(Extent::new(0, 10))
+        );
         assert_eq!(w.next_dirty_region().await.unwrap(), None);
         assert_eq!(WholeVolume::new(0).next_dirty_region().await.unwrap(), None);
     }

@@ -50,7 +50,10 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     fn default_retryable(self) -> bool {
-        matches!(self, ErrorKind::Timeout | ErrorKind::DataPath | ErrorKind::Io)
+        matches!(
+            self,
+            ErrorKind::Timeout | ErrorKind::DataPath | ErrorKind::Io
+        )
     }
 }
 
@@ -98,10 +101,14 @@ impl fmt::Display for Context {
     }
 }
 
-/// The error of the provider contract.
+/// The error of the provider contract (one pointer wide).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct Error(Box<Inner>);
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}{}", if context.is_empty() { String::new() } else { format!(" ({context})") })]
-pub struct Error {
+struct Inner {
     kind: ErrorKind,
     message: String,
     context: Context,
@@ -116,13 +123,13 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` with a message saying what failed.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error {
+        Error(Box::new(Inner {
             kind,
             message: message.into(),
             context: Context::default(),
             retryable: kind.default_retryable(),
             source: None,
-        }
+        }))
     }
 
     /// [`ErrorKind::Unsupported`]: `what` names the missing ability.
@@ -147,58 +154,67 @@ impl Error {
 
     /// Attach the underlying cause.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.source = Some(Box::new(source));
+        self.0.source = Some(Box::new(source));
         self
     }
 
     /// Name the guest.
     pub fn guest(mut self, guest: impl fmt::Display) -> Self {
-        self.context.guest.get_or_insert_with(|| guest.to_string());
+        self.0
+            .context
+            .guest
+            .get_or_insert_with(|| guest.to_string());
         self
     }
 
     /// Name the volume.
     pub fn volume(mut self, volume: impl fmt::Display) -> Self {
-        self.context.volume.get_or_insert_with(|| volume.to_string());
+        self.0
+            .context
+            .volume
+            .get_or_insert_with(|| volume.to_string());
         self
     }
 
     /// Name the offset.
     pub fn offset(mut self, offset: u64) -> Self {
-        self.context.offset.get_or_insert(offset);
+        self.0.context.offset.get_or_insert(offset);
         self
     }
 
     /// Name the platform API call.
     pub fn api_call(mut self, call: impl fmt::Display) -> Self {
-        self.context.api_call.get_or_insert_with(|| call.to_string());
+        self.0
+            .context
+            .api_call
+            .get_or_insert_with(|| call.to_string());
         self
     }
 
     /// Override whether retrying can help.
     pub fn retryable(mut self, retryable: bool) -> Self {
-        self.retryable = retryable;
+        self.0.retryable = retryable;
         self
     }
 
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.0.kind
     }
 
     /// The message without context.
     pub fn message(&self) -> &str {
-        &self.message
+        &self.0.message
     }
 
     /// Where it happened.
     pub fn context(&self) -> &Context {
-        &self.context
+        &self.0.context
     }
 
     /// Whether trying the same operation again can help.
     pub fn is_retryable(&self) -> bool {
-        self.retryable
+        self.0.retryable
     }
 
     /// The whole chain (`message (context): source: source's source`), for

@@ -300,8 +300,10 @@ pub trait BackupProvider: Send + Sync {
     async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob>;
 
     /// The firewall configuration to restore with, if any.
-    async fn archive_get_firewall_config(&self, archive: &ArchiveView)
-    -> Result<Option<ConfigBlob>>;
+    async fn archive_get_firewall_config(
+        &self,
+        archive: &ArchiveView,
+    ) -> Result<Option<ConfigBlob>>;
 
     /// Create (or prepare, in place) the guest; returns it.
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest>;

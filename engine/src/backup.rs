@@ -1,0 +1,618 @@
+//! The backup transaction driver.
+//!
+//! Runs a job over a list of guests with one provider and one target and
+//! enforces the guarantees of the contract whatever the provider does:
+//!
+//! - `job_cleanup` runs even when `job_init` failed (every guest is then
+//!   reported failed without being touched);
+//! - after `backup_init` was called, any failure of the guest, including in
+//!   the success-path `backup_cleanup(true)` and in publishing the
+//!   snapshot, gets `backup_cleanup(false, error)`, and no snapshot is
+//!   published: a snapshot is published only after the provider's success
+//!   cleanup returned;
+//! - `backup_handle_log_file` is called exactly once per guest;
+//! - one failed guest does not stop the job: the report has one outcome per
+//!   guest, in input order;
+//! - volumes left out of the incremental answer get bitmap mode `None`;
+//!   `Use` without a usable previous volume (none stored, or a different
+//!   size) becomes `New`, with a warning;
+//! - without a bitmap (`New`, `None`) every region is read: the dirty-region
+//!   iterator yields exactly `(0, size)` once (linked volumes in `New` mode
+//!   read the overlay's regions on top of the stored base image).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use provider_api::{
+    ArchiveName, BackupMechanism, BackupProvider, BackupVmRequest, BitmapMode, ConfigKind,
+    DirtySource, Error, ErrorKind, Guest, GuestKind, IncrementalPlan, JobInfo, Outcome,
+    PreviousBackup, Result, SnapshotInfo, SnapshotSpec, SnapshotWriter, StartFrom, Target,
+    TargetExt, VmBackup, VolumeAccess, VolumeSpec,
+};
+use tracing::Instrument;
+
+use crate::guest_log::GuestLog;
+use crate::mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress};
+
+/// Settings of a backup job.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Job id and options handed to `job_init`.
+    pub info: JobInfo,
+    /// Guests backed up at once (at least 1).
+    pub parallelism: usize,
+    /// Directory for the per-guest task logs.
+    pub log_dir: PathBuf,
+}
+
+/// What one volume's copy did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeReport {
+    /// Device name.
+    pub device: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bitmap mode used.
+    pub bitmap_mode: BitmapMode,
+    /// Whether a shared base image was stored with this backup.
+    pub base_image_stored: bool,
+    /// Copy statistics (volume and base image together).
+    pub stats: CopyStats,
+}
+
+/// A guest's successful backup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GuestBackup {
+    /// The published snapshot.
+    pub snapshot: SnapshotInfo,
+    /// Per-volume figures.
+    pub volumes: Vec<VolumeReport>,
+    /// Time from `backup_init` to publication.
+    pub elapsed: Duration,
+}
+
+/// One guest's outcome.
+#[derive(Debug)]
+pub struct GuestOutcome {
+    /// The guest.
+    pub guest: Guest,
+    /// Its backup or what failed.
+    pub result: Result<GuestBackup>,
+    /// Its task log.
+    pub log_file: PathBuf,
+}
+
+/// A job's outcome.
+#[derive(Debug)]
+pub struct JobReport {
+    /// `job_init`'s error, if it failed.
+    pub init_error: Option<Error>,
+    /// `job_cleanup`'s error, if it failed.
+    pub cleanup_error: Option<Error>,
+    /// Per guest, in input order.
+    pub guests: Vec<GuestOutcome>,
+}
+
+impl JobReport {
+    /// True when the job and every guest succeeded.
+    pub fn success(&self) -> bool {
+        self.init_error.is_none()
+            && self.cleanup_error.is_none()
+            && self.guests.iter().all(|g| g.result.is_ok())
+    }
+}
+
+/// Runs backup jobs.
+pub struct BackupDriver {
+    provider: Arc<dyn BackupProvider>,
+    target: Arc<dyn Target>,
+    mover: Arc<dyn DataMover>,
+    progress: Arc<dyn Progress>,
+}
+
+impl BackupDriver {
+    /// A driver for one provider and one target.
+    pub fn new(
+        provider: Arc<dyn BackupProvider>,
+        target: Arc<dyn Target>,
+        mover: Arc<dyn DataMover>,
+    ) -> Self {
+        BackupDriver {
+            provider,
+            target,
+            mover,
+            progress: Arc::new(NoProgress),
+        }
+    }
+
+    /// Report copy progress to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Run one job over `guests`.
+    pub async fn run_job(&self, options: &JobOptions, guests: Vec<Guest>) -> JobReport {
+        let span = tracing::info_span!("job", id = %options.info.job_id, provider = self.provider.provider_name());
+        async {
+            let _ = std::fs::create_dir_all(&options.log_dir);
+            let init_error = self.provider.job_init(&options.info).await.err();
+            let outcomes = match &init_error {
+                Some(e) => {
+                    tracing::error!(error = %e.report(), "job_init failed");
+                    guests
+                        .into_iter()
+                        .map(|guest| GuestOutcome {
+                            log_file: log_path(options, &guest),
+                            result: Err(Error::new(
+                                e.kind(),
+                                format!("job_init failed: {}", e.report()),
+                            )
+                            .guest(&guest.id)),
+                            guest,
+                        })
+                        .collect()
+                }
+                None => {
+                    let start_time = options.info.start_time;
+                    let mut indexed: Vec<(usize, GuestOutcome)> =
+                        futures::stream::iter(guests.into_iter().enumerate())
+                            .map(|(i, guest)| async move {
+                                (i, self.backup_guest(options, guest, start_time).await)
+                            })
+                            .buffer_unordered(options.parallelism.max(1))
+                            .collect()
+                            .await;
+                    indexed.sort_by_key(|(i, _)| *i);
+                    indexed.into_iter().map(|(_, o)| o).collect()
+                }
+            };
+            let cleanup_error = self.provider.job_cleanup().await.err();
+            if let Some(e) = &cleanup_error {
+                tracing::error!(error = %e.report(), "job_cleanup failed");
+            }
+            JobReport {
+                init_error,
+                cleanup_error,
+                guests: outcomes,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Back up one guest: the whole per-guest transaction with its
+    /// cleanups. Never panics because of what the provider returns.
+    async fn backup_guest(
+        &self,
+        options: &JobOptions,
+        guest: Guest,
+        start_time: i64,
+    ) -> GuestOutcome {
+        let span = tracing::info_span!("guest", id = %guest.id);
+        async {
+            let log = GuestLog::create(log_path(options, &guest));
+            log.line(format!(
+                "backup of {} {} started",
+                kind_name(guest.kind),
+                guest.id
+            ));
+            let started = Instant::now();
+            let result = self.backup_guest_inner(&guest, start_time, &log).await;
+            let result = match result {
+                Ok((snapshot, volumes)) => Ok(GuestBackup {
+                    snapshot,
+                    volumes,
+                    elapsed: started.elapsed(),
+                }),
+                Err(e) => Err(e.guest(&guest.id)),
+            };
+            match &result {
+                Ok(b) => log.line(format!("backup finished: snapshot {}", b.snapshot.id)),
+                Err(e) => log.line(format!("ERROR: backup failed: {}", e.report())),
+            }
+            if let Err(e) = self
+                .provider
+                .backup_handle_log_file(&guest, log.path())
+                .await
+            {
+                tracing::warn!(error = %e.report(), "backup_handle_log_file failed");
+            }
+            GuestOutcome {
+                log_file: log.path().to_path_buf(),
+                guest,
+                result,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn backup_guest_inner(
+        &self,
+        guest: &Guest,
+        start_time: i64,
+        log: &GuestLog,
+    ) -> Result<(SnapshotInfo, Vec<VolumeReport>)> {
+        let mut writer: Option<Box<dyn SnapshotWriter>> = None;
+        let attempt = self.attempt(guest, start_time, log, &mut writer).await;
+        let failure = match attempt {
+            Ok((spec_writer, warnings, volumes)) => {
+                // Success path: the provider's cleanup first, then publish.
+                match self.provider.backup_cleanup(guest, &Outcome::ok()).await {
+                    Ok(stats) => {
+                        log.line(format!("backup_cleanup: {:?}", stats.extra));
+                        match spec_writer.commit(warnings).await {
+                            Ok(info) => return Ok((info, volumes)),
+                            Err(e) => {
+                                let e = Error::new(e.kind(), "publishing the snapshot failed")
+                                    .with_source(e);
+                                // The provider already cleaned up as if the
+                                // backup succeeded: tell it that it did not.
+                                self.failure_cleanup(guest, &e, log).await;
+                                return Err(e);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let e = Error::new(e.kind(), "backup_cleanup after success failed")
+                            .with_source(e);
+                        if let Err(a) = spec_writer.abort().await {
+                            log.warn(format!("aborting the snapshot failed: {}", a.report()));
+                        }
+                        e
+                    }
+                }
+            }
+            Err(e) => {
+                if let Some(w) = writer.take()
+                    && let Err(a) = w.abort().await
+                {
+                    log.warn(format!("aborting the snapshot failed: {}", a.report()));
+                }
+                e
+            }
+        };
+        self.failure_cleanup(guest, &failure, log).await;
+        Err(failure)
+    }
+
+    async fn failure_cleanup(&self, guest: &Guest, error: &Error, log: &GuestLog) {
+        if let Err(c) = self
+            .provider
+            .backup_cleanup(guest, &Outcome::failed(error))
+            .await
+        {
+            log.warn(format!(
+                "backup_cleanup after failure failed: {}",
+                c.report()
+            ));
+        }
+    }
+
+    /// Everything between `backup_init` and the success cleanup. The open
+    /// snapshot writer is parked in `writer` so that the caller aborts it
+    /// on failure.
+    async fn attempt(
+        &self,
+        guest: &Guest,
+        start_time: i64,
+        log: &GuestLog,
+        writer: &mut Option<Box<dyn SnapshotWriter>>,
+    ) -> Result<(Box<dyn SnapshotWriter>, Vec<String>, Vec<VolumeReport>)> {
+        let provider = &*self.provider;
+        let archive: ArchiveName = provider.backup_init(guest, start_time).await?;
+        log.line(format!("archive {archive}"));
+        let mechanism = provider.backup_get_mechanism(guest).await?;
+        check_mechanism(guest.kind, mechanism)?;
+        log.line(format!("mechanism {mechanism:?}"));
+        if guest.kind == GuestKind::Container {
+            return Err(Error::unsupported(
+                "container backup in the reference host (directory archives)",
+            ));
+        }
+        let platform = provider.provider_name().to_owned();
+        let previous = self.previous_backup(&platform, guest).await?;
+        let answer = provider
+            .backup_vm_query_incremental(guest, previous.as_ref())
+            .await?;
+        log.line(format!("incremental answer {answer:?}"));
+        let request = BackupVmRequest {
+            plan: answer.clone(),
+            previous: previous.clone(),
+            base_images: self.target.base_images(&platform),
+        };
+        let vm = provider.backup_vm(guest, request).await?;
+        let VmBackup {
+            guest_config,
+            firewall_config,
+            metadata,
+            volumes,
+            mut warnings,
+        } = vm;
+        check_volumes(&volumes)?;
+        for w in &warnings {
+            log.warn(w);
+        }
+
+        *writer = Some(
+            self.target
+                .begin_snapshot(SnapshotSpec {
+                    platform,
+                    guest: guest.id.clone(),
+                    archive,
+                    time: start_time,
+                })
+                .await?,
+        );
+        let w = writer.as_mut().expect("just set");
+        w.put_config(ConfigKind::Guest, guest_config).await?;
+        if let Some(fw) = firewall_config {
+            w.put_config(ConfigKind::Firewall, fw).await?;
+        }
+        w.put_metadata(metadata).await?;
+
+        let mut reports = Vec::with_capacity(volumes.len());
+        for access in volumes {
+            let report = self
+                .copy_volume(
+                    w.as_mut(),
+                    access,
+                    &answer,
+                    previous.as_ref(),
+                    log,
+                    &mut warnings,
+                )
+                .instrument(tracing::info_span!("volume"))
+                .await?;
+            reports.push(report);
+        }
+        let w = writer.take().expect("writer present");
+        Ok((w, warnings, reports))
+    }
+
+    async fn previous_backup(
+        &self,
+        platform: &str,
+        guest: &Guest,
+    ) -> Result<Option<PreviousBackup>> {
+        let Some(snapshot) = self
+            .target
+            .latest_good_snapshot(platform, &guest.id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let reader = self.target.open_snapshot(&snapshot.id).await?;
+        let metadata = reader.metadata().await?;
+        Ok(Some(PreviousBackup { snapshot, metadata }))
+    }
+
+    async fn copy_volume(
+        &self,
+        writer: &mut dyn SnapshotWriter,
+        access: VolumeAccess,
+        answer: &IncrementalPlan,
+        previous: Option<&PreviousBackup>,
+        log: &GuestLog,
+        warnings: &mut Vec<String>,
+    ) -> Result<VolumeReport> {
+        let VolumeAccess {
+            volume,
+            access,
+            bitmap_mode,
+            dirty,
+            checkpoint,
+            base,
+        } = access;
+        let device = volume.device.clone();
+        let mode = effective_mode(
+            &device,
+            volume.size,
+            bitmap_mode,
+            answer,
+            previous,
+            warnings,
+        );
+        log.line(format!(
+            "volume {device}: {} bytes, bitmap mode {mode:?}",
+            volume.size
+        ));
+        let mut stats = CopyStats::default();
+        let mut base_image_stored = false;
+
+        // The base layer first: the volume may start from it.
+        let mut start_from = match mode {
+            BitmapMode::Use => {
+                let prev = previous.expect("effective_mode checked the previous backup");
+                StartFrom::Previous(prev.snapshot.id.clone())
+            }
+            _ => StartFrom::Empty,
+        };
+        let base_id = base.as_ref().map(|b| b.id.clone());
+        if let Some(base) = base
+            && mode == BitmapMode::New
+        {
+            if let Some(base_writer) = writer.begin_base_image(&base.id, base.size).await? {
+                let Some((base_access, base_dirty)) = base.access else {
+                    return Err(Error::invalid(format!(
+                        "base image {} is not in the target and the provider did not expose it",
+                        base.id
+                    ))
+                    .volume(&device));
+                };
+                log.line(format!(
+                    "storing base image {} ({} bytes)",
+                    base.id, base.size
+                ));
+                let base_stats = self
+                    .mover
+                    .backup_volume(
+                        BackupCopy {
+                            device: format!("{device}@base:{}", base.id),
+                            size: base.size,
+                            access: base_access,
+                            dirty: base_dirty,
+                            writer: base_writer,
+                        },
+                        &*self.progress,
+                    )
+                    .await
+                    .map_err(|e| e.volume(format!("{device} (base image {})", base.id)))?;
+                add_stats(&mut stats, &base_stats);
+                base_image_stored = true;
+            } else {
+                log.line(format!("base image {} already stored", base.id));
+            }
+            start_from = StartFrom::BaseImage(base.id.clone());
+        }
+
+        // Without a bitmap everything is read (the mover turns `All` into
+        // `(0, size)`, skipping holes the source reports), except that a
+        // linked volume in `New` mode reads its overlay's regions on top of
+        // its stored base image.
+        let dirty = match (mode, &start_from) {
+            (BitmapMode::Use, _) | (BitmapMode::New, StartFrom::BaseImage(_)) => dirty,
+            _ => DirtySource::All,
+        };
+        let volume_writer = writer
+            .begin_volume(VolumeSpec {
+                volume: volume.clone(),
+                start_from,
+                base: base_id,
+                bitmap_mode: mode,
+                checkpoint: if mode == BitmapMode::None {
+                    None
+                } else {
+                    checkpoint
+                },
+            })
+            .await?;
+        let copy_stats = self
+            .mover
+            .backup_volume(
+                BackupCopy {
+                    device: device.clone(),
+                    size: volume.size,
+                    access,
+                    dirty,
+                    writer: volume_writer,
+                },
+                &*self.progress,
+            )
+            .await
+            .map_err(|e| e.volume(&device))?;
+        add_stats(&mut stats, &copy_stats);
+        log.line(format!(
+            "volume {device}: read {} bytes, {} bytes zero, {} new bytes stored as {}",
+            stats.bytes_read, stats.bytes_zero, stats.target.bytes_new, stats.target.bytes_stored
+        ));
+        Ok(VolumeReport {
+            device,
+            size: volume.size,
+            bitmap_mode: mode,
+            base_image_stored,
+            stats,
+        })
+    }
+}
+
+fn add_stats(total: &mut CopyStats, s: &CopyStats) {
+    total.bytes_read += s.bytes_read;
+    total.bytes_zero += s.bytes_zero;
+    total.target.bytes_written += s.target.bytes_written;
+    total.target.bytes_new += s.target.bytes_new;
+    total.target.bytes_stored += s.target.bytes_stored;
+}
+
+/// The bitmap mode the host uses for a volume: the provider's, limited by
+/// the incremental answer and by what the previous backup holds.
+pub fn effective_mode(
+    device: &str,
+    size: u64,
+    provided: BitmapMode,
+    answer: &IncrementalPlan,
+    previous: Option<&PreviousBackup>,
+    warnings: &mut Vec<String>,
+) -> BitmapMode {
+    let Some(&planned) = answer.get(device) else {
+        return BitmapMode::None;
+    };
+    match (planned, provided) {
+        (BitmapMode::None, _) | (_, BitmapMode::None) => BitmapMode::None,
+        (_, BitmapMode::New) | (BitmapMode::New, _) => BitmapMode::New,
+        (BitmapMode::Use, BitmapMode::Use) => {
+            let usable = previous
+                .and_then(|p| p.snapshot.volume(device))
+                .map(|v| v.volume.size == size && v.bitmap_mode != BitmapMode::None);
+            match usable {
+                Some(true) => BitmapMode::Use,
+                Some(false) => {
+                    warnings.push(format!(
+                        "volume {device}: previous backup has another size or no checkpoint; full backup"
+                    ));
+                    BitmapMode::New
+                }
+                None => {
+                    warnings.push(format!(
+                        "volume {device}: no previous backup of this volume; full backup"
+                    ));
+                    BitmapMode::New
+                }
+            }
+        }
+    }
+}
+
+fn check_mechanism(kind: GuestKind, mechanism: BackupMechanism) -> Result<()> {
+    match (kind, mechanism) {
+        (GuestKind::Vm, BackupMechanism::Nbd | BackupMechanism::FileHandle)
+        | (GuestKind::Container, BackupMechanism::Directory) => Ok(()),
+        _ => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "backup mechanism {mechanism:?} is not valid for a {}",
+                kind_name(kind)
+            ),
+        )),
+    }
+}
+
+fn check_volumes(volumes: &[VolumeAccess]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    for v in volumes {
+        if v.volume.device.is_empty() || !seen.insert(v.volume.device.as_str()) {
+            return Err(Error::invalid(format!(
+                "provider exposed an empty or duplicate device name {:?}",
+                v.volume.device
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn kind_name(kind: GuestKind) -> &'static str {
+    match kind {
+        GuestKind::Vm => "VM",
+        GuestKind::Container => "container",
+    }
+}
+
+fn log_path(options: &JobOptions, guest: &Guest) -> PathBuf {
+    let safe: String = guest
+        .id
+        .0
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    options.log_dir.join(format!("{safe}.log"))
+}

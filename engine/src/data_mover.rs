@@ -1,0 +1,579 @@
+//! The standard data mover: NBD and file-handle sources, pipelined.
+//!
+//! Backup: the dirty regions (everything, a provider's list, or an NBD
+//! dirty bitmap) are refined with `base:allocation` where the source has
+//! it (holes and zero extents are recorded as zeroes without reading),
+//! cut into pieces of [`MoverOptions::piece_size`] aligned to that size
+//! (so pieces map onto the target's fixed chunks), read with up to
+//! [`MoverOptions::depth`] reads in flight and handed to the target's
+//! writer in order. Memory is bounded by `depth * piece_size` here plus
+//! what the writer keeps in flight, whatever the disk size.
+//!
+//! Restore: the stored volume's regions are written to the provider's
+//! destination the same way; inherited regions (overlay layer) are not
+//! written, zero regions become NBD `WRITE_ZEROES` (or, on files, are
+//! written only where the file holds non-zero data, so that fresh sparse
+//! files stay sparse).
+
+use std::collections::VecDeque;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
+use provider_api::{
+    DirtyRegions, DirtySource, Error, ErrorKind, Extent, NbdAccess, NbdAddress, RegionKind, Result,
+    SnapshotAccess, VolumeReader, WholeVolume,
+};
+
+use crate::mover::{BackupCopy, CopyStats, DataMover, Progress};
+
+/// Tuning of the standard mover.
+#[derive(Debug, Clone, Copy)]
+pub struct MoverOptions {
+    /// Bytes per read (a power of two; 4 MiB matches the datastore's
+    /// default chunk).
+    pub piece_size: u64,
+    /// Reads in flight per volume.
+    pub depth: usize,
+}
+
+impl Default for MoverOptions {
+    fn default() -> Self {
+        MoverOptions {
+            piece_size: 4 << 20,
+            depth: 8,
+        }
+    }
+}
+
+/// The standard mover.
+#[derive(Debug, Clone, Default)]
+pub struct StandardMover {
+    options: MoverOptions,
+}
+
+impl StandardMover {
+    /// A mover with these options.
+    pub fn new(options: MoverOptions) -> Self {
+        StandardMover { options }
+    }
+}
+
+const ALLOCATION: &str = "base:allocation";
+
+fn data_path(what: &str, offset: u64, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(ErrorKind::DataPath, what.to_owned())
+        .offset(offset)
+        .with_source(e)
+}
+
+fn nbd_options(access: &NbdAccess, contexts: &[&str]) -> nbd::client::ConnectOptions {
+    let address = match &access.address {
+        NbdAddress::Tcp { host, port } => nbd::client::Address::Tcp {
+            host: host.clone(),
+            port: *port,
+        },
+        NbdAddress::Unix(p) => nbd::client::Address::Unix(p.clone()),
+    };
+    let mut o = nbd::client::ConnectOptions::new(address, access.export.clone());
+    if let Some(t) = &access.tls {
+        o = o.tls(nbd::client::TlsClientConfig {
+            ca_pem: t.ca_pem.clone(),
+            client_cert_pem: t.client_cert_pem.clone(),
+            client_key_pem: t.client_key_pem.clone(),
+            server_name: t.server_name.clone(),
+        });
+    }
+    for c in contexts {
+        o = o.meta_context(*c);
+    }
+    o
+}
+
+async fn connect(access: &NbdAccess, contexts: &[&str]) -> Result<nbd::client::Client> {
+    nbd::client::Client::connect(&nbd_options(access, contexts))
+        .await
+        .map_err(|e| {
+            let kind = match e.kind() {
+                nbd::ErrorKind::Tls(_) | nbd::ErrorKind::TlsRequired => ErrorKind::Refused,
+                _ => ErrorKind::DataPath,
+            };
+            Error::new(kind, format!("connecting to NBD export {}", access.uri())).with_source(e)
+        })
+}
+
+/// A backup source.
+enum Source {
+    Nbd {
+        client: nbd::client::Client,
+        allocation: bool,
+        bitmap: Option<String>,
+    },
+    File(Arc<std::fs::File>),
+}
+
+impl Source {
+    async fn open(access: &SnapshotAccess, want_bitmap: bool) -> Result<Source> {
+        match access {
+            SnapshotAccess::Nbd(n) => {
+                let mut contexts = vec![ALLOCATION];
+                let bitmap = if want_bitmap {
+                    let b = n.dirty_bitmap_context.as_deref().ok_or_else(|| {
+                        Error::invalid(format!(
+                            "dirty regions come from the NBD bitmap but export {} names none",
+                            n.uri()
+                        ))
+                    })?;
+                    contexts.push(b);
+                    Some(b.to_owned())
+                } else {
+                    None
+                };
+                let client = connect(n, &contexts).await?;
+                let selected = client.meta_contexts();
+                if let Some(b) = &bitmap
+                    && !selected.iter().any(|c| c == b)
+                {
+                    return Err(Error::new(
+                        ErrorKind::ChangeTrackingLost,
+                        format!("NBD export {} does not offer {b}", n.uri()),
+                    ));
+                }
+                let allocation = selected.iter().any(|c| c == ALLOCATION);
+                Ok(Source::Nbd {
+                    client,
+                    allocation,
+                    bitmap,
+                })
+            }
+            SnapshotAccess::FileHandle(f) => {
+                let file = std::fs::File::open(&f.path).map_err(|e| {
+                    Error::new(ErrorKind::DataPath, format!("opening {}", f.path.display()))
+                        .with_source(e)
+                })?;
+                Ok(Source::File(Arc::new(file)))
+            }
+        }
+    }
+
+    fn size(&self) -> Option<u64> {
+        match self {
+            Source::Nbd { client, .. } => Some(client.size()),
+            Source::File(f) => f.metadata().ok().map(|m| m.len()),
+        }
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
+        match self {
+            Source::Nbd { client, .. } => client
+                .read(offset, len as usize)
+                .await
+                .map_err(|e| data_path("reading the snapshot over NBD", offset, e)),
+            Source::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    f.read_exact_at(&mut buf, offset).map(|_| Bytes::from(buf))
+                })
+                .await
+                .map_err(|e| Error::other("read task failed").with_source(e))?
+                .map_err(|e| data_path("reading the snapshot file", offset, e))
+            }
+        }
+    }
+
+    /// `(extent, is_zero)` pieces covering `extent`, from base:allocation.
+    async fn allocation(&self, extent: Extent) -> Result<Vec<(Extent, bool)>> {
+        let Source::Nbd {
+            client,
+            allocation: true,
+            ..
+        } = self
+        else {
+            return Ok(vec![(extent, false)]);
+        };
+        let mut out = Vec::new();
+        let mut pos = extent.offset;
+        while pos < extent.end() {
+            let len = (extent.end() - pos).min(1 << 30);
+            let list = client
+                .block_status(pos, len, ALLOCATION)
+                .await
+                .map_err(|e| data_path("querying allocation over NBD", pos, e))?;
+            let before = pos;
+            for e in list {
+                let start = e.offset.max(pos);
+                let end = e.end().min(extent.end());
+                if start >= end {
+                    continue;
+                }
+                out.push((Extent::new(start, end - start), e.is_zero()));
+                pos = end;
+            }
+            if pos == before {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    "NBD server answered block status without progress",
+                )
+                .offset(pos));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Dirty regions from an NBD dirty bitmap.
+struct BitmapRegions {
+    client: nbd::client::Client,
+    context: String,
+    size: u64,
+    pos: u64,
+    pending: VecDeque<Extent>,
+}
+
+#[async_trait]
+impl DirtyRegions for BitmapRegions {
+    async fn next_dirty_region(&mut self) -> Result<Option<Extent>> {
+        while self.pending.is_empty() && self.pos < self.size {
+            let len = (self.size - self.pos).min(1 << 30);
+            let list = self
+                .client
+                .block_status(self.pos, len, &self.context)
+                .await
+                .map_err(|e| data_path("querying the dirty bitmap over NBD", self.pos, e))?;
+            let before = self.pos;
+            for e in list {
+                let start = e.offset.max(self.pos);
+                let end = e.end().min(self.size);
+                if start >= end {
+                    continue;
+                }
+                if e.is_dirty() {
+                    match self.pending.back_mut() {
+                        Some(last) if last.end() == start => last.length += end - start,
+                        _ => self.pending.push_back(Extent::new(start, end - start)),
+                    }
+                }
+                self.pos = end;
+            }
+            if self.pos == before {
+                return Err(Error::new(
+                    ErrorKind::DataPath,
+                    "NBD server answered block status without progress",
+                )
+                .offset(self.pos));
+            }
+        }
+        Ok(self.pending.pop_front())
+    }
+}
+
+/// A step of a copy: zeroes to record, or a piece to read.
+enum Step {
+    Zero(Extent),
+    Read(Extent),
+}
+
+fn pieces(extent: Extent, piece: u64, out: &mut VecDeque<Step>) {
+    let mut pos = extent.offset;
+    while pos < extent.end() {
+        let boundary = (pos / piece + 1) * piece;
+        let end = boundary.min(extent.end());
+        out.push_back(Step::Read(Extent::new(pos, end - pos)));
+        pos = end;
+    }
+}
+
+#[async_trait]
+impl DataMover for StandardMover {
+    async fn backup_volume(&self, copy: BackupCopy, progress: &dyn Progress) -> Result<CopyStats> {
+        let BackupCopy {
+            device,
+            size,
+            access,
+            dirty,
+            mut writer,
+        } = copy;
+        let source =
+            Arc::new(Source::open(&access, matches!(dirty, DirtySource::NbdBitmap)).await?);
+        if let Some(actual) = source.size()
+            && actual < size
+        {
+            return Err(Error::invalid(format!(
+                "snapshot of {device} has {actual} bytes, the volume {size}"
+            )));
+        }
+        let mut regions: Box<dyn DirtyRegions> = match dirty {
+            DirtySource::All => Box::new(WholeVolume::new(size)),
+            DirtySource::Regions(r) => r,
+            DirtySource::NbdBitmap => match &*source {
+                Source::Nbd {
+                    client,
+                    bitmap: Some(context),
+                    ..
+                } => Box::new(BitmapRegions {
+                    client: client.clone(),
+                    context: context.clone(),
+                    size,
+                    pos: 0,
+                    pending: VecDeque::new(),
+                }),
+                _ => unreachable!("Source::open checked the bitmap"),
+            },
+        };
+        let total = size;
+        let piece = self.options.piece_size.max(4096);
+        let depth = self.options.depth.max(1);
+        let mut stats = CopyStats::default();
+        let mut steps: VecDeque<Step> = VecDeque::new();
+        let mut in_flight = FuturesOrdered::new();
+        let mut regions_done = false;
+        let mut last_end = 0u64;
+        let mut done = 0u64;
+        loop {
+            // Keep the queue fed with the next dirty region.
+            while steps.len() < depth && !regions_done {
+                match regions.next_dirty_region().await? {
+                    None => regions_done = true,
+                    Some(r) => {
+                        if r.offset < last_end || r.end() > size {
+                            return Err(Error::invalid(format!(
+                                "dirty region {}+{} of {device} is out of order or past the end ({size})",
+                                r.offset, r.length
+                            )));
+                        }
+                        last_end = r.end();
+                        for (e, zero) in source.allocation(r).await? {
+                            if zero {
+                                steps.push_back(Step::Zero(e));
+                            } else {
+                                pieces(e, piece, &mut steps);
+                            }
+                        }
+                    }
+                }
+            }
+            // Launch reads; zero steps ride along in order.
+            while in_flight.len() < depth {
+                let Some(step) = steps.pop_front() else { break };
+                let src = source.clone();
+                in_flight.push_back(async move {
+                    match step {
+                        Step::Zero(e) => Ok((e, None)),
+                        Step::Read(e) => src.read(e.offset, e.length).await.map(|b| (e, Some(b))),
+                    }
+                });
+            }
+            let Some(next) = in_flight.next().await else {
+                if steps.is_empty() && regions_done {
+                    break;
+                }
+                continue;
+            };
+            let (extent, data) = next.map_err(|e| e.volume(&device))?;
+            match data {
+                Some(bytes) if bytes.iter().any(|b| *b != 0) => {
+                    stats.bytes_read += extent.length;
+                    writer.write(extent.offset, bytes).await?;
+                }
+                Some(_) => {
+                    stats.bytes_read += extent.length;
+                    writer.write_zeroes(extent.offset, extent.length).await?;
+                }
+                None => {
+                    stats.bytes_zero += extent.length;
+                    writer.write_zeroes(extent.offset, extent.length).await?;
+                }
+            }
+            done += extent.length;
+            progress.update(&device, done, total);
+        }
+        stats.target = writer.finish().await?;
+        Ok(stats)
+    }
+
+    async fn restore_volume(
+        &self,
+        device: &str,
+        source: Arc<dyn VolumeReader>,
+        destination: &SnapshotAccess,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        let size = source.size();
+        let dest = Destination::open(destination).await?;
+        if let Some(actual) = dest.size()
+            && actual < size
+        {
+            return Err(Error::invalid(format!(
+                "restore destination of {device} has {actual} bytes, the volume {size}"
+            )));
+        }
+        let dest = Arc::new(dest);
+        let piece = self.options.piece_size.max(4096);
+        let mut written = 0u64;
+        let mut done = 0u64;
+        let regions = source.regions(0, size).await?;
+        let mut steps = VecDeque::new();
+        for r in regions {
+            match r.kind {
+                RegionKind::Data => pieces(r.extent, piece, &mut steps),
+                RegionKind::Zero => steps.push_back(Step::Zero(r.extent)),
+                RegionKind::Inherited => done += r.extent.length,
+            }
+        }
+        let mut tasks = futures::stream::iter(steps.into_iter().map(|step| {
+            let source = source.clone();
+            let dest = dest.clone();
+            async move {
+                match step {
+                    Step::Read(e) => {
+                        let data = source.read_at(e.offset, e.length).await?;
+                        dest.write(e.offset, data).await?;
+                        Ok::<_, Error>((e.length, e.length))
+                    }
+                    Step::Zero(e) => {
+                        dest.write_zeroes(e.offset, e.length).await?;
+                        Ok((e.length, 0))
+                    }
+                }
+            }
+        }))
+        .buffer_unordered(self.options.depth.max(1));
+        while let Some(r) = tasks.next().await {
+            let (len, data) = r.map_err(|e| e.volume(device))?;
+            done += len;
+            written += data;
+            progress.update(device, done, size);
+        }
+        dest.flush().await.map_err(|e| e.volume(device))?;
+        Ok(written)
+    }
+}
+
+/// A restore destination.
+enum Destination {
+    Nbd(nbd::client::Client),
+    File(Arc<std::fs::File>),
+}
+
+impl Destination {
+    async fn open(access: &SnapshotAccess) -> Result<Destination> {
+        match access {
+            SnapshotAccess::Nbd(n) => {
+                let client = connect(n, &[]).await?;
+                if client.is_read_only() {
+                    return Err(Error::invalid(format!(
+                        "restore destination {} is read-only",
+                        n.uri()
+                    )));
+                }
+                Ok(Destination::Nbd(client))
+            }
+            SnapshotAccess::FileHandle(f) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&f.path)
+                    .map_err(|e| {
+                        Error::new(ErrorKind::DataPath, format!("opening {}", f.path.display()))
+                            .with_source(e)
+                    })?;
+                Ok(Destination::File(Arc::new(file)))
+            }
+        }
+    }
+
+    fn size(&self) -> Option<u64> {
+        match self {
+            Destination::Nbd(c) => Some(c.size()),
+            Destination::File(f) => f.metadata().ok().map(|m| m.len()),
+        }
+    }
+
+    async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
+        match self {
+            Destination::Nbd(c) => c
+                .write_bytes(offset, data, false)
+                .await
+                .map_err(|e| data_path("writing the restore destination over NBD", offset, e)),
+            Destination::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
+                    .await
+                    .map_err(|e| Error::other("write task failed").with_source(e))?
+                    .map_err(|e| data_path("writing the restore file", offset, e))
+            }
+        }
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        match self {
+            Destination::Nbd(c) => {
+                let mut pos = offset;
+                while pos < offset + length {
+                    let n = (offset + length - pos).min(1 << 30);
+                    let r = if c.can_write_zeroes() {
+                        c.write_zeroes(pos, n, false).await
+                    } else {
+                        c.write_bytes(pos, Bytes::from(vec![0; n.min(4 << 20) as usize]), false)
+                            .await
+                            .map(|_| ())
+                    };
+                    r.map_err(|e| data_path("zeroing the restore destination over NBD", pos, e))?;
+                    pos += if c.can_write_zeroes() {
+                        n
+                    } else {
+                        n.min(4 << 20)
+                    };
+                }
+                Ok(())
+            }
+            Destination::File(f) => {
+                // Keep fresh sparse files sparse: only overwrite data.
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    let chunk = 1 << 20;
+                    let mut buf = vec![0u8; chunk];
+                    let zero = vec![0u8; chunk];
+                    let mut pos = offset;
+                    let end = offset + length;
+                    while pos < end {
+                        let n = (end - pos).min(chunk as u64) as usize;
+                        let got = f.read_at(&mut buf[..n], pos)?;
+                        if buf[..got].iter().any(|b| *b != 0) {
+                            f.write_all_at(&zero[..n], pos)?;
+                        }
+                        pos += n as u64;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .map_err(|e| Error::other("write task failed").with_source(e))?
+                .map_err(|e| data_path("zeroing the restore file", offset, e))
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        match self {
+            Destination::Nbd(c) => {
+                if c.can_flush() {
+                    c.flush()
+                        .await
+                        .map_err(|e| data_path("flushing the restore destination", 0, e))?;
+                }
+                Ok(())
+            }
+            Destination::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.sync_all())
+                    .await
+                    .map_err(|e| Error::other("sync task failed").with_source(e))?
+                    .map_err(|e| data_path("syncing the restore file", 0, e))
+            }
+        }
+    }
+}

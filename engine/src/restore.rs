@@ -1,0 +1,222 @@
+//! Restore orchestration.
+//!
+//! `restore_get_mechanism` → `archive_get_guest_config` /
+//! `archive_get_firewall_config` → `restore_vm_init` → per volume
+//! `restore_vm_volume_init`, the writes it asks for,
+//! `restore_vm_volume_cleanup` → `restore_vm_cleanup`.
+//!
+//! Cleanups always run: every volume whose `restore_vm_volume_init` was
+//! called gets `restore_vm_volume_cleanup` with the outcome, and
+//! `restore_vm_cleanup` runs once `restore_vm_init` was called, also when
+//! it failed (it then gets the archive's guest, since no new guest
+//! exists). The first failed volume stops the restore.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use provider_api::{
+    ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, Layer, Outcome,
+    RestoreMechanism, RestoreSources, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest,
+    Result, SnapshotId, SnapshotReader, StoredVolume, Target,
+};
+use tracing::Instrument;
+
+use crate::mover::{DataMover, NoProgress, Progress, SourceExposer};
+
+/// A finished restore.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreReport {
+    /// The restored guest.
+    pub guest: Guest,
+    /// Bytes written per device.
+    pub volumes: Vec<(String, u64)>,
+    /// Duration.
+    pub elapsed: Duration,
+}
+
+/// Runs restores.
+pub struct RestoreDriver {
+    provider: Arc<dyn BackupProvider>,
+    target: Arc<dyn Target>,
+    mover: Arc<dyn DataMover>,
+    exposer: Arc<dyn SourceExposer>,
+    progress: Arc<dyn Progress>,
+}
+
+impl RestoreDriver {
+    /// A driver for one provider and one target; `exposer` serves stored
+    /// volumes as NBD URIs for providers that pull.
+    pub fn new(
+        provider: Arc<dyn BackupProvider>,
+        target: Arc<dyn Target>,
+        mover: Arc<dyn DataMover>,
+        exposer: Arc<dyn SourceExposer>,
+    ) -> Self {
+        RestoreDriver {
+            provider,
+            target,
+            mover,
+            exposer,
+            progress: Arc::new(NoProgress),
+        }
+    }
+
+    /// Report copy progress to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// Restore a VM snapshot to `destination`.
+    pub async fn restore_vm(
+        &self,
+        snapshot: &SnapshotId,
+        destination: RestoreTarget,
+    ) -> Result<RestoreReport> {
+        let span = tracing::info_span!("restore", snapshot = %snapshot);
+        async {
+            let started = Instant::now();
+            let reader: Arc<dyn SnapshotReader> =
+                Arc::from(self.target.open_snapshot(snapshot).await?);
+            let mechanism = self.provider.restore_get_mechanism(GuestKind::Vm).await?;
+            if mechanism != RestoreMechanism::QemuImg {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("restore mechanism {mechanism:?} is not valid for a VM"),
+                ));
+            }
+            let info = reader.info().clone();
+            let archive = ArchiveView {
+                guest_config: reader.config(ConfigKind::Guest).await?,
+                firewall_config: reader.config(ConfigKind::Firewall).await?,
+                metadata: reader.metadata().await?,
+                snapshot: info.clone(),
+            };
+            let guest_config = self.provider.archive_get_guest_config(&archive).await?;
+            let _firewall = self.provider.archive_get_firewall_config(&archive).await?;
+            let request = RestoreVmRequest {
+                archive,
+                target: destination,
+                guest_config,
+            };
+            let guest = match self.provider.restore_vm_init(&request).await {
+                Ok(g) => g,
+                Err(e) => {
+                    let original = Guest::vm(info.guest.0.clone());
+                    if let Err(c) = self
+                        .provider
+                        .restore_vm_cleanup(&original, &Outcome::failed(&e))
+                        .await
+                    {
+                        tracing::warn!(error = %c.report(), "restore_vm_cleanup failed");
+                    }
+                    return Err(e.guest(&info.guest));
+                }
+            };
+            let mut written = Vec::new();
+            let mut result = Ok(());
+            for volume in &info.volumes {
+                match self.restore_volume(&reader, &guest, volume).await {
+                    Ok(n) => written.push((volume.volume.device.clone(), n)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let outcome = match &result {
+                Ok(()) => Outcome::ok(),
+                Err(e) => Outcome::failed(e),
+            };
+            let cleanup = self.provider.restore_vm_cleanup(&guest, &outcome).await;
+            result.map_err(|e| e.guest(&guest.id))?;
+            cleanup.map_err(|e| {
+                Error::new(e.kind(), "restore_vm_cleanup failed")
+                    .with_source(e)
+                    .guest(&guest.id)
+            })?;
+            Ok(RestoreReport {
+                guest,
+                volumes: written,
+                elapsed: started.elapsed(),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn restore_volume(
+        &self,
+        reader: &Arc<dyn SnapshotReader>,
+        guest: &Guest,
+        volume: &StoredVolume,
+    ) -> Result<u64> {
+        let device = volume.volume.device.as_str();
+        let merged = reader.open_volume(device, Layer::Merged).await?;
+        let (merged_uri, _merged_guard) = self.exposer.expose(device, merged.clone()).await?;
+        let mut base_guard = None;
+        let mut sources = RestoreSources {
+            merged: merged_uri,
+            base: None,
+            base_size: None,
+        };
+        if volume.base.is_some() {
+            let base = reader.open_volume(device, Layer::Base).await?;
+            sources.base_size = Some(base.size());
+            let (uri, guard) = self.exposer.expose(&format!("{device}.base"), base).await?;
+            sources.base = Some(uri);
+            base_guard = Some(guard);
+        }
+        let request = RestoreVolumeRequest {
+            guest: guest.clone(),
+            volume: volume.clone(),
+            sources,
+        };
+        let result = async {
+            let import = self.provider.restore_vm_volume_init(&request).await?;
+            let mut total = 0;
+            for write in import.writes {
+                let source = reader.open_volume(device, write.layer).await?;
+                total += self
+                    .mover
+                    .restore_volume(device, source, &write.destination, &*self.progress)
+                    .await?;
+            }
+            Ok::<_, Error>(total)
+        }
+        .await
+        .map_err(|e| e.volume(device));
+        let outcome = match &result {
+            Ok(_) => Outcome::ok(),
+            Err(e) => Outcome::failed(e),
+        };
+        let cleanup = self
+            .provider
+            .restore_vm_volume_cleanup(guest, device, &outcome)
+            .await;
+        drop(base_guard);
+        let total = result?;
+        cleanup.map_err(|e| {
+            Error::new(e.kind(), "restore_vm_volume_cleanup failed")
+                .with_source(e)
+                .volume(device)
+        })?;
+        Ok(total)
+    }
+}
+
+/// Restore targets a caller can name on a command line.
+pub fn parse_restore_target(text: &str) -> Result<RestoreTarget> {
+    match text {
+        "in-place" => Ok(RestoreTarget::InPlace),
+        "new" => Ok(RestoreTarget::NewGuest { name: None }),
+        other => match other.strip_prefix("new:") {
+            Some(name) if !name.is_empty() => Ok(RestoreTarget::NewGuest {
+                name: Some(name.to_owned()),
+            }),
+            _ => Err(Error::invalid(format!(
+                "restore target {other:?}: expected in-place, new or new:NAME"
+            ))),
+        },
+    }
+}
