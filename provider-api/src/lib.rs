@@ -12,7 +12,7 @@
 //! - the domain types ([`Guest`], [`Volume`], [`SnapshotAccess`],
 //!   [`Checkpoint`], [`BaseImageId`], ...);
 //! - [`Error`], the error type with a kind, context and retry hint;
-//! - with the `testing` feature, a conformance kit ([`testing`]) that
+//! - with the `testing` feature, a conformance kit (module `testing`) that
 //!   every provider's tests run.
 //!
 //! ## The transaction
