@@ -96,6 +96,12 @@ def change(image, size, percent, seed):
     return n * block
 
 
+def clear_bitmap(image):
+    """After a successful backup the changes are consumed (a platform
+    rotates its CBT checkpoint; here the bitmap is cleared offline)."""
+    subprocess.run(["qemu-img", "bitmap", "--clear", image, "cbt0"], check=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gib", type=float, default=2.0)
@@ -129,6 +135,7 @@ def main():
         s, r, _ = timed([VMBACKUP, "backup", "-d", store, "--id", "bench", "--bitmap", "cbt0",
                          "--nbd", uri])
         row("vmbackup backup, full", s, r)
+    clear_bitmap(image)
     repo = os.path.join(work, "restic")
     env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=repo)
     subprocess.run(["restic", "init", "-q"], env=env, check=True)
@@ -140,8 +147,9 @@ def main():
         with QemuNbd(image, sock) as uri:
             s, r, _ = timed([VMBACKUP, "backup", "-d", store, "--id", "bench",
                              "--bitmap", "cbt0", "--nbd", uri])
+        clear_bitmap(image)
         row(f"vmbackup backup, {pct}% incremental", s, r,
-            note=f"{changed >> 20} MiB changed since the bitmap was added")
+            note=f"{changed >> 20} MiB changed in 1 MiB runs")
     _, _, listing = timed([VMBACKUP, "list", "-d", store])
     latest = listing.strip().splitlines()[-1].split()[0]
     restored = os.path.join(work, "restored")
