@@ -14,7 +14,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use datastore::{Datastore, DatastoreOptions, KeepOptions, VerifyScope};
-use engine::{BackupDriver, JobOptions, NbdExposer, RestoreDriver, StandardMover, VolumeExport};
+use engine::{
+    BackupDriver, JobOptions, MoverOptions, NbdExposer, RestoreDriver, StandardMover, VolumeExport,
+};
 use provider_api::{
     Guest, GuestId, JobInfo, Layer, NbdAccess, NbdAddress, SnapshotId, Target, TlsSettings,
 };
@@ -75,6 +77,9 @@ struct BackupArgs {
     /// CA certificate (PEM) for nbds:// exports; the server is always verified.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Read at most this many MiB per second from the source.
+    #[arg(long)]
+    bwlimit: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -351,7 +356,11 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
         }],
         work.path().to_path_buf(),
     ));
-    let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(StandardMover::default()));
+    let mover = StandardMover::new(MoverOptions {
+        bandwidth_limit: args.bwlimit.map(|m| m << 20),
+        ..MoverOptions::default()
+    });
+    let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover));
     let options = JobOptions {
         info: JobInfo {
             job_id: format!("backup-{}", args.id),

@@ -38,6 +38,10 @@ pub struct MoverOptions {
     pub piece_size: u64,
     /// Reads in flight per volume.
     pub depth: usize,
+    /// Bytes per second read from sources (and written to restore
+    /// destinations) at most, over all volumes of this mover; `None`:
+    /// unlimited.
+    pub bandwidth_limit: Option<u64>,
 }
 
 impl Default for MoverOptions {
@@ -45,6 +49,7 @@ impl Default for MoverOptions {
         MoverOptions {
             piece_size: 4 << 20,
             depth: 8,
+            bandwidth_limit: None,
         }
     }
 }
@@ -53,12 +58,55 @@ impl Default for MoverOptions {
 #[derive(Debug, Clone, Default)]
 pub struct StandardMover {
     options: MoverOptions,
+    limiter: Option<Arc<RateLimiter>>,
 }
 
 impl StandardMover {
     /// A mover with these options.
     pub fn new(options: MoverOptions) -> Self {
-        StandardMover { options }
+        StandardMover {
+            limiter: options
+                .bandwidth_limit
+                .map(|rate| Arc::new(RateLimiter::new(rate))),
+            options,
+        }
+    }
+
+    async fn throttle(&self, bytes: u64) {
+        if let Some(l) = &self.limiter {
+            l.acquire(bytes).await;
+        }
+    }
+}
+
+/// Average-rate limiter: callers sleep until the bytes granted so far fit
+/// the rate since the limiter started.
+#[derive(Debug)]
+struct RateLimiter {
+    rate: u64,
+    start: std::time::Instant,
+    granted: std::sync::Mutex<u64>,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        RateLimiter {
+            rate: rate.max(1),
+            start: std::time::Instant::now(),
+            granted: std::sync::Mutex::new(0),
+        }
+    }
+
+    async fn acquire(&self, bytes: u64) {
+        let due = {
+            let mut g = self.granted.lock().unwrap_or_else(|p| p.into_inner());
+            *g += bytes;
+            std::time::Duration::from_secs_f64(*g as f64 / self.rate as f64)
+        };
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
     }
 }
 
@@ -359,6 +407,9 @@ impl DataMover for StandardMover {
             // Launch reads; zero steps ride along in order.
             while in_flight.len() < depth {
                 let Some(step) = steps.pop_front() else { break };
+                if let Step::Read(e) = &step {
+                    self.throttle(e.length).await;
+                }
                 let src = source.clone();
                 in_flight.push_back(async move {
                     match step {
@@ -430,6 +481,7 @@ impl DataMover for StandardMover {
             async move {
                 match step {
                     Step::Read(e) => {
+                        self.throttle(e.length).await;
                         let data = source.read_at(e.offset, e.length).await?;
                         dest.write(e.offset, data).await?;
                         Ok::<_, Error>((e.length, e.length))
@@ -575,5 +627,35 @@ impl Destination {
                     .map_err(|e| data_path("syncing the restore file", 0, e))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn rate_limiter_never_exceeds_the_rate() {
+        let l = RateLimiter::new(4 << 20);
+        let start = std::time::Instant::now();
+        for _ in 0..8 {
+            l.acquire(256 << 10).await;
+        }
+        // 2 MiB at 4 MiB/s cannot take less than half a second.
+        assert!(start.elapsed() >= std::time::Duration::from_millis(490));
+    }
+
+    #[test]
+    fn pieces_are_aligned_to_the_piece_size() {
+        let mut steps = VecDeque::new();
+        pieces(Extent::new(1000, 10_000), 4096, &mut steps);
+        let got: Vec<(u64, u64)> = steps
+            .iter()
+            .map(|s| match s {
+                Step::Read(e) => (e.offset, e.length),
+                Step::Zero(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(got, [(1000, 3096), (4096, 4096), (8192, 2808)]);
     }
 }
