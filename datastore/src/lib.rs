@@ -1,1 +1,139 @@
-//! datastore
+//! # datastore: the default backup target
+//!
+//! A content-addressed, deduplicating, crash-safe repository of VM
+//! snapshots in a local directory, implementing [`provider_api::Target`].
+//! Every snapshot is logically full (an index naming every chunk of every
+//! volume), so any snapshot can be deleted without breaking another;
+//! retention is [`Datastore::prune`] followed by [`Datastore::gc`].
+//!
+//! ## On-disk format (version 1; magic numbers never change)
+//!
+//! ```text
+//! <root>/.datastore.json                  sealed config: format "vmbackup-datastore", version 1, chunk_size
+//! <root>/.chunks/<2 hex>/<64 hex>         chunks, named by the SHA-256 of their plaintext
+//! <root>/.locks/                          lock files (see below); writers/<start-ns>-<pid>-<n>
+//! <root>/<platform>/<guest>/<RFC 3339 time>[-N]/   one snapshot
+//!     <device>.fidx                       fixed index per volume
+//!     guest.conf.blob firewall.conf.blob metadata.json.blob
+//!     index.json                          the manifest (sealed); its presence makes the snapshot
+//!     verify.json                         last verification (sealed), optional
+//!     protected                           marker, optional
+//! <root>/<platform>/<guest>/.tmp-<writer>/  a snapshot being written (invisible)
+//! <root>/.base-images/<platform>/<id>/image.fidx + manifest.json   shared base images
+//! ```
+//!
+//! Platform, guest, device and base image ids are path-encoded
+//! (`[A-Za-z0-9_.-]` kept, everything else and a leading `.` as `%XX`). A
+//! [`SnapshotId`](provider_api::SnapshotId) is `platform/guest/time` in that
+//! encoding; two snapshots of one guest in the same second get a `-1`, `-2`
+//! suffix.
+//!
+//! - **Chunk** (see [`chunk`]): magic `VBDSCHK1`, encoding (plain or zstd
+//!   level 1, kept only when smaller), plaintext and stored lengths, CRC-32
+//!   over header and stored bytes (checked before decompression), then the
+//!   bytes; the plaintext's SHA-256 is rechecked after. Chunks are fixed
+//!   size (default 4 MiB, a power of two from 4 KiB to 64 MiB, fixed per
+//!   datastore); a volume's last chunk may be shorter. The all-zero chunk
+//!   is never stored: the index names it with the reserved all-zero digest.
+//! - **Fixed index** (see [`index`]): magic `VBDSFIX1`, version, chunk size,
+//!   volume size, chunk count, one 32-byte digest per chunk, SHA-256 of all
+//!   of it.
+//! - **Manifests** (see [`manifest`]): JSON sealed as
+//!   `{"checksum": sha256, "manifest": {...}}`; a snapshot's lists its
+//!   volumes (with the index file's size and SHA-256), blobs (size, SHA-256,
+//!   media type) and warnings.
+//!
+//! Sizes read from any header are bounded before allocation; a damaged
+//! chunk, index, manifest or blob is reported (kind
+//! [`Corrupt`](provider_api::ErrorKind::Corrupt)) with its path and digest
+//! and never returned as data.
+//!
+//! ## Crash safety
+//!
+//! A chunk is written to a temp file, fsynced and renamed (inserting is
+//! idempotent). A snapshot is written into `.tmp-<writer>/`; at commit the
+//! chunk directories holding new chunks are fsynced, the manifest is
+//! written last (temp, fsync, rename), and the directory is renamed into
+//! place and its parent fsynced. Listing shows only directories with a
+//! manifest; leftovers are removed by [`Datastore::gc`].
+//!
+//! ## Locks
+//!
+//! All locks are `flock(2)` locks (released when a process dies), so they
+//! work between threads, tasks and processes alike.
+//!
+//! | lock | held by | against | guarantees |
+//! |------|---------|---------|------------|
+//! | `.locks/chunks.lock` shared, per insert | chunk insert | sweep (exclusive, per prefix dir) | a chunk found existing is touched before any sweep can remove it |
+//! | `.locks/writers/<name>` exclusive, for a backup's lifetime | snapshot writer | GC | GC keeps every chunk written or touched (mtime) since the oldest running backup began, minus the grace period, and never removes a running backup's temp dir |
+//! | `<snapshot>/index.json` shared | snapshot readers, writers starting from it (incremental) | delete / prune (exclusive try-lock) | a snapshot being read or used as an incremental base cannot be deleted, so its chunks stay marked |
+//! | base image `manifest.json` shared | writers starting from it, readers of its layers | `delete_base_image` (exclusive try-lock; also refused while any snapshot refers to it) | a base image in use stays, so GC keeps marking its chunks |
+//! | `<platform>/<guest>/.lock` exclusive | commit (choosing the name), prune | each other | two commits in one second get distinct names; prunes of a guest do not interleave |
+//! | `.locks/gc.lock` exclusive | GC | GC | one GC at a time |
+//!
+//! ## Garbage collection against running backups
+//!
+//! GC (1) notes the start of the oldest running backup from the writer
+//! registry; (2) marks every chunk named by any snapshot index (each
+//! snapshot read under its shared lock) and any base image index, listing
+//! snapshots again until no new one appears, so a snapshot committed
+//! meanwhile is marked too; (3) sweeps chunks neither marked nor modified
+//! since `oldest backup start - grace`. A running backup only references
+//! chunks it wrote or touched (mtime refreshed under the insert lock) and
+//! chunks of its incremental base or base image, which it keeps locked
+//! against deletion until it ends. Timestamps are set explicitly from the
+//! same clock as the cutoff; a grace period covers clock steps.
+//!
+//! ## Example
+//!
+//! ```
+//! use datastore::{Datastore, DatastoreOptions};
+//! use provider_api::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<()> {
+//! let dir = tempfile::tempdir()?;
+//! let ds = Datastore::create(dir.path().join("ds"), DatastoreOptions { chunk_size: 64 << 10 })?;
+//! let spec = SnapshotSpec {
+//!     platform: "scp".into(),
+//!     guest: GuestId::from("vm-1"),
+//!     archive: ArchiveName::new("vm/vm-1")?,
+//!     time: 1_700_000_000,
+//! };
+//! let mut snap = ds.begin_snapshot(spec).await?;
+//! let volume = Volume { device: "sys".into(), size: 1 << 20, format: VolumeFormat::Raw };
+//! let mut w = snap
+//!     .begin_volume(VolumeSpec {
+//!         volume,
+//!         start_from: StartFrom::Empty,
+//!         base: None,
+//!         bitmap_mode: BitmapMode::None,
+//!         checkpoint: None,
+//!     })
+//!     .await?;
+//! w.write(0, bytes::Bytes::from(vec![7u8; 100_000])).await?;
+//! w.write_zeroes(100_000, (1 << 20) - 100_000).await?;
+//! w.finish().await?;
+//! let info = snap.commit(vec![]).await?;
+//! assert_eq!(info.id.0, "scp/vm-1/2023-11-14T22:13:20Z");
+//!
+//! let r = ds.open_snapshot(&info.id).await?.open_volume("sys", Layer::Merged).await?;
+//! assert_eq!(&r.read_at(99_999, 2).await?[..], &[7, 0]);
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod chunk;
+pub mod index;
+mod maintenance;
+pub mod manifest;
+mod reader;
+mod store;
+mod util;
+mod writer;
+
+pub use chunk::{ChunkStore, Digest};
+pub use maintenance::{BadChunk, DatastoreStats, GcStats, KeepOptions, VerifyReport, VerifyScope};
+pub use reader::VolReader;
+pub use store::{DEFAULT_CHUNK_SIZE, Datastore, DatastoreOptions};

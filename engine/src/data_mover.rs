@@ -112,6 +112,10 @@ impl RateLimiter {
 
 const ALLOCATION: &str = "base:allocation";
 
+/// Dirty regions are refined with allocation information this much at a
+/// time, which bounds the extent lists held in memory.
+const WINDOW: u64 = 256 << 20;
+
 fn data_path(what: &str, offset: u64, e: impl std::error::Error + Send + Sync + 'static) -> Error {
     Error::new(ErrorKind::DataPath, what.to_owned())
         .offset(offset)
@@ -379,28 +383,42 @@ impl DataMover for StandardMover {
         let mut steps: VecDeque<Step> = VecDeque::new();
         let mut in_flight = FuturesOrdered::new();
         let mut regions_done = false;
+        let mut window: Option<Extent> = None;
         let mut last_end = 0u64;
         let mut done = 0u64;
         loop {
-            // Keep the queue fed with the next dirty region.
-            while steps.len() < depth && !regions_done {
-                match regions.next_dirty_region().await? {
-                    None => regions_done = true,
-                    Some(r) => {
-                        if r.offset < last_end || r.end() > size {
-                            return Err(Error::invalid(format!(
-                                "dirty region {}+{} of {device} is out of order or past the end ({size})",
-                                r.offset, r.length
-                            )));
+            // Keep the queue fed: the rest of the current dirty region in
+            // windows (so that allocation maps stay small whatever the
+            // disk size), then the next region.
+            while steps.len() < depth && !(regions_done && window.is_none()) {
+                let r = match window.take() {
+                    Some(r) => r,
+                    None => match regions.next_dirty_region().await? {
+                        None => {
+                            regions_done = true;
+                            continue;
                         }
-                        last_end = r.end();
-                        for (e, zero) in source.allocation(r).await? {
-                            if zero {
-                                steps.push_back(Step::Zero(e));
-                            } else {
-                                pieces(e, piece, &mut steps);
+                        Some(r) => {
+                            if r.offset < last_end || r.end() > size {
+                                return Err(Error::invalid(format!(
+                                    "dirty region {}+{} of {device} is out of order or past the end ({size})",
+                                    r.offset, r.length
+                                )));
                             }
+                            last_end = r.end();
+                            r
                         }
+                    },
+                };
+                let this = Extent::new(r.offset, r.length.min(WINDOW));
+                if this.end() < r.end() {
+                    window = Some(Extent::new(this.end(), r.end() - this.end()));
+                }
+                for (e, zero) in source.allocation(this).await? {
+                    if zero {
+                        steps.push_back(Step::Zero(e));
+                    } else {
+                        pieces(e, piece, &mut steps);
                     }
                 }
             }
@@ -419,7 +437,7 @@ impl DataMover for StandardMover {
                 });
             }
             let Some(next) = in_flight.next().await else {
-                if steps.is_empty() && regions_done {
+                if steps.is_empty() && regions_done && window.is_none() {
                     break;
                 }
                 continue;

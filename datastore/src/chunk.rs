@@ -1,0 +1,499 @@
+//! Chunks: digests, the stored chunk format and the chunk store.
+//!
+//! A chunk file is a 24-byte header followed by the stored bytes:
+//!
+//! | offset | size | field |
+//! |-------:|-----:|-------|
+//! | 0 | 8 | magic `VBDSCHK1` |
+//! | 8 | 1 | encoding: 0 = plain, 1 = zstd |
+//! | 9 | 3 | reserved, zero |
+//! | 12 | 4 | plaintext length (LE u32, at most the datastore's chunk size) |
+//! | 16 | 4 | stored length (LE u32, = file length - 24) |
+//! | 20 | 4 | CRC-32 of bytes 0..20 and of the stored bytes |
+//!
+//! The CRC catches damage before decompression; the SHA-256 of the
+//! plaintext (the chunk's name) is checked after.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use provider_api::{Error, ErrorKind, Result};
+
+use crate::util::{corrupt, from_hex, io_err, to_hex, unique_suffix};
+
+/// Magic number of a chunk file (never changes).
+pub const CHUNK_MAGIC: [u8; 8] = *b"VBDSCHK1";
+/// Size of a chunk file's header.
+pub const CHUNK_HEADER_LEN: usize = 24;
+const ENC_PLAIN: u8 = 0;
+const ENC_ZSTD: u8 = 1;
+/// zstd level used for chunks.
+pub const ZSTD_LEVEL: i32 = 1;
+
+/// SHA-256 of a chunk's plaintext. The all-zero digest [`Digest::ZERO`] is
+/// reserved: it stands for a chunk of zeroes that is never stored.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// The chunk that reads as zeroes (whatever its length); never stored.
+    pub const ZERO: Digest = Digest([0; 32]);
+
+    /// SHA-256 of `data`.
+    pub fn of(data: &[u8]) -> Digest {
+        use sha2::Digest as _;
+        Digest(sha2::Sha256::digest(data).into())
+    }
+
+    /// Whether this is [`Digest::ZERO`].
+    pub fn is_zero(&self) -> bool {
+        *self == Digest::ZERO
+    }
+
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+
+    /// Parse 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        from_hex::<32>(s).map(Digest)
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Whether every byte of `data` is zero (fast: word compares).
+pub fn is_all_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    for block in &mut blocks {
+        let mut acc = 0u64;
+        for w in block.chunks_exact(8) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            acc |= u64::from_ne_bytes(b);
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|b| *b == 0)
+}
+
+thread_local! {
+    /// One zstd context per worker thread (creating one per chunk costs
+    /// allocations of several MiB).
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compress `data` when that makes it smaller: (encoding, compressed bytes
+/// or `None` for plain).
+fn compress(data: &[u8]) -> (u8, Option<Vec<u8>>) {
+    let out = COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        c.as_mut().and_then(|c| c.compress(data).ok())
+    });
+    match out {
+        Some(z) if z.len() < data.len() => (ENC_ZSTD, Some(z)),
+        _ => (ENC_PLAIN, None),
+    }
+}
+
+/// The header of a chunk file for `raw_len` plaintext bytes stored as
+/// `payload`.
+fn header(enc: u8, raw_len: usize, payload: &[u8]) -> [u8; CHUNK_HEADER_LEN] {
+    let mut h = [0u8; CHUNK_HEADER_LEN];
+    h[..8].copy_from_slice(&CHUNK_MAGIC);
+    h[8] = enc;
+    h[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..20]);
+    crc.update(payload);
+    h[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+/// Encode a chunk: compress when that makes it smaller. Returns the file
+/// bytes.
+pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
+    let (enc, z) = compress(data);
+    let payload = z.as_deref().unwrap_or(data);
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+    out.extend_from_slice(&header(enc, data.len(), payload));
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Decode a chunk file's bytes, checking header, CRC, sizes (bounded by
+/// `max_len` before any allocation) and the digest.
+pub fn decode_chunk(file: &[u8], digest: &Digest, max_len: usize, path: &Path) -> Result<Vec<u8>> {
+    let bad = |why: &str| {
+        corrupt(format!(
+            "chunk {digest} at {} is damaged: {why}",
+            path.display()
+        ))
+    };
+    if file.len() < CHUNK_HEADER_LEN {
+        return Err(bad("shorter than its header"));
+    }
+    if file[..8] != CHUNK_MAGIC {
+        return Err(bad("bad magic"));
+    }
+    let enc = file[8];
+    let raw_len = u32::from_le_bytes(file[12..16].try_into().unwrap_or_default()) as usize;
+    let stored_len = u32::from_le_bytes(file[16..20].try_into().unwrap_or_default()) as usize;
+    let crc = u32::from_le_bytes(file[20..24].try_into().unwrap_or_default());
+    if raw_len > max_len {
+        return Err(bad("length beyond the chunk size"));
+    }
+    if stored_len != file.len() - CHUNK_HEADER_LEN {
+        return Err(bad("truncated or extended"));
+    }
+    let payload = &file[CHUNK_HEADER_LEN..];
+    let mut h = crc32fast::Hasher::new();
+    h.update(&file[..20]);
+    h.update(payload);
+    if h.finalize() != crc {
+        return Err(bad("checksum mismatch"));
+    }
+    let data = match enc {
+        ENC_PLAIN if stored_len == raw_len => payload.to_vec(),
+        ENC_ZSTD => {
+            let d =
+                zstd::bulk::decompress(payload, raw_len).map_err(|_| bad("zstd stream invalid"))?;
+            if d.len() != raw_len {
+                return Err(bad("decompressed length mismatch"));
+            }
+            d
+        }
+        _ => return Err(bad("unknown encoding")),
+    };
+    if Digest::of(&data) != *digest {
+        return Err(bad("content does not match its digest"));
+    }
+    Ok(data)
+}
+
+/// Outcome of an insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// The chunk was new (not already stored).
+    pub new: bool,
+    /// Bytes stored on disk for it (0 when it already existed).
+    pub stored: u64,
+}
+
+/// The chunk directory of a datastore: `<root>/.chunks/<2 hex>/<64 hex>`.
+#[derive(Debug, Clone)]
+pub struct ChunkStore {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    chunk_size: usize,
+}
+
+impl ChunkStore {
+    pub(crate) fn new(root: &Path, chunk_size: usize) -> Self {
+        ChunkStore {
+            dir: root.join(".chunks"),
+            lock_path: root.join(".locks").join("chunks.lock"),
+            chunk_size,
+        }
+    }
+
+    /// Create the 256 prefix directories.
+    pub(crate) fn create(&self) -> Result<()> {
+        for i in 0..256 {
+            let d = self.dir.join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+        }
+        Ok(())
+    }
+
+    /// Largest plaintext of a chunk.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// Where a chunk lives.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.to_hex();
+        self.dir.join(&hex[..2]).join(hex)
+    }
+
+    /// The prefix directory holding a chunk.
+    pub(crate) fn prefix_dir(&self, digest: &Digest) -> PathBuf {
+        self.dir.join(format!("{:02x}", digest.0[0]))
+    }
+
+    /// A shared lock held while inserting, so that a sweep (exclusive) never
+    /// removes a chunk between "it exists" and "its time is refreshed".
+    fn insert_lock(&self) -> Result<File> {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.lock_path)
+            .map_err(|e| io_err("opening", &self.lock_path, e))?;
+        f.lock_shared()
+            .map_err(|e| io_err("locking", &self.lock_path, e))?;
+        Ok(f)
+    }
+
+    /// The exclusive lock a sweep holds.
+    pub(crate) fn sweep_lock(&self) -> Result<File> {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.lock_path)
+            .map_err(|e| io_err("opening", &self.lock_path, e))?;
+        f.lock()
+            .map_err(|e| io_err("locking", &self.lock_path, e))?;
+        Ok(f)
+    }
+
+    /// Insert a chunk whose digest the caller computed from `data`
+    /// (idempotent, crash-safe: temp file, fsync, rename). An existing chunk
+    /// gets its modification time refreshed so that a concurrent garbage
+    /// collection keeps it. The caller fsyncs the chunk's prefix directory
+    /// before publishing anything that refers to a new chunk.
+    pub fn insert(&self, digest: &Digest, data: &[u8]) -> Result<Inserted> {
+        debug_assert!(!digest.is_zero());
+        let path = self.path(digest);
+        let _lock = self.insert_lock()?;
+        match File::options().write(true).open(&path) {
+            Ok(f) => {
+                f.set_modified(SystemTime::now())
+                    .map_err(|e| io_err("touching chunk", &path, e))?;
+                return Ok(Inserted {
+                    new: false,
+                    stored: 0,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("opening chunk", &path, e)),
+        }
+        let (enc, z) = compress(data);
+        let payload = z.as_deref().unwrap_or(data);
+        let head = header(enc, data.len(), payload);
+        let dir = self.prefix_dir(digest);
+        let tmp = dir.join(format!(".{}.tmp-{}", digest.to_hex(), unique_suffix()));
+        let res = (|| {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&head)?;
+            f.write_all(payload)?;
+            // The same clock as the GC's cutoff (a file system's own
+            // timestamps can lag by a tick).
+            f.set_modified(SystemTime::now())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err("storing chunk", &path, e));
+        }
+        Ok(Inserted {
+            new: true,
+            stored: (CHUNK_HEADER_LEN + payload.len()) as u64,
+        })
+    }
+
+    /// Read, check and decode a chunk.
+    pub fn load(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let path = self.path(digest);
+        let mut f = File::open(&path).map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                ErrorKind::Corrupt
+            } else {
+                ErrorKind::Io
+            };
+            Error::new(
+                kind,
+                format!("chunk {digest} missing or unreadable at {}", path.display()),
+            )
+            .with_source(e)
+        })?;
+        let len = f
+            .metadata()
+            .map_err(|e| io_err("reading metadata of chunk", &path, e))?
+            .len();
+        let max = self.chunk_size as u64 + CHUNK_HEADER_LEN as u64 + 1024;
+        if len > max {
+            return Err(corrupt(format!(
+                "chunk {digest} at {} is damaged: {len} bytes is more than a chunk can be",
+                path.display()
+            )));
+        }
+        let mut buf = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut buf)
+            .map_err(|e| io_err("reading chunk", &path, e))?;
+        decode_chunk(&buf, digest, self.chunk_size, &path)
+    }
+
+    /// Remove chunks not in `live` whose modification time is before
+    /// `cutoff`, and temp files left by crashed inserts. Returns (removed
+    /// chunks, removed bytes, kept chunks, kept bytes).
+    pub(crate) fn sweep(
+        &self,
+        live: &HashSet<Digest>,
+        cutoff: SystemTime,
+    ) -> Result<(u64, u64, u64, u64)> {
+        let (mut removed, mut removed_bytes, mut kept, mut kept_bytes) = (0, 0, 0, 0);
+        for i in 0..256 {
+            let dir = self.dir.join(format!("{i:02x}"));
+            // One prefix at a time under the exclusive lock: inserts wait
+            // only for the sweep of one directory.
+            let _lock = self.sweep_lock()?;
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err("listing", &dir, e)),
+            };
+            for entry in rd {
+                let entry = entry.map_err(|e| io_err("listing", &dir, e))?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let Ok(meta) = entry.metadata() else { continue };
+                let mtime = meta.modified().unwrap_or(SystemTime::now());
+                if name.starts_with('.') {
+                    // A temp file of an insert that crashed (live inserts
+                    // hold the shared lock, so none is running now).
+                    if mtime < cutoff {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                    continue;
+                }
+                let Some(digest) = Digest::from_hex(&name) else {
+                    continue;
+                };
+                if live.contains(&digest) || mtime >= cutoff {
+                    kept += 1;
+                    kept_bytes += meta.len();
+                } else {
+                    fs::remove_file(entry.path())
+                        .map_err(|e| io_err("removing chunk", &entry.path(), e))?;
+                    removed += 1;
+                    removed_bytes += meta.len();
+                }
+            }
+        }
+        Ok((removed, removed_bytes, kept, kept_bytes))
+    }
+
+    /// Every stored chunk (for stats): (count, bytes).
+    pub(crate) fn usage(&self) -> Result<(u64, u64)> {
+        let (mut n, mut bytes) = (0, 0);
+        for i in 0..256 {
+            let dir = self.dir.join(format!("{i:02x}"));
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for entry in rd.flatten() {
+                if entry.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                if let Ok(m) = entry.metadata() {
+                    n += 1;
+                    bytes += m.len();
+                }
+            }
+        }
+        Ok((n, bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_decode_and_damage() {
+        let p = Path::new("x");
+        for data in [
+            vec![7u8; 10_000],
+            (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        ] {
+            let d = Digest::of(&data);
+            let enc = encode_chunk(&data);
+            assert_eq!(decode_chunk(&enc, &d, 1 << 20, p).unwrap(), data);
+            // Any flipped byte is caught.
+            for pos in [0, 9, 13, 17, 21, CHUNK_HEADER_LEN, enc.len() - 1] {
+                let mut bad = enc.clone();
+                bad[pos] ^= 0x40;
+                let err = decode_chunk(&bad, &d, 1 << 20, p).unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Corrupt, "pos {pos}");
+                assert!(err.to_string().contains(&d.to_hex()));
+            }
+            // Truncation is caught.
+            assert!(decode_chunk(&enc[..enc.len() - 1], &d, 1 << 20, p).is_err());
+            assert!(decode_chunk(&enc[..5], &d, 1 << 20, p).is_err());
+            // A length beyond the chunk size is refused before allocating.
+            assert!(decode_chunk(&enc, &d, 100, p).is_err());
+        }
+        // Compression is used only when smaller.
+        assert_eq!(encode_chunk(&[5u8; 4096])[8], ENC_ZSTD);
+        let noise: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let e = encode_chunk(&noise);
+        assert!(e.len() <= noise.len() + CHUNK_HEADER_LEN);
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_all_zero(&[0u8; 0]));
+        assert!(is_all_zero(&vec![0u8; 4099]));
+        for pos in [0, 3, 64, 4000, 4098] {
+            let mut v = vec![0u8; 4099];
+            v[pos] = 1;
+            assert!(!is_all_zero(&v), "{pos}");
+        }
+    }
+
+    #[test]
+    fn insert_is_idempotent_and_touches() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join(".locks")).unwrap();
+        let store = ChunkStore::new(dir.path(), 1 << 16);
+        store.create().unwrap();
+        let data = vec![3u8; 5000];
+        let d = Digest::of(&data);
+        let a = store.insert(&d, &data).unwrap();
+        assert!(a.new && a.stored > 0);
+        let old = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        File::options()
+            .write(true)
+            .open(store.path(&d))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let b = store.insert(&d, &data).unwrap();
+        assert_eq!(
+            b,
+            Inserted {
+                new: false,
+                stored: 0
+            }
+        );
+        assert!(fs::metadata(store.path(&d)).unwrap().modified().unwrap() > old);
+        assert_eq!(store.load(&d).unwrap(), data);
+    }
+}

@@ -1,0 +1,499 @@
+//! The datastore: layout, locks, listing, and the [`Target`] implementation.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use provider_api::{
+    BaseImageCatalog, BaseImageId, Error, ErrorKind, GuestId, Result, SnapshotId, SnapshotInfo,
+    SnapshotReader, SnapshotSpec, SnapshotWriter, Target,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkStore;
+use crate::index::{FixedIndex, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
+use crate::manifest::{
+    BaseImageManifest, Manifest, VerifyState, check_manifest, load_sealed, store_sealed,
+};
+use crate::util::{encode_component, io_err, is_safe_component, unique_suffix};
+
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
+/// Format name in `.datastore.json` (never changes).
+pub const DATASTORE_FORMAT: &str = "vmbackup-datastore";
+/// Datastore format version.
+pub const DATASTORE_VERSION: u32 = 1;
+
+pub(crate) const CONFIG_FILE: &str = ".datastore.json";
+pub(crate) const MANIFEST_FILE: &str = "index.json";
+pub(crate) const VERIFY_FILE: &str = "verify.json";
+pub(crate) const PROTECTED_FILE: &str = "protected";
+pub(crate) const BASE_DIR: &str = ".base-images";
+pub(crate) const BASE_INDEX_FILE: &str = "image.fidx";
+pub(crate) const BASE_MANIFEST_FILE: &str = "manifest.json";
+
+/// How to create a datastore.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastoreOptions {
+    /// Chunk size in bytes: a power of two from 4 KiB to 64 MiB.
+    pub chunk_size: u64,
+}
+
+impl Default for DatastoreOptions {
+    fn default() -> Self {
+        DatastoreOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Config {
+    format: String,
+    version: u32,
+    chunk_size: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) root: PathBuf,
+    pub(crate) chunks: ChunkStore,
+    pub(crate) chunk_size: u64,
+    pub(crate) workers: usize,
+}
+
+/// A datastore in a local directory. Cheap to clone; every clone (and every
+/// process) may write, read and maintain it concurrently.
+#[derive(Clone)]
+pub struct Datastore {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Datastore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datastore")
+            .field("root", &self.inner.root)
+            .field("chunk_size", &self.inner.chunk_size)
+            .finish()
+    }
+}
+
+/// Where a snapshot lives, parsed from its id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapPath {
+    pub(crate) platform: String,
+    pub(crate) guest: String,
+    pub(crate) name: String,
+}
+
+impl SnapPath {
+    pub(crate) fn parse(id: &SnapshotId) -> Result<SnapPath> {
+        let parts: Vec<&str> = id.0.split('/').collect();
+        match parts[..] {
+            [p, g, n] if is_safe_component(p) && is_safe_component(g) && is_safe_component(n) => {
+                Ok(SnapPath {
+                    platform: p.into(),
+                    guest: g.into(),
+                    name: n.into(),
+                })
+            }
+            _ => Err(Error::invalid(format!(
+                "snapshot id {id} is not of the form platform/guest/time"
+            ))),
+        }
+    }
+
+    pub(crate) fn id(&self) -> SnapshotId {
+        SnapshotId(format!("{}/{}/{}", self.platform, self.guest, self.name))
+    }
+}
+
+pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_err("opening lock", path, e))
+}
+
+/// A running backup, registered in `.locks/writers/` under an exclusive
+/// lock that dies with the process.
+pub(crate) struct WriterRegistration {
+    pub(crate) name: String,
+    path: PathBuf,
+    _file: File,
+}
+
+impl Drop for WriterRegistration {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Run blocking work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::other("a datastore worker failed").with_source(e))?
+}
+
+impl Datastore {
+    /// Create a new, empty datastore in `path` (created if missing; must be
+    /// empty if it exists).
+    pub fn create(path: impl AsRef<Path>, options: DatastoreOptions) -> Result<Datastore> {
+        let root = path.as_ref().to_path_buf();
+        let cs = options.chunk_size;
+        if !cs.is_power_of_two()
+            || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros())
+        {
+            return Err(Error::invalid(format!(
+                "chunk size {cs} must be a power of two from 4 KiB to 64 MiB"
+            )));
+        }
+        fs::create_dir_all(&root).map_err(|e| io_err("creating", &root, e))?;
+        let non_empty = fs::read_dir(&root)
+            .map_err(|e| io_err("listing", &root, e))?
+            .next()
+            .is_some();
+        if non_empty {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "{} is not empty: refusing to create a datastore there",
+                    root.display()
+                ),
+            ));
+        }
+        for d in [".locks/writers", BASE_DIR] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| io_err("creating", &p, e))?;
+        }
+        ChunkStore::new(&root, cs as usize).create()?;
+        store_sealed(
+            &root.join(CONFIG_FILE),
+            &Config {
+                format: DATASTORE_FORMAT.into(),
+                version: DATASTORE_VERSION,
+                chunk_size: cs,
+            },
+        )?;
+        Datastore::open(root)
+    }
+
+    /// Open an existing datastore.
+    pub fn open(path: impl AsRef<Path>) -> Result<Datastore> {
+        let root = path.as_ref().to_path_buf();
+        let cfg_path = root.join(CONFIG_FILE);
+        let cfg: Config = load_sealed(&cfg_path)?;
+        if cfg.format != DATASTORE_FORMAT || cfg.version != DATASTORE_VERSION {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is format {:?} version {}, not a datastore this version reads",
+                    cfg_path.display(),
+                    cfg.format,
+                    cfg.version
+                ),
+            ));
+        }
+        let cs = cfg.chunk_size;
+        if !cs.is_power_of_two()
+            || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros())
+        {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("{} has an invalid chunk size {cs}", cfg_path.display()),
+            ));
+        }
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(1);
+        Ok(Datastore {
+            inner: Arc::new(Inner {
+                chunks: ChunkStore::new(&root, cs as usize),
+                root,
+                chunk_size: cs,
+                workers,
+            }),
+        })
+    }
+
+    /// Number of chunks hashed and compressed at once by each volume writer
+    /// (default: the number of cores).
+    pub fn with_workers(self, workers: usize) -> Datastore {
+        Datastore {
+            inner: Arc::new(Inner {
+                root: self.inner.root.clone(),
+                chunks: self.inner.chunks.clone(),
+                chunk_size: self.inner.chunk_size,
+                workers: workers.max(1),
+            }),
+        }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The chunk size.
+    pub fn chunk_size(&self) -> u64 {
+        self.inner.chunk_size
+    }
+
+    /// The chunk store.
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.inner.chunks
+    }
+
+    pub(crate) fn locks_dir(&self) -> PathBuf {
+        self.inner.root.join(".locks")
+    }
+
+    pub(crate) fn group_dir(&self, platform: &str, guest: &str) -> PathBuf {
+        self.inner.root.join(platform).join(guest)
+    }
+
+    pub(crate) fn snap_dir(&self, p: &SnapPath) -> PathBuf {
+        self.group_dir(&p.platform, &p.guest).join(&p.name)
+    }
+
+    pub(crate) fn base_dir(&self, platform: &str, id: &BaseImageId) -> PathBuf {
+        self.inner
+            .root
+            .join(BASE_DIR)
+            .join(encode_component(platform))
+            .join(encode_component(&id.0))
+    }
+
+    /// The exclusive lock of a snapshot group (naming at commit, prune).
+    pub(crate) fn lock_group(&self, group: &Path) -> Result<File> {
+        fs::create_dir_all(group).map_err(|e| io_err("creating", group, e))?;
+        let f = open_lock_file(&group.join(".lock"))?;
+        f.lock().map_err(|e| io_err("locking", group, e))?;
+        Ok(f)
+    }
+
+    /// Register a running backup (see the lock table in the crate docs).
+    pub(crate) fn register_writer(&self) -> Result<WriterRegistration> {
+        let dir = self.locks_dir().join("writers");
+        fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+        let name = unique_suffix();
+        let tmp = dir.join(format!(".new-{name}"));
+        let file = open_lock_file(&tmp)?;
+        file.lock().map_err(|e| io_err("locking", &tmp, e))?;
+        let path = dir.join(&name);
+        fs::rename(&tmp, &path).map_err(|e| io_err("registering writer", &path, e))?;
+        Ok(WriterRegistration {
+            name,
+            path,
+            _file: file,
+        })
+    }
+
+    /// Lock a finished snapshot against deletion (shared) and load its
+    /// manifest.
+    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<(File, PathBuf, Manifest)> {
+        let sp = SnapPath::parse(id)?;
+        let dir = self.snap_dir(&sp);
+        let mpath = dir.join(MANIFEST_FILE);
+        let f = File::open(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::not_found(format!("snapshot {id} does not exist"))
+            } else {
+                io_err("opening", &mpath, e)
+            }
+        })?;
+        f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
+        if !mpath.exists() {
+            return Err(Error::not_found(format!("snapshot {id} was deleted")));
+        }
+        let m: Manifest = load_sealed(&mpath)?;
+        check_manifest(&m, &mpath)?;
+        Ok((f, dir, m))
+    }
+
+    /// Lock a base image against deletion (shared) and load its index.
+    pub(crate) fn lock_base_image(
+        &self,
+        platform: &str,
+        id: &BaseImageId,
+    ) -> Result<(File, FixedIndex)> {
+        let dir = self.base_dir(platform, id);
+        let mpath = dir.join(BASE_MANIFEST_FILE);
+        let f = File::open(&mpath).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::not_found(format!("base image {id} of {platform} is not stored"))
+            } else {
+                io_err("opening", &mpath, e)
+            }
+        })?;
+        f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
+        let m: BaseImageManifest = load_sealed(&mpath)?;
+        let idx = FixedIndex::load(&dir.join(&m.index.file), Some(&m.index.sha256))?;
+        Ok((f, idx))
+    }
+
+    pub(crate) fn info_of(&self, sp: &SnapPath, dir: &Path, m: &Manifest) -> SnapshotInfo {
+        SnapshotInfo {
+            id: sp.id(),
+            platform: m.platform.clone(),
+            guest: m.guest.clone(),
+            archive: m.archive.clone(),
+            time: m.time,
+            volumes: m.volumes.iter().map(|v| v.stored()).collect(),
+            warnings: m.warnings.clone(),
+            verified: self.verify_state(dir),
+        }
+    }
+
+    pub(crate) fn verify_state(&self, dir: &Path) -> Option<bool> {
+        let p = dir.join(VERIFY_FILE);
+        if !p.exists() {
+            return None;
+        }
+        match load_sealed::<VerifyState>(&p) {
+            Ok(v) => Some(v.state == "ok"),
+            Err(_) => Some(false),
+        }
+    }
+
+    /// Every finished snapshot (by directory), oldest first. Damaged
+    /// manifests are skipped with a warning here (verify reports them).
+    pub(crate) fn snapshot_paths(
+        &self,
+        platform: Option<&str>,
+        guest: Option<&str>,
+    ) -> Result<Vec<SnapPath>> {
+        let mut out = Vec::new();
+        let list = |dir: &Path| -> Result<Vec<String>> {
+            let mut v = Vec::new();
+            let rd = match fs::read_dir(dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(v),
+                Err(e) => return Err(io_err("listing", dir, e)),
+            };
+            for e in rd {
+                let e = e.map_err(|e| io_err("listing", dir, e))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if is_safe_component(&name) && e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    v.push(name);
+                }
+            }
+            v.sort();
+            Ok(v)
+        };
+        let platforms = match platform {
+            Some(p) => vec![encode_component(p)],
+            None => list(&self.inner.root)?,
+        };
+        for p in platforms {
+            let guests = match guest {
+                Some(g) => vec![encode_component(g)],
+                None => list(&self.inner.root.join(&p))?,
+            };
+            for g in guests {
+                for n in list(&self.group_dir(&p, &g))? {
+                    let sp = SnapPath {
+                        platform: p.clone(),
+                        guest: g.clone(),
+                        name: n,
+                    };
+                    if self.snap_dir(&sp).join(MANIFEST_FILE).exists() {
+                        out.push(sp);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finished snapshots with their manifests, oldest first.
+    pub(crate) fn list_sync(
+        &self,
+        platform: Option<&str>,
+        guest: Option<&str>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for sp in self.snapshot_paths(platform, guest)? {
+            let dir = self.snap_dir(&sp);
+            let mpath = dir.join(MANIFEST_FILE);
+            match load_sealed::<Manifest>(&mpath)
+                .and_then(|m| check_manifest(&m, &mpath).map(|_| m))
+            {
+                Ok(m) => out.push(self.info_of(&sp, &dir, &m)),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("skipping snapshot {}: {}", sp.id(), e.report()),
+            }
+        }
+        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        Ok(out)
+    }
+
+    /// Whether a base image is stored and its index intact.
+    pub fn has_base_image_sync(&self, platform: &str, id: &BaseImageId) -> Result<bool> {
+        match self.lock_base_image(platform, id) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) if e.kind() == ErrorKind::Corrupt => {
+                tracing::warn!("base image {id} is damaged: {}", e.report());
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[async_trait]
+impl Target for Datastore {
+    async fn begin_snapshot(&self, spec: SnapshotSpec) -> Result<Box<dyn SnapshotWriter>> {
+        let ds = self.clone();
+        let w = blocking(move || crate::writer::SnapWriter::begin(ds, spec)).await?;
+        Ok(Box::new(w))
+    }
+
+    async fn list_snapshots(
+        &self,
+        platform: Option<&str>,
+        guest: Option<&GuestId>,
+    ) -> Result<Vec<SnapshotInfo>> {
+        let ds = self.clone();
+        let platform = platform.map(str::to_owned);
+        let guest = guest.map(|g| g.0.clone());
+        blocking(move || ds.list_sync(platform.as_deref(), guest.as_deref())).await
+    }
+
+    async fn open_snapshot(&self, id: &SnapshotId) -> Result<Box<dyn SnapshotReader>> {
+        let ds = self.clone();
+        let id = id.clone();
+        let r = blocking(move || crate::reader::SnapReader::open(ds, &id)).await?;
+        Ok(Box::new(r))
+    }
+
+    fn base_images(&self, platform: &str) -> Arc<dyn BaseImageCatalog> {
+        Arc::new(Catalog {
+            ds: self.clone(),
+            platform: platform.to_owned(),
+        })
+    }
+}
+
+struct Catalog {
+    ds: Datastore,
+    platform: String,
+}
+
+#[async_trait]
+impl BaseImageCatalog for Catalog {
+    async fn has_base_image(&self, id: &BaseImageId) -> Result<bool> {
+        let ds = self.ds.clone();
+        let platform = self.platform.clone();
+        let id = id.clone();
+        blocking(move || ds.has_base_image_sync(&platform, &id)).await
+    }
+}

@@ -1,0 +1,175 @@
+//! Crash safety: a child process backing up (incrementally, with prune and
+//! GC) is killed with SIGKILL at random points; afterwards every listed
+//! snapshot is complete and reads back right, and verify passes.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use datastore::{Datastore, KeepOptions, VerifyScope};
+use provider_api::*;
+
+const SIZE: u64 = 256 * CS;
+const ENV: &str = "DATASTORE_CRASH_CHILD_DIR";
+
+/// The disk as of snapshot time `t`: a base plus steps 1..=t.
+fn model(t: i64) -> Vec<u8> {
+    let mut m = noise(1, SIZE as usize);
+    for j in 1..=t {
+        apply(&mut m, &[step(j)]);
+    }
+    m
+}
+
+fn step(j: i64) -> Op {
+    let len = 5 * CS + 77;
+    let off = (j as u64 * 7919 * 13) % (SIZE - len);
+    Op::Data(off, noise(j as u64 + 1000, len as usize))
+}
+
+/// Not a test on its own: the child's body, run when the parent sets `ENV`.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var(ENV) else { return };
+    let gc_too = std::env::var("DATASTORE_CRASH_CHILD_NO_GC").is_err();
+    let ds = Datastore::open(&dir).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        loop {
+            let prev = ds
+                .latest_good_snapshot("scp", &GuestId::from("vm"))
+                .await
+                .unwrap();
+            let (t, start, ops) = match &prev {
+                None => (0, StartFrom::Empty, vec![Op::Data(0, model(0))]),
+                Some(p) => (
+                    p.time + 1,
+                    StartFrom::Previous(p.id.clone()),
+                    vec![step(p.time + 1)],
+                ),
+            };
+            backup(&ds, "vm", t, vspec("sys", SIZE, start), &ops)
+                .await
+                .unwrap();
+            ds.prune(
+                "scp",
+                &GuestId::from("vm"),
+                &KeepOptions {
+                    keep_last: Some(3),
+                    ..Default::default()
+                },
+                false,
+            )
+            .unwrap();
+            if gc_too && t % 4 == 0 {
+                ds.gc(Duration::ZERO).unwrap();
+            }
+        }
+    });
+}
+
+#[tokio::test]
+async fn killed_backups_leave_only_complete_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = new_ds(dir.path());
+    let exe = std::env::current_exe().unwrap();
+    let mut seed = 0x5eed_u64;
+    let mut max_t = -1;
+    for round in 0..8 {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        let delay = 150 + (seed >> 33) % 400;
+        let mut child = Command::new(&exe)
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(ENV, ds.root())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+
+        let list = ds.list_snapshots(None, None).await.unwrap();
+        for s in &list {
+            assert_eq!(
+                read_all(&ds, &s.id, "sys", Layer::Merged).await.unwrap(),
+                model(s.time),
+                "round {round} {}",
+                s.id
+            );
+            max_t = max_t.max(s.time);
+        }
+        let rep = ds.verify(VerifyScope::All).unwrap();
+        assert!(rep.is_ok(), "round {round}: {rep:?}");
+        eprintln!(
+            "round {round}: killed after {delay} ms, {} snapshot(s) listed, newest t={max_t}",
+            list.len()
+        );
+    }
+    assert!(max_t >= 3, "the child made progress ({max_t})");
+    // Leftovers of killed writers are cleaned, and nothing referenced goes.
+    ds.gc(Duration::ZERO).unwrap();
+    for g in std::fs::read_dir(ds.root().join("scp/vm")).unwrap() {
+        let name = g.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.starts_with(".tmp-") && !name.starts_with(".del-"),
+            "{name} left"
+        );
+    }
+    assert!(ds.verify(VerifyScope::All).unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_a_datastore() {
+    // Two processes back up the same guest at once (same times, so names
+    // collide and get suffixes; each prunes the other's snapshots) while
+    // this one runs GC in a loop; then both are killed.
+    let dir = tempfile::tempdir().unwrap();
+    let ds = new_ds(dir.path());
+    let exe = std::env::current_exe().unwrap();
+    let spawn = || {
+        Command::new(&exe)
+            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .env(ENV, ds.root())
+            .env("DATASTORE_CRASH_CHILD_NO_GC", "1")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut children = [spawn(), spawn()];
+    let t = std::time::Instant::now();
+    let mut runs = 0;
+    while t.elapsed() < Duration::from_millis(2500) {
+        ds.gc(Duration::ZERO).unwrap();
+        runs += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for c in &mut children {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    let list = ds.list_snapshots(None, None).await.unwrap();
+    assert!(!list.is_empty() && runs > 3);
+    eprintln!(
+        "{runs} GC runs; listed: {:?}",
+        list.iter().map(|s| &s.id.0).collect::<Vec<_>>()
+    );
+    for s in &list {
+        assert_eq!(
+            read_all(&ds, &s.id, "sys", Layer::Merged).await.unwrap(),
+            model(s.time),
+            "{}",
+            s.id
+        );
+    }
+    let rep = ds.verify(VerifyScope::All).unwrap();
+    assert!(rep.is_ok(), "{rep:?}");
+    ds.gc(Duration::ZERO).unwrap();
+    assert!(ds.verify(VerifyScope::All).unwrap().is_ok());
+}
