@@ -8,7 +8,8 @@
 //! dir (page cache warm), then measures, median of RUNS (default 3):
 //!
 //! 1. `nbdcopy nbd://qemu-nbd null:` vs this crate's client reading the
-//!    same qemu-nbd export into a null sink (1 and 4 connections);
+//!    same qemu-nbd export into a null sink (1 and 4 connections;
+//!    BENCH_WORKERS readers, default 16, of BENCH_CHUNK_KIB, default 1024);
 //! 2. `nbdcopy` from this crate's server (FileExport) vs from qemu-nbd.
 //!
 //! Needs qemu-nbd and nbdcopy on PATH.
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use nbd::client::{Address, Client, ConnectOptions};
 use nbd::server::{FileExport, Server, ServerConfig};
 
@@ -30,7 +32,11 @@ impl Drop for Kill {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -38,50 +44,77 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_cmd(runs: usize, args: &[&str]) -> f64 {
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                let st = Command::new(args[0]).args(&args[1..]).stdout(Stdio::null()).status().unwrap();
-                assert!(st.success(), "{args:?} failed");
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
+/// One pass over the export with BENCH_WORKERS readers of BENCH_CHUNK_KIB each; with
+/// `reuse` every worker passes its buffer back in (no allocation per read).
+async fn client_pass(port: u16, conns: usize, size: u64, reuse: bool) -> f64 {
+    let t = Instant::now();
+    let opts = ConnectOptions::new(
+        Address::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        },
+        "big",
     )
-}
-
-async fn time_client(runs: usize, port: u16, conns: usize, size: u64) -> f64 {
-    let mut ts = Vec::new();
-    for _ in 0..runs {
-        let t = Instant::now();
-        let opts = ConnectOptions::new(Address::Tcp { host: "127.0.0.1".into(), port }, "big").connections(conns);
-        let c = Client::connect(&opts).await.unwrap();
-        const CHUNK: u64 = 2 << 20;
-        let next = Arc::new(AtomicU64::new(0));
-        let workers: Vec<_> = (0..16)
-            .map(|_| {
-                let (c, next) = (c.clone(), next.clone());
-                tokio::spawn(async move {
-                    let mut sink = 0u64;
-                    loop {
-                        let off = next.fetch_add(CHUNK, Ordering::Relaxed);
-                        if off >= size {
-                            return sink;
-                        }
-                        let b = c.read(off, CHUNK.min(size - off) as usize).await.unwrap();
+    .connections(conns);
+    let c = Client::connect(&opts).await.unwrap();
+    let chunk_len = chunk();
+    let next = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..workers())
+        .map(|_| {
+            let (c, next) = (c.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut sink = 0u64;
+                let mut buf = BytesMut::new();
+                loop {
+                    let off = next.fetch_add(chunk_len, Ordering::Relaxed);
+                    if off >= size {
+                        return sink;
+                    }
+                    let n = chunk_len.min(size - off) as usize;
+                    if reuse {
+                        buf = c.read_with_buffer(off, n, buf).await.unwrap();
+                        sink = sink.wrapping_add(buf[0] as u64);
+                    } else {
+                        let b = c.read(off, n).await.unwrap();
                         sink = sink.wrapping_add(b[0] as u64);
                     }
-                })
+                }
             })
-            .collect();
-        for w in workers {
-            std::hint::black_box(w.await.unwrap());
-        }
-        c.disconnect().await.unwrap();
-        ts.push(t.elapsed().as_secs_f64());
+        })
+        .collect();
+    for w in workers {
+        std::hint::black_box(w.await.unwrap());
     }
-    median(ts)
+    c.disconnect().await.unwrap();
+    t.elapsed().as_secs_f64()
+}
+
+fn time_once(args: &[&str]) -> f64 {
+    let t = Instant::now();
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{args:?} failed");
+    t.elapsed().as_secs_f64()
+}
+
+/// Request size (env BENCH_CHUNK_KIB, default 1024).
+fn chunk() -> u64 {
+    std::env::var("BENCH_CHUNK_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024u64)
+        << 10
+}
+
+/// Concurrent readers (env BENCH_WORKERS, default 16).
+fn workers() -> usize {
+    std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16)
 }
 
 fn wait_port(port: u16) {
@@ -104,7 +137,8 @@ async fn main() {
     let file = dir.path().join("big.raw");
     {
         use std::io::Write;
-        let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file).unwrap());
+        let mut f =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&file).unwrap());
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut buf = vec![0u8; 1 << 20];
         for _ in 0..mib {
@@ -123,31 +157,86 @@ async fn main() {
     let qport = free_port();
     let _q = Kill(
         Command::new("qemu-nbd")
-            .args(["-t", "-r", "-e", "8", "-b", "127.0.0.1", "-p", &qport.to_string(), "-x", "big", "-f", "raw"])
+            .args([
+                "-t",
+                "-r",
+                "-e",
+                "8",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &qport.to_string(),
+                "-x",
+                "big",
+                "-f",
+                "raw",
+            ])
             .arg(&file)
             .spawn()
             .expect("qemu-nbd"),
     );
     wait_port(qport);
     let quri = format!("nbd://127.0.0.1:{qport}/big");
-    let t_nbdcopy_q = time_cmd(runs, &["nbdcopy", &quri, "null:"]);
-    let t_ours_1 = time_client(runs, qport, 1, size).await;
-    let t_ours_4 = time_client(runs, qport, 4, size).await;
-
     let server = Server::new(ServerConfig::default()).unwrap();
     server.add_export("big", Arc::new(FileExport::open(&file).unwrap()));
-    let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let ouri = format!("nbd://127.0.0.1:{}/big", addr.port());
-    let t_nbdcopy_o = tokio::task::spawn_blocking(move || time_cmd(runs, &["nbdcopy", &ouri, "null:"]))
+    let addr = server
+        .listen_tcp("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
-    server.shutdown().await;
+    let ouri = format!("nbd://127.0.0.1:{}/big", addr.port());
 
+    // interleave the runs so that noise from other processes hits all alike
+    let mut t = vec![Vec::new(); 5];
+    for _ in 0..runs {
+        let q = quri.clone();
+        t[0].push(
+            tokio::task::spawn_blocking(move || time_once(&["nbdcopy", &q, "null:"]))
+                .await
+                .unwrap(),
+        );
+        t[1].push(client_pass(qport, 1, size, true).await);
+        t[2].push(client_pass(qport, 1, size, false).await);
+        t[3].push(client_pass(qport, 4, size, true).await);
+        let o = ouri.clone();
+        t[4].push(
+            tokio::task::spawn_blocking(move || time_once(&["nbdcopy", &o, "null:"]))
+                .await
+                .unwrap(),
+        );
+    }
+    server.shutdown().await;
+    let m: Vec<f64> = t.into_iter().map(median).collect();
+    let (t_nbdcopy_q, t_ours_1, t_ours_alloc, t_ours_4, t_nbdcopy_o) =
+        (m[0], m[1], m[2], m[3], m[4]);
     println!("| path | seconds | MiB/s | ratio |");
     println!("|---|---|---|---|");
-    let row = |n: &str, t: f64, base: f64| println!("| {n} | {t:.3} | {:.0} | {:.2} |", mb / t, base / t);
-    row("nbdcopy qemu-nbd -> null: (reference)", t_nbdcopy_q, t_nbdcopy_q);
-    row("nbd client qemu-nbd -> null, 1 conn, 16 x 2 MiB in flight", t_ours_1, t_nbdcopy_q);
-    row("nbd client qemu-nbd -> null, 4 conns, 16 x 2 MiB in flight", t_ours_4, t_nbdcopy_q);
-    row("nbdcopy nbd server (FileExport) -> null:", t_nbdcopy_o, t_nbdcopy_q);
+    let row =
+        |n: &str, t: f64, base: f64| println!("| {n} | {t:.3} | {:.0} | {:.2} |", mb / t, base / t);
+    let k = chunk() >> 10;
+    let w = workers();
+    row(
+        "nbdcopy qemu-nbd -> null: (reference)",
+        t_nbdcopy_q,
+        t_nbdcopy_q,
+    );
+    row(
+        &format!("nbd client qemu-nbd -> null, 1 conn, {w} x {k} KiB, reused buffers"),
+        t_ours_1,
+        t_nbdcopy_q,
+    );
+    row(
+        &format!("nbd client qemu-nbd -> null, 1 conn, {w} x {k} KiB, Client::read"),
+        t_ours_alloc,
+        t_nbdcopy_q,
+    );
+    row(
+        &format!("nbd client qemu-nbd -> null, 4 conns, {w} x {k} KiB, reused buffers"),
+        t_ours_4,
+        t_nbdcopy_q,
+    );
+    row(
+        "nbdcopy from nbd::server (FileExport) -> null:",
+        t_nbdcopy_o,
+        t_nbdcopy_q,
+    );
 }

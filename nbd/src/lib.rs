@@ -51,7 +51,7 @@
 //!
 //! ## Example
 //!
-//! ```no_run
+//! ```
 //! # async fn demo() -> nbd::Result<()> {
 //! use std::sync::Arc;
 //! use nbd::client::{Client, ConnectOptions, Address};
@@ -60,7 +60,7 @@
 //! // serve a sparse in-memory disk
 //! let server = Server::new(ServerConfig::default())?;
 //! let disk = MemoryExport::new(64 << 20);
-//! disk.fill(1 << 20, &[0xab; 4096])?;
+//! disk.fill(1 << 20, &[0xab; 65536])?; // one 64 KiB block allocated
 //! server.add_export("disk", Arc::new(disk));
 //! let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).await?;
 //!
@@ -76,6 +76,7 @@
 //! client.disconnect().await?;
 //! server.shutdown().await;
 //! # Ok(()) }
+//! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
 #![warn(missing_docs)]
 

@@ -247,7 +247,8 @@ impl BlockSize {
             && self.min <= 64 * 1024
             && self.preferred.is_power_of_two()
             && self.preferred >= self.min
-            && (self.max == u32::MAX || (self.max >= self.min && self.max.is_multiple_of(self.min)));
+            && (self.max == u32::MAX
+                || (self.max >= self.min && self.max.is_multiple_of(self.min)));
         if ok {
             Ok(())
         } else {

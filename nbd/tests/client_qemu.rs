@@ -73,6 +73,8 @@ async fn reads_and_block_status_match_qemu() {
         .await
         .unwrap();
     assert_eq!(client.size(), 64 * MIB);
+    assert!(client.can_multi_conn());
+    assert_eq!(client.connection_count(), 2);
     assert!(client.structured_replies());
     assert!(client.is_read_only());
     assert_eq!(client.meta_contexts().len(), 3);
@@ -105,7 +107,11 @@ async fn reads_and_block_status_match_qemu() {
 
     // base:allocation and dirty bitmap equal nbdinfo's view
     let uri = format!("nbd://127.0.0.1:{}/vm", peer.port);
-    for ctx in ["base:allocation", "qemu:dirty-bitmap:cbt0"] {
+    for ctx in [
+        "base:allocation",
+        "qemu:dirty-bitmap:cbt0",
+        "qemu:allocation-depth",
+    ] {
         let ours: Vec<_> = client
             .block_status(0, client.size(), ctx)
             .await

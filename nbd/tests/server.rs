@@ -91,6 +91,11 @@ async fn own_client_roundtrip() {
         vec![(MIB, 65536), (5 * MIB, 65536), (10 * MIB, 65536)]
     );
 
+    // a write larger than the maximum block size is split
+    let big: Vec<u8> = (0..40 * MIB as usize).map(|i| (i / 4096) as u8).collect();
+    c.write(20 * MIB, &big).await.unwrap();
+    assert!(c.read(20 * MIB, big.len()).await.unwrap() == big[..]);
+
     // many tasks at once on one client
     let futs = (0..64u64).map(|i| {
         let c = c.clone();
@@ -335,7 +340,10 @@ async fn raw_requests_past_the_end_and_bad_commands() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = Server::new(ServerConfig::default()).unwrap();
     server.add_export("disk", Arc::new(MemoryExport::new(MIB).read_only()));
-    let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server
+        .listen_tcp("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).await.unwrap();
@@ -369,10 +377,13 @@ async fn raw_requests_past_the_end_and_bad_commands() {
         v.extend_from_slice(&len.to_be_bytes());
         v
     };
-    let mut reply = async |s: &mut tokio::net::TcpStream| {
+    let reply = async |s: &mut tokio::net::TcpStream| {
         let mut r = [0u8; 16];
         s.read_exact(&mut r).await.unwrap();
-        (u32::from_be_bytes(r[4..8].try_into().unwrap()), u64::from_be_bytes(r[8..16].try_into().unwrap()))
+        (
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        )
     };
     s.write_all(&req(0, 7, MIB, 4096)).await.unwrap(); // READ past the end
     assert_eq!(reply(&mut s).await, (22, 7));

@@ -58,6 +58,8 @@ impl Pending {
                         .with_command(cmd)
                         .with_offset(self.offset))
                     } else {
+                        let mut buf = buf;
+                        buf.resize(self.length as usize, 0);
                         Ok(Done::Data(buf))
                     }
                 }
@@ -369,8 +371,8 @@ where
                             "simple reply to READ after structured replies were negotiated",
                         ));
                     }
-                    r.read_exact(&mut buf[..]).await?;
-                    *covered = buf.len() as u64;
+                    put_data(r, buf, 0, p.length as usize).await?;
+                    *covered = p.length as u64;
                 } else if let Target::Status(_) = p.target {
                     return Err(Error::protocol("simple reply to BLOCK_STATUS"));
                 }
@@ -396,6 +398,47 @@ where
             }
             m => return Err(Error::protocol(format!("bad reply magic {m:#010x}"))),
         }
+    }
+}
+
+/// Read `n` bytes from `r` into `buf[s..s+n]`. `buf.len()` is the
+/// initialised prefix: bytes below it are overwritten in place, bytes past
+/// it are appended straight into spare capacity (gaps zero-filled), so a
+/// fresh buffer is never zeroed first.
+async fn put_data<R>(r: &mut R, buf: &mut BytesMut, s: usize, n: usize) -> Result<()>
+where
+    R: AsyncRead + Unpin,
+{
+    let init = buf.len();
+    if s + n <= init {
+        r.read_exact(&mut buf[s..s + n]).await?;
+        return Ok(());
+    }
+    if s < init {
+        r.read_exact(&mut buf[s..init]).await?;
+    } else if s > init {
+        buf.resize(s, 0);
+    }
+    let mut left = (s + n - buf.len()) as u64;
+    buf.reserve(left as usize);
+    while left > 0 {
+        let got = (&mut *r).take(left).read_buf(buf).await?;
+        if got == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
+        left -= got as u64;
+    }
+    Ok(())
+}
+
+/// Zero `buf[s..s+n]` under the same convention as [`put_data`].
+fn put_zeroes(buf: &mut BytesMut, s: usize, n: usize) {
+    let init = buf.len();
+    if s < init {
+        buf[s..(s + n).min(init)].fill(0);
+    }
+    if s + n > init {
+        buf.resize(s + n, 0);
     }
 }
 
@@ -443,8 +486,7 @@ where
             if off < p.offset || off.checked_add(dlen).is_none_or(|e| e > req_end) {
                 return Err(range_err("OFFSET_DATA", off, dlen, p));
             }
-            let s = (off - p.offset) as usize;
-            r.read_exact(&mut buf[s..s + dlen as usize]).await?;
+            put_data(r, buf, (off - p.offset) as usize, dlen as usize).await?;
             *covered += dlen;
         }
         REPLY_TYPE_OFFSET_HOLE => {
@@ -466,8 +508,7 @@ where
             if hlen == 0 || off < p.offset || off.checked_add(hlen).is_none_or(|e| e > req_end) {
                 return Err(range_err("OFFSET_HOLE", off, hlen, p));
             }
-            let s = (off - p.offset) as usize;
-            buf[s..s + hlen as usize].fill(0);
+            put_zeroes(buf, (off - p.offset) as usize, hlen as usize);
             *covered += hlen;
         }
         REPLY_TYPE_BLOCK_STATUS => {
@@ -584,7 +625,11 @@ async fn run_replies(data: &[u8], structured: bool) -> Result<()> {
         let (tx, rx) = oneshot::channel();
         let target = match command {
             CMD_READ => Target::Read {
-                buf: BytesMut::zeroed(length as usize),
+                buf: if cookie == 0 {
+                    BytesMut::zeroed(length as usize)
+                } else {
+                    BytesMut::new()
+                },
                 covered: 0,
             },
             CMD_BLOCK_STATUS => Target::Status(HashMap::new()),
@@ -626,6 +671,30 @@ mod tests {
 
     async fn err_of(data: &[u8]) -> String {
         run_replies(data, true).await.unwrap_err().to_string()
+    }
+
+    #[tokio::test]
+    async fn chunks_in_any_order_fill_the_buffer() {
+        for pre_sized in [false, true] {
+            let mut buf = if pre_sized {
+                BytesMut::zeroed(300)
+            } else {
+                BytesMut::new()
+            };
+            buf.resize(if pre_sized { 300 } else { 0 }, 7);
+            let mut src: &[u8] = &[1; 100];
+            put_data(&mut src, &mut buf, 100, 100).await.unwrap();
+            put_zeroes(&mut buf, 0, 100);
+            let mut src: &[u8] = &[2; 100];
+            put_data(&mut src, &mut buf, 200, 100).await.unwrap();
+            assert_eq!(buf.len(), 300);
+            assert!(buf[..100].iter().all(|&b| b == 0));
+            assert!(buf[100..200].iter().all(|&b| b == 1));
+            assert!(buf[200..].iter().all(|&b| b == 2));
+        }
+        let mut buf = BytesMut::new();
+        let mut short: &[u8] = &[1; 10];
+        assert!(put_data(&mut short, &mut buf, 0, 20).await.is_err());
     }
 
     #[tokio::test]

@@ -25,6 +25,12 @@ pub use crate::tls::TlsClientConfig;
 pub use crate::uri::{Address, NbdUri};
 use conn::{Conn, Done, Target};
 
+/// Default [`ConnectOptions::max_request_size`].
+pub const DEFAULT_MAX_REQUEST: u32 = 1 << 20;
+
+/// Default limit for connecting plus the handshake.
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How to reach an export.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -41,6 +47,13 @@ pub struct ConnectOptions {
     /// Number of connections to open when the server advertises
     /// multi-conn (1: a single connection).
     pub connections: usize,
+    /// Limit for connecting plus the handshake (default 30 s).
+    pub connect_timeout: std::time::Duration,
+    /// Largest READ/WRITE request sent (default 1 MiB; the server's
+    /// maximum block size caps it). Larger reads and writes are split and
+    /// the pieces sent concurrently; moderate requests keep the server's
+    /// buffers small and its workers busy.
+    pub max_request_size: u32,
 }
 
 impl ConnectOptions {
@@ -52,6 +65,8 @@ impl ConnectOptions {
             tls: None,
             meta_contexts: Vec::new(),
             connections: 1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_request_size: DEFAULT_MAX_REQUEST,
         }
     }
 
@@ -75,6 +90,8 @@ impl ConnectOptions {
             tls,
             meta_contexts: Vec::new(),
             connections: 1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_request_size: DEFAULT_MAX_REQUEST,
         })
     }
 
@@ -87,6 +104,12 @@ impl ConnectOptions {
     /// Set TLS.
     pub fn tls(mut self, tls: TlsClientConfig) -> Self {
         self.tls = Some(tls);
+        self
+    }
+
+    /// Set the largest READ/WRITE request.
+    pub fn max_request_size(mut self, n: u32) -> Self {
+        self.max_request_size = n.max(512);
         self
     }
 
@@ -179,6 +202,20 @@ async fn open(opts: &ConnectOptions) -> Result<(Stream, bool)> {
 }
 
 async fn connect_one(opts: &ConnectOptions) -> Result<Conn> {
+    match tokio::time::timeout(opts.connect_timeout, connect_one_inner(opts)).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "connect and handshake took longer than {:?}",
+                opts.connect_timeout
+            ),
+        ))
+        .with_export(opts.export.clone())),
+    }
+}
+
+async fn connect_one_inner(opts: &ConnectOptions) -> Result<Conn> {
     let ctx = |e: Error| e.with_export(opts.export.clone());
     let (mut st, no_zeroes) = open(opts).await.map_err(ctx)?;
     let tls = opts.tls.is_some();
@@ -221,6 +258,7 @@ pub async fn list_meta_contexts(opts: &ConnectOptions, queries: &[&str]) -> Resu
 
 struct Inner {
     conns: Vec<Conn>,
+    max_request: u32,
     next: AtomicUsize,
     export: String,
 }
@@ -257,6 +295,7 @@ impl Client {
             inner: Arc::new(Inner {
                 conns,
                 next: AtomicUsize::new(0),
+                max_request: opts.max_request_size,
                 export: opts.export.clone(),
             }),
         })
@@ -382,7 +421,7 @@ impl Client {
 
     fn max_payload(&self) -> u64 {
         let bs = self.block_size();
-        let max = (bs.max as u64).min(DEFAULT_MAX_PAYLOAD as u64 * 2);
+        let max = (bs.max as u64).min(self.inner.max_request as u64);
         (max / bs.min as u64 * bs.min as u64).max(bs.min as u64)
     }
 
@@ -390,35 +429,62 @@ impl Client {
     /// than the server's maximum block size are split and sent at once;
     /// unaligned requests are widened to the minimum block size.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        Ok(self
+            .read_with_buffer(offset, len, BytesMut::new())
+            .await?
+            .freeze())
+    }
+
+    /// Like [`Client::read`], but reads into `buf` (cleared first, grown as
+    /// needed) and returns it holding exactly `len` bytes: pass buffers
+    /// back in to avoid an allocation per read.
+    pub async fn read_with_buffer(
+        &self,
+        offset: u64,
+        len: usize,
+        mut buf: BytesMut,
+    ) -> Result<BytesMut> {
         self.check_range("READ", offset, len as u64)?;
+        buf.clear();
         if len == 0 {
-            return Ok(Bytes::new());
+            return Ok(buf);
         }
         let min = self.block_size().min as u64;
         let a_off = offset / min * min;
-        let a_end = (offset + len as u64).div_ceil(min) * min;
-        let a_end = a_end.min(self.size());
-        let mut buf = BytesMut::zeroed((a_end - a_off) as usize);
+        let a_end = ((offset + len as u64).div_ceil(min) * min).min(self.size());
+        let a_len = (a_end - a_off) as usize;
         let piece = self.max_payload() as usize;
-        let mut futs = Vec::with_capacity(buf.len().div_ceil(piece));
-        let mut pos = a_off;
-        while !buf.is_empty() {
-            let part = buf.split_to(piece.min(buf.len()));
-            let n = part.len();
-            futs.push(self.read_piece(pos, part));
-            pos += n as u64;
-        }
-        let parts = try_join_all(futs).await?;
-        let mut whole = BytesMut::new();
-        for p in parts {
-            whole.unsplit(p);
-        }
+        let mut whole = if a_len <= piece {
+            // one request: the reader appends into spare capacity, no zeroing
+            buf.reserve(a_len);
+            self.read_piece(a_off, a_len as u32, buf).await?
+        } else {
+            buf.resize(a_len, 0);
+            let mut futs = Vec::with_capacity(a_len.div_ceil(piece));
+            let mut pos = a_off;
+            while !buf.is_empty() {
+                let part = buf.split_to(piece.min(buf.len()));
+                let n = part.len();
+                futs.push(self.read_piece(pos, n as u32, part));
+                pos += n as u64;
+            }
+            let mut whole = BytesMut::new();
+            for p in try_join_all(futs).await? {
+                whole.unsplit(p);
+            }
+            whole
+        };
         let head = (offset - a_off) as usize;
-        Ok(whole.freeze().slice(head..head + len))
+        if head > 0 {
+            bytes::Buf::advance(&mut whole, head);
+        }
+        whole.truncate(len);
+        Ok(whole)
     }
 
-    async fn read_piece(&self, offset: u64, buf: BytesMut) -> Result<BytesMut> {
-        let len = buf.len() as u32;
+    /// One READ request; `buf` is either empty (appended to) or exactly
+    /// `len` long (filled in place).
+    async fn read_piece(&self, offset: u64, len: u32, buf: BytesMut) -> Result<BytesMut> {
         let target = Target::Read { buf, covered: 0 };
         match self
             .pick()

@@ -775,6 +775,36 @@ async fn block_status(sel: &Selected, req: &Request) -> Result<Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::MemoryExport;
+
+    #[tokio::test]
+    async fn reads_of_holes_use_offset_hole_chunks() {
+        let m = MemoryExport::new(1 << 20);
+        m.fill(65536, &[9; 65536]).unwrap();
+        let sel = select(Arc::new(m), true, Vec::new());
+        let req = Request {
+            flags: 0,
+            command: CMD_READ,
+            cookie: 5,
+            offset: 0,
+            length: 3 * 65536,
+        };
+        let reply = structured_read(&sel, &req).await.unwrap();
+        // hole header, data header + data, hole header (DONE)
+        let kinds: Vec<(u16, u16)> = reply
+            .iter()
+            .filter(|b| b.len() >= 20 && be32(b) == STRUCTURED_REPLY_MAGIC)
+            .map(|b| (be16(&b[4..6]), be16(&b[6..8])))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (0, REPLY_TYPE_OFFSET_HOLE),
+                (0, REPLY_TYPE_OFFSET_DATA),
+                (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE)
+            ]
+        );
+    }
 
     #[test]
     fn context_matching() {
