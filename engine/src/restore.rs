@@ -93,11 +93,12 @@ impl RestoreDriver {
                 snapshot: info.clone(),
             };
             let guest_config = self.provider.archive_get_guest_config(&archive).await?;
-            let _firewall = self.provider.archive_get_firewall_config(&archive).await?;
+            let firewall_config = self.provider.archive_get_firewall_config(&archive).await?;
             let request = RestoreVmRequest {
                 archive,
                 target: destination,
                 guest_config,
+                firewall_config,
             };
             let guest = match self.provider.restore_vm_init(&request).await {
                 Ok(g) => g,

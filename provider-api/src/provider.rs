@@ -180,6 +180,9 @@ pub struct RestoreVmRequest {
     pub target: RestoreTarget,
     /// The configuration to apply (from `archive_get_guest_config`).
     pub guest_config: ConfigBlob,
+    /// The firewall configuration to apply (from
+    /// `archive_get_firewall_config`).
+    pub firewall_config: Option<ConfigBlob>,
 }
 
 /// The host's sources for one volume, all readable by `qemu-img`.
