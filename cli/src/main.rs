@@ -4,6 +4,7 @@
 //! usage (clap); 3 the datastore could not be opened.
 
 mod demo;
+mod progress;
 mod report;
 
 use std::net::SocketAddr;
@@ -360,7 +361,8 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
         bandwidth_limit: args.bwlimit.map(|m| m << 20),
         ..MoverOptions::default()
     });
-    let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover));
+    let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover))
+        .with_progress(Arc::new(progress::Reporter::new(json)));
     let options = JobOptions {
         info: JobInfo {
             job_id: format!("backup-{}", args.id),
@@ -386,7 +388,8 @@ async fn restore(args: RestoreArgs, json: bool) -> Result<ExitCode> {
     let id = SnapshotId(args.snapshot.clone());
     let provider = Arc::new(NbdProvider::new([], args.to.clone()));
     let exposer = Arc::new(NbdExposer::start("127.0.0.1:0".parse()?).await?);
-    let driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer);
+    let driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer)
+        .with_progress(Arc::new(progress::Reporter::new(json)));
     let done = driver
         .restore_vm(
             &id,
