@@ -1,0 +1,210 @@
+//! SCP admin extensions under `/admin/scp`: create servers and base images
+//! with guest data, revert snapshots, expire CBT or leases, change the
+//! platform version, list SCP objects.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::ScpPlatform;
+use super::base_images::{CreateBaseImage, create_record, make_available};
+use super::servers::{CreateServer, NewDisk, create_server_record};
+use crate::admin::{AdminResult, Fill, FillTarget, parse, run_blocking, write_fill};
+use crate::error::Error;
+
+/// Router nested at `/admin/scp`.
+pub fn router(scp: Arc<ScpPlatform>) -> Router {
+    Router::new()
+        .route("/servers", post(create_server))
+        .route("/base-images", post(create_base_image))
+        .route("/servers/{server_id}/cbt/expire", post(expire_cbt))
+        .route(
+            "/servers/{server_id}/snapshots/{snapshot_id}/revert",
+            post(revert_snapshot),
+        )
+        .route("/backup-resources/{resource_id}/expire", post(expire_lease))
+        .route("/version", put(set_version))
+        .route("/objects", get(list_objects))
+        .with_state(scp)
+}
+
+/// Every SCP object that a backup or restore could leave behind.
+pub fn objects(scp: &ScpPlatform) -> Value {
+    let leases = scp.leases_lock().active();
+    scp.inv.read(|doc| {
+        json!({
+            "servers": doc.servers.values().map(|s| json!({"id": s.id, "name": s.name})).collect::<Vec<_>>(),
+            "snapshots": doc.snapshots.values().collect::<Vec<_>>(),
+            "hotadds": doc.hotadds.values().collect::<Vec<_>>(),
+            "base_images": doc.base_images.values().collect::<Vec<_>>(),
+            "temporary_base_images": doc.base_images.values().filter(|b| b.status != "AVAILABLE").map(|b| &b.id).collect::<Vec<_>>(),
+            "custom_attributes": doc.custom_attributes.values().collect::<Vec<_>>(),
+            "bindings": doc.bindings.values().collect::<Vec<_>>(),
+            "backup_resources": leases,
+            "running_tasks": scp.tasks.running(),
+            "exports": scp.hv.exports.active_stats().into_iter().filter(|e| e.owner.starts_with("scp:")).collect::<Vec<_>>(),
+        })
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct AdminDisk {
+    size: u64,
+    #[serde(default)]
+    base_image_id: Option<String>,
+    #[serde(default = "yes")]
+    linked: bool,
+    #[serde(default)]
+    fill: Vec<Fill>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+struct AdminServer {
+    name: String,
+    #[serde(default)]
+    storage_id: Option<String>,
+    #[serde(default)]
+    application: String,
+    #[serde(default)]
+    revert_mode: u8,
+    #[serde(default)]
+    cbt_enable: Option<u8>,
+    disks: Vec<AdminDisk>,
+}
+
+async fn create_server(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let req: AdminServer = parse(&body)?;
+    let fills: Vec<Vec<Fill>> = req.disks.iter().map(|d| d.fill.clone()).collect();
+    let server = create_server_record(
+        &scp,
+        CreateServer {
+            name: req.name,
+            storage_id: req.storage_id,
+            application: req.application,
+            revert_mode: req.revert_mode,
+            cpu: 2,
+            memory_mb: 2048,
+            os_type: "linux".into(),
+            disks: req
+                .disks
+                .into_iter()
+                .map(|d| NewDisk {
+                    size: d.size,
+                    base_image_id: d.base_image_id,
+                    linked: d.linked,
+                })
+                .collect(),
+            cbt_enable: req.cbt_enable,
+        },
+    )
+    .await?;
+    for (disk, fills) in server.disks.iter().zip(fills) {
+        let d = scp.hv.store.disk(&disk.id)?;
+        run_blocking(move || {
+            fills
+                .iter()
+                .try_for_each(|f| write_fill(FillTarget::Disk(&d), f))
+        })
+        .await?;
+    }
+    Ok(Json(serde_json::to_value(&server).unwrap_or_default()))
+}
+
+#[derive(Debug, Deserialize)]
+struct AdminBaseImage {
+    name: String,
+    size: u64,
+    #[serde(default)]
+    storage_ids: Vec<String>,
+    #[serde(default)]
+    fill: Vec<Fill>,
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_base_image(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let req: AdminBaseImage = parse(&body)?;
+    let rec = create_record(
+        &scp,
+        CreateBaseImage {
+            name: req.name,
+            size: req.size,
+            storage_id: req.storage_ids.first().cloned(),
+            description: req.description,
+            os_type: None,
+        },
+    )?;
+    let image = scp.hv.store.image(&rec.id)?;
+    let fills = req.fill;
+    run_blocking(move || {
+        fills
+            .iter()
+            .try_for_each(|f| write_fill(FillTarget::Image(&image), f))
+    })
+    .await?;
+    make_available(&scp, &rec.id)?;
+    for s in req.storage_ids.iter().skip(1) {
+        scp.inv.update(|doc| {
+            if !doc.has_storage(s) {
+                return Err(Error::not_found("storage", s));
+            }
+            if let Some(b) = doc.base_images.get_mut(&rec.id) {
+                b.replicas.push(super::model::Replica {
+                    storage_id: s.clone(),
+                    status: "AVAILABLE".into(),
+                });
+            }
+            Ok(())
+        })?;
+    }
+    let rec = scp.inv.read(|doc| doc.base_image(&rec.id).cloned())?;
+    Ok(Json(serde_json::to_value(rec).unwrap_or_default()))
+}
+
+async fn expire_cbt(State(scp): State<Arc<ScpPlatform>>, Path(id): Path<String>) -> AdminResult {
+    scp.expire_cbt(&id)?;
+    Ok(Json(json!({"server_id": id, "cbt": "expired"})))
+}
+
+async fn revert_snapshot(
+    State(scp): State<Arc<ScpPlatform>>,
+    Path((id, sid)): Path<(String, String)>,
+) -> AdminResult {
+    super::snapshots::revert_server(&scp, &id, &sid).await?;
+    Ok(Json(json!({"server_id": id, "snapshot_id": sid})))
+}
+
+async fn expire_lease(State(scp): State<Arc<ScpPlatform>>, Path(id): Path<String>) -> AdminResult {
+    super::backup_resources::expire_now(&scp, &id)?;
+    Ok(Json(json!({"id": id, "status": "expired"})))
+}
+
+#[derive(Debug, Deserialize)]
+struct Version {
+    version: String,
+}
+
+async fn set_version(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let v: Version = parse(&body)?;
+    if super::parse_version(&v.version).iter().all(|n| *n == 0) {
+        return Err(crate::admin::AdminError(
+            axum::http::StatusCode::BAD_REQUEST,
+            "version must look like 6.11.3".into(),
+        ));
+    }
+    scp.set_version(&v.version);
+    Ok(Json(json!({"version": v.version})))
+}
+
+async fn list_objects(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
+    Ok(Json(objects(&scp)))
+}

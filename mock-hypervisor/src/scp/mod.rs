@@ -1,0 +1,348 @@
+//! SCP (Sangfor Cloud Platform) emulation: the janus OpenAPI subset used to
+//! back up and restore (linked) VMs. Every endpoint is documented in the
+//! crate README.
+//!
+//! Modules: [`envelope`] (response shape, error codes), [`auth`] (tokens),
+//! [`model`] (persisted objects), [`tasks`], and one module per API area:
+//! [`servers`] (incl. hot-add and recovery-baseimage), [`snapshots`],
+//! [`cbt`], [`base_images`], [`custom_attributes`], [`backup_resources`]
+//! (leases and NBD exports), [`admin`] (test-only extensions).
+//!
+//! Locking: the inventory lock is taken before any disk lock and released
+//! before long copies; the lease table lock is never held while taking the
+//! inventory lock.
+
+pub mod admin;
+pub mod auth;
+pub mod backup_resources;
+pub mod base_images;
+pub mod cbt;
+pub mod custom_attributes;
+pub mod envelope;
+pub mod model;
+pub mod servers;
+pub mod snapshots;
+pub mod tasks;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+pub use envelope::ScpError;
+use model::{ScpInventory, Storage};
+
+use crate::error::Result;
+use crate::hypervisor::Hypervisor;
+use crate::inventory::Inventory;
+use crate::platform::Platform;
+
+/// Settings of the SCP emulation.
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    /// Platform version (`6.11.2`, `6.11.3`, ...); changes the CBT rules.
+    pub version: String,
+    /// Account name.
+    pub username: String,
+    /// Account password.
+    pub password: String,
+    /// Polls a task reports `running` before it finishes.
+    pub task_polls: u32,
+    /// Largest range one changed-areas call covers (bytes).
+    pub changed_areas_page: u64,
+    /// Token lifetime.
+    pub token_ttl: Duration,
+    /// Storages created on first start.
+    pub storages: Vec<Storage>,
+}
+
+impl Default for ScpConfig {
+    fn default() -> Self {
+        ScpConfig {
+            version: "6.11.3".into(),
+            username: "admin".into(),
+            password: "admin-password".into(),
+            task_polls: 1,
+            changed_areas_page: 64 * 1024 * 1024,
+            token_ttl: Duration::from_secs(30 * 60),
+            storages: vec![
+                Storage {
+                    id: "storage-local".into(),
+                    name: "local-lvm".into(),
+                },
+                Storage {
+                    id: "storage-vs".into(),
+                    name: "virtual-storage".into(),
+                },
+            ],
+        }
+    }
+}
+
+/// The SCP platform.
+#[derive(Debug)]
+pub struct ScpPlatform {
+    hv: Arc<Hypervisor>,
+    config: RwLock<ScpConfig>,
+    inv: Inventory<ScpInventory>,
+    tokens: Mutex<HashMap<String, Instant>>,
+    tasks: tasks::TaskBoard,
+    leases: Mutex<backup_resources::LeaseTable>,
+}
+
+/// Parses `6.11.3` into comparable numbers.
+pub fn parse_version(v: &str) -> Vec<u32> {
+    v.split('.')
+        .map(|p| p.trim().parse().unwrap_or(0))
+        .collect()
+}
+
+impl ScpPlatform {
+    /// Loads (or starts) the SCP inventory in `state_dir/scp.json`.
+    pub fn open(hv: Arc<Hypervisor>, state_dir: &Path, config: ScpConfig) -> Result<Arc<Self>> {
+        let inv = Inventory::<ScpInventory>::load(&state_dir.join("scp.json"))?;
+        let storages = config.storages.clone();
+        inv.update(|doc| {
+            for s in storages {
+                if !doc.has_storage(&s.id) {
+                    doc.storages.push(s);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Arc::new(ScpPlatform {
+            hv,
+            config: RwLock::new(config),
+            inv,
+            tokens: Mutex::new(HashMap::new()),
+            tasks: tasks::TaskBoard::default(),
+            leases: Mutex::new(Default::default()),
+        }))
+    }
+
+    /// Current settings.
+    pub fn config(&self) -> RwLockReadGuard<'_, ScpConfig> {
+        crate::disk::read_lock(&self.config)
+    }
+
+    /// Changes the platform version at run time.
+    pub fn set_version(&self, version: &str) {
+        crate::disk::write_lock(&self.config).version = version.to_string();
+    }
+
+    /// Whether the platform version is at least `v`.
+    pub fn version_at_least(&self, v: &str) -> bool {
+        parse_version(&self.config().version) >= parse_version(v)
+    }
+
+    /// The shared hypervisor resources.
+    pub fn hypervisor(&self) -> &Arc<Hypervisor> {
+        &self.hv
+    }
+
+    /// The persisted inventory.
+    pub fn inventory(&self) -> &Inventory<ScpInventory> {
+        &self.inv
+    }
+
+    fn tokens_lock(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
+        self.tokens.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn leases_lock(&self) -> MutexGuard<'_, backup_resources::LeaseTable> {
+        self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a task and answers `{"task_id", ...extra}`.
+    fn task(&self, action: &str, object_id: &str, result: Value) -> envelope::ScpResult {
+        let polls = self.config().task_polls;
+        let id = self
+            .tasks
+            .record(action, object_id, polls, Ok(result.clone()));
+        let mut data = json!({"task_id": id});
+        if let (Some(d), Some(r)) = (data.as_object_mut(), result.as_object()) {
+            for (k, v) in r {
+                d.insert(k.clone(), v.clone());
+            }
+        }
+        envelope::ok(data)
+    }
+
+    /// Marks a server's CBT expired (revert, restore) and invalidates its
+    /// disks' checkpoints.
+    pub fn expire_cbt(&self, server_id: &str) -> std::result::Result<(), ScpError> {
+        let disks = self.inv.update(|doc| {
+            let server = doc
+                .servers
+                .get_mut(server_id)
+                .ok_or_else(|| crate::error::Error::not_found("server", server_id))?;
+            server.cbt.expired = true;
+            Ok(server
+                .disks
+                .iter()
+                .map(|d| d.id.clone())
+                .collect::<Vec<_>>())
+        })?;
+        for d in disks {
+            self.hv.store.disk(&d)?.invalidate_checkpoints()?;
+        }
+        Ok(())
+    }
+}
+
+/// Middleware: applies HTTP faults armed through the admin API.
+async fn inject_faults(State(scp): State<Arc<ScpPlatform>>, req: Request, next: Next) -> Response {
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let decision = scp
+        .hv
+        .faults
+        .http_call(req.method().as_str(), req.uri().path(), &template);
+    if !decision.latency.is_zero() {
+        tokio::time::sleep(decision.latency).await;
+    }
+    match decision.error {
+        Some((status, code, message)) => ScpError::new(
+            axum::http::StatusCode::from_u16(status)
+                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+            code,
+            message,
+        )
+        .into_response(),
+        None => next.run(req).await,
+    }
+}
+
+impl Platform for ScpPlatform {
+    fn name(&self) -> &'static str {
+        "scp"
+    }
+
+    fn api_router(self: Arc<Self>) -> Router {
+        let protected = Router::new()
+            .route("/janus/20180725/tasks/{task_id}", get(servers::get_task))
+            .route("/janus/20180725/system/version", get(servers::get_version))
+            .route("/janus/20180725/storages", get(servers::list_storages))
+            .route(
+                "/janus/20250725/servers",
+                get(servers::list_servers).post(servers::create_server),
+            )
+            .route(
+                "/janus/20250725/servers/{server_id}",
+                get(servers::get_server)
+                    .put(servers::update_server)
+                    .delete(servers::delete_server),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/recovery-baseimage",
+                post(servers::recovery_base_image),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/snapshots",
+                get(snapshots::list).post(snapshots::create),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/snapshots/{snapshot_id}",
+                get(snapshots::get_one).delete(snapshots::delete),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/snapshots/{snapshot_id}/actions/revert",
+                post(snapshots::revert),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/cbt/status",
+                get(cbt::get_status).put(cbt::put_status),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}/cbt/changed-areas",
+                get(cbt::changed_areas),
+            )
+            .route(
+                "/janus/20180725/base-images",
+                get(base_images::list).post(base_images::create),
+            )
+            .route(
+                "/janus/20180725/base-images/{base_image_id}",
+                get(base_images::get_one)
+                    .put(base_images::update)
+                    .delete(base_images::delete),
+            )
+            .route(
+                "/janus/20180725/base-images/{base_image_id}/replicas",
+                get(base_images::list_replicas),
+            )
+            .route(
+                "/janus/20180725/base-images/{base_image_id}/replicas/actions/sync",
+                post(base_images::sync_replica),
+            )
+            .route(
+                "/janus/20190725/custom-attributes",
+                get(custom_attributes::list).post(custom_attributes::create),
+            )
+            .route(
+                "/janus/20190725/custom-attributes/bindings",
+                get(custom_attributes::list_bindings).post(custom_attributes::create_binding),
+            )
+            .route(
+                "/janus/20190725/custom-attributes/bindings/actions/bulk-create",
+                post(custom_attributes::bulk_create_bindings),
+            )
+            .route(
+                "/janus/20240725/backup-resources",
+                get(backup_resources::list).post(backup_resources::create),
+            )
+            .route(
+                "/janus/20240725/backup-resources/{resource_id}",
+                get(backup_resources::get_one)
+                    .put(backup_resources::renew)
+                    .delete(backup_resources::release),
+            )
+            .route(
+                "/janus/20240725/backup-resources/{resource_id}/exports",
+                get(backup_resources::list_exports).post(backup_resources::open_export),
+            )
+            .route(
+                "/janus/20240725/backup-resources/{resource_id}/exports/{export_id}",
+                axum::routing::delete(backup_resources::close_export),
+            )
+            .route_layer(from_fn_with_state(self.clone(), auth::require_token));
+        Router::new()
+            .route("/janus/public-key", get(auth::public_key))
+            .route("/janus/authenticate", post(auth::authenticate))
+            .merge(protected)
+            .route_layer(from_fn_with_state(self.clone(), inject_faults))
+            .with_state(self)
+    }
+
+    fn admin_router(self: Arc<Self>) -> Router {
+        admin::router(self)
+    }
+
+    fn endpoint(&self, http_base: &str) -> Value {
+        let c = self.config();
+        json!({
+            "base_url": http_base,
+            "username": c.username,
+            "password": c.password,
+            "version": c.version,
+        })
+    }
+
+    fn objects(&self) -> Value {
+        admin::objects(self)
+    }
+
+    fn tick(&self) {
+        backup_resources::expire_due(self);
+    }
+}
