@@ -60,6 +60,25 @@ enum Command {
     Prune(PruneArgs),
     /// Remove chunks no snapshot references.
     Gc(GcArgs),
+    /// Run the mock hypervisor (SCP, oVirt, ZStack APIs and disks) until
+    /// Ctrl-C; prints its endpoints as one JSON line.
+    Mock(MockArgs),
+}
+
+#[derive(Debug, Args)]
+struct MockArgs {
+    /// State directory (created if missing; survives restarts).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// HTTP listen address; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// TLS directory for NBDSSL (generated when missing).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Create the demo guests on a new state directory.
+    #[arg(long)]
+    seed_demo: bool,
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +296,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{id}: {}", if kept { "keep" } else { "remove" });
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mock(args) => {
+            let mut config = mock_hypervisor::MockConfig::new(args.state_dir);
+            config.listen = args.listen;
+            config.tls_dir = args.tls_dir;
+            config.seed = args.seed_demo.then_some(mock_hypervisor::Seed::Demo);
+            let mock = mock_hypervisor::MockHypervisor::start(config)
+                .await
+                .context("starting the mock hypervisor")?;
+            println!("{}", serde_json::to_string(mock.endpoints())?);
+            tokio::signal::ctrl_c().await?;
+            mock.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc(args) => {
