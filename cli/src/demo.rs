@@ -9,8 +9,8 @@
 //! byte (SHA-256) with the guest's disk at backup time. It also verifies
 //! the datastore. Exit 0 only when every check passed.
 //!
-//! The SCP, oVirt and ZStack platforms join the demo as their providers
-//! land.
+//! Then the same for the mock hypervisor's demo guests of each platform
+//! (see `demo_mock`), through their providers.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,6 +26,7 @@ use provider_api::{Guest, JobInfo, NbdAccess, NbdAddress, RestoreTarget};
 use provider_nbd::{NbdGuest, NbdProvider};
 use sha2::{Digest, Sha256};
 
+use crate::demo_mock::{Admin, run_platform};
 use crate::report::{Row, print_table, rows};
 
 /// Options of the demo.
@@ -307,6 +308,32 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             r.verified = Some(verified);
         }
     }
+    // The platforms of the mock hypervisor.
+    let mut config = mock_hypervisor::MockConfig::new(root.join("mock"));
+    config.seed = Some(mock_hypervisor::Seed::Demo);
+    let mock = mock_hypervisor::MockHypervisor::start(config)
+        .await
+        .context("starting the mock hypervisor")?;
+    let endpoints = serde_json::to_value(mock.endpoints())?;
+    let admin = Admin::new(endpoints["admin_url"].as_str().unwrap_or_default());
+    if !json {
+        println!(
+            "demo: mock hypervisor at {} (admin {})",
+            endpoints["http_url"], endpoints["admin_url"]
+        );
+    }
+    let platforms = vec![crate::demo_mock::scp(&admin, &endpoints).await?];
+    for platform in &platforms {
+        let target: Arc<dyn provider_api::Target> = ds.clone();
+        let platform_rows =
+            run_platform(platform, &admin, target, &root, args.change_percent, false).await?;
+        all_ok &= platform_rows
+            .iter()
+            .all(|r| r.error.is_none() && r.verified == Some(true));
+        all_rows.extend(platform_rows);
+    }
+    mock.shutdown().await;
+
     let store = ds.as_ref().clone();
     let verify = tokio::task::spawn_blocking(move || store.verify(VerifyScope::All)).await??;
     all_ok &= verify.is_ok();

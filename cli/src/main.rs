@@ -4,6 +4,7 @@
 //! usage (clap); 3 the datastore could not be opened.
 
 mod demo;
+mod demo_mock;
 mod progress;
 mod report;
 

@@ -56,7 +56,7 @@ pub fn rows(report: &JobReport, platform: &str) -> Vec<Row> {
         .iter()
         .map(|g| match &g.result {
             Ok(b) => Row {
-                guest: g.guest.id.0.clone(),
+                guest: g.guest.name.clone().unwrap_or_else(|| g.guest.id.0.clone()),
                 platform: platform.to_owned(),
                 mode: mode_name(b.volumes.iter().map(|v| v.bitmap_mode)),
                 bytes_read: b.volumes.iter().map(|v| v.stats.bytes_read).sum(),
@@ -67,7 +67,7 @@ pub fn rows(report: &JobReport, platform: &str) -> Vec<Row> {
                 error: None,
             },
             Err(e) => Row {
-                guest: g.guest.id.0.clone(),
+                guest: g.guest.name.clone().unwrap_or_else(|| g.guest.id.0.clone()),
                 platform: platform.to_owned(),
                 mode: "-".into(),
                 bytes_read: 0,

@@ -38,7 +38,11 @@ pub fn objects(scp: &ScpPlatform) -> Value {
     let leases = scp.leases_lock().active();
     scp.inv.read(|doc| {
         json!({
-            "servers": doc.servers.values().map(|s| json!({"id": s.id, "name": s.name})).collect::<Vec<_>>(),
+            "servers": doc.servers.values().map(|s| json!({
+                "id": s.id,
+                "name": s.name,
+                "disks": s.disks.iter().map(|d| json!({"id": d.id, "size": d.size, "base_image_id": d.base_image_id})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "snapshots": doc.snapshots.values().collect::<Vec<_>>(),
             "hotadds": doc.hotadds.values().collect::<Vec<_>>(),
             "base_images": doc.base_images.values().collect::<Vec<_>>(),
