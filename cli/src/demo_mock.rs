@@ -76,6 +76,10 @@ impl Admin {
     }
 }
 
+/// Lists a guest's disks (id, size) in volume order from the platform's
+/// admin object listing.
+pub type DiskLister = Box<dyn Fn(&Value, &str) -> Vec<(String, u64)> + Send + Sync>;
+
 /// One platform's demo guests.
 pub struct PlatformRun {
     /// Provider name for the table.
@@ -84,7 +88,7 @@ pub struct PlatformRun {
     /// Guests to back up.
     pub guests: Vec<Guest>,
     /// The disks (ids, sizes) of a guest, in volume order.
-    pub disks: Box<dyn Fn(&Value, &str) -> Vec<(String, u64)> + Send + Sync>,
+    pub disks: DiskLister,
     /// Admin path listing the platform's objects.
     pub objects_path: &'static str,
     /// The real id of a restored guest, when the provider reports a

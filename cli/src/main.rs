@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a backup, restore or check failed; 2 bad
 //! usage (clap); 3 the datastore could not be opened.
 
+mod config;
 mod demo;
 mod demo_mock;
 mod progress;
@@ -31,15 +32,28 @@ struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Configuration file (TOML: datastore and platforms).
+    #[arg(long, global = true, env = "VMBACKUP_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Args)]
 struct StoreArg {
-    /// Datastore directory (created on first backup).
+    /// Datastore directory (created on first backup; default: the config
+    /// file's `datastore`).
     #[arg(long, short = 'd', env = "VMBACKUP_DATASTORE")]
-    datastore: PathBuf,
+    datastore: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn path(&self, config: &config::Config) -> Result<PathBuf> {
+        self.datastore
+            .clone()
+            .or_else(|| config.datastore.clone())
+            .context("no datastore: pass -d DIR or set datastore in the config file")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,18 +94,30 @@ struct MockArgs {
     /// Create the demo guests on a new state directory.
     #[arg(long)]
     seed_demo: bool,
+    /// Password of the SCP account the mock accepts.
+    #[arg(long, default_value = "admin-password")]
+    scp_password: String,
 }
 
 #[derive(Debug, Args)]
 struct BackupArgs {
     #[command(flatten)]
     store: StoreArg,
-    /// The export, e.g. nbd://127.0.0.1:10809/disk or nbd+unix:///disk?socket=/run/x.sock.
+    /// A platform of the config file whose guests to back up (with --guest).
+    #[arg(long, conflicts_with = "nbd", requires = "guest")]
+    platform: Option<String>,
+    /// Guest (VM id on the platform); repeat for several.
     #[arg(long)]
-    nbd: String,
-    /// Guest id to file the snapshots under.
+    guest: Vec<String>,
+    /// Guests backed up at once.
+    #[arg(long, default_value_t = 2)]
+    parallel: usize,
+    /// A plain NBD export instead of a platform, e.g. nbd://127.0.0.1:10809/disk or nbd+unix:///disk?socket=/run/x.sock.
+    #[arg(long, requires = "id")]
+    nbd: Option<String>,
+    /// Guest id to file an NBD export's snapshots under.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// qemu dirty bitmap of the export for incrementals (qemu-nbd --bitmap NAME).
     #[arg(long)]
     bitmap: Option<String>,
@@ -109,9 +135,16 @@ struct RestoreArgs {
     store: StoreArg,
     /// Snapshot id as `list` shows it.
     snapshot: String,
+    /// Restore through this platform of the config file (to a new VM, or
+    /// in place with --in-place); without it, into raw files (--to).
+    #[arg(long, conflicts_with = "to")]
+    platform: Option<String>,
+    /// Overwrite the original VM (platforms that support it).
+    #[arg(long, requires = "platform", conflicts_with = "name")]
+    in_place: bool,
     /// Directory for the restored raw file(s), named after --name.
-    #[arg(long)]
-    to: PathBuf,
+    #[arg(long, required_unless_present = "platform")]
+    to: Option<PathBuf>,
     /// Name of the restored guest (default: GUEST-restored).
     #[arg(long)]
     name: Option<String>,
@@ -211,29 +244,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_store(arg: &StoreArg) -> Result<Datastore> {
-    Datastore::open(&arg.datastore)
-        .with_context(|| format!("opening datastore {}", arg.datastore.display()))
+fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
+    let path = arg.path(config)?;
+    Datastore::open(&path).with_context(|| format!("opening datastore {}", path.display()))
 }
 
-fn open_or_create_store(arg: &StoreArg) -> Result<Datastore> {
-    let empty = std::fs::read_dir(&arg.datastore)
+fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
+    let path = arg.path(config)?;
+    let empty = std::fs::read_dir(&path)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true);
     if !empty {
-        return open_store(arg);
+        return open_store(arg, config);
     }
-    Datastore::create(&arg.datastore, DatastoreOptions::default())
-        .with_context(|| format!("creating datastore {}", arg.datastore.display()))
+    Datastore::create(&path, DatastoreOptions::default())
+        .with_context(|| format!("creating datastore {}", path.display()))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let json = cli.json;
+    let config = match &cli.config {
+        Some(path) => config::Config::load(path)?,
+        None => config::Config::default(),
+    };
     match cli.command {
         Command::Demo(args) => demo::run(args, json).await,
-        Command::Backup(args) => backup(args, json).await,
+        Command::Backup(args) => backup(args, &config, json).await,
         Command::List(store) => {
-            let ds = open_store(&store)?;
+            let ds = open_store(&store, &config)?;
             let list = ds.list_snapshots(None, None).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -249,10 +287,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Restore(args) => restore(args, json).await,
-        Command::Serve(args) => serve(args).await,
+        Command::Restore(args) => restore(args, &config, json).await,
+        Command::Serve(args) => serve(args, &config).await,
         Command::Verify(args) => {
-            let ds = open_store(&args.store)?;
+            let ds = open_store(&args.store, &config)?;
             let scope = match args.snapshot {
                 Some(s) => VerifyScope::Snapshot(SnapshotId(s)),
                 None => VerifyScope::All,
@@ -280,7 +318,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Prune(args) => {
-            let ds = open_store(&args.store)?;
+            let ds = open_store(&args.store, &config)?;
             let keep = KeepOptions {
                 keep_last: args.keep_last,
                 keep_hourly: args.keep_hourly,
@@ -304,6 +342,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config.listen = args.listen;
             config.tls_dir = args.tls_dir;
             config.seed = args.seed_demo.then_some(mock_hypervisor::Seed::Demo);
+            config.scp.password = args.scp_password;
             let mock = mock_hypervisor::MockHypervisor::start(config)
                 .await
                 .context("starting the mock hypervisor")?;
@@ -313,7 +352,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc(args) => {
-            let ds = open_store(&args.store)?;
+            let ds = open_store(&args.store, &config)?;
             let grace = std::time::Duration::from_secs(args.grace_secs);
             let stats = tokio::task::spawn_blocking(move || ds.gc(grace)).await??;
             if json {
@@ -359,37 +398,29 @@ fn parse_nbd_uri(uri: &str, tls_ca: Option<&PathBuf>) -> Result<NbdAccess> {
     })
 }
 
-async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
-    let access = parse_nbd_uri(&args.nbd, args.tls_ca.as_ref())?;
-    // Learn the size from the export itself.
-    let size = {
-        let opts = nbd::client::ConnectOptions::from_uri(
-            &nbd::uri::NbdUri::parse(&args.nbd)?,
-            access.tls.as_ref().map(|t| nbd::client::TlsClientConfig {
-                ca_pem: t.ca_pem.clone(),
-                client_cert_pem: None,
-                client_key_pem: None,
-                server_name: t.server_name.clone(),
-            }),
-        )?;
-        let c = nbd::client::Client::connect(&opts)
-            .await
-            .with_context(|| format!("connecting to {}", args.nbd))?;
-        let size = c.size();
-        let _ = c.disconnect().await;
-        size
-    };
-    let ds = open_or_create_store(&args.store)?;
+async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
+    let ds = open_or_create_store(&args.store, config)?;
     let work = tempfile::tempdir()?;
-    let provider = Arc::new(NbdProvider::new(
-        [NbdGuest {
-            id: args.id.clone(),
-            access,
-            size,
-            bitmap: args.bitmap.clone(),
-        }],
-        work.path().to_path_buf(),
-    ));
+    let (platform, provider, guests): (String, Arc<dyn provider_api::BackupProvider>, Vec<Guest>) =
+        match (&args.platform, &args.nbd) {
+            (Some(name), _) => (
+                name.clone(),
+                config::provider(name, config.platform(name)?)?,
+                args.guest.iter().map(|g| Guest::vm(g.clone())).collect(),
+            ),
+            (None, Some(uri)) => {
+                let id = args.id.clone().context("--nbd needs --id")?;
+                let guest = nbd_guest(uri, &id, args.bitmap.clone(), args.tls_ca.as_ref()).await?;
+                (
+                    "nbd".into(),
+                    Arc::new(NbdProvider::new([guest], work.path().to_path_buf())),
+                    vec![Guest::vm(id)],
+                )
+            }
+            (None, None) => {
+                bail!("back up what? pass --platform NAME --guest ID or --nbd URI --id NAME")
+            }
+        };
     let mover = StandardMover::new(MoverOptions {
         bandwidth_limit: args.bwlimit.map(|m| m << 20),
         ..MoverOptions::default()
@@ -398,17 +429,15 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
         .with_progress(Arc::new(progress::Reporter::new(json)));
     let options = JobOptions {
         info: JobInfo {
-            job_id: format!("backup-{}", args.id),
+            job_id: format!("backup-{platform}"),
             start_time: now(),
             ..JobInfo::default()
         },
-        parallelism: 1,
+        parallelism: args.parallel.max(1),
         log_dir: work.path().join("logs"),
     };
-    let report = driver
-        .run_job(&options, vec![Guest::vm(args.id.clone())])
-        .await;
-    report::print_job(&report, "nbd", json);
+    let report = driver.run_job(&options, guests).await;
+    report::print_job(&report, &platform, json);
     Ok(if report.success() {
         ExitCode::SUCCESS
     } else {
@@ -416,39 +445,74 @@ async fn backup(args: BackupArgs, json: bool) -> Result<ExitCode> {
     })
 }
 
-async fn restore(args: RestoreArgs, json: bool) -> Result<ExitCode> {
-    let ds = Arc::new(open_store(&args.store)?);
+/// An NBD export as a guest: its size is learnt by connecting.
+async fn nbd_guest(
+    uri: &str,
+    id: &str,
+    bitmap: Option<String>,
+    tls_ca: Option<&PathBuf>,
+) -> Result<NbdGuest> {
+    let access = parse_nbd_uri(uri, tls_ca)?;
+    let opts = nbd::client::ConnectOptions::from_uri(
+        &nbd::uri::NbdUri::parse(uri)?,
+        access.tls.as_ref().map(|t| nbd::client::TlsClientConfig {
+            ca_pem: t.ca_pem.clone(),
+            client_cert_pem: None,
+            client_key_pem: None,
+            server_name: t.server_name.clone(),
+        }),
+    )?;
+    let c = nbd::client::Client::connect(&opts)
+        .await
+        .with_context(|| format!("connecting to {uri}"))?;
+    let size = c.size();
+    let _ = c.disconnect().await;
+    Ok(NbdGuest {
+        id: id.to_owned(),
+        access,
+        size,
+        bitmap,
+    })
+}
+
+async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
+    let ds = Arc::new(open_store(&args.store, config)?);
     let id = SnapshotId(args.snapshot.clone());
-    let provider = Arc::new(NbdProvider::new([], args.to.clone()));
+    let provider: Arc<dyn provider_api::BackupProvider> = match (&args.platform, &args.to) {
+        (Some(name), _) => config::provider(name, config.platform(name)?)?,
+        (None, Some(to)) => Arc::new(NbdProvider::new([], to.clone())),
+        (None, None) => bail!("restore where? pass --platform NAME or --to DIR"),
+    };
+    let destination = if args.in_place {
+        provider_api::RestoreTarget::InPlace
+    } else {
+        provider_api::RestoreTarget::NewGuest {
+            name: args.name.clone(),
+        }
+    };
     let exposer = Arc::new(NbdExposer::start("127.0.0.1:0".parse()?).await?);
     let driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer)
         .with_progress(Arc::new(progress::Reporter::new(json)));
-    let done = driver
-        .restore_vm(
-            &id,
-            provider_api::RestoreTarget::NewGuest { name: args.name },
-        )
-        .await?;
+    let done = driver.restore_vm(&id, destination).await?;
+    let written: u64 = done.volumes.iter().map(|v| v.1).sum();
     if json {
         println!(
             "{}",
-            serde_json::json!({"guest": done.guest.id, "volumes": done.volumes, "seconds": done.elapsed.as_secs_f64()})
+            serde_json::json!({"guest": done.guest.id, "volumes": done.volumes, "bytes_written": written, "seconds": done.elapsed.as_secs_f64()})
         );
     } else {
         println!(
-            "restored {} into {}/{}.raw ({} bytes written) in {:.1}s",
+            "restored {} as {} ({written} bytes written) in {:.1}s",
             args.snapshot,
-            args.to.display(),
             done.guest.id,
-            done.volumes.iter().map(|v| v.1).sum::<u64>(),
             done.elapsed.as_secs_f64()
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode> {
-    let ds = open_store(&args.store)?;
+async fn serve(args: ServeArgs, config: &config::Config) -> Result<ExitCode> {
+    let ds = open_store(&args.store, config)?;
     let reader = ds.open_snapshot(&SnapshotId(args.snapshot.clone())).await?;
     let volume = reader.open_volume(&args.volume, Layer::Merged).await?;
     let server = nbd::server::Server::new(nbd::server::ServerConfig::default())?;

@@ -25,7 +25,10 @@ fn demo_passes_and_verifies_every_restore() {
     assert!(stdout.matches(" yes ").count() >= 12, "{stdout}");
     assert!(!stdout.contains(" NO "), "{stdout}");
     for platform in ["nbd", "scp"] {
-        assert!(stdout.contains(&format!(" {platform} ")), "{platform}: {stdout}");
+        assert!(
+            stdout.contains(&format!(" {platform} ")),
+            "{platform}: {stdout}"
+        );
     }
     assert!(stdout.contains("incremental"), "{stdout}");
 }

@@ -1,0 +1,153 @@
+//! The configuration file and the factory that turns a platform's settings
+//! into a provider.
+//!
+//! ```toml
+//! datastore = "/var/lib/vmbackup"
+//!
+//! [platforms.scp-prod]
+//! kind = "scp"
+//! endpoint = "https://scp.example.com"
+//! username = "backup"
+//! password_file = "/etc/vmbackup/scp.password"   # or password = "..."
+//! access = "nbdssl"                              # nbd | nbdssl | hotadd
+//! tls_ca = "/etc/vmbackup/scp-ca.pem"            # nbdssl: verifies the NBD server
+//! # proxy_server_id = "..."                      # hotadd: the backup proxy VM
+//! ```
+//!
+//! Passwords are read from the file or the value and never printed: the
+//! settings' `Debug` output redacts them, and errors name the platform and
+//! the file, not the secret.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use provider_api::BackupProvider;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Datastore directory (the `-d` flag overrides it).
+    pub datastore: Option<PathBuf>,
+    /// Platforms by name.
+    #[serde(default)]
+    pub platforms: BTreeMap<String, PlatformConfig>,
+}
+
+/// One platform's settings.
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum PlatformConfig {
+    /// Sangfor Cloud Platform.
+    Scp {
+        /// Base URL of the janus API.
+        endpoint: String,
+        /// Account.
+        username: String,
+        /// Password (prefer `password_file`).
+        password: Option<String>,
+        /// File holding the password (first line).
+        password_file: Option<PathBuf>,
+        /// `nbd`, `nbdssl` or `hotadd`.
+        #[serde(default)]
+        access: Option<String>,
+        /// CA of the NBD server's certificate (`nbdssl`).
+        tls_ca: Option<PathBuf>,
+        /// Backup proxy VM (`hotadd`).
+        proxy_server_id: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for PlatformConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PlatformConfig::Scp {
+                endpoint,
+                username,
+                access,
+                ..
+            } => f
+                .debug_struct("Scp")
+                .field("endpoint", endpoint)
+                .field("username", username)
+                .field("access", access)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl Config {
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// The settings of platform `name`.
+    pub fn platform(&self, name: &str) -> Result<&PlatformConfig> {
+        self.platforms.get(name).with_context(|| {
+            let known: Vec<&str> = self.platforms.keys().map(String::as_str).collect();
+            format!(
+                "no platform {name:?} in the config (known: {})",
+                known.join(", ")
+            )
+        })
+    }
+}
+
+fn secret(platform: &str, value: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
+    match (value, file) {
+        (Some(v), None) => Ok(v.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| {
+                format!("platform {platform}: reading password file {}", f.display())
+            })?;
+            Ok(text.lines().next().unwrap_or_default().to_owned())
+        }
+        (Some(_), Some(_)) => bail!("platform {platform}: set password or password_file, not both"),
+        (None, None) => bail!("platform {platform}: password or password_file is required"),
+    }
+}
+
+/// The factory: one provider per platform kind.
+pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupProvider>> {
+    match config {
+        PlatformConfig::Scp {
+            endpoint,
+            username,
+            password,
+            password_file,
+            access,
+            tls_ca,
+            proxy_server_id,
+        } => {
+            let pw = secret(name, password, password_file)?;
+            let mut options = provider_scp::ScpOptions::new(endpoint.clone(), username.clone(), pw);
+            options.access = match access.as_deref().unwrap_or("nbd") {
+                "nbd" => provider_scp::AccessMode::Nbd,
+                "nbdssl" => {
+                    let ca = tls_ca
+                        .as_ref()
+                        .with_context(|| format!("platform {name}: nbdssl needs tls_ca"))?;
+                    provider_scp::AccessMode::NbdSsl {
+                        ca_pem: std::fs::read_to_string(ca).with_context(|| {
+                            format!("platform {name}: reading {}", ca.display())
+                        })?,
+                        server_name: None,
+                    }
+                }
+                "hotadd" => provider_scp::AccessMode::HotAdd {
+                    proxy_server_id: proxy_server_id.clone().with_context(|| {
+                        format!("platform {name}: hotadd needs proxy_server_id")
+                    })?,
+                },
+                other => bail!("platform {name}: access {other:?} is not nbd, nbdssl or hotadd"),
+            };
+            Ok(Arc::new(provider_scp::ScpProvider::new(options)?))
+        }
+    }
+}
