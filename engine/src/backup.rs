@@ -467,7 +467,17 @@ impl BackupDriver {
             } else {
                 log.line(format!("base image {} already stored", base.id));
             }
-            start_from = StartFrom::BaseImage(base.id.clone());
+            // The overlay's regions apply on top of the base only when the
+            // provider itself prepared a full (`New`) read; when the host
+            // overrode its `Use`, its regions are changes since a
+            // checkpoint, not the overlay: read the whole volume instead.
+            if bitmap_mode == BitmapMode::New {
+                start_from = StartFrom::BaseImage(base.id.clone());
+            } else {
+                log.warn(format!(
+                    "volume {device}: provider offered changes, host needs a full read; reading the whole volume"
+                ));
+            }
         }
 
         // Without a bitmap everything is read (the mover turns `All` into

@@ -25,6 +25,10 @@ struct Script {
     /// Dirty regions per device for `Use`.
     dirty: BTreeMap<String, Vec<Extent>>,
     open_snapshots: BTreeSet<String>,
+    /// disk0 is a linked clone of this base image file.
+    linked: Option<(BaseImageId, PathBuf)>,
+    /// With `linked`: the dirty regions are the overlay's, mode New.
+    overlay_regions: bool,
     in_backup_vm: usize,
     max_in_backup_vm: usize,
 }
@@ -159,6 +163,25 @@ impl BackupProvider for Fake {
                 // Deliberately offer dirty regions even where the plan says
                 // none: the host must ignore them.
                 let regions = dirty.get(*d).cloned().unwrap_or_default();
+                let linked = self.script.lock().unwrap().linked.clone();
+                let overlay = self.script.lock().unwrap().overlay_regions;
+                let base = linked
+                    .filter(|_| *d == "disk0")
+                    .map(|(id, path)| BaseLayer {
+                        id,
+                        size: DISK,
+                        access: Some((
+                            SnapshotAccess::FileHandle(FileAccess { path }),
+                            DirtySource::All,
+                        )),
+                    });
+                let claimed = if base.is_some() && overlay {
+                    BitmapMode::New
+                } else if regions.is_empty() {
+                    mode
+                } else {
+                    BitmapMode::Use
+                };
                 VolumeAccess {
                     volume: Volume {
                         device: d.to_string(),
@@ -168,14 +191,10 @@ impl BackupProvider for Fake {
                     access: SnapshotAccess::FileHandle(FileAccess {
                         path: self.disk(&guest.id.0, d),
                     }),
-                    bitmap_mode: if regions.is_empty() {
-                        mode
-                    } else {
-                        BitmapMode::Use
-                    },
+                    bitmap_mode: claimed,
                     dirty: DirtySource::Regions(Box::new(RegionList::new(regions))),
                     checkpoint: Some(Checkpoint(format!("cp{cp}"))),
-                    base: None,
+                    base,
                 }
             })
             .collect();
@@ -737,4 +756,55 @@ async fn the_conformance_kit_catches_a_leaking_provider() {
         .await
         .unwrap_err();
     assert!(err.contains("cleanup leaves nothing behind"), "{err}");
+}
+
+/// A linked disk: base image file plus an overlay that changed the first
+/// 64 KiB. Returns the base image's path.
+fn link_disk0(s: &Setup, overlay_regions: bool) -> PathBuf {
+    let base = s.fake.dir.join("base.raw");
+    let mut data = std::fs::read(s.fake.disk("vm1", "disk0")).unwrap();
+    std::fs::write(&base, &data).unwrap();
+    data[..65536].fill(0x5A);
+    s.fake.write_disk("vm1", "disk0", 0, &data[..65536]);
+    let mut sc = s.fake.script.lock().unwrap();
+    sc.linked = Some((BaseImageId("base-1".into()), base.clone()));
+    sc.overlay_regions = overlay_regions;
+    sc.dirty.insert("disk0".into(), vec![Extent::new(0, 65536)]);
+    base
+}
+
+#[tokio::test]
+async fn linked_volume_stores_the_base_once_and_the_overlay_on_top() {
+    let s = setup(&["vm1"]);
+    link_disk0(&s, true);
+    let report = s.driver.run_job(&s.options, vms(&["vm1"])).await;
+    let b = report.guests[0].result.as_ref().unwrap();
+    let v0 = b.volumes.iter().find(|v| v.device == "disk0").unwrap();
+    assert!(v0.base_image_stored, "{b:?}");
+    assert_eq!(
+        v0.stats.bytes_read,
+        DISK + 65536,
+        "base in full, overlay regions only"
+    );
+    assert_eq!(s.target.base_image_count(), 1);
+    let stored = s.target.volume_data(&b.snapshot.id, "disk0").unwrap();
+    assert_eq!(stored, std::fs::read(s.fake.disk("vm1", "disk0")).unwrap());
+    assert_eq!(
+        b.snapshot.volume("disk0").unwrap().base,
+        Some(BaseImageId("base-1".into()))
+    );
+}
+
+#[tokio::test]
+async fn linked_volume_with_changes_where_a_full_is_needed_is_read_whole() {
+    let s = setup(&["vm1"]);
+    // The provider claims Use (changes since a checkpoint) on a first
+    // backup: the host must not lay those regions on the base image.
+    link_disk0(&s, false);
+    let report = s.driver.run_job(&s.options, vms(&["vm1"])).await;
+    let b = report.guests[0].result.as_ref().unwrap();
+    let v0 = b.volumes.iter().find(|v| v.device == "disk0").unwrap();
+    assert_eq!(v0.bitmap_mode, BitmapMode::New);
+    let stored = s.target.volume_data(&b.snapshot.id, "disk0").unwrap();
+    assert_eq!(stored, std::fs::read(s.fake.disk("vm1", "disk0")).unwrap());
 }
