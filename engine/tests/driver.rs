@@ -758,32 +758,36 @@ async fn the_conformance_kit_catches_a_leaking_provider() {
     assert!(err.contains("cleanup leaves nothing behind"), "{err}");
 }
 
-/// A linked disk: base image file plus an overlay that changed the first
-/// 64 KiB. Returns the base image's path.
-fn link_disk0(s: &Setup, overlay_regions: bool) -> PathBuf {
+/// A linked disk: base image file plus an overlay that changed two 64 KiB
+/// blocks (at 0 and 512 KiB). The provider reports `regions` for disk0.
+fn link_disk0(s: &Setup, overlay_regions: bool, regions: Vec<Extent>) -> PathBuf {
     let base = s.fake.dir.join("base.raw");
-    let mut data = std::fs::read(s.fake.disk("vm1", "disk0")).unwrap();
+    let data = std::fs::read(s.fake.disk("vm1", "disk0")).unwrap();
     std::fs::write(&base, &data).unwrap();
-    data[..65536].fill(0x5A);
-    s.fake.write_disk("vm1", "disk0", 0, &data[..65536]);
+    s.fake.write_disk("vm1", "disk0", 0, &[0x5A; 65536]);
+    s.fake.write_disk("vm1", "disk0", 512 << 10, &[0xA5; 65536]);
     let mut sc = s.fake.script.lock().unwrap();
     sc.linked = Some((BaseImageId("base-1".into()), base.clone()));
     sc.overlay_regions = overlay_regions;
-    sc.dirty.insert("disk0".into(), vec![Extent::new(0, 65536)]);
+    sc.dirty.insert("disk0".into(), regions);
     base
 }
 
 #[tokio::test]
 async fn linked_volume_stores_the_base_once_and_the_overlay_on_top() {
     let s = setup(&["vm1"]);
-    link_disk0(&s, true);
+    link_disk0(
+        &s,
+        true,
+        vec![Extent::new(0, 65536), Extent::new(512 << 10, 65536)],
+    );
     let report = s.driver.run_job(&s.options, vms(&["vm1"])).await;
     let b = report.guests[0].result.as_ref().unwrap();
     let v0 = b.volumes.iter().find(|v| v.device == "disk0").unwrap();
     assert!(v0.base_image_stored, "{b:?}");
     assert_eq!(
         v0.stats.bytes_read,
-        DISK + 65536,
+        DISK + 2 * 65536,
         "base in full, overlay regions only"
     );
     assert_eq!(s.target.base_image_count(), 1);
@@ -800,7 +804,7 @@ async fn linked_volume_with_changes_where_a_full_is_needed_is_read_whole() {
     let s = setup(&["vm1"]);
     // The provider claims Use (changes since a checkpoint) on a first
     // backup: the host must not lay those regions on the base image.
-    link_disk0(&s, false);
+    link_disk0(&s, false, vec![Extent::new(0, 65536)]);
     let report = s.driver.run_job(&s.options, vms(&["vm1"])).await;
     let b = report.guests[0].result.as_ref().unwrap();
     let v0 = b.volumes.iter().find(|v| v.device == "disk0").unwrap();
