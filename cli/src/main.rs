@@ -1,7 +1,7 @@
 //! `vmbackup`: back up and restore VMs into a deduplicating datastore.
 //!
-//! Exit codes: 0 success; 1 a backup, restore or check failed; 2 bad
-//! usage (clap); 3 the datastore could not be opened.
+//! Exit codes: 0 success; 1 a backup, restore or check failed (or the
+//! datastore, config or platform could not be used); 2 bad usage.
 
 mod config;
 mod demo;
@@ -65,6 +65,9 @@ enum Command {
     Backup(BackupArgs),
     /// List finished snapshots.
     List(StoreArg),
+    /// Show one snapshot: volumes, modes, checkpoints, base images,
+    /// warnings, configuration.
+    Show(ShowArgs),
     /// Restore a snapshot's volume into a new raw file.
     Restore(RestoreArgs),
     /// Serve a snapshot's volume over NBD, read-only (instant restore).
@@ -127,6 +130,14 @@ struct BackupArgs {
     /// Read at most this many MiB per second from the source.
     #[arg(long)]
     bwlimit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Snapshot id as `list` shows it.
+    snapshot: String,
 }
 
 #[derive(Debug, Args)]
@@ -288,6 +299,57 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore(args) => restore(args, &config, json).await,
+        Command::Show(args) => {
+            let ds = open_store(&args.store, &config)?;
+            let reader = ds.open_snapshot(&SnapshotId(args.snapshot.clone())).await?;
+            let info = reader.info().clone();
+            let guest_config = reader.config(provider_api::ConfigKind::Guest).await?;
+            let metadata = reader.metadata().await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "snapshot": info,
+                        "guest_config": guest_config.as_ref().map(|c| String::from_utf8_lossy(&c.data).into_owned()),
+                        "metadata": metadata,
+                    }))?
+                );
+            } else {
+                println!("snapshot {}", info.id);
+                println!("  archive  {}", info.archive);
+                println!("  time     {}", info.time);
+                println!(
+                    "  verified {}",
+                    match info.verified {
+                        Some(true) => "ok",
+                        Some(false) => "FAILED",
+                        None => "not yet",
+                    }
+                );
+                for v in &info.volumes {
+                    println!(
+                        "  volume {} {} bytes {:?} mode {:?} checkpoint {} base {}",
+                        v.volume.device,
+                        v.volume.size,
+                        v.volume.format,
+                        v.bitmap_mode,
+                        v.checkpoint.as_ref().map_or("-", |c| c.0.as_str()),
+                        v.base.as_ref().map_or("-", |b| b.0.as_str()),
+                    );
+                }
+                for w in &info.warnings {
+                    println!("  warning  {w}");
+                }
+                if let Some(c) = guest_config {
+                    println!(
+                        "  guest config ({}, {} bytes)",
+                        c.content_type,
+                        c.data.len()
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(args) => serve(args, &config).await,
         Command::Verify(args) => {
             let ds = open_store(&args.store, &config)?;

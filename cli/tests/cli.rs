@@ -8,8 +8,8 @@ fn vmbackup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbackup"))
 }
 
-const SUBCOMMANDS: [&str; 9] = [
-    "demo", "backup", "list", "restore", "serve", "verify", "prune", "gc", "mock",
+const SUBCOMMANDS: [&str; 10] = [
+    "demo", "backup", "list", "show", "restore", "serve", "verify", "prune", "gc", "mock",
 ];
 
 #[test]

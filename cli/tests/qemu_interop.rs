@@ -143,6 +143,9 @@ fn qcow2_with_dirty_bitmap_full_incremental_serve_and_compare() {
     assert_eq!(snaps.len(), 2);
     let latest = snaps[1]["id"].as_str().unwrap().to_owned();
 
+    let show = run(vmbackup().args(["show", "-d"]).arg(&store).arg(&latest));
+    assert!(show.contains("mode Use checkpoint cbt0"), "{show}");
+
     // Instant restore: serve the snapshot and let qemu-img pull it.
     let mut serve = vmbackup()
         .args(["serve", "--listen", "127.0.0.1:0", "-d"])
