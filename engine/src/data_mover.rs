@@ -484,39 +484,49 @@ impl DataMover for StandardMover {
         let piece = self.options.piece_size.max(4096);
         let mut written = 0u64;
         let mut done = 0u64;
-        let regions = source.regions(0, size).await?;
-        let mut steps = VecDeque::new();
-        for r in regions {
-            match r.kind {
-                RegionKind::Data => pieces(r.extent, piece, &mut steps),
-                RegionKind::Zero => steps.push_back(Step::Zero(r.extent)),
-                RegionKind::Inherited => done += r.extent.length,
-            }
-        }
-        let mut tasks = futures::stream::iter(steps.into_iter().map(|step| {
-            let source = source.clone();
-            let dest = dest.clone();
-            async move {
-                match step {
-                    Step::Read(e) => {
-                        self.throttle(e.length).await;
-                        let data = source.read_at(e.offset, e.length).await?;
-                        dest.write(e.offset, data).await?;
-                        Ok::<_, Error>((e.length, e.length))
-                    }
-                    Step::Zero(e) => {
-                        dest.write_zeroes(e.offset, e.length).await?;
-                        Ok((e.length, 0))
-                    }
+        // Regions are listed a window at a time so that the step list
+        // stays small whatever the volume size.
+        let mut pos = 0u64;
+        while pos < size {
+            let len = (size - pos).min(WINDOW);
+            let mut steps = VecDeque::new();
+            for r in source
+                .regions(pos, len)
+                .await
+                .map_err(|e| e.volume(device))?
+            {
+                match r.kind {
+                    RegionKind::Data => pieces(r.extent, piece, &mut steps),
+                    RegionKind::Zero => steps.push_back(Step::Zero(r.extent)),
+                    RegionKind::Inherited => done += r.extent.length,
                 }
             }
-        }))
-        .buffer_unordered(self.options.depth.max(1));
-        while let Some(r) = tasks.next().await {
-            let (len, data) = r.map_err(|e| e.volume(device))?;
-            done += len;
-            written += data;
-            progress.update(device, done, size);
+            pos += len;
+            let mut tasks = futures::stream::iter(steps.into_iter().map(|step| {
+                let source = source.clone();
+                let dest = dest.clone();
+                async move {
+                    match step {
+                        Step::Read(e) => {
+                            self.throttle(e.length).await;
+                            let data = source.read_at(e.offset, e.length).await?;
+                            dest.write(e.offset, data).await?;
+                            Ok::<_, Error>((e.length, e.length))
+                        }
+                        Step::Zero(e) => {
+                            dest.write_zeroes(e.offset, e.length).await?;
+                            Ok((e.length, 0))
+                        }
+                    }
+                }
+            }))
+            .buffer_unordered(self.options.depth.max(1));
+            while let Some(r) = tasks.next().await {
+                let (len, data) = r.map_err(|e| e.volume(device))?;
+                done += len;
+                written += data;
+                progress.update(device, done, size);
+            }
         }
         dest.flush().await.map_err(|e| e.volume(device))?;
         Ok(written)
