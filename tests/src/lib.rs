@@ -1,3 +1,5 @@
 //! Shared fixtures of the end-to-end scenarios in this directory: an
 //! in-process mock hypervisor, a fresh datastore, and the engine wired
 //! between them.
+
+pub mod scp;

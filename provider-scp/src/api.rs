@@ -1,0 +1,434 @@
+//! The janus OpenAPI shapes this provider reads and writes, written from
+//! the SCP seed, `PLATFORMS.md` and the mock hypervisor's README (never
+//! from the mock's code, so that a misreading shows up as a failing test).
+//!
+//! Only fields the provider uses are typed; unknown fields are ignored and
+//! optional ones default, so newer platforms keep parsing.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Every answer: `{"code": 0, "message": "success", "data": …}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Envelope {
+    /// 0 on success; anything else is an error, whatever the HTTP status.
+    pub code: i64,
+    /// Human text.
+    #[serde(default)]
+    pub message: String,
+    /// The payload.
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// Envelope codes with a meaning for the provider.
+pub mod codes {
+    /// Authentication (missing, unknown or expired token, bad password).
+    pub const UNAUTHORIZED: i64 = 40100;
+    /// Object or API path not found.
+    pub const NOT_FOUND: i64 = 40400;
+    /// Object in a conflicting state.
+    pub const CONFLICT: i64 = 40900;
+    /// Generic platform rule refusal.
+    pub const REFUSED: i64 = 60000;
+    /// "The VM CBT has expired. Please reset it."
+    pub const CBT_EXPIRED: i64 = 60001;
+    /// CBT is not enabled on the server.
+    pub const CBT_DISABLED: i64 = 60002;
+    /// Base image CBT not available in this version.
+    pub const BASE_CBT_UNAVAILABLE: i64 = 60003;
+    /// Checkpoint no longer valid.
+    pub const CHECKPOINT_INVALID: i64 = 60004;
+    /// Agentless backup unsupported (desktop VM in revert mode).
+    pub const REVERT_MODE: i64 = 60005;
+    /// The backup resource expired and was released.
+    pub const LEASE_EXPIRED: i64 = 60006;
+}
+
+/// A paged list: `{"total_count", "page_num", "page_size", "data": [...]}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Page<T> {
+    /// Items over all pages.
+    #[serde(default)]
+    pub total_count: u64,
+    /// This page's items.
+    #[serde(default = "Vec::new")]
+    pub data: Vec<T>,
+}
+
+/// `data` of a call marked *task*: at least the task id.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TaskRef {
+    /// Poll `GET /janus/20180725/tasks/{task_id}`.
+    pub task_id: String,
+}
+
+/// `GET /janus/20180725/tasks/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Task {
+    /// `running`, `success` or `failure`.
+    pub status: String,
+    /// The result once `success`.
+    #[serde(default)]
+    pub result: Value,
+    /// Error code on failure.
+    #[serde(default)]
+    pub error_code: i64,
+    /// Error text on failure.
+    #[serde(default)]
+    pub error_message: String,
+}
+
+/// `POST /janus/authenticate` answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthAnswer {
+    /// `{"token": {"id"}}`.
+    pub access: AuthAccess,
+}
+
+/// Part of [`AuthAnswer`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthAccess {
+    /// The token.
+    pub token: AuthToken,
+}
+
+/// Part of [`AuthAnswer`].
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthToken {
+    /// Sent as `Authorization: Token <id>`.
+    pub id: String,
+}
+
+/// `GET /janus/20180725/system/version`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VersionAnswer {
+    /// E.g. `6.11.3`.
+    pub version: String,
+}
+
+/// CBT state of a server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CbtStatus {
+    /// 1 enabled, 0 disabled.
+    #[serde(default)]
+    pub enable: i64,
+    /// `normal` or `expired`.
+    #[serde(default)]
+    pub status: String,
+}
+
+/// A disk as servers and snapshots (`vmconf.hardware_option.disks`) list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disk {
+    /// Disk id.
+    pub id: String,
+    /// Device name (`scsi0`).
+    #[serde(default)]
+    pub name: String,
+    /// `system` or `data`.
+    #[serde(default, rename = "type")]
+    pub kind: String,
+    /// Bytes.
+    pub size: u64,
+    /// Storage.
+    #[serde(default)]
+    pub storage_id: String,
+    /// Present only on a linked system disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_image_id: Option<String>,
+}
+
+impl Disk {
+    /// The device name the provider stores it under (the disk's name, or
+    /// its id when the platform gives no name).
+    pub fn device(&self) -> String {
+        if self.name.is_empty() {
+            self.id.clone()
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
+/// `GET /janus/20250725/servers/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Server {
+    /// Server id.
+    pub id: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// `"desk"`: desktop-cloud VM.
+    #[serde(default)]
+    pub application: String,
+    /// 1: desktop VM in revert mode.
+    #[serde(default)]
+    pub revert_mode: i64,
+    /// Storage.
+    #[serde(default)]
+    pub storage_id: String,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpu: Value,
+    /// Memory.
+    #[serde(default)]
+    pub memory_mb: Value,
+    /// OS type.
+    #[serde(default)]
+    pub os_type: String,
+    /// Change tracking.
+    #[serde(default)]
+    pub cbt: CbtStatus,
+    /// Disks, the system disk first.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// `GET …/snapshots/{id}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Snapshot {
+    /// Snapshot id.
+    pub id: String,
+    /// Its CBT checkpoint.
+    #[serde(default)]
+    pub checkpoint_id: u64,
+    /// The VM configuration at the snapshot (kept whole as the guest config).
+    #[serde(default)]
+    pub vmconf: Value,
+}
+
+/// The part of `vmconf` the provider interprets.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VmConf {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// `"desk"` for desktop-cloud VMs.
+    #[serde(default)]
+    pub application: String,
+    /// 1: revert mode.
+    #[serde(default)]
+    pub revert_mode: i64,
+    /// Hardware.
+    #[serde(default)]
+    pub hardware_option: HardwareOption,
+}
+
+/// `vmconf.hardware_option`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct HardwareOption {
+    /// Disks; a linked one carries `base_image_id`.
+    #[serde(default)]
+    pub disks: Vec<Disk>,
+}
+
+/// Result of snapshot creation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotCreated {
+    /// New snapshot.
+    pub snapshot_id: String,
+    /// Its checkpoint.
+    #[serde(default)]
+    pub checkpoint_id: u64,
+}
+
+/// One changed area.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Area {
+    /// Bytes.
+    pub offset: u64,
+    /// Bytes.
+    pub length: u64,
+}
+
+/// `GET …/cbt/changed-areas` (one page).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChangedAreasPage {
+    /// Disk size.
+    #[serde(default)]
+    pub disk_size: u64,
+    /// Start of the next page, `null` at the end.
+    #[serde(default)]
+    pub next_offset: Option<u64>,
+    /// Areas inside this page.
+    #[serde(default)]
+    pub areas: Vec<Area>,
+}
+
+/// A base image replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    /// Storage.
+    pub storage_id: String,
+    /// `AVAILABLE`, ...
+    #[serde(default)]
+    pub status: String,
+}
+
+/// A base image object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseImage {
+    /// Id (changes when its data changes).
+    pub id: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+    /// `CREATING` or `AVAILABLE`.
+    #[serde(default)]
+    pub status: String,
+    /// Bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// `raw`.
+    #[serde(default)]
+    pub disk_format: String,
+    /// OS type.
+    #[serde(default)]
+    pub os_type: String,
+    /// Home storage.
+    #[serde(default)]
+    pub storage_id: String,
+    /// Replicas.
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+}
+
+/// `{"id": …}` answers.
+#[derive(Debug, Clone, Deserialize)]
+pub struct IdAnswer {
+    /// The id.
+    pub id: String,
+}
+
+/// A custom attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomAttribute {
+    /// Id.
+    pub id: String,
+    /// Name (unique).
+    pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+    /// `base_image` or `server`.
+    #[serde(default)]
+    pub resource_type: String,
+}
+
+/// A custom attribute binding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Binding id.
+    #[serde(default)]
+    pub id: String,
+    /// Attribute id.
+    pub custom_attribute_id: String,
+    /// Attribute name.
+    #[serde(default)]
+    pub custom_attribute_name: String,
+    /// Attribute description.
+    #[serde(default)]
+    pub custom_attribute_description: String,
+    /// `base_image`.
+    #[serde(default)]
+    pub resource_type: String,
+    /// The base image id.
+    #[serde(default)]
+    pub resource_id: String,
+    /// Value.
+    #[serde(default)]
+    pub value: String,
+}
+
+/// A backup resource (lease).
+#[derive(Debug, Clone, Deserialize)]
+pub struct BackupResource {
+    /// Id.
+    pub id: String,
+    /// Seconds left.
+    #[serde(default)]
+    pub remain_time: i64,
+}
+
+/// An NBD export opened under a backup resource.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Export {
+    /// Export id (for closing it).
+    pub id: String,
+    /// NBD export name.
+    pub export_name: String,
+    /// Server host.
+    pub host: String,
+    /// Server port.
+    pub port: u16,
+    /// Whether TLS is used.
+    #[serde(default)]
+    pub tls: bool,
+    /// Size in bytes.
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// A disk hot-added to the proxy.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HotAddDisk {
+    /// Hot-add id (for detaching).
+    pub id: String,
+    /// Where the proxy sees the disk as a raw file.
+    pub local_path: String,
+    /// Size.
+    #[serde(default)]
+    pub size: u64,
+}
+
+/// Result of `PUT /janus/20250725/servers/{proxy}`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HotAddResult {
+    /// Attached disks.
+    #[serde(default)]
+    pub hotadd_disks: Vec<HotAddDisk>,
+}
+
+/// Result of `POST /janus/20250725/servers`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerCreated {
+    /// New server.
+    pub server_id: String,
+    /// Its disks, in request order.
+    #[serde(default)]
+    pub disk_ids: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_readme_examples() {
+        let s: Snapshot = serde_json::from_value(serde_json::json!({
+            "id": "s", "server_id": "v", "name": "snapshot-7", "description": "", "status": "ok",
+            "checkpoint_id": 7, "created_at": 1795307362,
+            "vmconf": {"name": "linked-vm-1", "application": "", "revert_mode": 0,
+                "hardware_option": {"disks": [{"id": "d", "name": "scsi0", "type": "system",
+                    "size": 201326592, "storage_id": "storage-local", "base_image_id": "b"}]}}
+        }))
+        .unwrap();
+        let conf: VmConf = serde_json::from_value(s.vmconf).unwrap();
+        assert_eq!(s.checkpoint_id, 7);
+        assert_eq!(
+            conf.hardware_option.disks[0].base_image_id.as_deref(),
+            Some("b")
+        );
+        let p: ChangedAreasPage = serde_json::from_value(serde_json::json!({
+            "disk_size": 201326592, "block_size": 65536, "offset": 0, "length": 67108864,
+            "next_offset": null, "areas": [{"offset": 0, "length": 65536}]
+        }))
+        .unwrap();
+        assert_eq!(p.next_offset, None);
+        assert_eq!(p.areas.len(), 1);
+    }
+}

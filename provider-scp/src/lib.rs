@@ -1,0 +1,130 @@
+//! # provider-scp: Sangfor Cloud Platform (SCP / HCI) backups
+//!
+//! A [`provider_api::BackupProvider`] for SCP VMs, including *linked VMs*
+//! (a system disk that is an overlay on a shared base image), following
+//! the SCP linked-VM seed (sections 4.5.1 to 4.5.3) and the janus OpenAPI
+//! shapes of `PLATFORMS.md` / the mock hypervisor's README.
+//!
+//! ## Backup
+//!
+//! Per guest: `backup_vm_query_incremental` answers `Use` for every disk
+//! the previous snapshot holds with a checkpoint (same size, CBT enabled),
+//! `New` otherwise. `backup_vm` then
+//!
+//! 1. refuses desktop VMs in revert mode ([`ErrorKind::Refused`](provider_api::ErrorKind::Refused) naming the VM);
+//! 2. checks CBT (`GET …/cbt/status`): disabled or *"The VM CBT has
+//!    expired"* → `PUT …/cbt/status {"enable":1}` (reset), every volume
+//!    `New`, and a warning in [`VmBackup::warnings`](provider_api::VmBackup) (the host stores it
+//!    with the snapshot). An expiry noticed only by the changed-areas call
+//!    resets CBT, retakes the snapshot and goes full the same way; an
+//!    invalid checkpoint makes that volume full with a warning;
+//! 3. opens a *backup resource* (lease, `type: Backup`) and keeps it alive
+//!    with a background task (`PUT …/backup-resources/{id}` every
+//!    [`ScpOptions::renew_interval`]);
+//! 4. takes a snapshot (a CBT checkpoint) and reads its `vmconf`: a disk
+//!    with `hardware_option.disks[].base_image_id` makes the VM linked;
+//! 5. per disk: changed areas (`GET …/cbt/changed-areas`, paged lazily)
+//!    since the previous checkpoint (`Use`) or all the disk's own data
+//!    (`New`, `checkpoint_id=0`), and an NBD export or hot-added file of
+//!    the frozen disk; for a linked disk, per the rule table below, a
+//!    [`BaseLayer`](provider_api::BaseLayer) whose data (`open_base_image=1`) is exposed only on a
+//!    full backup and only when the target does not hold that base image
+//!    id yet (`BackupVmRequest::base_images`);
+//! 6. stores the snapshot's `vmconf` as guest config and, as
+//!    `PlatformMetadata`, the VM, its disks and the base image's metadata,
+//!    custom attributes and bindings ([`metadata::SnapshotMetadata`]).
+//!
+//! `backup_cleanup` (success or failure) closes exports, detaches
+//! hot-added disks, releases the lease and deletes the snapshot (its
+//! checkpoint stays usable); `job_cleanup` does the same for any guest
+//! still holding something. A lease that the renew task found expired
+//! fails the guest with [`ErrorKind::LeaseLost`](provider_api::ErrorKind::LeaseLost) (the dirty-region iterator
+//! stops with it, and a success cleanup refuses), so nothing half-read
+//! is published.
+//!
+//! ## Rule table (seed 4.5.3)
+//!
+//! | SCP version | desktop (`application=="desk"`) | revert mode | system disk | base image |
+//! | --- | --- | --- | --- | --- |
+//! | any | yes | `revert_mode==1` | refused | refused |
+//! | ≥ 6.11.3 | any | 0 | own data from CBT (`base_image=0`) | from CBT (`base_image=1, checkpoint_id=0`), full backups only, once per base image id |
+//! | < 6.11.3 | no | 0 | merged (base included), no base layer | not separate |
+//! | < 6.11.3 | yes | 0 | own data from CBT | whole image read (no base CBT), full backups only, once |
+//!
+//! Incremental backups read only the system and data disks' changed areas
+//! since the last checkpoint, never the base image.
+//!
+//! ## Access modes ([`AccessMode`])
+//!
+//! - `Nbd`: `POST …/backup-resources/{id}/exports` (`transport: nbd`), the
+//!   host reads `nbd://host:port/export` ([`provider_api::SnapshotAccess::Nbd`]);
+//! - `NbdSsl`: the same with `transport: nbdssl`; the host verifies the
+//!   server certificate against the configured CA
+//!   ([`provider_api::TlsSettings`]); a wrong CA is refused;
+//! - `HotAdd`: each disk is hot-added to the backup proxy VM
+//!   (`PUT /janus/20250725/servers/{proxy}`, `open_base_image` for the base
+//!   image) and read as a local file with the changed areas as dirty
+//!   regions ([`provider_api::SnapshotAccess::FileHandle`]); detached in `backup_cleanup`.
+//!
+//! ## Restore
+//!
+//! `restore_vm_init` creates the new VM (or, in place, prepares the
+//! original: a linked system disk is erased with `recovery-baseimage`, never
+//! deleted). For a linked VM whose base image exists, its replica is synced
+//! to the target storage when missing and its custom attributes are
+//! created and bound as needed. When the base image is missing, the VM
+//! cannot be created yet (SCP links only to an `AVAILABLE` image), so the
+//! guest returned is provisional ([`ScpProvider::restored_server_id`] gives
+//! the real id) and the system disk's `restore_vm_volume_init` restores the
+//! base image first: create it (`CREATING`), import the host's base source
+//! with `qemu-img convert` into a writable export (or rw hot-add), set it
+//! `AVAILABLE`, sync the replica, restore attributes, then create (or
+//! relink) the VM. A failure before `AVAILABLE` deletes the incomplete
+//! base image. The disks are then written by the host: the linked system
+//! disk as [`Layer::Overlay`](provider_api::Layer::Overlay), other disks as
+//! [`Layer::Merged`](provider_api::Layer::Merged). A failed restore to a new
+//! VM deletes that VM.
+//!
+//! Quick recovery of linked VMs is refused: [`ScpProvider::quick_recovery`]
+//! answers [`ErrorKind::Refused`](provider_api::ErrorKind::Refused).
+//!
+//! ## Errors and credentials
+//!
+//! Errors carry guest, volume, offset and the janus call
+//! (`Error::api_call`, e.g. `GET /janus/20240725/servers/{id}/cbt/changed-areas`).
+//! A non-zero envelope `code` is an error even with HTTP 200; codes map to
+//! kinds (60001/60004 → `ChangeTrackingLost`, 60005 → `Refused`, 60006 →
+//! `LeaseLost`, 401 → `Auth`, ...). The password is a [`Secret`] whose
+//! `Debug` prints `***`; tokens never appear in errors. The password is
+//! sent as the mock accepts it (plain); a real SCP expects it
+//! RSA-encrypted with `GET /janus/public-key`, which is not implemented.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! # async fn demo() -> provider_api::Result<()> {
+//! use std::sync::Arc;
+//! use provider_scp::{AccessMode, ScpOptions, ScpProvider};
+//!
+//! let mut options = ScpOptions::new("http://127.0.0.1:34391", "admin", "admin-password");
+//! options.access = AccessMode::NbdSsl {
+//!     ca_pem: std::fs::read_to_string("/tmp/mock/tls/ca-cert.pem")?,
+//!     server_name: None,
+//! };
+//! let provider: Arc<dyn provider_api::BackupProvider> = Arc::new(ScpProvider::new(options)?);
+//! // hand it to engine::BackupDriver / RestoreDriver
+//! # let _ = provider; Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod client;
+pub mod metadata;
+pub mod options;
+pub mod provider;
+pub mod rules;
+
+pub use client::ScpClient;
+pub use options::{AccessMode, ScpOptions, Secret};
+pub use provider::ScpProvider;
+pub use rules::{BasePolicy, ScpVersion, base_policy};

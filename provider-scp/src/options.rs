@@ -1,0 +1,120 @@
+//! Provider settings: where SCP is, how to log in, how disks are read.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A password (or any secret) that never shows in `Debug` output, logs or
+/// errors.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How the provider gives the host access to a snapshot's disks (and how
+/// it writes restored disks).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "mode")]
+pub enum AccessMode {
+    /// sfvddk-style NBD export of each disk (plain TCP).
+    Nbd,
+    /// NBD with STARTTLS ("NBDSSL"); the server certificate is verified
+    /// against `ca_pem`, never trusted blindly.
+    NbdSsl {
+        /// PEM of the CA that signs the NBD server's certificate.
+        ca_pem: String,
+        /// Name to verify in the certificate (default: the export's host).
+        server_name: Option<String>,
+    },
+    /// Each disk is hot-added to a backup proxy VM (the machine the host
+    /// runs on) and read as a local file.
+    HotAdd {
+        /// The proxy VM's server id.
+        proxy_server_id: String,
+    },
+}
+
+/// Everything the provider needs to talk to one SCP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScpOptions {
+    /// Base URL, e.g. `https://scp.example:443` (paths start at `/janus`).
+    pub base_url: String,
+    /// Account name.
+    pub username: String,
+    /// Account password (redacted in `Debug`).
+    pub password: Secret,
+    /// How disks are read and written.
+    pub access: AccessMode,
+    /// Lease of the backup resource, seconds (`remain_time`).
+    pub lease_seconds: u32,
+    /// How often the lease is renewed while a backup or restore runs.
+    pub renew_interval: Duration,
+    /// How long an asynchronous task may run before the provider gives up.
+    pub task_timeout: Duration,
+    /// Pause between two polls of a task.
+    pub poll_interval: Duration,
+    /// Timeout of one HTTP request.
+    pub request_timeout: Duration,
+    /// Storage restored VMs (and base image replicas) go to; default: the
+    /// original VM's storage.
+    pub restore_storage_id: Option<String>,
+    /// `qemu-img` binary used to import a base image from the host's
+    /// restore source.
+    pub qemu_img: PathBuf,
+}
+
+impl ScpOptions {
+    /// Defaults for everything but the address and the credentials: NBD,
+    /// a 300 s lease renewed every 60 s, 10 min task timeout.
+    pub fn new(
+        base_url: impl Into<String>,
+        username: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        ScpOptions {
+            base_url: base_url.into(),
+            username: username.into(),
+            password: Secret::new(password),
+            access: AccessMode::Nbd,
+            lease_seconds: 300,
+            renew_interval: Duration::from_secs(60),
+            task_timeout: Duration::from_secs(600),
+            poll_interval: Duration::from_millis(200),
+            request_timeout: Duration::from_secs(60),
+            restore_storage_id: None,
+            qemu_img: PathBuf::from("qemu-img"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_the_password() {
+        let o = ScpOptions::new("http://scp", "admin", "hunter2-secret");
+        let text = format!("{o:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("***"));
+    }
+}

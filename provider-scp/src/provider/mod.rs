@@ -1,0 +1,626 @@
+//! [`ScpProvider`]: the `BackupProvider` implementation (shared plumbing and
+//! the trait here; `backup` and `restore` hold the two halves).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use provider_api::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use crate::api::{
+    self, BackupResource, BaseImage, Binding, CbtStatus, ChangedAreasPage, CustomAttribute, Export,
+    HotAddResult, IdAnswer, Server, ServerCreated, Snapshot, SnapshotCreated, VersionAnswer,
+    VmConf, codes,
+};
+use crate::client::{ScpClient, error_code};
+use crate::metadata::{BaseImageMeta, DiskMeta, FORMAT, ServerMeta, SnapshotMetadata};
+use crate::options::{AccessMode, ScpOptions};
+use crate::rules::{BasePolicy, ScpVersion, base_policy, check_backup_allowed};
+
+const SERVERS: &str = "/janus/20250725/servers";
+const RESOURCES: &str = "/janus/20240725/backup-resources";
+const BASE_IMAGES: &str = "/janus/20180725/base-images";
+const ATTRIBUTES: &str = "/janus/20190725/custom-attributes";
+const BINDINGS: &str = "/janus/20190725/custom-attributes/bindings";
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A backup resource kept alive by a background task.
+struct Lease {
+    id: String,
+    lost: Arc<AtomicBool>,
+    renew: JoinHandle<()>,
+}
+
+/// What one guest's backup holds on the platform.
+#[derive(Default)]
+struct BackupState {
+    lease: Option<Lease>,
+    snapshot_id: Option<String>,
+    exports: Vec<(String, String)>,
+    hotadds: Vec<String>,
+}
+
+/// What one VM restore holds on the platform.
+#[derive(Default)]
+struct RestoreState {
+    metadata: Option<SnapshotMetadata>,
+    /// The VM restored into (empty until created).
+    server_id: String,
+    /// Device → disk id.
+    disks: BTreeMap<String, String>,
+    in_place: bool,
+    name: String,
+    storage_id: String,
+    /// The base image to restore (missing on the platform) before the VM
+    /// can be created.
+    pending_base: bool,
+    /// Base image id to link to.
+    base_image_id: Option<String>,
+    /// A base image this restore created and has not sealed yet.
+    unsealed_base: Option<String>,
+    lease: Option<Lease>,
+    /// Per device: export or hot-add to close.
+    open: BTreeMap<String, Opened>,
+    /// True when this restore created the VM.
+    created: bool,
+}
+
+enum Opened {
+    Export { lease: String, id: String },
+    HotAdd(String),
+}
+
+/// The SCP provider. One instance serves a whole job (and restores); it
+/// keeps per-guest state behind its own locks.
+pub struct ScpProvider {
+    client: Arc<ScpClient>,
+    options: ScpOptions,
+    backups: std::sync::Mutex<BTreeMap<String, BackupState>>,
+    restores: std::sync::Mutex<BTreeMap<String, RestoreState>>,
+    /// Lines for a guest's task log (`backup_handle_log_file`).
+    notes: std::sync::Mutex<BTreeMap<String, Vec<String>>>,
+    pending_ids: AtomicU64,
+}
+
+impl std::fmt::Debug for ScpProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScpProvider")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScpProvider {
+    /// A provider for one SCP (not yet logged in: `job_init` does it, and
+    /// restores log in when needed).
+    pub fn new(options: ScpOptions) -> Result<Self> {
+        Ok(ScpProvider {
+            client: Arc::new(ScpClient::new(&options)?),
+            options,
+            backups: Default::default(),
+            restores: Default::default(),
+            notes: Default::default(),
+            pending_ids: AtomicU64::new(0),
+        })
+    }
+
+    /// The janus client (for tools and tests that need other calls).
+    pub fn client(&self) -> &Arc<ScpClient> {
+        &self.client
+    }
+
+    /// Quick recovery (running the VM straight from the backup) of a
+    /// stored snapshot. Linked VMs are refused (seed 4.5.3 rule 7) with
+    /// [`ErrorKind::Refused`]; others answer [`ErrorKind::Unsupported`]
+    /// since this provider does not implement quick recovery at all.
+    pub fn quick_recovery(&self, archive: &ArchiveView) -> Result<()> {
+        let md = parse_metadata(&archive.metadata)?;
+        if md.is_linked() {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "quick recovery of linked VM {:?} is not supported by SCP: restore it instead",
+                    md.server.name
+                ),
+            )
+            .guest(&archive.snapshot.guest));
+        }
+        Err(Error::unsupported("quick recovery").guest(&archive.snapshot.guest))
+    }
+
+    /// The platform server a restore created or overwrote (the guest
+    /// `restore_vm_init` returned may be provisional when the base image
+    /// had to be restored first).
+    pub fn restored_server_id(&self, guest: &Guest) -> Option<String> {
+        let r = lock(&self.restores);
+        r.get(&guest.id.0)
+            .map(|s| s.server_id.clone())
+            .filter(|s| !s.is_empty())
+    }
+
+    async fn version(&self) -> Result<ScpVersion> {
+        let v: VersionAnswer = self
+            .client
+            .call(Method::GET, "/janus/20180725/system/version", &[], None)
+            .await?;
+        ScpVersion::parse(&v.version)
+    }
+
+    async fn server(&self, id: &str) -> Result<Server> {
+        self.client
+            .call(Method::GET, &format!("{SERVERS}/{id}"), &[], None)
+            .await
+            .map_err(|e| e.guest(id))
+    }
+
+    /// Create a backup resource and start renewing it.
+    async fn open_lease(&self, server_id: Option<&str>, kind: &str) -> Result<Lease> {
+        let mut body = json!({"type": kind, "remain_time": self.options.lease_seconds});
+        if let Some(s) = server_id {
+            body["server_id"] = json!(s);
+        }
+        let r: BackupResource = self
+            .client
+            .call(Method::POST, RESOURCES, &[], Some(&body))
+            .await?;
+        let lost = Arc::new(AtomicBool::new(false));
+        let renew = tokio::spawn(renew_lease(
+            self.client.clone(),
+            r.id.clone(),
+            self.options.lease_seconds,
+            self.options.renew_interval,
+            lost.clone(),
+        ));
+        Ok(Lease {
+            id: r.id,
+            lost,
+            renew,
+        })
+    }
+
+    /// Release a lease; `Ok(true)` when the platform had already dropped
+    /// it (expired).
+    async fn close_lease(&self, lease: Lease) -> Result<bool> {
+        lease.renew.abort();
+        let path = format!("{RESOURCES}/{}", lease.id);
+        match self
+            .client
+            .call::<Value>(Method::DELETE, &path, &[], None)
+            .await
+        {
+            Ok(_) => Ok(lease.lost.load(Ordering::SeqCst)),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::LeaseLost) => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tls(&self, host: &str) -> Option<TlsSettings> {
+        match &self.options.access {
+            AccessMode::NbdSsl {
+                ca_pem,
+                server_name,
+            } => Some(TlsSettings {
+                ca_pem: ca_pem.as_bytes().to_vec(),
+                server_name: server_name.clone().unwrap_or_else(|| host.to_owned()),
+                client_cert_pem: None,
+                client_key_pem: None,
+            }),
+            _ => None,
+        }
+    }
+
+    fn transport(&self) -> &'static str {
+        match self.options.access {
+            AccessMode::NbdSsl { .. } => "nbdssl",
+            _ => "nbd",
+        }
+    }
+
+    async fn open_export(&self, lease: &str, body: Value) -> Result<(Export, NbdAccess)> {
+        let mut body = body;
+        body["transport"] = json!(self.transport());
+        let e: Export = self
+            .client
+            .call(
+                Method::POST,
+                &format!("{RESOURCES}/{lease}/exports"),
+                &[],
+                Some(&body),
+            )
+            .await?;
+        let access = NbdAccess {
+            address: NbdAddress::Tcp {
+                host: e.host.clone(),
+                port: e.port,
+            },
+            export: e.export_name.clone(),
+            tls: self.tls(&e.host),
+            dirty_bitmap_context: None,
+        };
+        Ok((e, access))
+    }
+
+    async fn close_export(&self, lease: &str, id: &str) -> Result<()> {
+        let path = format!("{RESOURCES}/{lease}/exports/{id}");
+        match self
+            .client
+            .call::<Value>(Method::DELETE, &path, &[], None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::LeaseLost) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn proxy(&self) -> Result<&str> {
+        match &self.options.access {
+            AccessMode::HotAdd { proxy_server_id } => Ok(proxy_server_id),
+            _ => Err(Error::invalid("hot-add needs AccessMode::HotAdd")),
+        }
+    }
+
+    async fn hot_add(&self, disk: Value) -> Result<api::HotAddDisk> {
+        let proxy = self.proxy()?;
+        let mut disk = disk;
+        disk["action"] = json!("attach");
+        let r: HotAddResult = self
+            .client
+            .task(
+                Method::PUT,
+                &format!("{SERVERS}/{proxy}"),
+                Some(&json!({"disks": [disk]})),
+            )
+            .await?;
+        r.hotadd_disks
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::new(ErrorKind::Platform, "hot-add answered no disk"))
+    }
+
+    async fn hot_remove(&self, id: &str) -> Result<()> {
+        let proxy = self.proxy()?;
+        match self
+            .client
+            .task::<Value>(
+                Method::PUT,
+                &format!("{SERVERS}/{proxy}"),
+                Some(&json!({"disks": [{"action": "detach", "hotadd_id": id}]})),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn parse_metadata(value: &PlatformMetadata) -> Result<SnapshotMetadata> {
+    let md: SnapshotMetadata = serde_json::from_value(value.clone()).map_err(|e| {
+        Error::new(
+            ErrorKind::Corrupt,
+            "the snapshot's SCP metadata does not parse",
+        )
+        .with_source(e)
+    })?;
+    if md.format != FORMAT {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("unknown SCP metadata format {:?}", md.format),
+        ));
+    }
+    Ok(md)
+}
+
+#[async_trait]
+impl BackupProvider for ScpProvider {
+    fn provider_name(&self) -> &str {
+        "scp"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            containers: false,
+            incremental: true,
+            hot_add: matches!(self.options.access, AccessMode::HotAdd { .. }),
+            restore_in_place: true,
+        }
+    }
+
+    async fn job_init(&self, _job: &JobInfo) -> Result<()> {
+        self.client.login().await?;
+        self.version().await.map(|_| ())
+    }
+
+    async fn job_cleanup(&self) -> Result<()> {
+        // Last resort: release whatever a guest still holds.
+        let guests: Vec<String> = lock(&self.backups).keys().cloned().collect();
+        let mut first = None;
+        for g in guests {
+            if let Err(e) = self.cleanup_backup(&Guest::vm(g)).await {
+                first.get_or_insert(e);
+            }
+        }
+        self.client.logout().await;
+        first.map_or(Ok(()), Err)
+    }
+
+    async fn backup_init(&self, guest: &Guest, start_time: i64) -> Result<ArchiveName> {
+        if guest.kind != GuestKind::Vm {
+            return Err(Error::unsupported("container backup").guest(&guest.id));
+        }
+        lock(&self.backups).insert(guest.id.0.clone(), BackupState::default());
+        ArchiveName::new(format!("vm/{}/{start_time}", guest.id))
+    }
+
+    async fn backup_get_mechanism(&self, _guest: &Guest) -> Result<BackupMechanism> {
+        Ok(match self.options.access {
+            AccessMode::HotAdd { .. } => BackupMechanism::FileHandle,
+            _ => BackupMechanism::Nbd,
+        })
+    }
+
+    async fn backup_vm_query_incremental(
+        &self,
+        guest: &Guest,
+        previous: Option<&PreviousBackup>,
+    ) -> Result<IncrementalPlan> {
+        let server = self.server(&guest.id.0).await?;
+        check_backup_allowed(&server.id, &server.name, server.revert_mode)?;
+        let version = self.version().await?;
+        let mut plan = IncrementalPlan::new();
+        for d in &server.disks {
+            let device = d.device();
+            let policy = base_policy(
+                &version,
+                server.application == "desk",
+                d.base_image_id.is_some(),
+            );
+            let usable = previous
+                .and_then(|p| p.snapshot.volume(&device))
+                .is_some_and(|v| usable_previous(v, d, policy));
+            let mode = if usable && server.cbt.enable == 1 {
+                BitmapMode::Use
+            } else {
+                BitmapMode::New
+            };
+            plan.insert(device, mode);
+        }
+        Ok(plan)
+    }
+
+    async fn backup_vm(&self, guest: &Guest, request: BackupVmRequest) -> Result<VmBackup> {
+        self.backup_vm_inner(guest, request)
+            .await
+            .map_err(|e| e.guest(&guest.id))
+    }
+
+    async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats> {
+        let lost = self.cleanup_backup(guest).await?;
+        if outcome.success && lost {
+            return Err(Error::new(
+                ErrorKind::LeaseLost,
+                "the backup resource expired during the backup: the data read may be incomplete",
+            )
+            .guest(&guest.id));
+        }
+        let mut stats = BackupStats::default();
+        stats.extra.insert(
+            "lease".into(),
+            if lost { "lost" } else { "released" }.into(),
+        );
+        Ok(stats)
+    }
+
+    async fn backup_handle_log_file(&self, guest: &Guest, path: &std::path::Path) -> Result<()> {
+        let notes = lock(&self.notes).remove(&guest.id.0).unwrap_or_default();
+        if notes.is_empty() {
+            return Ok(());
+        }
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)?;
+        for n in notes {
+            writeln!(f, "{n}")?;
+        }
+        Ok(())
+    }
+
+    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
+        match kind {
+            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
+            GuestKind::Container => Err(Error::unsupported("container restore")),
+        }
+    }
+
+    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
+        archive
+            .guest_config
+            .clone()
+            .ok_or_else(|| Error::not_found("the snapshot has no guest configuration"))
+    }
+
+    async fn archive_get_firewall_config(
+        &self,
+        archive: &ArchiveView,
+    ) -> Result<Option<ConfigBlob>> {
+        Ok(archive.firewall_config.clone())
+    }
+
+    async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {
+        let md = parse_metadata(&request.archive.metadata)?;
+        let original = request.archive.snapshot.guest.0.clone();
+        let storage_id = self
+            .options
+            .restore_storage_id
+            .clone()
+            .unwrap_or_else(|| md.server.storage_id.clone());
+        let mut st = RestoreState {
+            storage_id,
+            ..Default::default()
+        };
+        match &request.target {
+            RestoreTarget::NewGuest { name } => {
+                st.name = name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-restored", md.server.name));
+            }
+            RestoreTarget::InPlace => {
+                st.in_place = true;
+                st.server_id = original.clone();
+                st.name = md.server.name.clone();
+            }
+        }
+        if let Some(linked) = md.separate_linked_disk() {
+            let base_id =
+                linked.disk.base_image_id.clone().ok_or_else(|| {
+                    Error::new(ErrorKind::Corrupt, "linked disk without base image")
+                })?;
+            // The image itself, or one an earlier restore recreated from
+            // it (SCP gives a recreated image a new id).
+            let marker = restored_marker(&base_id);
+            let found: Vec<BaseImage> = self.client.list(BASE_IMAGES, &[]).await?;
+            let found = found.iter().find(|i| i.id == base_id).or_else(|| {
+                found
+                    .iter()
+                    .find(|i| i.status == "AVAILABLE" && i.description.contains(&marker))
+            });
+            match found.cloned() {
+                Some(img) if img.status == "AVAILABLE" => {
+                    self.ensure_replica(&img, &st.storage_id).await?;
+                    if let Some(bm) = &md.base_image {
+                        self.restore_attributes(&img.id, bm).await?;
+                    }
+                    st.base_image_id = Some(img.id);
+                }
+                _ => st.pending_base = true,
+            }
+        }
+        st.metadata = Some(md);
+        let key = if st.pending_base {
+            // The VM is created (or relinked) once the base image exists.
+            if st.in_place {
+                st.server_id.clone()
+            } else {
+                format!(
+                    "pending-restore-{}",
+                    self.pending_ids.fetch_add(1, Ordering::Relaxed)
+                )
+            }
+        } else {
+            self.prepare_vm(&mut st).await?;
+            st.server_id.clone()
+        };
+        let guest = Guest {
+            id: GuestId(key.clone()),
+            kind: GuestKind::Vm,
+            name: Some(st.name.clone()),
+        };
+        lock(&self.restores).insert(key, st);
+        Ok(guest)
+    }
+
+    async fn restore_vm_volume_init(&self, request: &RestoreVolumeRequest) -> Result<VolumeImport> {
+        let key = request.guest.id.0.clone();
+        let device = request.volume.volume.device.clone();
+        let mut st = lock(&self.restores)
+            .remove(&key)
+            .ok_or_else(|| Error::invalid("restore_vm_volume_init without restore_vm_init"))?;
+        let r = self.volume_init(&mut st, request).await;
+        lock(&self.restores).insert(key, st);
+        r.map_err(|e| e.volume(&device))
+    }
+
+    async fn restore_vm_volume_cleanup(
+        &self,
+        guest: &Guest,
+        device: &str,
+        outcome: &Outcome,
+    ) -> Result<()> {
+        let (opened, unsealed) = {
+            let mut r = lock(&self.restores);
+            match r.get_mut(&guest.id.0) {
+                Some(st) => (st.open.remove(device), st.unsealed_base.take()),
+                None => (None, None),
+            }
+        };
+        let mut first = None;
+        if let Some(o) = opened {
+            let r = match o {
+                Opened::Export { lease, id } => self.close_export(&lease, &id).await,
+                Opened::HotAdd(h) => self.hot_remove(&h).await,
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(b) = unsealed {
+            tracing::warn!(base_image = %b, success = outcome.success, "deleting the incomplete base image");
+            if let Err(e) = self.delete_base_image(&b).await {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), |e| Err(e.volume(device)))
+    }
+
+    async fn restore_vm_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
+        let st = lock(&self.restores).remove(&guest.id.0);
+        let Some(mut st) = st else {
+            return Ok(());
+        };
+        let mut first = None;
+        for (_, o) in std::mem::take(&mut st.open) {
+            let r = match o {
+                Opened::Export { lease, id } => self.close_export(&lease, &id).await,
+                Opened::HotAdd(h) => self.hot_remove(&h).await,
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(l) = st.lease.take()
+            && let Err(e) = self.close_lease(l).await
+        {
+            first.get_or_insert(e);
+        }
+        if let Some(b) = st.unsealed_base.take()
+            && let Err(e) = self.delete_base_image(&b).await
+        {
+            first.get_or_insert(e);
+        }
+        if !outcome.success && st.created && !st.server_id.is_empty() {
+            // Do not leave a half-restored new VM behind.
+            let path = format!("{SERVERS}/{}", st.server_id);
+            if let Err(e) = self.client.task::<Value>(Method::DELETE, &path, None).await {
+                first.get_or_insert(e);
+            }
+        }
+        // Keep the mapping for `restored_server_id`.
+        let server_id = st.server_id.clone();
+        lock(&self.restores).insert(
+            guest.id.0.clone(),
+            RestoreState {
+                server_id,
+                ..Default::default()
+            },
+        );
+        first.map_or(Ok(()), |e| Err(e.guest(&guest.id)))
+    }
+}
+
+mod backup;
+mod restore;
+
+use backup::{renew_lease, usable_previous};
+use restore::restored_marker;

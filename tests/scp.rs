@@ -1,0 +1,926 @@
+//! SCP linked VMs end to end: provider-scp against the in-process mock
+//! hypervisor (real HTTP and NBD sockets), through engine::BackupDriver /
+//! RestoreDriver with the StandardMover and NbdExposer, into a datastore.
+
+use std::sync::Arc;
+
+use provider_api::{
+    BackupProvider, BitmapMode, ErrorKind, Guest, RestoreTarget, Target, TargetExt,
+};
+use provider_scp::AccessMode;
+use scenarios::scp::{Env, ScpProbe, leftovers, restore_from};
+use serde_json::{Value, json};
+
+const MIB: u64 = 1 << 20;
+
+/// A 16 MiB base image: text, random data, allocated zeroes and holes.
+async fn base_image(env: &Env, name: &str) -> String {
+    env.admin
+        .base_image(
+            name,
+            16 * MIB,
+            json!([
+                {"offset": 0, "length": MIB, "pattern": "text", "seed": 1},
+                {"offset": 2 * MIB, "length": 6 * MIB, "pattern": "random", "seed": 2},
+                {"offset": 9 * MIB, "length": MIB, "pattern": "zero", "seed": 0},
+                {"offset": 12 * MIB, "length": 2 * MIB, "pattern": "random", "seed": 3},
+            ]),
+        )
+        .await
+}
+
+/// A linked VM on `base` (24 MiB system disk with 2 MiB of its own data)
+/// and optionally an 8 MiB data disk.
+async fn linked_vm(env: &Env, name: &str, base: &str, seed: u64, data_disk: bool) -> Value {
+    linked_vm_with(env, name, base, seed, data_disk, json!({})).await
+}
+
+async fn linked_vm_with(
+    env: &Env,
+    name: &str,
+    base: &str,
+    seed: u64,
+    data_disk: bool,
+    extra: Value,
+) -> Value {
+    let mut disks = vec![json!({"size": 24 * MIB, "base_image_id": base, "fill": [
+        {"offset": MIB, "length": MIB, "pattern": "random", "seed": seed},
+        {"offset": 18 * MIB, "length": MIB, "pattern": "text", "seed": seed + 1},
+    ]})];
+    if data_disk {
+        disks.push(json!({"size": 8 * MIB, "fill": [
+            {"offset": 0, "length": 3 * MIB, "pattern": "random", "seed": seed + 2}]}));
+    }
+    let mut body = json!({"name": name, "storage_id": "storage-local", "disks": disks});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    env.admin.server(body).await
+}
+
+fn id(v: &Value) -> String {
+    v["id"].as_str().expect("id").to_owned()
+}
+
+fn disk_id(v: &Value, i: usize) -> String {
+    v["disks"][i]["id"].as_str().expect("disk id").to_owned()
+}
+
+async fn digests_of(env: &Env, scp: &provider_scp::ScpProvider, guest: &Guest) -> Vec<String> {
+    let server_id = scp.restored_server_id(guest).unwrap_or(guest.id.0.clone());
+    let server: Value = scp
+        .client()
+        .call(
+            reqwest::Method::GET,
+            &format!("/janus/20250725/servers/{server_id}"),
+            &[],
+            None,
+        )
+        .await
+        .expect("restored server");
+    env.admin.server_digests(&server).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_linked_vms_store_the_base_image_once_and_restore_byte_identical() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "centos-base").await;
+    let vm1 = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let vm2 = linked_vm(&env, "linked-2", &base, 20, false).await;
+    let before1 = env.admin.server_digests(&vm1).await;
+    let before2 = env.admin.server_digests(&vm2).await;
+
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm1), &id(&vm2)]).await;
+    for g in &report.guests {
+        if let Err(e) = &g.result {
+            panic!("backup of {} failed: {}", g.guest.id, e.report());
+        }
+    }
+    let b1 = report.guests[0].result.as_ref().unwrap();
+    let b2 = report.guests[1].result.as_ref().unwrap();
+    assert!(
+        b1.volumes[0].base_image_stored,
+        "first backup stores the base"
+    );
+    assert!(!b2.volumes[0].base_image_stored, "second reuses it");
+    assert_eq!(b1.snapshot.volumes[0].base.as_ref().unwrap().0, base);
+
+    // Stored: the base image's 8 MiB of data (text + random; zeroes and
+    // holes are free) + 2 x 2 MiB overlays + 3 MiB data disk, not twice
+    // the base.
+    let stats = env.store.stats().unwrap();
+    assert_eq!(stats.base_images, 1);
+    let expected = (8 + 4 + 3) * MIB;
+    assert!(
+        stats.chunk_bytes <= expected + 2 * MIB && stats.chunk_bytes >= 10 * MIB,
+        "stored {} bytes, expected about {expected}",
+        stats.chunk_bytes
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // Restores to new VMs (base image present on the platform).
+    for (b, before, name) in [(b1, &before1, "r1"), (b2, &before2, "r2")] {
+        let r = env
+            .restore(
+                scp.clone(),
+                &b.snapshot.id,
+                RestoreTarget::NewGuest {
+                    name: Some(name.into()),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("restore: {}", e.report()));
+        assert_eq!(&digests_of(&env, &scp, &r.guest).await, before);
+        let restored: Value = env.admin.server_by_name(&scp, name).await.unwrap();
+        assert_eq!(restored["disks"][0]["base_image_id"], base.as_str());
+    }
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "centos-base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let scp = env.provider();
+    // A custom attribute bound to the base image, through the SCP API.
+    let attr: Value = scp
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/janus/20190725/custom-attributes",
+            &[],
+            Some(&json!({"name": "os-family", "description": "OS", "resource_type": "base_image"})),
+        )
+        .await
+        .unwrap();
+    let _: Value = scp
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/janus/20190725/custom-attributes/bindings",
+            &[],
+            Some(
+                &json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
+                "resource_id": base, "value": "centos"}),
+            ),
+        )
+        .await
+        .unwrap();
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let md = env
+        .store
+        .open_snapshot(&b.snapshot.id)
+        .await
+        .unwrap()
+        .metadata()
+        .await
+        .unwrap();
+    assert_eq!(md["base_image"]["image"]["id"], base.as_str());
+    assert_eq!(md["base_image"]["bindings"][0]["value"], "centos");
+
+    // A second, empty SCP: the base image, its replica on storage-vs and
+    // the attribute binding are recreated.
+    let other = Env::start(|_, _| {}).await;
+    let mut options = other.options(AccessMode::Nbd);
+    options.restore_storage_id = Some("storage-vs".into());
+    let scp2 = other.provider_with(options);
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("moved".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore: {}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    let objects = other.admin.scp_objects().await;
+    let images = objects["base_images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(images[0]["status"], "AVAILABLE");
+    assert!(
+        images[0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["storage_id"] == "storage-vs" && r["status"] == "AVAILABLE")
+    );
+    let bindings = objects["bindings"].as_array().unwrap();
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    assert_eq!(bindings[0]["resource_id"], images[0]["id"]);
+    assert_eq!(bindings[0]["value"], "centos");
+    let moved = other.admin.server_by_name(&scp2, "moved").await.unwrap();
+    assert_eq!(moved["disks"][0]["base_image_id"], images[0]["id"]);
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+
+    // Restoring a second time reuses the restored base image.
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("moved-2".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore: {}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        other.admin.scp_objects().await["base_images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incremental_reads_only_the_changed_extents() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    let full = env.backup(scp.clone(), &[&id(&vm)]).await;
+    assert!(full.success(), "{:?}", full.guests[0].result.as_ref().err());
+
+    // 1% of the 24 MiB system disk, as four 64 KiB runs.
+    let sys = disk_id(&vm, 0);
+    for i in 0..4u64 {
+        env.admin
+            .write(&sys, 3 * MIB + i * 5 * MIB, 64 << 10, "random", 100 + i)
+            .await;
+    }
+    let after = env.admin.server_digests(&vm).await;
+    env.admin.reset_export_history().await;
+    let inc = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = inc.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(b.volumes[0].bitmap_mode, BitmapMode::Use);
+    assert_eq!(b.volumes[1].bitmap_mode, BitmapMode::Use);
+    assert!(!b.volumes[0].base_image_stored);
+    let read = env.admin.bytes_read().await;
+    assert_eq!(read, 4 * (64 << 10), "only the changed extents are read");
+    assert!(b.snapshot.warnings.is_empty(), "{:?}", b.snapshot.warnings);
+
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("r".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_and_desktop_rules() {
+    let env = Env::start(|c, _| c.scp.version = "6.11.2".into()).await;
+    let base = base_image(&env, "base").await;
+    let plain = linked_vm(&env, "linked-old", &base, 10, false).await;
+    let desk = linked_vm_with(
+        &env,
+        "desk-old",
+        &base,
+        20,
+        false,
+        json!({"application": "desk"}),
+    )
+    .await;
+    let revert = linked_vm_with(
+        &env,
+        "desk-revert",
+        &base,
+        30,
+        false,
+        json!({"application": "desk", "revert_mode": 1}),
+    )
+    .await;
+    let scp = env.provider();
+    let report = env
+        .backup(scp.clone(), &[&id(&plain), &id(&desk), &id(&revert)])
+        .await;
+
+    // Below 6.11.3, non-desktop: the system disk merged, no base image.
+    let p = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(p.snapshot.volumes[0].base.is_none());
+    assert!(!p.volumes[0].base_image_stored);
+    // Below 6.11.3, desktop: base image separately, read in full.
+    let d = report.guests[1]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(d.volumes[0].base_image_stored);
+    assert_eq!(d.snapshot.volumes[0].base.as_ref().unwrap().0, base);
+    // Revert mode: refused, naming the VM.
+    let e = report.guests[2].result.as_ref().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
+    assert!(e.report().contains("desk-revert"), "{}", e.report());
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    let r = env
+        .restore(
+            scp.clone(),
+            &p.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("rp".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(
+        digests_of(&env, &scp, &r.guest).await,
+        env.admin.server_digests(&plain).await
+    );
+    let r = env
+        .restore(
+            scp.clone(),
+            &d.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("rd".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(
+        digests_of(&env, &scp, &r.guest).await,
+        env.admin.server_digests(&desk).await
+    );
+
+    // From 6.11.3 desktop VMs are ordinary linked VMs: base image from
+    // CBT (holes and unallocated areas are not read).
+    env.admin
+        .put("/scp/version", json!({"version": "6.11.3"}))
+        .await;
+    let desk2 = linked_vm_with(
+        &env,
+        "desk-new",
+        &base,
+        40,
+        false,
+        json!({"application": "desk"}),
+    )
+    .await;
+    let store2 = Arc::new(
+        datastore::Datastore::create(
+            env.dir.path().join("store2"),
+            datastore::DatastoreOptions::default(),
+        )
+        .unwrap(),
+    );
+    let driver = engine::BackupDriver::new(
+        scp.clone(),
+        store2.clone() as Arc<dyn Target>,
+        Arc::new(engine::StandardMover::default()),
+    );
+    env.admin.reset_export_history().await;
+    let rep = driver
+        .run_job(
+            &engine::JobOptions {
+                info: provider_api::JobInfo::default(),
+                parallelism: 1,
+                log_dir: env.dir.path().join("logs2"),
+            },
+            vec![Guest::vm(id(&desk2))],
+        )
+        .await;
+    let b = rep.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.volumes[0].base_image_stored);
+    // Base: 1 + 6 + 1 (allocated zeroes) + 2 MiB allocated; own data 2 MiB.
+    let read = env.admin.bytes_read().await;
+    assert!(read <= 12 * MIB, "read {read} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_cbt_falls_back_to_a_full_backup_with_a_warning() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
+    env.admin
+        .post(&format!("/scp/servers/{}/cbt/expire", id(&vm)), json!({}))
+        .await;
+    env.admin
+        .write(&disk_id(&vm, 0), 0, 65536, "random", 7)
+        .await;
+    let after = env.admin.server_digests(&vm).await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
+    assert!(
+        b.snapshot
+            .warnings
+            .iter()
+            .any(|w| w.contains("CBT has expired")),
+        "{:?}",
+        b.snapshot.warnings
+    );
+    // The warning is stored with the snapshot.
+    let stored = env
+        .store
+        .latest_good_snapshot("scp", &Guest::vm(id(&vm)).id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        stored
+            .warnings
+            .iter()
+            .any(|w| w.contains("CBT has expired"))
+    );
+    // And the chain continues incrementally.
+    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let n = next.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
+    let r = env
+        .restore(
+            scp.clone(),
+            &n.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_during_a_backup_fails_cleanly() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    let admin = env.admin.clone();
+    // Expire the lease once the backup has read a little.
+    let killer = tokio::spawn(async move {
+        for _ in 0..400 {
+            let o = admin.scp_objects().await;
+            if let Some(l) = o["backup_resources"].as_array().and_then(|a| a.first())
+                && admin.bytes_read().await >= MIB
+            {
+                let lid = l["id"].as_str().unwrap().to_owned();
+                admin
+                    .post(&format!("/scp/backup-resources/{lid}/expire"), json!({}))
+                    .await;
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        false
+    });
+    let report = env
+        .backup_with(
+            scp.clone(),
+            &[&id(&vm)],
+            engine::MoverOptions {
+                piece_size: 256 << 10,
+                depth: 2,
+                bandwidth_limit: Some(4 * MIB),
+            },
+        )
+        .await;
+    assert!(killer.await.unwrap(), "the lease was expired mid-backup");
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    eprintln!("lease expiry: {}", e.report());
+    assert!(
+        matches!(e.kind(), ErrorKind::LeaseLost | ErrorKind::DataPath),
+        "{}",
+        e.report()
+    );
+    let log = std::fs::read_to_string(&report.guests[0].log_file).unwrap();
+    assert!(log.contains("expired during the backup"), "{log}");
+    assert!(
+        env.store
+            .list_snapshots(Some("scp"), None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing published"
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_read_error_fails_one_guest_and_leaks_nothing() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm1 = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let vm2 = linked_vm(&env, "linked-2", &base, 20, true).await;
+    // Export names are random: the job runs one guest at a time and the
+    // fault fires once, on the first export that served 1 MiB.
+    env.admin
+        .post(
+            "/faults/nbd",
+            json!({"export": "", "kind": "read_error", "after_bytes": MIB, "times": 1}),
+        )
+        .await;
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm1), &id(&vm2)]).await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    eprintln!("read error: {}", e.report());
+    assert_eq!(e.kind(), ErrorKind::DataPath, "{}", e.report());
+    assert!(e.context().offset.is_some(), "{}", e.report());
+    assert_eq!(e.context().guest.as_deref(), Some(id(&vm1).as_str()));
+    assert!(e.context().volume.is_some(), "{}", e.report());
+    assert!(report.guests[1].result.is_ok());
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let snaps = env.store.list_snapshots(Some("scp"), None).await.unwrap();
+    assert_eq!(snaps.len(), 1);
+    assert_eq!(snaps[0].guest.0, id(&vm2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_base_image_restore_deletes_the_base_image() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0].result.as_ref().unwrap();
+
+    let other = Env::start(|_, _| {}).await;
+    // The base image data is written, then setting it AVAILABLE fails.
+    other
+        .admin
+        .post(
+            "/faults/http",
+            json!({"method": "PUT", "path": "/janus/20180725/base-images/", "status": 500,
+                "code": 50000, "message": "injected", "times": 1}),
+        )
+        .await;
+    let scp2 = other.provider();
+    let e = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("broken".into()),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(e.report().contains("injected"), "{}", e.report());
+    let objects = other.admin.scp_objects().await;
+    assert_eq!(
+        objects["base_images"],
+        json!([]),
+        "incomplete base image deleted"
+    );
+    assert_eq!(objects["servers"], json!([]), "no half-restored VM");
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_restore_of_a_linked_vm_uses_recovery_baseimage() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0].result.as_ref().unwrap();
+    // The guest changes both disks after the backup.
+    env.admin
+        .write(&disk_id(&vm, 0), 5 * MIB, 2 * MIB, "random", 99)
+        .await;
+    env.admin.write(&disk_id(&vm, 1), 0, MIB, "zero", 0).await;
+    assert_ne!(env.admin.server_digests(&vm).await, before);
+    let r = env
+        .restore(scp.clone(), &b.snapshot.id, RestoreTarget::InPlace)
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(r.guest.id.0, id(&vm));
+    assert_eq!(env.admin.server_digests(&vm).await, before);
+    let servers = env.admin.scp_objects().await["servers"].clone();
+    assert_eq!(servers.as_array().unwrap().len(), 1, "same VM, no new one");
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    // The restore expired CBT: the next backup is a full with a warning.
+    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let n = next.guests[0].result.as_ref().unwrap();
+    assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_recovery_of_a_linked_vm_is_refused() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0].result.as_ref().unwrap();
+    let reader = env.store.open_snapshot(&b.snapshot.id).await.unwrap();
+    let archive = provider_api::ArchiveView {
+        snapshot: reader.info().clone(),
+        guest_config: None,
+        firewall_config: None,
+        metadata: reader.metadata().await.unwrap(),
+    };
+    let e = scp.quick_recovery(&archive).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused);
+    assert!(e.report().contains("linked-1"), "{}", e.report());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdssl_backs_up_with_the_right_ca_and_refuses_a_wrong_one() {
+    let env = Env::start(|c, dir| {
+        c.tls_dir = Some(dir.join("tls"));
+        c.nbd_tls_required = true;
+    })
+    .await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+
+    let wrong = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()])
+        .unwrap()
+        .cert
+        .pem();
+    let bad = env.provider_with(env.options(AccessMode::NbdSsl {
+        ca_pem: wrong,
+        server_name: None,
+    }));
+    let report = env.backup(bad, &[&id(&vm)]).await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    eprintln!("wrong CA: {}", e.report());
+    assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    let good = env.provider_with(env.options(AccessMode::NbdSsl {
+        ca_pem: env.ca_pem(),
+        server_name: None,
+    }));
+    let report = env.backup(good.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    // Restore to another storage through NBDSSL.
+    let r = env
+        .restore(
+            good.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("tls".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &good, &r.guest).await, before);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // Into another SCP (its own CA): the base image is written over NBDSSL.
+    let other = Env::start(|c, dir| {
+        c.tls_dir = Some(dir.join("tls"));
+        c.nbd_tls_required = true;
+    })
+    .await;
+    let scp2 = other.provider_with(other.options(AccessMode::NbdSsl {
+        ca_pem: other.ca_pem(),
+        server_name: None,
+    }));
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("tls-moved".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        other.admin.scp_objects().await["base_images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_add_full_incremental_and_restore() {
+    let env = Env::start(|_, _| {}).await;
+    let proxy = env
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider_with(env.options(AccessMode::HotAdd {
+        proxy_server_id: id(&proxy),
+    }));
+    let full = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let f = full.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(f.volumes[0].base_image_stored);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    env.admin
+        .write(&disk_id(&vm, 0), 7 * MIB, 128 << 10, "random", 5)
+        .await;
+    let after = env.admin.server_digests(&vm).await;
+    let inc = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let i = inc.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(i.volumes[0].bitmap_mode, BitmapMode::Use);
+    assert_eq!(i.volumes[0].stats.bytes_read, 128 << 10);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // Restore into a fresh SCP through hot-add (base image restored too).
+    let other = Env::start(|_, _| {}).await;
+    let proxy2 = other
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let scp2 = other.provider_with(other.options(AccessMode::HotAdd {
+        proxy_server_id: id(&proxy2),
+    }));
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &i.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("hot".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, after);
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_kit_over_nbd_and_hot_add() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let probe = ScpProbe {
+        admin: env.admin.clone(),
+    };
+    let guest = Guest::vm(id(&vm));
+    let nbd: Arc<dyn BackupProvider> = env.provider();
+    provider_api::testing::check_all(&*nbd, &guest, &probe)
+        .await
+        .unwrap();
+    let proxy = env
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let hot: Arc<dyn BackupProvider> = env.provider_with(env.options(AccessMode::HotAdd {
+        proxy_server_id: id(&proxy),
+    }));
+    provider_api::testing::check_all(&*hot, &guest, &probe)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_cleanup_releases_what_a_guest_still_holds() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    let guest = Guest::vm(id(&vm));
+    scp.job_init(&provider_api::JobInfo::default())
+        .await
+        .unwrap();
+    scp.backup_init(&guest, 1).await.unwrap();
+    let plan = scp.backup_vm_query_incremental(&guest, None).await.unwrap();
+    let exposed = scp
+        .backup_vm(
+            &guest,
+            provider_api::BackupVmRequest {
+                plan,
+                previous: None,
+                base_images: Arc::new(provider_api::testing::EmptyCatalog),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(exposed.volumes.len(), 2);
+    drop(exposed);
+    assert!(!leftovers(&env.admin).await.is_empty());
+    // The host never called backup_cleanup: job_cleanup is the last resort.
+    scp.job_cleanup().await.unwrap();
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelope_errors_with_http_200_and_an_upgrade_to_6_11_3() {
+    let env = Env::start(|c, _| c.scp.version = "6.11.2".into()).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    // A non-zero code with HTTP 200 is an error naming the call.
+    env.admin
+        .post(
+            "/faults/http",
+            json!({"method": "POST", "path": "/servers/{server_id}/snapshots", "status": 200,
+                "code": 60000, "message": "snapshots are paused", "times": 1}),
+        )
+        .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
+    assert!(
+        e.report().contains("snapshots are paused"),
+        "{}",
+        e.report()
+    );
+    assert!(
+        e.context()
+            .api_call
+            .as_deref()
+            .is_some_and(|c| c.starts_with("POST /janus/20240725/servers/")),
+        "{}",
+        e.report()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // Below 6.11.3 the system disk is stored merged; after the upgrade the
+    // next backup is a full that stores the base image separately.
+    let merged = env.backup(scp.clone(), &[&id(&vm)]).await;
+    assert!(merged.success());
+    env.admin
+        .put("/scp/version", json!({"version": "6.11.3"}))
+        .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(b.volumes[0].bitmap_mode, BitmapMode::New);
+    assert!(b.volumes[0].base_image_stored);
+    let before = env.admin.server_digests(&vm).await;
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_renewed_while_a_slow_backup_reads() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    // A 2 s lease, renewed every 300 ms, for a backup of about 3 s.
+    let mut options = env.options(AccessMode::Nbd);
+    options.lease_seconds = 2;
+    options.renew_interval = std::time::Duration::from_millis(300);
+    let scp = env.provider_with(options);
+    let started = std::time::Instant::now();
+    let report = env
+        .backup_with(
+            scp,
+            &[&id(&vm)],
+            engine::MoverOptions {
+                piece_size: 256 << 10,
+                depth: 2,
+                bandwidth_limit: Some(4 * MIB),
+            },
+        )
+        .await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(started.elapsed() > std::time::Duration::from_millis(2500));
+    assert!(b.volumes[0].base_image_stored);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
