@@ -78,10 +78,12 @@ pub mod ids;
 pub mod inventory;
 pub mod mock;
 pub mod nbd_export;
+pub mod ovirt;
 pub mod persist;
 pub mod platform;
 pub mod scp;
 pub mod seed;
 pub mod tls;
+pub mod zstack;
 
 pub use mock::{Endpoints, MockConfig, MockHypervisor, RunningMock, Seed};

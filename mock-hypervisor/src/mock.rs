@@ -20,8 +20,10 @@ use crate::admin::{self, AdminState};
 use crate::error::{Error, Result};
 use crate::hypervisor::{Hypervisor, NbdEndpoint};
 use crate::nbd_export::NbdPublisher;
+use crate::ovirt::{OvirtConfig, OvirtPlatform};
 use crate::platform::Platform;
 use crate::scp::{ScpConfig, ScpPlatform};
+use crate::zstack::{ZStackConfig, ZStackPlatform};
 
 /// Initial content to create on an empty state directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,10 @@ pub struct MockConfig {
     pub seed: Option<Seed>,
     /// SCP settings.
     pub scp: ScpConfig,
+    /// ZStack settings.
+    pub zstack: ZStackConfig,
+    /// oVirt settings.
+    pub ovirt: OvirtConfig,
 }
 
 impl MockConfig {
@@ -61,6 +67,8 @@ impl MockConfig {
             nbd_tls_required: false,
             seed: None,
             scp: ScpConfig::default(),
+            zstack: ZStackConfig::default(),
+            ovirt: OvirtConfig::default(),
         }
     }
 }
@@ -105,6 +113,8 @@ pub struct RunningMock {
     endpoints: Endpoints,
     hv: Arc<Hypervisor>,
     scp: Arc<ScpPlatform>,
+    zstack: Arc<ZStackPlatform>,
+    ovirt: Arc<OvirtPlatform>,
     nbd: nbd::server::Server,
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
@@ -126,7 +136,9 @@ impl MockHypervisor {
     pub async fn start(config: MockConfig) -> Result<RunningMock> {
         let hv = Arc::new(Hypervisor::open(&config.state_dir)?);
         let scp = ScpPlatform::open(hv.clone(), &config.state_dir, config.scp.clone())?;
-        let platforms: Vec<Arc<dyn Platform>> = vec![scp.clone()];
+        let zstack = ZStackPlatform::open(hv.clone(), &config.state_dir, config.zstack.clone())?;
+        let ovirt = OvirtPlatform::open(hv.clone(), &config.state_dir, config.ovirt.clone())?;
+        let platforms: Vec<Arc<dyn Platform>> = vec![scp.clone(), zstack.clone(), ovirt.clone()];
 
         let ip = config.listen.ip();
         let tls = match &config.tls_dir {
@@ -163,6 +175,8 @@ impl MockHypervisor {
 
         if config.seed == Some(Seed::Demo) {
             crate::seed::demo(&scp).await?;
+            crate::zstack::seed::demo(&zstack).await?;
+            crate::ovirt::seed::demo(&ovirt).await?;
         }
 
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -220,6 +234,8 @@ impl MockHypervisor {
             endpoints,
             hv,
             scp,
+            zstack,
+            ovirt,
             nbd,
             stop,
             http: Some(http),
@@ -242,6 +258,16 @@ impl RunningMock {
     /// The SCP platform.
     pub fn scp(&self) -> &Arc<ScpPlatform> {
         &self.scp
+    }
+
+    /// The ZStack platform.
+    pub fn zstack(&self) -> &Arc<ZStackPlatform> {
+        &self.zstack
+    }
+
+    /// The oVirt platform.
+    pub fn ovirt(&self) -> &Arc<OvirtPlatform> {
+        &self.ovirt
     }
 
     /// Stops accepting, lets requests in flight finish (2 s at most), and

@@ -1,0 +1,526 @@
+//! ZStack emulation: the `/zstack/v1` REST API subset a backup product
+//! uses (session login, async API jobs, images on backup storage, the
+//! primary storage image cache, VMs, volumes, volume snapshots, templates,
+//! export from backup storage over HTTP, the `image.num` quota). Every
+//! endpoint is documented in the crate README (section "ZStack API").
+//!
+//! Modules: [`model`] (persisted objects), [`api`] (REST handlers),
+//! [`transfer`] (export downloads with `Range`, AddImage fetches from
+//! `http://` and `nbd://` URLs), [`admin`] (test-only extensions),
+//! [`seed`] (demo content).
+//!
+//! Locking: the inventory lock is never held across a copy; long work
+//! (template creation, downloads) runs in background tasks that report
+//! through the API job board.
+
+pub mod admin;
+pub mod api;
+pub mod model;
+pub mod seed;
+pub mod transfer;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::hypervisor::Hypervisor;
+use crate::inventory::Inventory;
+use crate::platform::Platform;
+use model::{BackupStorage, ZsInventory, zs_uuid};
+
+/// Settings of the ZStack emulation.
+#[derive(Debug, Clone)]
+pub struct ZStackConfig {
+    /// Account name.
+    pub account: String,
+    /// Account password (clients send its SHA-512 hex digest).
+    pub password: String,
+    /// Polls an API job answers 202 before its result (default 1).
+    pub job_polls: u32,
+    /// Private-image quota (`image.num`) on first start (default 50).
+    pub image_quota: u64,
+    /// Backup storage names created on first start.
+    pub backup_storages: Vec<String>,
+}
+
+impl Default for ZStackConfig {
+    fn default() -> Self {
+        ZStackConfig {
+            account: "admin".into(),
+            password: "password".into(),
+            job_polls: 1,
+            image_quota: 50,
+            backup_storages: vec!["imagestore-1".into(), "imagestore-2".into()],
+        }
+    }
+}
+
+/// A ZStack API error: HTTP status plus `{"error": {code, description,
+/// details}}`.
+#[derive(Debug, Clone)]
+pub struct ZsError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// ZStack error code (`SYS.1001`, ...).
+    pub code: String,
+    /// Short description.
+    pub description: String,
+    /// Details.
+    pub details: String,
+}
+
+/// Result of a ZStack handler.
+pub type ZsResult<T = Value> = std::result::Result<T, ZsError>;
+
+impl ZsError {
+    /// A new error.
+    pub fn new(
+        status: StatusCode,
+        code: &str,
+        description: &str,
+        details: impl Into<String>,
+    ) -> Self {
+        ZsError {
+            status,
+            code: code.into(),
+            description: description.into(),
+            details: details.into(),
+        }
+    }
+
+    /// `SYS.1007` invalid argument (400).
+    pub fn invalid(details: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "SYS.1007",
+            "One or more API argument is invalid",
+            details,
+        )
+    }
+
+    /// `SYS.1001` resource not found (404).
+    pub fn not_found(what: &str, uuid: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "SYS.1001",
+            "Resource not found",
+            format!("{what}[uuid:{uuid}] is not found"),
+        )
+    }
+
+    /// `SYS.1008` operation refused in the object's state (409).
+    pub fn refused(details: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "SYS.1008",
+            "Operation is not allowed in the current state",
+            details,
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {"code": self.code, "description": self.description, "details": self.details}})
+    }
+}
+
+impl From<Error> for ZsError {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::NotFound { kind, id } => ZsError::not_found(kind, id),
+            Error::Invalid(m) => ZsError::invalid(m.clone()),
+            Error::Conflict(m) | Error::Refused(m) => ZsError::refused(m.clone()),
+            _ => ZsError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "SYS.1000",
+                "An internal error happened",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ZsError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// What a ZStack fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZsFaultKind {
+    /// Polling a finished job answers 503 with an error body (the job's
+    /// work was done; its result is lost).
+    #[serde(rename = "job_poll_503")]
+    JobPoll503,
+    /// AddImage leaves the image in `Downloading` and its job running.
+    StuckDownloading,
+    /// An export download stops after `after_bytes` bytes of a response.
+    ExportBreak,
+}
+
+/// A ZStack fault armed through `POST /admin/zstack/faults`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZsFault {
+    /// Effect.
+    pub kind: ZsFaultKind,
+    /// Substring of the API action (`AddImage`,
+    /// `CreateRootVolumeTemplateFromVolumeSnapshot`, ...) for `job_poll_503`
+    /// (any when absent).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// `export_break`: bytes served before the response breaks.
+    #[serde(default)]
+    pub after_bytes: u64,
+    /// How many times it fires (unlimited when absent).
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Job {
+    action: String,
+    result: Option<ZsResult>,
+    polls_left: u32,
+}
+
+/// The ZStack platform.
+#[derive(Debug)]
+pub struct ZStackPlatform {
+    hv: Arc<Hypervisor>,
+    config: RwLock<ZStackConfig>,
+    inv: Inventory<ZsInventory>,
+    sessions: Mutex<HashSet<String>>,
+    jobs: Mutex<HashMap<String, Job>>,
+    faults: Mutex<Vec<ZsFault>>,
+    http_base: RwLock<String>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ZStackPlatform {
+    /// Loads (or starts) the inventory in `state_dir/zstack.json`.
+    pub fn open(hv: Arc<Hypervisor>, state_dir: &Path, config: ZStackConfig) -> Result<Arc<Self>> {
+        let inv = Inventory::<ZsInventory>::load(&state_dir.join("zstack.json"))?;
+        let c = config.clone();
+        inv.update(|doc| {
+            if doc.backup_storages.is_empty() {
+                for name in &c.backup_storages {
+                    doc.backup_storages.push(BackupStorage {
+                        uuid: zs_uuid(),
+                        name: name.clone(),
+                        status: "Connected".into(),
+                    });
+                }
+                doc.primary_storage_uuid = zs_uuid();
+                doc.image_quota = c.image_quota;
+            }
+            Ok(())
+        })?;
+        Ok(Arc::new(ZStackPlatform {
+            hv,
+            config: RwLock::new(config),
+            inv,
+            sessions: Mutex::new(HashSet::new()),
+            jobs: Mutex::new(HashMap::new()),
+            faults: Mutex::new(Vec::new()),
+            http_base: RwLock::new(String::new()),
+        }))
+    }
+
+    /// Shared resources.
+    pub fn hypervisor(&self) -> &Arc<Hypervisor> {
+        &self.hv
+    }
+
+    /// The inventory.
+    pub fn inventory(&self) -> &Inventory<ZsInventory> {
+        &self.inv
+    }
+
+    /// Settings.
+    pub fn config(&self) -> ZStackConfig {
+        crate::disk::read_lock(&self.config).clone()
+    }
+
+    /// HTTP base URL (known once the server is bound).
+    pub fn http_base(&self) -> String {
+        crate::disk::read_lock(&self.http_base).clone()
+    }
+
+    /// Arms a fault.
+    pub fn add_fault(&self, f: ZsFault) {
+        lock(&self.faults).push(f);
+    }
+
+    /// Disarms every fault.
+    pub fn clear_faults(&self) {
+        lock(&self.faults).clear();
+    }
+
+    /// Consumes one firing of a fault of `kind` matching `action`; returns
+    /// it when one fired.
+    pub fn take_fault(&self, kind: ZsFaultKind, action: &str) -> Option<ZsFault> {
+        let mut faults = lock(&self.faults);
+        let i = faults.iter().position(|f| {
+            f.kind == kind
+                && f.times != Some(0)
+                && f.action.as_deref().is_none_or(|a| action.contains(a))
+        })?;
+        let f = &mut faults[i];
+        if let Some(t) = &mut f.times {
+            *t -= 1;
+        }
+        Some(f.clone())
+    }
+
+    /// Registers a finished job; answers 202 with its location.
+    pub fn submit(&self, action: &str, result: ZsResult) -> Response {
+        let id = self.submit_pending(action);
+        self.finish(&id, result);
+        self.accepted(&id)
+    }
+
+    /// Registers a running job; returns its UUID.
+    pub fn submit_pending(&self, action: &str) -> String {
+        let id = zs_uuid();
+        let polls = self.config().job_polls;
+        lock(&self.jobs).insert(
+            id.clone(),
+            Job {
+                action: action.into(),
+                result: None,
+                polls_left: polls,
+            },
+        );
+        id
+    }
+
+    /// Stores a job's result.
+    pub fn finish(&self, id: &str, result: ZsResult) {
+        if let Some(j) = lock(&self.jobs).get_mut(id) {
+            j.result = Some(result);
+        }
+    }
+
+    /// 202 with the job's location.
+    pub fn accepted(&self, id: &str) -> Response {
+        let location = format!("{}/zstack/v1/api-jobs/{id}", self.http_base());
+        (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"location": location})),
+        )
+            .into_response()
+    }
+
+    /// Answers a job poll: 202 while running, 200 with the result, 503
+    /// with the error.
+    pub fn poll(&self, id: &str) -> Response {
+        let mut jobs = lock(&self.jobs);
+        let Some(job) = jobs.get_mut(id) else {
+            return ZsError::not_found("ApiJob", id).into_response();
+        };
+        if job.result.is_none() || job.polls_left > 0 {
+            job.polls_left = job.polls_left.saturating_sub(1);
+            let location = format!("{}/zstack/v1/api-jobs/{id}", self.http_base());
+            return (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({"location": location})),
+            )
+                .into_response();
+        }
+        let action = job.action.clone();
+        drop(jobs);
+        if self.take_fault(ZsFaultKind::JobPoll503, &action).is_some() {
+            let e = ZsError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "SYS.1006",
+                "Service unavailable",
+                format!("injected fault while polling job {id} ({action})"),
+            );
+            self.finish(id, Err(e.clone()));
+            return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(e.body())).into_response();
+        }
+        let jobs = lock(&self.jobs);
+        match jobs.get(id).and_then(|j| j.result.clone()) {
+            Some(Ok(v)) => (StatusCode::OK, axum::Json(v)).into_response(),
+            Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(e.body())).into_response(),
+            None => ZsError::not_found("ApiJob", id).into_response(),
+        }
+    }
+
+    /// Jobs still running (for leak checks).
+    pub fn running_jobs(&self) -> Vec<String> {
+        lock(&self.jobs)
+            .iter()
+            .filter(|(_, j)| j.result.is_none())
+            .map(|(id, j)| format!("{id} ({})", j.action))
+            .collect()
+    }
+
+    /// A new session id.
+    pub fn new_session(&self) -> String {
+        let id = zs_uuid();
+        lock(&self.sessions).insert(id.clone());
+        id
+    }
+
+    /// Ends a session.
+    pub fn end_session(&self, id: &str) -> bool {
+        lock(&self.sessions).remove(id)
+    }
+
+    fn has_session(&self, id: &str) -> bool {
+        lock(&self.sessions).contains(id)
+    }
+}
+
+/// Middleware: `Authorization: OAuth <session>`.
+async fn require_session(
+    State(zs): State<Arc<ZStackPlatform>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let session = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("OAuth "))
+        .map(str::trim);
+    match session {
+        Some(s) if zs.has_session(s) => next.run(req).await,
+        _ => ZsError::new(
+            StatusCode::UNAUTHORIZED,
+            "ID.1001",
+            "Session expired or invalid",
+            "missing or unknown session: log in with PUT /zstack/v1/accounts/login",
+        )
+        .into_response(),
+    }
+}
+
+impl Platform for ZStackPlatform {
+    fn name(&self) -> &'static str {
+        "zstack"
+    }
+
+    fn api_router(self: Arc<Self>) -> Router {
+        use axum::routing::delete;
+        let protected = Router::new()
+            .route("/zstack/v1/accounts/sessions/{uuid}", delete(api::logout))
+            .route("/zstack/v1/accounts/quotas", get(api::query_quotas))
+            .route("/zstack/v1/api-jobs/{uuid}", get(api::poll_job))
+            .route("/zstack/v1/backup-storage", get(api::query_backup_storage))
+            .route(
+                "/zstack/v1/backup-storage/{uuid}",
+                get(api::query_backup_storage_one),
+            )
+            .route(
+                "/zstack/v1/backup-storage/{uuid}/actions",
+                put(api::backup_storage_action),
+            )
+            .route(
+                "/zstack/v1/backup-storage/{uuid}/exported-images/{image_uuid}",
+                delete(api::delete_export),
+            )
+            .route(
+                "/zstack/v1/primary-storage",
+                get(api::query_primary_storage),
+            )
+            .route(
+                "/zstack/v1/images",
+                get(api::query_images).post(api::add_image),
+            )
+            .route(
+                "/zstack/v1/images/{uuid}",
+                get(api::query_image_one).delete(api::delete_image),
+            )
+            .route("/zstack/v1/images/{uuid}/actions", put(api::image_action))
+            .route(
+                "/zstack/v1/images/root-volume-templates/from/volume-snapshots/{uuid}",
+                post(api::root_template_from_snapshot),
+            )
+            .route(
+                "/zstack/v1/images/root-volume-templates/from/volumes/{uuid}",
+                post(api::root_template_from_volume),
+            )
+            .route(
+                "/zstack/v1/images/data-volume-templates/from/volume-snapshots/{uuid}",
+                post(api::data_template_from_snapshot),
+            )
+            .route(
+                "/zstack/v1/images/data-volume-templates/from/volumes/{uuid}",
+                post(api::data_template_from_volume),
+            )
+            .route(
+                "/zstack/v1/vm-instances",
+                get(api::query_vms).post(api::create_vm),
+            )
+            .route(
+                "/zstack/v1/vm-instances/{uuid}",
+                get(api::query_vm_one).delete(api::destroy_vm),
+            )
+            .route("/zstack/v1/volumes", get(api::query_volumes))
+            .route(
+                "/zstack/v1/volumes/{uuid}",
+                get(api::query_volume_one).delete(api::delete_volume),
+            )
+            .route(
+                "/zstack/v1/volumes/data/from/data-volume-templates/{uuid}",
+                post(api::data_volume_from_template),
+            )
+            .route(
+                "/zstack/v1/volumes/{uuid}/vm-instances/{vm_uuid}",
+                post(api::attach_volume),
+            )
+            .route(
+                "/zstack/v1/volumes/{uuid}/volume-snapshots",
+                post(api::create_snapshot),
+            )
+            .route("/zstack/v1/volume-snapshots", get(api::query_snapshots))
+            .route(
+                "/zstack/v1/volume-snapshots/{uuid}",
+                get(api::query_snapshot_one).delete(api::delete_snapshot),
+            )
+            .route_layer(from_fn_with_state(self.clone(), require_session));
+        Router::new()
+            .route("/zstack/v1/accounts/login", put(api::login))
+            .route(
+                "/zstack/imagestore/export/{image_uuid}/{file}",
+                get(transfer::download_export),
+            )
+            .merge(protected)
+            .with_state(self)
+    }
+
+    fn admin_router(self: Arc<Self>) -> Router {
+        admin::router(self)
+    }
+
+    fn endpoint(&self, http_base: &str) -> Value {
+        *crate::disk::write_lock(&self.http_base) = http_base.to_string();
+        let c = self.config();
+        json!({
+            "base_url": format!("{http_base}/zstack"),
+            "account": c.account,
+            "password": c.password,
+        })
+    }
+
+    fn objects(&self) -> Value {
+        admin::objects(self)
+    }
+}

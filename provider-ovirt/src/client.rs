@@ -1,0 +1,665 @@
+//! The oVirt REST client: SSO login, XML or JSON bodies, lenient readers,
+//! fault answers turned into [`provider_api::Error`]s that name the call.
+//!
+//! Responses are read into a [`serde_json::Value`] in the JSON shape
+//! whatever the wire format: XML attributes (`id`, `href`) become keys,
+//! repeated elements arrays, text elements strings. Readers accept numbers
+//! and booleans given as strings (`"provisioned_size": "10737418240"`,
+//! `"active": "true"`), and one element where a list is expected.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use provider_api::{Error, ErrorKind, Result};
+use quick_xml::Reader;
+use quick_xml::events::Event;
+use reqwest::{Method, StatusCode, header};
+use serde_json::{Map, Value};
+
+/// Wire format of request and response bodies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireFormat {
+    /// `application/xml` (the engine's default).
+    #[default]
+    Xml,
+    /// `application/json`.
+    Json,
+}
+
+/// An authenticated client of one engine.
+pub struct Client {
+    http: reqwest::Client,
+    api: String,
+    sso: String,
+    username: String,
+    password: String,
+    format: WireFormat,
+    token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("api", &self.api)
+            .field("username", &self.username)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+impl Client {
+    /// A client; `api` is the API root (`https://engine/ovirt-engine/api`).
+    pub fn new(
+        api: &str,
+        sso: &str,
+        username: &str,
+        password: &str,
+        format: WireFormat,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))?;
+        Ok(Client {
+            http,
+            api: api.trim_end_matches('/').to_string(),
+            sso: sso.to_string(),
+            username: username.to_string(),
+            password: password.to_string(),
+            format,
+            token: Mutex::new(None),
+        })
+    }
+
+    /// The API root.
+    pub fn api(&self) -> &str {
+        &self.api
+    }
+
+    /// `POST <sso>` with the password grant; keeps the bearer token.
+    pub async fn login(&self) -> Result<()> {
+        let call = "POST /ovirt-engine/sso/oauth/token";
+        let body = format!(
+            "grant_type=password&scope=ovirt-app-api&username={}&password={}",
+            form_encode(&self.username),
+            form_encode(&self.password)
+        );
+        let resp = self
+            .http
+            .post(&self.sso)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(header::ACCEPT, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| transport(call, e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| transport(call, e))?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(ErrorKind::Platform, "malformed JSON answer to the login")
+                .api_call(call)
+                .with_source(e)
+        })?;
+        if !status.is_success() {
+            let desc = v
+                .get("error_description")
+                .and_then(Value::as_str)
+                .unwrap_or("login refused");
+            return Err(Error::new(
+                ErrorKind::Auth,
+                format!("login as {} failed: {desc}", self.username),
+            )
+            .api_call(call));
+        }
+        let token = text(&v, "access_token").ok_or_else(|| {
+            Error::new(ErrorKind::Platform, "the login answer has no access_token").api_call(call)
+        })?;
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
+        Ok(())
+    }
+
+    /// Forgets the token.
+    pub fn logout(&self) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The bearer token, logging in first when there is none.
+    async fn bearer(&self) -> Result<String> {
+        if let Some(t) = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(t);
+        }
+        self.login().await?;
+        self.token
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| Error::new(ErrorKind::Auth, "the login gave no token"))
+    }
+
+    /// `GET <api><path>`.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.call(Method::GET, path, None).await
+    }
+
+    /// `POST <api><path>` with `body` as element `root`.
+    pub async fn post(&self, path: &str, root: &str, body: Value) -> Result<Value> {
+        self.call(Method::POST, path, Some((root, body))).await
+    }
+
+    /// `DELETE <api><path>`.
+    pub async fn delete(&self, path: &str) -> Result<()> {
+        self.call(Method::DELETE, path, None).await.map(|_| ())
+    }
+
+    /// Any call; the answer in the JSON shape (`{}` for empty bodies).
+    /// An expired token (401) is renewed once.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Value)>,
+    ) -> Result<Value> {
+        match self.call_once(method.clone(), path, body.clone()).await {
+            Err(e) if e.kind() == ErrorKind::Auth => {
+                self.logout();
+                self.call_once(method, path, body).await
+            }
+            r => r,
+        }
+    }
+
+    async fn call_once(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Value)>,
+    ) -> Result<Value> {
+        let name = format!("{method} {}", strip_query(path));
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.api))
+            .bearer_auth(self.bearer().await?)
+            .header("Version", "4");
+        let (accept, ctype) = match self.format {
+            WireFormat::Xml => ("application/xml", "application/xml"),
+            WireFormat::Json => ("application/json", "application/json"),
+        };
+        req = req.header(header::ACCEPT, accept);
+        if let Some((root, value)) = body {
+            let text = match self.format {
+                WireFormat::Json => serde_json::to_string(&value).unwrap_or_default(),
+                WireFormat::Xml => to_xml(root, &value),
+            };
+            req = req.header(header::CONTENT_TYPE, ctype).body(text);
+        } else if method == Method::POST {
+            req = req
+                .header(header::CONTENT_TYPE, ctype)
+                .body(match self.format {
+                    WireFormat::Json => "{}".to_string(),
+                    WireFormat::Xml => "<action/>".to_string(),
+                });
+        }
+        let resp = req.send().await.map_err(|e| transport(&name, e))?;
+        let status = resp.status();
+        let is_json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.contains("json"));
+        let bytes = resp.bytes().await.map_err(|e| transport(&name, e))?;
+        let parsed = parse_answer(&bytes, is_json || self.format == WireFormat::Json);
+        if !status.is_success() {
+            return Err(fault(&name, status, parsed.ok()));
+        }
+        parsed.map_err(|e| {
+            Error::new(
+                ErrorKind::Platform,
+                format!("malformed answer ({e}); status {status}"),
+            )
+            .api_call(&name)
+        })
+    }
+
+    /// Ranged `GET` of `length` bytes at `offset` from the image server.
+    pub async fn image_range(&self, url: &str, offset: u64, length: u64) -> Result<bytes::Bytes> {
+        let name = "GET /images/{ticket}";
+        let resp = self
+            .http
+            .get(url)
+            .header(
+                header::RANGE,
+                format!("bytes={offset}-{}", offset + length - 1),
+            )
+            .send()
+            .await
+            .map_err(|e| transport(name, e))?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(Error::new(
+                status_kind(status),
+                format!("image server answered {status} to a ranged read"),
+            )
+            .api_call(name));
+        }
+        let data = resp.bytes().await.map_err(|e| transport(name, e))?;
+        if data.len() as u64 != length {
+            return Err(platform_err(format!(
+                "image server sent {} bytes for a {length}-byte range",
+                data.len()
+            ))
+            .api_call(name));
+        }
+        Ok(data)
+    }
+
+    /// `GET` on the image server (no bearer token: the ticket is the
+    /// credential); JSON answer.
+    pub async fn image_json(&self, url: &str, what: &str) -> Result<Value> {
+        let name = format!("GET {what}");
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| transport(&name, e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| transport(&name, e))?;
+        if !status.is_success() {
+            return Err(Error::new(
+                status_kind(status),
+                format!(
+                    "image server answered {status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                ),
+            )
+            .api_call(&name));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(ErrorKind::Platform, "malformed JSON from the image server")
+                .api_call(&name)
+                .with_source(e)
+        })
+    }
+}
+
+fn platform_err(msg: String) -> Error {
+    Error::new(ErrorKind::Platform, msg)
+}
+
+fn strip_query(path: &str) -> &str {
+    path.split('?').next().unwrap_or(path)
+}
+
+fn transport(call: &str, e: reqwest::Error) -> Error {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Platform
+    };
+    // reqwest errors carry the URL, never credentials (they are in bodies
+    // and headers only).
+    Error::new(kind, "the engine could not be reached")
+        .api_call(call)
+        .retryable(true)
+        .with_source(e.without_url())
+}
+
+fn status_kind(status: StatusCode) -> ErrorKind {
+    match status.as_u16() {
+        400 | 422 => ErrorKind::InvalidInput,
+        401 | 403 => ErrorKind::Auth,
+        404 => ErrorKind::NotFound,
+        409 => ErrorKind::Refused,
+        _ => ErrorKind::Platform,
+    }
+}
+
+fn fault(call: &str, status: StatusCode, body: Option<Value>) -> Error {
+    let (reason, detail) = body
+        .map(|b| (text(&b, "reason"), text(&b, "detail")))
+        .unwrap_or((None, None));
+    let msg = match (reason, detail) {
+        (Some(r), Some(d)) => format!("{r}: {d}"),
+        (Some(r), None) => r,
+        (None, Some(d)) => d,
+        (None, None) => "no fault details".to_string(),
+    };
+    Error::new(
+        status_kind(status),
+        format!("the engine answered {status}: {msg}"),
+    )
+    .api_call(call)
+    .retryable(status.is_server_error())
+}
+
+fn parse_answer(bytes: &[u8], json: bool) -> std::result::Result<Value, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Object(Map::new()));
+    }
+    if json {
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid JSON: {e}"))
+    } else {
+        let text = std::str::from_utf8(bytes).map_err(|_| "the XML is not UTF-8".to_string())?;
+        xml_to_value(text)
+            .map(|(_, v)| v)
+            .map_err(|e| format!("invalid XML: {e}"))
+    }
+}
+
+// ------------------------------------------------------------------ XML
+
+/// Serialises a JSON-shaped value as an XML element (`id`/`href` as
+/// attributes, arrays as repeated elements).
+pub fn to_xml(root: &str, value: &Value) -> String {
+    let mut out = String::new();
+    write_xml(&mut out, root, value);
+    out
+}
+
+fn scalar(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn write_xml(out: &mut String, name: &str, value: &Value) {
+    match value {
+        Value::Null => {}
+        Value::Array(items) => items.iter().for_each(|i| write_xml(out, name, i)),
+        Value::Object(map) => {
+            out.push('<');
+            out.push_str(name);
+            for key in ["id", "href"] {
+                if let Some(t) = map.get(key).and_then(scalar) {
+                    out.push_str(&format!(" {key}=\"{}\"", quick_xml::escape::escape(t)));
+                }
+            }
+            out.push('>');
+            for (k, v) in map.iter().filter(|(k, _)| *k != "id" && *k != "href") {
+                write_xml(out, k, v);
+            }
+            out.push_str(&format!("</{name}>"));
+        }
+        s => {
+            let t = scalar(s).unwrap_or_default();
+            out.push_str(&format!(
+                "<{name}>{}</{name}>",
+                quick_xml::escape::escape(t.as_str())
+            ));
+        }
+    }
+}
+
+struct Node {
+    name: String,
+    map: Map<String, Value>,
+    text: String,
+}
+
+fn put(parent: &mut Map<String, Value>, name: String, value: Value) {
+    match parent.get_mut(&name) {
+        Some(Value::Array(a)) => a.push(value),
+        Some(existing) => {
+            let first = existing.take();
+            *existing = Value::Array(vec![first, value]);
+        }
+        None => {
+            parent.insert(name, value);
+        }
+    }
+}
+
+fn close(node: Node) -> (String, Value) {
+    let v = if node.map.is_empty() {
+        Value::String(node.text.trim().to_string())
+    } else {
+        Value::Object(node.map)
+    };
+    (node.name, v)
+}
+
+fn start(e: &quick_xml::events::BytesStart<'_>) -> std::result::Result<Node, String> {
+    let mut map = Map::new();
+    for a in e.attributes() {
+        let a = a.map_err(|e| e.to_string())?;
+        let v = a.unescape_value().map_err(|e| e.to_string())?;
+        map.insert(
+            String::from_utf8_lossy(a.key.as_ref()).into_owned(),
+            Value::String(v.into_owned()),
+        );
+    }
+    Ok(Node {
+        name: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+        map,
+        text: String::new(),
+    })
+}
+
+/// Parses an XML document into `(root name, value)` in the JSON shape.
+pub fn xml_to_value(text: &str) -> std::result::Result<(String, Value), String> {
+    let mut reader = Reader::from_str(text);
+    let mut stack: Vec<Node> = Vec::new();
+    let mut root = None;
+    loop {
+        let ev = reader
+            .read_event()
+            .map_err(|e| format!("at byte {}: {e}", reader.buffer_position()))?;
+        let finished = match ev {
+            Event::Start(_) | Event::Empty(_) if root.is_some() => {
+                return Err("content after the root element".into());
+            }
+            Event::Start(e) => {
+                stack.push(start(&e)?);
+                None
+            }
+            Event::Empty(e) => Some(close(start(&e)?)),
+            Event::End(_) => Some(close(stack.pop().ok_or("unbalanced end tag")?)),
+            Event::Text(t) => {
+                let s = t.decode().map_err(|e| e.to_string())?;
+                match stack.last_mut() {
+                    Some(n) => n.text.push_str(&s),
+                    None if !s.trim().is_empty() => {
+                        return Err("text outside the root element".into());
+                    }
+                    None => {}
+                }
+                None
+            }
+            Event::CData(t) => {
+                let s = t.decode().map_err(|e| e.to_string())?;
+                if let Some(n) = stack.last_mut() {
+                    n.text.push_str(&s);
+                }
+                None
+            }
+            Event::GeneralRef(r) => {
+                let c = match r.resolve_char_ref().map_err(|e| e.to_string())? {
+                    Some(c) => c,
+                    None => match r.decode().map_err(|e| e.to_string())?.as_ref() {
+                        "lt" => '<',
+                        "gt" => '>',
+                        "amp" => '&',
+                        "apos" => '\'',
+                        "quot" => '"',
+                        other => return Err(format!("unknown entity &{other};")),
+                    },
+                };
+                if let Some(n) = stack.last_mut() {
+                    n.text.push(c);
+                }
+                None
+            }
+            Event::Eof => break,
+            _ => None,
+        };
+        if let Some((name, value)) = finished {
+            match stack.last_mut() {
+                Some(p) => put(&mut p.map, name, value),
+                None => root = Some((name, value)),
+            }
+        }
+    }
+    if let Some(n) = stack.last() {
+        return Err(format!("element <{}> is not closed", n.name));
+    }
+    root.ok_or_else(|| "no root element".to_string())
+}
+
+// ------------------------------------------------------ lenient readers
+
+/// A string field (numbers accepted); empty strings read as absent.
+pub fn text(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(scalar).filter(|s| !s.is_empty())
+}
+
+/// A number given as a number or a string.
+pub fn number(v: &Value, key: &str) -> std::result::Result<Option<u64>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| format!("{key} is not a non-negative integer: {n}")),
+        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{key} is not a number: {s:?}")),
+        Some(other) => Err(format!("{key} is not a number: {other}")),
+    }
+}
+
+/// A boolean given as a boolean or `"true"`/`"false"`.
+pub fn flag(v: &Value, key: &str) -> std::result::Result<Option<bool>, String> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) => match s.trim() {
+            "true" => Ok(Some(true)),
+            "false" => Ok(Some(false)),
+            "" => Ok(None),
+            o => Err(format!("{key} is not a boolean: {o:?}")),
+        },
+        Some(other) => Err(format!("{key} is not a boolean: {other}")),
+    }
+}
+
+/// The list under `key` of a collection answer (`{"disk": [...]}`), or
+/// of a nested list (`{"disks": {"disk": [...]}}` with `outer`).
+pub fn items<'a>(v: &'a Value, key: &str) -> Vec<&'a Value> {
+    match v.get(key) {
+        Some(Value::Array(a)) => a.iter().collect(),
+        Some(o @ Value::Object(_)) => vec![o],
+        _ => Vec::new(),
+    }
+}
+
+/// The `id` of a nested object (`{"disk": {"id": ..}}`).
+pub fn nested_id(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(|o| text(o, "id"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_answers_read_like_json_answers() {
+        let xml = r#"<?xml version="1.0"?><disk_attachments>
+            <disk_attachment href="/x" id="d1"><bootable>false</bootable>
+              <logical_name>/dev/vdb</logical_name><disk id="d1"><snapshot id="s1"/></disk>
+            </disk_attachment></disk_attachments>"#;
+        let (root, v) = xml_to_value(xml).unwrap();
+        assert_eq!(root, "disk_attachments");
+        let list = items(&v, "disk_attachment");
+        assert_eq!(list.len(), 1);
+        assert_eq!(text(list[0], "logical_name").as_deref(), Some("/dev/vdb"));
+        assert_eq!(flag(list[0], "bootable").unwrap(), Some(false));
+        assert_eq!(
+            list[0]
+                .get("disk")
+                .and_then(|d| nested_id(d, "snapshot"))
+                .as_deref(),
+            Some("s1")
+        );
+    }
+
+    #[test]
+    fn strings_are_accepted_for_numbers_and_booleans() {
+        let v = serde_json::json!({"provisioned_size": "10737418240", "active": "true", "n": 5});
+        assert_eq!(number(&v, "provisioned_size").unwrap(), Some(10737418240));
+        assert_eq!(number(&v, "n").unwrap(), Some(5));
+        assert_eq!(flag(&v, "active").unwrap(), Some(true));
+        assert!(number(&serde_json::json!({"x": "ten"}), "x").is_err());
+    }
+
+    #[test]
+    fn request_bodies_round_trip_through_xml() {
+        let body = serde_json::json!({"disk": {"id": "D", "snapshot": {"id": "S"}},
+            "active": true, "bootable": false, "interface": "virtio"});
+        let xml = to_xml("disk_attachment", &body);
+        assert!(xml.starts_with("<disk_attachment><"), "{xml}");
+        assert!(
+            xml.contains(r#"<disk id="D"><snapshot id="S"></snapshot></disk>"#),
+            "{xml}"
+        );
+        let (_, back) = xml_to_value(&xml).unwrap();
+        assert_eq!(
+            back.get("disk")
+                .and_then(|d| nested_id(d, "snapshot"))
+                .as_deref(),
+            Some("S")
+        );
+    }
+
+    #[test]
+    fn malformed_answers_are_errors() {
+        assert!(parse_answer(b"<vm><name>x</na", false).is_err());
+        assert!(parse_answer(b"{\"vm\": ", true).is_err());
+        assert!(xml_to_value("<a></b>").is_err());
+    }
+
+    proptest::proptest! {
+        /// Hostile answers never panic the parsers.
+        #[test]
+        fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse_answer(&bytes, false);
+            let _ = parse_answer(&bytes, true);
+        }
+
+        /// Values written as XML read back with the same text fields.
+        #[test]
+        fn xml_round_trip(name in "[a-zA-Z0-9 <>&'\"]{0,40}", size in 0u64..u64::MAX, flag_v: bool) {
+            let v = serde_json::json!({"id": "x", "name": name, "size": size, "on": flag_v});
+            let (_, back) = xml_to_value(&to_xml("vm", &v)).unwrap();
+            proptest::prop_assert_eq!(text(&back, "name"), Some(name.trim().to_string()).filter(|s| !s.is_empty()));
+            proptest::prop_assert_eq!(number(&back, "size").unwrap(), Some(size));
+            proptest::prop_assert_eq!(flag(&back, "on").unwrap(), Some(flag_v));
+        }
+    }
+
+    #[test]
+    fn form_encoding() {
+        assert_eq!(form_encode("a b&c=d@x"), "a+b%26c%3Dd%40x");
+    }
+}
