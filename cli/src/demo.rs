@@ -322,7 +322,10 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             endpoints["http_url"], endpoints["admin_url"]
         );
     }
-    let platforms = vec![crate::demo_mock::scp(&admin, &endpoints).await?];
+    let platforms = vec![
+        crate::demo_mock::scp(&admin, &endpoints).await?,
+        crate::demo_mock::ovirt(&admin, &endpoints, &root).await?,
+    ];
     for platform in &platforms {
         let target: Arc<dyn provider_api::Target> = ds.clone();
         let platform_rows =

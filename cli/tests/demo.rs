@@ -24,7 +24,7 @@ fn demo_passes_and_verifies_every_restore() {
     // platform, full and incremental.
     assert!(stdout.matches(" yes ").count() >= 12, "{stdout}");
     assert!(!stdout.contains(" NO "), "{stdout}");
-    for platform in ["nbd", "scp"] {
+    for platform in ["nbd", "scp", "ovirt"] {
         assert!(
             stdout.contains(&format!(" {platform} ")),
             "{platform}: {stdout}"

@@ -46,7 +46,22 @@ pub fn objects(p: &OvirtPlatform) -> Value {
     }
     p.inv.read(|doc| {
         json!({
-            "vms": doc.vms.values().map(|v| json!({"id": v.id, "name": v.name, "appliance": v.appliance})).collect::<Vec<_>>(),
+            "vms": doc.vms.values().map(|v| {
+                // The VM's own disks (not snapshot attachments), in
+                // attachment order.
+                let mut own: Vec<_> = doc
+                    .attachments
+                    .values()
+                    .filter(|a| a.vm_id == v.id && a.snapshot_id.is_none())
+                    .collect();
+                own.sort_by_key(|a| a.seq);
+                let disks: Vec<Value> = own
+                    .iter()
+                    .filter_map(|a| doc.disks.get(&a.disk_id))
+                    .map(|d| json!({"id": d.id, "size": d.provisioned_size}))
+                    .collect();
+                json!({"id": v.id, "name": v.name, "appliance": v.appliance, "disks": disks})
+            }).collect::<Vec<_>>(),
             "disks": doc.disks.values().map(|d| json!({"id": d.id, "alias": d.alias, "format": d.format, "size": d.provisioned_size})).collect::<Vec<_>>(),
             "snapshots": doc.snapshots.values().map(|s| json!({"id": s.id, "vm_id": s.vm_id, "description": s.description, "status": s.status})).collect::<Vec<_>>(),
             "backup_attachments": doc.attachments.values().filter(|a| a.snapshot_id.is_some() || a.local_path.is_some()).collect::<Vec<_>>(),
