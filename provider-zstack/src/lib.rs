@@ -1,0 +1,82 @@
+//! # provider-zstack: back up and restore ZStack VMs
+//!
+//! A [`provider_api::BackupProvider`] for ZStack (`/zstack/v1` REST API),
+//! built on what the platform offers a backup product: volume snapshots,
+//! templates (images) on a backup storage, export of an image from the
+//! backup storage as an HTTP URL, and AddImage from a URL.
+//!
+//! ## Backup flow (per VM, volumes one at a time)
+//!
+//! 1. `job_init` logs in (`PUT /v1/accounts/login`, SHA-512 of the
+//!    password) and checks a `Connected` backup storage exists.
+//! 2. `backup_vm` reads the VM (`GET /v1/vm-instances/{uuid}`) and checks
+//!    the private-image quota `image.num` **before any work**: a backup
+//!    needs one free image slot (volumes are processed one at a time) and
+//!    a full quota is an [`ErrorKind::Refused`](provider_api::ErrorKind)
+//!    error naming `image.num`.
+//! 3. Per volume: `CreateVolumeSnapshot` → root or data volume template
+//!    from the snapshot on the chosen backup storage →
+//!    `exportImageFromBackupStorage` → download of the `imageUrl` with
+//!    ranged, resumable GETs into a sparse file in the work directory
+//!    (md5 checked against `exportMd5Sum`) → delete the export → delete and
+//!    expunge the template → delete the snapshot. Every non-GET call is an
+//!    API job polled until 200/503, with a timeout.
+//! 4. Volumes are exposed as [`SnapshotAccess::FileHandle`](provider_api::SnapshotAccess)
+//!    on the downloaded file. **Why a file and not NBD:** the real platform
+//!    offers only an HTTP URL on the backup storage; the host's data mover
+//!    reads NBD or files, and a local file gives it random access, lets a
+//!    broken transfer resume at its last offset, and lets the md5 be
+//!    checked before anything is stored.
+//! 5. A root volume thin-cloned from a cached image (`rootImageUuid`) gets a
+//!    [`BaseLayer`](provider_api::BaseLayer) with id = `rootImageUuid`:
+//!    when the target lacks it (`has_base_image` false) the provider exports
+//!    the image itself and exposes it; otherwise nothing of it is read. The
+//!    root volume's dirty regions are the 64 KiB blocks that differ from the
+//!    base (block SHA-256 digests of the base are cached in
+//!    `work_dir/base-digests/`; without the cache the base is downloaded
+//!    once more to compute them, and not stored). The template ZStack
+//!    exports is always the *flattened* volume, so the transfer includes the
+//!    base's data; only storage is saved, not the download.
+//!
+//! ## Restore flow
+//!
+//! `restore_vm_init` checks the quota (one slot per volume that has no
+//! reusable image) and picks the new VM's UUID (`resourceUuid`). Per volume,
+//! an image already on the platform with the same md5, size and media type
+//! (`Ready`, `Enabled`) is reused; otherwise AddImage with the host's
+//! `nbd://` URL ([`RestoreSources::merged`](provider_api::RestoreSources))
+//! onto the backup storage (the platform pulls the data; the import's
+//! write list is empty). `restore_vm_cleanup` then creates the VM from the
+//! root image and data volumes from the data volume templates, attached in
+//! device order.
+//!
+//! ## Cleanup guarantees
+//!
+//! Every temporary object is named `vmbackup-<vm>-<time>-<n>-<device>`;
+//! `backup_cleanup` (on every path) deletes the exports it knows of, then
+//! finds images and volume snapshots **by that name prefix** (so that one
+//! whose job result was lost, e.g. a 503 while polling, is found too),
+//! deletes and expunges them, and removes the local files. A failed restore
+//! destroys the half-created VM and deletes and expunges the images it
+//! uploaded. Credentials and session ids never appear in errors or logs;
+//! errors name the guest, the volume, the offset and the API call.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! # async fn demo() -> provider_api::Result<()> {
+//! use std::sync::Arc;
+//! use provider_zstack::{ZStackOptions, ZStackProvider};
+//! let options = ZStackOptions::new("http://zstack:8080/zstack", "admin", "password", "/var/tmp/zstack-backup");
+//! let provider: Arc<dyn provider_api::BackupProvider> = Arc::new(ZStackProvider::new(options)?);
+//! // hand it to engine::BackupDriver / engine::RestoreDriver
+//! # let _ = provider; Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod download;
+mod provider;
+
+pub use provider::{ZStackOptions, ZStackProvider};
