@@ -466,7 +466,9 @@ pub mod memory {
     impl BaseImageCatalog for Catalog {
         async fn has_base_image(&self, id: &BaseImageId) -> Result<bool> {
             let st = self.state.lock().unwrap();
-            Ok(st.base_images.contains_key(&(self.platform.clone(), id.clone())))
+            Ok(st
+                .base_images
+                .contains_key(&(self.platform.clone(), id.clone())))
         }
     }
 
@@ -532,7 +534,11 @@ pub mod memory {
     #[async_trait]
     impl SnapshotWriter for Writer {
         async fn put_config(&mut self, kind: ConfigKind, blob: ConfigBlob) -> Result<()> {
-            self.pending.lock().unwrap().configs.insert(kind_key(kind), blob);
+            self.pending
+                .lock()
+                .unwrap()
+                .configs
+                .insert(kind_key(kind), blob);
             Ok(())
         }
         async fn put_metadata(&mut self, metadata: PlatformMetadata) -> Result<()> {
@@ -549,7 +555,10 @@ pub mod memory {
                 return Ok(None);
             }
             let data = Arc::new(Mutex::new(vec![0; size as usize]));
-            self.pending_bases.lock().unwrap().push((id.clone(), data.clone()));
+            self.pending_bases
+                .lock()
+                .unwrap()
+                .push((id.clone(), data.clone()));
             Ok(Some(Box::new(VolWriter {
                 data,
                 written: 0,
@@ -616,7 +625,9 @@ pub mod memory {
             let mut stored = self.pending.lock().unwrap().clone();
             stored.info.warnings = warnings;
             for (device, d) in &self.volumes {
-                stored.data.insert(device.clone(), Arc::new(d.lock().unwrap().clone()));
+                stored
+                    .data
+                    .insert(device.clone(), Arc::new(d.lock().unwrap().clone()));
             }
             st.snapshots.push(stored.clone());
             Ok(stored.info)
@@ -646,7 +657,9 @@ pub mod memory {
                 .checked_add(length)
                 .filter(|e| *e <= self.size())
                 .ok_or_else(|| Error::invalid(format!("read {offset}+{length} past the end")))?;
-            Ok(Bytes::copy_from_slice(&self.data[offset as usize..end as usize]))
+            Ok(Bytes::copy_from_slice(
+                &self.data[offset as usize..end as usize],
+            ))
         }
         async fn regions(&self, offset: u64, length: u64) -> Result<Vec<Region>> {
             // 4 KiB granularity: zero, inherited (equal to the base) or data.
@@ -720,7 +733,10 @@ pub mod memory {
         async fn begin_snapshot(&self, spec: SnapshotSpec) -> Result<Box<dyn SnapshotWriter>> {
             let n = self.state.lock().unwrap().snapshots.len();
             let info = SnapshotInfo {
-                id: SnapshotId(format!("{}/{}/{}-{n}", spec.platform, spec.guest, spec.time)),
+                id: SnapshotId(format!(
+                    "{}/{}/{}-{n}",
+                    spec.platform, spec.guest, spec.time
+                )),
                 platform: spec.platform.clone(),
                 guest: spec.guest.clone(),
                 archive: spec.archive.clone(),

@@ -2,4 +2,6 @@
 //! in-process mock hypervisor, a fresh datastore, and the engine wired
 //! between them.
 
+pub mod ovirt;
 pub mod scp;
+pub mod zstack;
