@@ -178,6 +178,32 @@ pub async fn ovirt(
     })
 }
 
+/// ZStack: every demo VM, through the image export path.
+pub async fn zstack(
+    admin: &Admin,
+    endpoints: &Value,
+    work: &std::path::Path,
+) -> Result<PlatformRun> {
+    let ep = &endpoints["zstack"];
+    let mut options = provider_zstack::ZStackOptions::new(
+        ep["base_url"].as_str().unwrap_or_default(),
+        ep["account"].as_str().unwrap_or_default(),
+        ep["password"].as_str().unwrap_or_default(),
+        work.join("zstack-work"),
+    );
+    options.poll_interval_ms = 20;
+    let provider = Arc::new(provider_zstack::ZStackProvider::new(options)?);
+    let objects = admin.get("/zstack/objects").await?;
+    Ok(PlatformRun {
+        name: "zstack",
+        provider,
+        guests: guests_of(&objects, "vms", |_| false),
+        disks: disks_of("vms"),
+        objects_path: "/zstack/objects",
+        restored_id: Box::new(|g| g.id.0.clone()),
+    })
+}
+
 /// Back up (full, writes, incremental), restore and compare one platform's
 /// guests. Returns the table rows with `verified` set.
 pub async fn run_platform(

@@ -22,9 +22,9 @@ fn demo_passes_and_verifies_every_restore() {
     assert!(stdout.contains("every check passed"), "{stdout}");
     // Every row verified: 3 NBD guests and the mock's demo guests of each
     // platform, full and incremental.
-    assert!(stdout.matches(" yes ").count() >= 12, "{stdout}");
+    assert!(stdout.matches(" yes ").count() >= 18, "{stdout}");
     assert!(!stdout.contains(" NO "), "{stdout}");
-    for platform in ["nbd", "scp", "ovirt"] {
+    for platform in ["nbd", "scp", "ovirt", "zstack"] {
         assert!(
             stdout.contains(&format!(" {platform} ")),
             "{platform}: {stdout}"
@@ -55,6 +55,6 @@ fn json_demo_reports_success() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["success"], true);
     let rows = v["rows"].as_array().unwrap();
-    assert!(rows.len() >= 12);
+    assert!(rows.len() >= 18);
     assert!(rows.iter().all(|r| r["verified"] == true), "{v}");
 }

@@ -47,7 +47,20 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
     let running = zs.running_jobs();
     zs.inv.read(|d| {
         json!({
-            "vms": d.vms.values().map(|v| json!({"uuid": v.uuid, "name": v.name})).collect::<Vec<_>>(),
+            "vms": d.vms.values().map(|v| {
+                // The VM's volumes as disks (store disk ids), root first.
+                let mut vols: Vec<_> = d
+                    .volumes
+                    .values()
+                    .filter(|vol| vol.vm_instance_uuid.as_deref() == Some(v.uuid.as_str()))
+                    .collect();
+                vols.sort_by_key(|vol| (vol.kind != "Root", vol.device_id));
+                let disks: Vec<Value> = vols
+                    .iter()
+                    .map(|vol| json!({"id": vol.disk_id, "size": vol.size, "volume_uuid": vol.uuid}))
+                    .collect();
+                json!({"uuid": v.uuid, "id": v.uuid, "name": v.name, "disks": disks})
+            }).collect::<Vec<_>>(),
             "volumes": d.volumes.values().map(|v| json!({"uuid": v.uuid, "name": v.name, "type": v.kind,
                 "vmInstanceUuid": v.vm_instance_uuid, "rootImageUuid": v.root_image_uuid, "diskId": v.disk_id})).collect::<Vec<_>>(),
             "images": d.images.values().map(|i| json!({"uuid": i.uuid, "name": i.name, "status": i.status,
