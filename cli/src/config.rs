@@ -12,6 +12,21 @@
 //! access = "nbdssl"                              # nbd | nbdssl | hotadd
 //! tls_ca = "/etc/vmbackup/scp-ca.pem"            # nbdssl: verifies the NBD server
 //! # proxy_server_id = "..."                      # hotadd: the backup proxy VM
+//!
+//! [platforms.engine]
+//! kind = "ovirt"
+//! endpoint = "https://engine.example.com/ovirt-engine/api"
+//! username = "admin@internal"
+//! password_file = "/etc/vmbackup/ovirt.password"
+//! appliance = "backup-appliance"                 # VM the snapshot disks attach to
+//! mode = "auto"                                  # auto | incremental | snapshot-attach
+//!
+//! [platforms.zs]
+//! kind = "zstack"
+//! endpoint = "http://zstack.example.com:8080/zstack"
+//! username = "admin"
+//! password_file = "/etc/vmbackup/zstack.password"
+//! # backup_storage_uuid = "..."; work_dir = "/var/tmp/vmbackup-zstack"
 //! ```
 //!
 //! Passwords are read from the file or the value and never printed: the
@@ -59,6 +74,37 @@ pub enum PlatformConfig {
         /// Backup proxy VM (`hotadd`).
         proxy_server_id: Option<String>,
     },
+    /// oVirt / RHV engine.
+    Ovirt {
+        /// API root, e.g. `https://engine/ovirt-engine/api`.
+        endpoint: String,
+        /// Account, e.g. `admin@internal`.
+        username: String,
+        /// Password (prefer `password_file`).
+        password: Option<String>,
+        /// File holding the password (first line).
+        password_file: Option<PathBuf>,
+        /// Name of the backup appliance VM disks are attached to.
+        appliance: String,
+        /// `auto`, `incremental` or `snapshot-attach`.
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    /// ZStack.
+    Zstack {
+        /// API root, e.g. `http://zstack:8080/zstack`.
+        endpoint: String,
+        /// Account name.
+        username: String,
+        /// Password (prefer `password_file`).
+        password: Option<String>,
+        /// File holding the password (first line).
+        password_file: Option<PathBuf>,
+        /// Backup storage for temporary images (default: the first).
+        backup_storage_uuid: Option<String>,
+        /// Work directory for downloaded exports.
+        work_dir: Option<PathBuf>,
+    },
 }
 
 impl std::fmt::Debug for PlatformConfig {
@@ -74,6 +120,26 @@ impl std::fmt::Debug for PlatformConfig {
                 .field("endpoint", endpoint)
                 .field("username", username)
                 .field("access", access)
+                .finish_non_exhaustive(),
+            PlatformConfig::Ovirt {
+                endpoint,
+                username,
+                appliance,
+                mode,
+                ..
+            } => f
+                .debug_struct("Ovirt")
+                .field("endpoint", endpoint)
+                .field("username", username)
+                .field("appliance", appliance)
+                .field("mode", mode)
+                .finish_non_exhaustive(),
+            PlatformConfig::Zstack {
+                endpoint, username, ..
+            } => f
+                .debug_struct("Zstack")
+                .field("endpoint", endpoint)
+                .field("username", username)
                 .finish_non_exhaustive(),
         }
     }
@@ -149,5 +215,112 @@ pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupPro
             };
             Ok(Arc::new(provider_scp::ScpProvider::new(options)?))
         }
+        PlatformConfig::Ovirt {
+            endpoint,
+            username,
+            password,
+            password_file,
+            appliance,
+            mode,
+        } => {
+            let pw = secret(name, password, password_file)?;
+            let mut options = provider_ovirt::OvirtOptions::new(endpoint, username, &pw, appliance);
+            options.mode = match mode.as_deref().unwrap_or("auto") {
+                "auto" => provider_ovirt::BackupMode::Auto,
+                "incremental" => provider_ovirt::BackupMode::Incremental,
+                "snapshot-attach" => provider_ovirt::BackupMode::SnapshotAttach,
+                other => bail!(
+                    "platform {name}: mode {other:?} is not auto, incremental or snapshot-attach"
+                ),
+            };
+            Ok(Arc::new(provider_ovirt::OvirtProvider::new(options)?))
+        }
+        PlatformConfig::Zstack {
+            endpoint,
+            username,
+            password,
+            password_file,
+            backup_storage_uuid,
+            work_dir,
+        } => {
+            let pw = secret(name, password, password_file)?;
+            let work = work_dir
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(format!("vmbackup-zstack-{name}")));
+            let mut options =
+                provider_zstack::ZStackOptions::new(endpoint.clone(), username.clone(), pw, work);
+            options.backup_storage_uuid = backup_storage_uuid.clone();
+            Ok(Arc::new(provider_zstack::ZStackProvider::new(options)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+datastore = "/var/lib/vmbackup"
+
+[platforms.lab]
+kind = "scp"
+endpoint = "http://127.0.0.1:1"
+username = "backup"
+password = "pw-scp"
+
+[platforms.engine]
+kind = "ovirt"
+endpoint = "http://127.0.0.1:1/ovirt-engine/api"
+username = "admin@internal"
+password = "pw-ovirt"
+appliance = "backup-appliance"
+mode = "incremental"
+
+[platforms.zs]
+kind = "zstack"
+endpoint = "http://127.0.0.1:1/zstack"
+username = "admin"
+password = "pw-zstack"
+"#;
+
+    #[test]
+    fn every_platform_kind_builds_its_provider() {
+        let config: Config = toml::from_str(SAMPLE).unwrap();
+        assert_eq!(
+            config.datastore.as_deref(),
+            Some(Path::new("/var/lib/vmbackup"))
+        );
+        for (name, kind) in [("lab", "scp"), ("engine", "ovirt"), ("zs", "zstack")] {
+            let p = provider(name, config.platform(name).unwrap()).unwrap();
+            assert_eq!(p.provider_name(), kind);
+        }
+        let debug = format!("{:?}", config.platforms);
+        assert!(!debug.contains("pw-"), "{debug}");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let config: Config = toml::from_str(SAMPLE).unwrap();
+        let e = config.platform("nope").unwrap_err().to_string();
+        assert!(e.contains("nope") && e.contains("lab"), "{e}");
+        let bad: Config = toml::from_str(
+            "[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess = \"carrier-pigeon\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let e = provider("x", bad.platform("x").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("carrier-pigeon"), "{e}");
+        let nopw: Config = toml::from_str(
+            "[platforms.x]\nkind = \"zstack\"\nendpoint = \"http://h\"\nusername = \"u\"\n",
+        )
+        .unwrap();
+        let e = provider("x", nopw.platform("x").unwrap())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("password"), "{e}");
+        assert!(toml::from_str::<Config>("[platforms.x]\nkind = \"vmware\"\n").is_err());
     }
 }
