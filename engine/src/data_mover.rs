@@ -373,7 +373,11 @@ impl DataMover for StandardMover {
                     pos: 0,
                     pending: VecDeque::new(),
                 }),
-                _ => unreachable!("Source::open checked the bitmap"),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "dirty regions of {device} come from an NBD bitmap, but its access is not NBD"
+                    )));
+                }
             },
         };
         let total = size;

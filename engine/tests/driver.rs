@@ -812,3 +812,52 @@ async fn linked_volume_with_changes_where_a_full_is_needed_is_read_whole() {
     let stored = s.target.volume_data(&b.snapshot.id, "disk0").unwrap();
     assert_eq!(stored, std::fs::read(s.fake.disk("vm1", "disk0")).unwrap());
 }
+
+/// A provider pairing file-handle access with NBD-bitmap dirty regions
+/// gets a clear error for that guest, not a crashed host.
+#[tokio::test]
+async fn nbd_bitmap_regions_on_a_file_are_an_error_not_a_panic() {
+    use engine::{BackupCopy, DataMover, NoProgress};
+    let s = setup(&["vm1"]);
+    let target = MemoryTarget::new();
+    let mut w = target
+        .begin_snapshot(SnapshotSpec {
+            platform: "fake".into(),
+            guest: GuestId("vm1".into()),
+            archive: ArchiveName::new("vm/vm1/1").unwrap(),
+            time: 1,
+        })
+        .await
+        .unwrap();
+    let writer = w
+        .begin_volume(VolumeSpec {
+            volume: Volume {
+                device: "disk0".into(),
+                size: DISK,
+                format: VolumeFormat::Raw,
+            },
+            start_from: StartFrom::Empty,
+            base: None,
+            bitmap_mode: BitmapMode::Use,
+            checkpoint: None,
+        })
+        .await
+        .unwrap();
+    let err = StandardMover::default()
+        .backup_volume(
+            BackupCopy {
+                device: "disk0".into(),
+                size: DISK,
+                access: SnapshotAccess::FileHandle(FileAccess {
+                    path: s.fake.disk("vm1", "disk0"),
+                }),
+                dirty: DirtySource::NbdBitmap,
+                writer,
+            },
+            &NoProgress,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(err.to_string().contains("disk0"), "{err}");
+}
