@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -150,6 +150,10 @@ pub struct ZStackProvider {
     backups: Mutex<HashMap<String, BackupState>>,
     restores: Mutex<HashMap<String, RestoreState>>,
     counter: AtomicU64,
+    /// One export of a base image at a time: an image's export URL is
+    /// shared, so guests on the same cached image (backed up in parallel)
+    /// must not delete the export another one is still reading.
+    base_exports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -215,6 +219,7 @@ impl ZStackProvider {
             backups: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            base_exports: Mutex::new(HashMap::new()),
         })
     }
 
@@ -535,6 +540,11 @@ impl ZStackProvider {
         has_base: bool,
         warnings: &mut Vec<String>,
     ) -> Result<Option<(BaseLayer, Vec<[u8; 32]>)>> {
+        let export_lock = lock(&self.base_exports)
+            .entry(image_uuid.to_string())
+            .or_default()
+            .clone();
+        let _exporting = export_lock.lock().await;
         let cached = if has_base {
             self.load_digests(image_uuid)
         } else {
