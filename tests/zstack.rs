@@ -81,6 +81,22 @@ async fn full_and_repeated_backups_restore_byte_identical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guests_on_one_cached_image_back_up_in_parallel() {
+    // Both guests export and read the shared base image at the same time:
+    // neither may remove the export the other is reading. (The race is
+    // timing-dependent; without the provider's per-image export lock about
+    // every other run failed, so several rounds catch it.)
+    for _ in 0..5 {
+        let zs = Zs::start().await;
+        let a = uuid(&zs.vm("par-a", 30, false).await);
+        let b = uuid(&zs.vm("par-b", 40, true).await);
+        let report = zs.backup_parallel(zs.provider(), &[&a, &b], 2).await;
+        assert_ok(&report);
+        assert_eq!(zs.env.store.stats().unwrap().base_images, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_cached_base_image_is_stored_once() {
     let zs = Zs::start().await;
     let a = uuid(&zs.vm("linked-a", 30, false).await);

@@ -179,6 +179,15 @@ impl Zs {
     }
 
     pub async fn backup(&self, provider: Arc<ZStackProvider>, guests: &[&str]) -> JobReport {
+        self.backup_parallel(provider, guests, 1).await
+    }
+
+    pub async fn backup_parallel(
+        &self,
+        provider: Arc<ZStackProvider>,
+        guests: &[&str],
+        parallelism: usize,
+    ) -> JobReport {
         let driver = BackupDriver::new(
             provider,
             self.env.store.clone() as Arc<dyn Target>,
@@ -190,7 +199,7 @@ impl Zs {
                 start_time: now(),
                 ..JobInfo::default()
             },
-            parallelism: 1,
+            parallelism,
             log_dir: self.env.dir.path().join("logs"),
         };
         driver
