@@ -325,32 +325,34 @@ async fn malformed_answers_are_clear_errors_and_leave_nothing_behind() {
     );
     assert_eq!(env.leftovers().await, Vec::<String>::new());
 
-    // JSON: an attachment is made but its answer is cut.
-    env.arm(json!({"malformed": [{"method": "POST", "path": "/diskattachments", "times": 1}]}))
-        .await;
-    let e = env
-        .backup_err(env.provider(BackupMode::SnapshotAttach, WireFormat::Json))
-        .await;
-    assert!(e.report().contains("invalid JSON"), "{}", e.report());
-    assert_eq!(env.leftovers().await, Vec::<String>::new());
-
-    // Incremental: the backup's answer is cut.
-    env.arm(json!({"malformed": [{"method": "POST", "path": "/backups", "times": 1}]}))
-        .await;
-    let e = env
-        .backup_err(env.provider(BackupMode::Incremental, WireFormat::Json))
-        .await;
-    assert!(e.report().contains("invalid JSON"), "{}", e.report());
-    assert_eq!(env.leftovers().await, Vec::<String>::new());
-
-    // Incremental: a transfer's answer is cut.
-    env.arm(json!({"malformed": [{"method": "POST", "path": "/imagetransfers", "times": 1}]}))
-        .await;
-    let e = env
-        .backup_err(env.provider(BackupMode::Incremental, WireFormat::Xml))
-        .await;
-    assert!(e.report().contains("invalid XML"), "{}", e.report());
-    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    // An attachment (JSON), a backup and a transfer (incremental mode)
+    // whose answers are cut.
+    for (path, mode, format, expected) in [
+        (
+            "/diskattachments",
+            BackupMode::SnapshotAttach,
+            WireFormat::Json,
+            "invalid JSON",
+        ),
+        (
+            "/backups",
+            BackupMode::Incremental,
+            WireFormat::Json,
+            "invalid JSON",
+        ),
+        (
+            "/imagetransfers",
+            BackupMode::Incremental,
+            WireFormat::Xml,
+            "invalid XML",
+        ),
+    ] {
+        env.arm(json!({"malformed": [{"method": "POST", "path": path, "times": 1}]}))
+            .await;
+        let e = env.backup_err(env.provider(mode, format)).await;
+        assert!(e.report().contains(expected), "{path}: {}", e.report());
+        assert_eq!(env.leftovers().await, Vec::<String>::new(), "{path}");
+    }
 
     // Afterwards a backup works again.
     env.backup_ok(env.provider(BackupMode::Incremental, WireFormat::Xml))
