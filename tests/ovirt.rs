@@ -10,11 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engine::{BackupDriver, JobOptions, StandardMover};
-use provider_api::testing::check_all;
-use provider_api::{BackupProvider, BitmapMode, ErrorKind, Guest, JobInfo, RestoreTarget};
+use provider_api::testing::{EmptyCatalog, check_all};
+use provider_api::{
+    AccessScope, BackupProvider, BackupVmRequest, BitmapMode, ErrorKind, Guest, JobInfo, Outcome,
+    PreviousBackup, RestoreTarget, SnapshotAccess, Target,
+};
 use provider_ovirt::{BackupMode, OvirtProvider, WireFormat};
 use scenarios::ovirt::*;
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
 // ------------------------------------------------------------- full
 
@@ -179,6 +183,115 @@ async fn incremental_without_nbd_access_downloads_ranges_over_http() {
         env.shas(&ids).await,
         vec![expected[1].clone(), expected[0].clone()]
     );
+}
+
+/// Regression (issue 12): the host turns the provider's `Use` into a full
+/// read when the previous backup holds the disk at another size (a resize
+/// since). Without NBD access the provider used to stage only the dirty
+/// extents into its download file, so the host stored zeroes for the rest
+/// of the disk. The previous backup is handed to the provider as a host
+/// sees it after a resize: the system disk recorded at another size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_the_host_reads_in_full_is_downloaded_in_full() {
+    let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    let full = env.backup_ok(p.clone()).await;
+    env.guest_write(&env.disks[0], 5 * MIB, MIB, 21).await;
+    env.guest_write(&env.disks[0], 9 * MIB, MIB, 22).await;
+    let expected = env.sha(&env.disks[0]).await;
+
+    let mut snapshot = full.snapshot.clone();
+    let stored = snapshot
+        .volumes
+        .iter_mut()
+        .find(|v| v.volume.device == "system")
+        .unwrap();
+    stored.volume.size = 8 * MIB;
+    let metadata = env
+        .store
+        .open_snapshot(&snapshot.id)
+        .await
+        .unwrap()
+        .metadata()
+        .await
+        .unwrap();
+    let previous = PreviousBackup::new(snapshot, metadata);
+    let guest = Guest::vm(env.vm.clone());
+    p.job_init(&JobInfo::new("resized", 1)).await.unwrap();
+    p.backup_init(&guest, 1_800_000_000).await.unwrap();
+    let plan = p
+        .backup_vm_query_incremental(&guest, Some(&previous))
+        .await
+        .unwrap();
+    assert_eq!(plan.get("system"), Some(&BitmapMode::Use));
+    let request = BackupVmRequest::new(plan, Some(previous), Arc::new(EmptyCatalog));
+    let b = p
+        .backup_vm(&guest, request)
+        .await
+        .unwrap_or_else(|e| panic!("backup_vm: {}", e.report()));
+    let v = &b.volumes[0];
+    assert_eq!(v.volume.device, "system");
+    assert_eq!(v.bitmap_mode, BitmapMode::New, "the host reads it in full");
+    assert_eq!(v.scope, AccessScope::Whole);
+    let SnapshotAccess::FileHandle(f) = &v.access else {
+        panic!("expected a download file, got {:?}", v.access)
+    };
+    let staged = std::fs::read(&f.path).unwrap();
+    let staged: String = Sha256::digest(&staged)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(staged, expected, "the staged file holds the whole disk");
+    assert!(
+        b.warnings
+            .iter()
+            .any(|w| w.contains("system") && w.contains("another size")),
+        "{:?}",
+        b.warnings
+    );
+    p.backup_cleanup(&guest, &Outcome::ok()).await.unwrap();
+    p.job_cleanup().await.unwrap();
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+}
+
+/// The other half: when the host reads only the changes, the download
+/// holds only them and says so, so that the host can never read it in
+/// full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dirty_only_download_is_marked_as_such() {
+    let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
+    let p = env.provider(BackupMode::Incremental, WireFormat::Json);
+    let full = env.backup_ok(p.clone()).await;
+    env.guest_write(&env.disks[0], 5 * MIB, MIB, 21).await;
+    let metadata = env
+        .store
+        .open_snapshot(&full.snapshot.id)
+        .await
+        .unwrap()
+        .metadata()
+        .await
+        .unwrap();
+    let previous = PreviousBackup::new(full.snapshot.clone(), metadata);
+    let guest = Guest::vm(env.vm.clone());
+    p.job_init(&JobInfo::new("dirty-only", 1)).await.unwrap();
+    p.backup_init(&guest, 1_800_000_000).await.unwrap();
+    let plan = p
+        .backup_vm_query_incremental(&guest, Some(&previous))
+        .await
+        .unwrap();
+    let request = BackupVmRequest::new(plan, Some(previous), Arc::new(EmptyCatalog));
+    let b = p.backup_vm(&guest, request).await.unwrap();
+    let scopes: Vec<_> = b.volumes.iter().map(|v| (v.bitmap_mode, v.scope)).collect();
+    assert_eq!(
+        scopes,
+        [
+            (BitmapMode::Use, AccessScope::DirtyOnly),
+            (BitmapMode::None, AccessScope::Whole)
+        ]
+    );
+    p.backup_cleanup(&guest, &Outcome::ok()).await.unwrap();
+    p.job_cleanup().await.unwrap();
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,9 +467,271 @@ async fn malformed_answers_are_clear_errors_and_leave_nothing_behind() {
         assert_eq!(env.leftovers().await, Vec::<String>::new(), "{path}");
     }
 
+    // Answers that parse but miss (or garble) a field the provider acts
+    // on: an error naming the call and the field, never a default.
+    for (method, path, field, value, mode, format, call) in [
+        (
+            "GET",
+            "/disks/",
+            "provisioned_size",
+            None,
+            BackupMode::SnapshotAttach,
+            WireFormat::Xml,
+            "GET /disks/",
+        ),
+        (
+            "GET",
+            "/disks/",
+            "provisioned_size",
+            Some("ten"),
+            BackupMode::Incremental,
+            WireFormat::Json,
+            "GET /disks/",
+        ),
+        (
+            "GET",
+            "/disks/",
+            "sparse",
+            None,
+            BackupMode::Incremental,
+            WireFormat::Xml,
+            "GET /disks/",
+        ),
+        (
+            "GET",
+            "/diskattachments",
+            "interface",
+            None,
+            BackupMode::SnapshotAttach,
+            WireFormat::Json,
+            "/diskattachments",
+        ),
+        (
+            "GET",
+            "/diskattachments",
+            "bootable",
+            Some("maybe"),
+            BackupMode::Incremental,
+            WireFormat::Xml,
+            "/diskattachments",
+        ),
+        (
+            "GET",
+            "/snapshots/",
+            "snapshot_status",
+            None,
+            BackupMode::SnapshotAttach,
+            WireFormat::Xml,
+            "GET /vms/",
+        ),
+        (
+            "GET",
+            "/backups/",
+            "phase",
+            None,
+            BackupMode::Incremental,
+            WireFormat::Json,
+            "/backups/",
+        ),
+        (
+            "GET",
+            "/imagetransfers/",
+            "phase",
+            None,
+            BackupMode::Incremental,
+            WireFormat::Xml,
+            "GET /imagetransfers/",
+        ),
+        (
+            "POST",
+            "/snapshots",
+            "id",
+            None,
+            BackupMode::SnapshotAttach,
+            WireFormat::Xml,
+            "POST /vms/",
+        ),
+        (
+            "GET",
+            "/ovirt-engine/api",
+            "minor",
+            None,
+            BackupMode::Auto,
+            WireFormat::Xml,
+            "GET /",
+        ),
+    ] {
+        let what = format!("{method} {path} {field}={value:?} ({mode:?}, {format:?})");
+        // The API root's path is in every call's: alter every answer.
+        let times = (path != "/ovirt-engine/api").then_some(1);
+        env.arm(json!({"tamper": [{"method": method, "path": path, "field": field, "value": value, "times": times}]}))
+            .await;
+        let mut report = env.backup(env.provider(mode, format)).await;
+        let e = match report.init_error.take() {
+            Some(e) => e,
+            None => match report.guests.remove(0).result {
+                Ok(_) => panic!("{what}: backup succeeded"),
+                Err(e) => e,
+            },
+        };
+        let msg = e.report();
+        assert_eq!(e.kind(), ErrorKind::Platform, "{what}: {msg}");
+        assert!(msg.contains(field) && msg.contains(call), "{what}: {msg}");
+        env.disarm().await;
+        assert_eq!(env.leftovers().await, Vec::<String>::new(), "{what}");
+    }
+
+    // Extents that are not a list, or miss a field: an error, never
+    // "nothing changed" (incremental without NBD access).
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    env.backup_ok(p.clone()).await;
+    env.guest_write(&env.disks[0], 0, MIB, 3).await;
+    for tamper in [
+        json!({"path": "/extents", "body": "{\"extents\": []}", "times": 1}),
+        json!({"path": "/extents", "field": "dirty", "times": 1}),
+        json!({"path": "/extents", "body": "[]", "times": 1}),
+    ] {
+        env.arm(json!({"tamper": [tamper.clone()]})).await;
+        let e = env.backup_err(p.clone()).await;
+        let msg = e.report();
+        assert!(
+            msg.contains("extents?context=dirty") && e.kind() == ErrorKind::Platform,
+            "{tamper}: {msg}"
+        );
+        env.disarm().await;
+        assert_eq!(env.leftovers().await, Vec::<String>::new(), "{tamper}");
+    }
+
     // Afterwards a backup works again.
     env.backup_ok(env.provider(BackupMode::Incremental, WireFormat::Xml))
         .await;
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+}
+
+// ------------------------------------------------ interrupted jobs
+
+/// What the mock holds that carries `marker` in a description.
+async fn marked(env: &Env, marker: &str) -> Vec<String> {
+    let o = env.admin_get("/admin/ovirt/objects").await;
+    let mut out = Vec::new();
+    for key in ["snapshots", "active_backups", "active_transfers"] {
+        for item in o[key].as_array().cloned().unwrap_or_default() {
+            if item["description"]
+                .as_str()
+                .is_some_and(|d| d.contains(marker))
+            {
+                out.push(format!("{key}: {}", item["id"]));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_init_sweeps_what_an_interrupted_job_of_this_host_left() {
+    let env = Env::start("up").await;
+    for mode in [BackupMode::Incremental, BackupMode::SnapshotAttach] {
+        // Job A of host-1 dies after backup_vm: snapshot and attachments,
+        // or a backup left `ready` and its transfers, stay behind.
+        let dead = JobInfo::new("job-a", 1).on_host("host-1", []);
+        env.interrupted_backup(&env.provider(mode, WireFormat::Xml), &dead)
+            .await;
+        let left = env.leftovers().await;
+        assert!(!left.is_empty(), "{mode:?}");
+        let tagged = marked(&env, "vmbackup.host-1.job-a").await;
+        assert!(
+            !tagged.is_empty(),
+            "{mode:?}: objects carry the marker: {left:?}"
+        );
+        if mode == BackupMode::Incremental {
+            // A backup left ready makes every later backup of the VM fail.
+            let e = env
+                .backup_err(env.provider(BackupMode::Incremental, WireFormat::Xml))
+                .await;
+            assert!(e.report().contains("in progress"), "{}", e.report());
+        }
+
+        // Another host's job, and a job of host-1 that knows job-a still
+        // runs, leave them alone.
+        for job in [
+            JobInfo::new("job-b", 2).on_host("host-2", []),
+            JobInfo::new("job-b", 2).on_host("host-1", ["job-a".to_string()]),
+        ] {
+            let p = env.provider(mode, WireFormat::Json);
+            p.job_init(&job).await.unwrap();
+            p.job_cleanup().await.unwrap();
+            assert_eq!(env.leftovers().await, left, "{mode:?}: {job:?}");
+        }
+
+        // The next job of host-1 sweeps them, and backups work again.
+        let p = env.provider(mode, WireFormat::Json);
+        p.job_init(&JobInfo::new("job-c", 3).on_host("host-1", []))
+            .await
+            .unwrap();
+        p.job_cleanup().await.unwrap();
+        assert_eq!(env.leftovers().await, Vec::<String>::new(), "{mode:?}");
+        env.backup_ok(env.provider(mode, WireFormat::Xml)).await;
+        assert_eq!(env.leftovers().await, Vec::<String>::new(), "{mode:?}");
+    }
+}
+
+// ---------------------------------------------------------- retries
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_503s_are_retried_and_persistent_ones_reported() {
+    let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    env.backup_ok(p.clone()).await;
+    env.guest_write(&env.disks[0], 2 * MIB, MIB, 8).await;
+    let expected = env.shas(&env.disks).await;
+    // Twice 503 on the engine's GETs and on the image server's extents,
+    // then a 502 on the image server (the extents' third attempt).
+    env.arm_http(json!({"method": "GET", "path": "/diskattachments", "status": 503, "times": 2}))
+        .await;
+    env.arm_http(json!({"method": "GET", "path": "/imagetransfers/", "status": 503, "times": 2}))
+        .await;
+    env.arm_http(json!({"method": "GET", "path": "/extents", "status": 503, "times": 2}))
+        .await;
+    env.arm_http(json!({"method": "GET", "path": "/images/", "status": 502, "times": 1}))
+        .await;
+    let inc = env.backup_ok(p.clone()).await;
+    assert_eq!(inc.volumes[0].bitmap_mode, BitmapMode::Use);
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    let r = env
+        .restore(
+            p.clone(),
+            &inc.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {}", e.report()));
+    let ids: Vec<String> = env
+        .disks_of(&r.guest.id.0)
+        .into_iter()
+        .map(|d| d.1)
+        .collect();
+    assert_eq!(
+        env.shas(&ids).await,
+        vec![expected[1].clone(), expected[0].clone()]
+    );
+
+    // A 503 that does not go away: reported with the call.
+    env.arm_http(json!({"method": "GET", "path": "/diskattachments", "status": 503}))
+        .await;
+    let e = env.backup_err(p.clone()).await;
+    let msg = e.report();
+    assert!(
+        msg.contains("503") && msg.contains("GET /vms/") && msg.contains("/diskattachments"),
+        "{msg}"
+    );
+    env.disarm().await;
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    // A 500 is not retried: the engine failed, it is not busy.
+    env.arm_http(json!({"method": "GET", "path": "/diskattachments", "status": 500, "times": 1}))
+        .await;
+    let e = env.backup_err(p.clone()).await;
+    assert!(e.report().contains("500"), "{}", e.report());
+    env.disarm().await;
     assert_eq!(env.leftovers().await, Vec::<String>::new());
 }
 

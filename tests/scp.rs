@@ -635,12 +635,12 @@ async fn quick_recovery_of_a_linked_vm_is_refused() {
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
     let b = report.guests[0].result.as_ref().unwrap();
     let reader = env.store.open_snapshot(&b.snapshot.id).await.unwrap();
-    let archive = provider_api::ArchiveView {
-        snapshot: reader.info().clone(),
-        guest_config: None,
-        firewall_config: None,
-        metadata: reader.metadata().await.unwrap(),
-    };
+    let archive = provider_api::ArchiveView::new(
+        reader.info().clone(),
+        None,
+        None,
+        reader.metadata().await.unwrap(),
+    );
     let e = scp.quick_recovery(&archive).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Refused);
     assert!(e.report().contains("linked-1"), "{}", e.report());
@@ -820,11 +820,11 @@ async fn job_cleanup_releases_what_a_guest_still_holds() {
     let exposed = scp
         .backup_vm(
             &guest,
-            provider_api::BackupVmRequest {
+            provider_api::BackupVmRequest::new(
                 plan,
-                previous: None,
-                base_images: Arc::new(provider_api::testing::EmptyCatalog),
-            },
+                None,
+                Arc::new(provider_api::testing::EmptyCatalog),
+            ),
         )
         .await
         .unwrap();
@@ -922,5 +922,367 @@ async fn the_lease_is_renewed_while_a_slow_backup_reads() {
         .unwrap_or_else(|e| panic!("{}", e.report()));
     assert!(started.elapsed() > std::time::Duration::from_millis(2500));
     assert!(b.volumes[0].base_image_stored);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// Answers missing a field that decides what is backed up are errors
+/// naming the call and the field (they used to default to zero, an empty
+/// list or "no next page"), the guest's cleanups run and nothing is
+/// published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_missing_a_deciding_field_fail_the_guest_naming_call_and_field() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    // (path, JSON pointer removed from the answer, field, call named)
+    let cases = [
+        (
+            "/cbt/changed-areas",
+            "/data/areas",
+            "areas",
+            "cbt/changed-areas",
+        ),
+        (
+            "/cbt/changed-areas",
+            "/data/next_offset",
+            "next_offset",
+            "cbt/changed-areas",
+        ),
+        (
+            "/snapshots/{snapshot_id}",
+            "/data/vmconf/hardware_option/disks",
+            "disks",
+            "/snapshots/",
+        ),
+        (
+            "/snapshots/{snapshot_id}",
+            "/data/checkpoint_id",
+            "checkpoint_id",
+            "/snapshots/",
+        ),
+        (
+            "/janus/20180725/base-images",
+            "/data/data/*/size",
+            "size",
+            "base-images",
+        ),
+        (
+            "/janus/20250725/servers/{server_id}",
+            "/data/disks",
+            "disks",
+            "/janus/20250725/servers/",
+        ),
+        ("/cbt/status", "/data/status", "status", "cbt/status"),
+        (
+            "/janus/20180725/tasks/",
+            "/data/result/checkpoint_id",
+            "checkpoint_id",
+            "/snapshots",
+        ),
+    ];
+    for (path, pointer, field, call) in cases {
+        env.admin
+            .post(
+                "/scp/faults/answers",
+                json!({"method": "GET", "path": path, "remove": [pointer]}),
+            )
+            .await;
+        let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+        env.admin.delete("/scp/faults/answers").await;
+        let e = report.guests[0]
+            .result
+            .as_ref()
+            .expect_err(&format!("{pointer} removed: the backup must fail"));
+        let text = e.report();
+        assert!(
+            text.contains(&format!("missing field `{field}`")),
+            "{pointer}: {text}"
+        );
+        assert!(
+            e.context()
+                .api_call
+                .as_deref()
+                .is_some_and(|c| c.contains(call)),
+            "{pointer}: {text}"
+        );
+        assert_eq!(
+            leftovers(&env.admin).await,
+            Vec::<String>::new(),
+            "{pointer}"
+        );
+    }
+    assert!(
+        env.store
+            .list_snapshots(Some("scp"), None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing published"
+    );
+    // Complete answers again: the backup works.
+    assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
+}
+
+/// A fast retry policy for tests.
+fn fast_retries(env: &Env) -> provider_scp::ScpOptions {
+    let mut o = env.options(AccessMode::Nbd);
+    o.retry = provider_scp::RetryPolicy {
+        attempts: 4,
+        initial_delay: std::time::Duration::from_millis(10),
+        max_delay: std::time::Duration::from_millis(40),
+    };
+    o
+}
+
+/// HTTP 503 on idempotent calls (a `GET`, task polling) is retried; a
+/// persistent one is reported naming the call; a failing call that changes
+/// something is not repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let scp = env.provider_with(fast_retries(&env));
+    for path in [
+        "/cbt/changed-areas",
+        "/janus/20180725/tasks/",
+        "/janus/20180725/base-images",
+    ] {
+        env.admin
+            .post(
+                "/faults/http",
+                json!({"method": "GET", "path": path, "status": 503, "code": 50300,
+                    "message": "busy", "times": 2}),
+            )
+            .await;
+    }
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("transient 503s: {}", e.report()));
+    assert_eq!(
+        env.admin.get("/faults").await["http"],
+        json!([]),
+        "every transient fault fired"
+    );
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("r".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+
+    // Persistent: reported with the call once the attempts are spent.
+    env.admin
+        .post(
+            "/faults/http",
+            json!({"method": "GET", "path": "/cbt/status", "status": 503, "code": 50300,
+                "message": "still busy"}),
+        )
+        .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    env.admin.delete("/faults").await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    assert!(e.report().contains("HTTP 503"), "{}", e.report());
+    assert!(
+        e.context().api_call.as_deref().is_some_and(|c| c
+            .starts_with("GET /janus/20240725/servers/")
+            && c.ends_with("/cbt/status")),
+        "{}",
+        e.report()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // A POST is sent once: the second answer would succeed, but the
+    // snapshot call is not repeated.
+    env.admin
+        .post(
+            "/faults/http",
+            json!({"method": "POST", "path": "/servers/{server_id}/snapshots", "status": 503,
+                "code": 50300, "message": "busy", "times": 1}),
+        )
+        .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    assert!(
+        e.context()
+            .api_call
+            .as_deref()
+            .is_some_and(|c| c.starts_with("POST ")),
+        "{}",
+        e.report()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// Job `job` of `host` starts a backup of `vm` and dies without any
+/// cleanup: the platform keeps its snapshot, lease and exports or
+/// hot-adds. Returns the provider of a job that is still running when
+/// `keep` is true (dropped otherwise).
+async fn backup_left_open(
+    env: &Env,
+    options: provider_scp::ScpOptions,
+    host: &str,
+    job: &str,
+    running: &[&str],
+    vm: &str,
+    keep: bool,
+) -> Option<Arc<provider_scp::ScpProvider>> {
+    let scp = env.provider_with(options);
+    let guest = Guest::vm(vm);
+    let info = provider_api::JobInfo::new(job, scenarios::scp::now())
+        .on_host(host, running.iter().map(|j| j.to_string()));
+    scp.job_init(&info).await.unwrap();
+    scp.backup_init(&guest, 1).await.unwrap();
+    let plan = scp.backup_vm_query_incremental(&guest, None).await.unwrap();
+    let exposed = scp
+        .backup_vm(
+            &guest,
+            provider_api::BackupVmRequest::new(
+                plan,
+                None,
+                Arc::new(provider_api::testing::EmptyCatalog),
+            ),
+        )
+        .await
+        .unwrap();
+    drop(exposed);
+    keep.then_some(scp)
+}
+
+/// What the platform holds for a server: (snapshots, leases, hot-adds of
+/// its snapshots).
+async fn held_for(env: &Env, server: &str) -> (usize, usize, usize) {
+    let o = env.admin.scp_objects().await;
+    let count = |key: &str, f: &dyn Fn(&Value) -> bool| {
+        o[key]
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|x| f(x)).count())
+    };
+    let snapshots: Vec<Value> = o["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["server_id"] == server)
+        .cloned()
+        .collect();
+    (
+        snapshots.len(),
+        count("backup_resources", &|l| l["server_id"] == server),
+        count("hotadds", &|h| {
+            snapshots
+                .iter()
+                .any(|s| h["source"]["snapshot_id"] == s["id"])
+        }),
+    )
+}
+
+/// Objects of a job that died are swept by the next job of the same host;
+/// a running job's and another host's objects stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_job_of_the_host_sweeps_what_a_dead_job_left() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm1 = id(&linked_vm(&env, "dead-job", &base, 10, true).await);
+    let vm2 = id(&linked_vm(&env, "running-job", &base, 20, true).await);
+    let vm3 = id(&linked_vm(&env, "other-host", &base, 30, false).await);
+    let proxy = env
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let hot_add = env.options(AccessMode::HotAdd {
+        proxy_server_id: id(&proxy),
+    });
+
+    // host-a/job-1 (hot-add) dies; host-a/job-3 is still running;
+    // host-b/job-1 died too, but on another host.
+    backup_left_open(&env, hot_add, "host-a", "job-1", &[], &vm1, false).await;
+    // job-3 started while job-1 still ran: it leaves job-1's objects.
+    let running = backup_left_open(
+        &env,
+        env.options(AccessMode::Nbd),
+        "host-a",
+        "job-3",
+        &["job-1"],
+        &vm2,
+        true,
+    )
+    .await
+    .unwrap();
+    backup_left_open(
+        &env,
+        env.options(AccessMode::Nbd),
+        "host-b",
+        "job-1",
+        &[],
+        &vm3,
+        false,
+    )
+    .await;
+    let dead = held_for(&env, &vm1).await;
+    assert_eq!(
+        dead,
+        (1, 1, 3),
+        "snapshot, lease, 2 disks + base image hot-added"
+    );
+    assert_eq!(held_for(&env, &vm2).await, (1, 1, 0));
+    assert_eq!(held_for(&env, &vm3).await, (1, 1, 0));
+    assert!(!leftovers(&env.admin).await.is_empty());
+
+    // host-a/job-2 starts while job-3 runs.
+    let sweeper = env.provider();
+    sweeper
+        .job_init(
+            &provider_api::JobInfo::new("job-2", scenarios::scp::now())
+                .on_host("host-a", vec!["job-3".to_owned()]),
+        )
+        .await
+        .unwrap();
+    let swept = sweeper.swept();
+    eprintln!("swept: {swept:#?}");
+    assert_eq!(held_for(&env, &vm1).await, (0, 0, 0), "{swept:?}");
+    assert_eq!(held_for(&env, &vm2).await, (1, 1, 0), "running job kept");
+    assert_eq!(held_for(&env, &vm3).await, (1, 1, 0), "other host's kept");
+    assert!(
+        swept.iter().all(|l| l.contains("vmbackup.host-a.job-1")),
+        "{swept:?}"
+    );
+    assert_eq!(swept.len(), 5, "3 hot-adds, 1 lease, 1 snapshot: {swept:?}");
+    sweeper.job_cleanup().await.unwrap();
+
+    // vm1 is no longer locked by the dead job's lease: it backs up.
+    let report = env.backup(env.provider(), &[&vm1]).await;
+    assert!(
+        report.success(),
+        "{:?}",
+        report.guests[0].result.as_ref().err().map(|e| e.report())
+    );
+
+    // The running job ends normally; host-b's next job sweeps its own.
+    let guest = Guest::vm(vm2.as_str());
+    running
+        .backup_cleanup(
+            &guest,
+            &provider_api::Outcome::failed(&provider_api::Error::other("test over")),
+        )
+        .await
+        .unwrap();
+    running.job_cleanup().await.unwrap();
+    let b = env.provider();
+    b.job_init(
+        &provider_api::JobInfo::new("job-5", scenarios::scp::now()).on_host("host-b", Vec::new()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(held_for(&env, &vm3).await, (0, 0, 0));
+    b.job_cleanup().await.unwrap();
     assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
 }

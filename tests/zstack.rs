@@ -411,11 +411,7 @@ async fn disabled_image_gives_clear_errors() {
     let report = driver
         .run_job(
             &JobOptions {
-                info: JobInfo {
-                    job_id: "disabled".into(),
-                    start_time: now(),
-                    ..JobInfo::default()
-                },
+                info: JobInfo::new("disabled", now()),
                 parallelism: 1,
                 log_dir: zs.env.dir.path().join("logs"),
             },
@@ -492,4 +488,304 @@ async fn conformance_kit_passes() {
     check_all(&*dynp, &Guest::vm(&vm), &probe)
         .await
         .expect("conformance (dyn)");
+}
+
+// ------------------------------------------------------- issue 12: typed answers
+
+/// Options that retry fast (the default waits 200 ms doubling).
+fn fast_retries(zs: &Zs) -> provider_zstack::ZStackOptions {
+    let mut o = zs.options();
+    o.retry_initial_ms = 5;
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_answer_without_all_volumes_is_an_error_naming_the_call_and_field() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("no-volumes", 120, true).await);
+    zs.admin()
+        .post(
+            "/zstack/faults",
+            json!({"kind": "drop_field", "path": "/vm-instances/", "field": "allVolumes"}),
+        )
+        .await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    let err = report.guests[0]
+        .result
+        .as_ref()
+        .expect_err("a VM answer without allVolumes must not back up zero volumes");
+    let text = err.report();
+    assert!(text.contains("allVolumes"), "{text}");
+    assert!(
+        text.contains(&format!("GET /zstack/v1/vm-instances/{vm}")),
+        "{text}"
+    );
+    assert!(!report.success());
+    let published = zs.env.store.list_snapshots(None, None).await.unwrap();
+    assert!(published.is_empty(), "{published:?}");
+    zs.admin().delete("/zstack/faults").await;
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+// ------------------------------------------------------- issue 12: retries
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_gateway_errors_are_retried_and_persistent_ones_reported() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("retry", 130, true).await);
+    let provider = zs.provider_with(fast_retries(&zs));
+    // Two 503s from a proxy on reading the VM, two 502s on job polls.
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "GET", "path": "/zstack/v1/vm-instances/", "status": 503, "times": 2}),
+        )
+        .await;
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "GET", "path": "/zstack/v1/api-jobs/", "status": 502, "times": 2}),
+        )
+        .await;
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+
+    // Persistent: reported, naming the call and the status.
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "GET", "path": "/zstack/v1/vm-instances/", "status": 503}),
+        )
+        .await;
+    let report = zs.backup(provider, &[&vm]).await;
+    let err = report.guests[0]
+        .result
+        .as_ref()
+        .expect_err("persistent 503");
+    let text = err.report();
+    assert!(
+        text.contains("503") && text.contains(&format!("GET /zstack/v1/vm-instances/{vm}")),
+        "{text}"
+    );
+    zs.admin().delete("/faults").await;
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+// ------------------------------------------------------- issue 12: markers and sweeps
+
+fn job(host: &str, id: &str, running: &[&str]) -> JobInfo {
+    JobInfo::new(id, now()).on_host(host, running.iter().map(|s| s.to_string()))
+}
+
+/// A volume snapshot created through the ZStack API with `name`.
+async fn plant_snapshot(zs: &Zs, volume: &str, name: &str) {
+    let p = zs.provider();
+    p.client().login().await.expect("login");
+    p.client()
+        .call(
+            reqwest::Method::POST,
+            &format!("/volumes/{volume}/volume-snapshots"),
+            Some(json!({"params": {"name": name}})),
+            "CreateVolumeSnapshot",
+        )
+        .await
+        .expect("snapshot");
+}
+
+async fn snapshot_names(zs: &Zs) -> Vec<String> {
+    let mut names: Vec<String> = zs.objects().await["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_an_interrupted_job_carry_its_marker_and_the_next_job_sweeps_them() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("interrupted", 140, true).await);
+    // Deleting fails: the backup fails and its cleanup cannot remove what
+    // it created, as when the job is killed.
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "DELETE", "path": "/zstack/v1/volume-snapshots/", "status": 500}),
+        )
+        .await;
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "DELETE", "path": "/zstack/v1/images/", "status": 500}),
+        )
+        .await;
+    let report = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-1", &[]))
+        .await;
+    assert!(!report.success());
+    zs.admin().delete("/faults").await;
+    let o = zs.objects().await;
+    let mut left: Vec<String> = Vec::new();
+    for key in ["snapshots", "temporary_images"] {
+        for x in o[key].as_array().unwrap() {
+            left.push(x["name"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(!left.is_empty(), "the fault should have left objects");
+    for name in &left {
+        assert!(
+            name.starts_with("vmbackup.host-a.job-1."),
+            "{name} lacks the job marker"
+        );
+    }
+    // Another host's job, and a job of this host while job-1 still runs,
+    // leave them alone.
+    let other_host = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-b", "job-7", &[]))
+        .await;
+    assert_ok(&other_host);
+    let same_host_running = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-2", &["job-1"]))
+        .await;
+    assert_ok(&same_host_running);
+    assert_eq!(zs.leftovers().await.len(), left.len(), "{left:?}");
+    // job-1 is gone: the next job of host-a sweeps exactly its objects.
+    let next = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-3", &[]))
+        .await;
+    assert_ok(&next);
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_matches_markers_exactly() {
+    let zs = Zs::start().await;
+    let vm = zs.vm("exact", 150, false).await;
+    let vm_id = uuid(&vm);
+    let root = vm["rootVolumeUuid"].as_str().unwrap().to_owned();
+    let stale = "vmbackup.host-a.job-1.b0-x.root";
+    let keep = [
+        // A running job whose id starts with the stale one's.
+        "vmbackup.host-a.job-10.b0-x.root",
+        // Another host whose id starts with this one's.
+        "vmbackup.host-a-2.job-1.b0-x.root",
+        // Another host that differs only in case (the platform's `~=`
+        // compares case-insensitively).
+        "vmbackup.HOST-A.job-1.b0-x.root",
+        // Not a marker at all.
+        "xvmbackup.host-a.job-1.b0-x.root",
+        "user snapshot",
+    ];
+    plant_snapshot(&zs, &root, stale).await;
+    for k in keep {
+        plant_snapshot(&zs, &root, k).await;
+    }
+    let report = zs
+        .backup_job(
+            zs.provider(),
+            &[&vm_id],
+            1,
+            job("host-a", "job-2", &["job-10"]),
+        )
+        .await;
+    assert_ok(&report);
+    let mut want: Vec<String> = keep.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(snapshot_names(&zs).await, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn like_queries_escape_wildcards() {
+    let zs = Zs::start().await;
+    for name in ["wild_card.a", "wildXcard.b", "WILD_CARD.c", "wild_card"] {
+        zs.admin()
+            .post("/zstack/images", json!({"name": name, "size": MIB}))
+            .await;
+    }
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let pattern = format!("name~={}%", provider_zstack::api::like_escape("wild_card."));
+    let hits: Vec<provider_zstack::api::ImageInventory> =
+        p.client().query("/images", &[pattern]).await.unwrap();
+    let mut names: Vec<&str> = hits.iter().map(|i| i.name.as_str()).collect();
+    names.sort();
+    // `_` is literal once escaped; the case-insensitive match is why the
+    // provider compares names exactly afterwards.
+    assert_eq!(names, ["WILD_CARD.c", "wild_card.a"]);
+    // Unescaped, `_` is a wildcard.
+    let loose: Vec<provider_zstack::api::ImageInventory> = p
+        .client()
+        .query("/images", &["name~=wild_card.%".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!(loose.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_restore_is_never_swept_and_an_interrupted_one_is() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("restore-marker", 160, true).await);
+    let provider = zs.provider();
+    let report = zs
+        .backup_job(provider.clone(), &[&vm], 1, job("host-a", "job-1", &[]))
+        .await;
+    assert_ok(&report);
+    let restored = zs
+        .restore(provider.clone(), &snapshot_of(&report, 0), "restored-ok")
+        .await
+        .expect("restore");
+    let want = zs.digests(&restored.guest.id.0).await;
+    assert_eq!(want, zs.digests(&vm).await);
+    // The next job of the same host keeps the restored VM and its volumes.
+    let next = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-2", &[]))
+        .await;
+    assert_ok(&next);
+    assert_eq!(zs.digests(&restored.guest.id.0).await, want);
+
+    // A restore interrupted after creating its VM: the VM still carries the
+    // job marker in its description (planted as the provider writes it).
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let image = zs.image.clone();
+    let created: Value = p
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/vm-instances",
+            Some(json!({"params": {"name": "half-restored", "imageUuid": image,
+                "description": "restored from x: vmbackup restore in progress (vmbackup.host-a.job-3.r0-x)"}})),
+            "CreateVmInstance",
+        )
+        .await
+        .unwrap();
+    let half = created["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let next = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-4", &[]))
+        .await;
+    assert_ok(&next);
+    let o = zs.objects().await;
+    let vms: Vec<&str> = o["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["uuid"].as_str().unwrap())
+        .collect();
+    assert!(!vms.contains(&half.as_str()), "interrupted restore kept");
+    assert!(vms.contains(&restored.guest.id.0.as_str()));
+    assert_eq!(zs.digests(&restored.guest.id.0).await, want);
 }

@@ -190,19 +190,19 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
     let addr = server.listen_tcp("127.0.0.1:0".parse()?).await?;
     let guests: Vec<NbdGuest> = GUESTS
         .iter()
-        .map(|g| NbdGuest {
-            id: g.to_string(),
-            access: NbdAccess {
-                address: NbdAddress::Tcp {
-                    host: addr.ip().to_string(),
-                    port: addr.port(),
-                },
-                export: g.to_string(),
-                tls: None,
-                dirty_bitmap_context: None,
-            },
-            size,
-            bitmap: Some(BITMAP.into()),
+        .map(|g| {
+            NbdGuest::single(
+                g.to_string(),
+                NbdAccess::new(
+                    NbdAddress::Tcp {
+                        host: addr.ip().to_string(),
+                        port: addr.port(),
+                    },
+                    g.to_string(),
+                ),
+                size,
+                Some(BITMAP.into()),
+            )
         })
         .collect();
     let restore_dir = root.join("restored");
@@ -245,11 +245,7 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
             hashes.push(sha256_of_export(c).await?);
         }
         let options = JobOptions {
-            info: JobInfo {
-                job_id: format!("demo-{label}"),
-                start_time: crate::now() + round as i64,
-                ..JobInfo::default()
-            },
+            info: JobInfo::new(format!("demo-{label}"), crate::now() + round as i64),
             parallelism: 2,
             log_dir: root.join("logs"),
         };

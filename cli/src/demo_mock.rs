@@ -237,11 +237,10 @@ pub async fn run_platform(
             digests.push(d);
         }
         let options = JobOptions {
-            info: JobInfo {
-                job_id: format!("demo-{}-{label}", run.name),
-                start_time: crate::now() + round as i64,
-                ..JobInfo::default()
-            },
+            info: JobInfo::new(
+                format!("demo-{}-{label}", run.name),
+                crate::now() + round as i64,
+            ),
             parallelism: 2,
             log_dir: work.join("logs"),
         };

@@ -452,12 +452,7 @@ fn parse_nbd_uri(uri: &str, tls_ca: Option<&PathBuf>) -> Result<NbdAccess> {
         (true, None) => bail!("{uri} uses TLS: pass --tls-ca with the CA that signs the server"),
         (false, _) => None,
     };
-    Ok(NbdAccess {
-        address,
-        export: parsed.export,
-        tls,
-        dirty_bitmap_context: None,
-    })
+    Ok(NbdAccess::new(address, parsed.export).with_tls(tls))
 }
 
 async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
@@ -490,11 +485,7 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
     let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover))
         .with_progress(Arc::new(progress::Reporter::new(json)));
     let options = JobOptions {
-        info: JobInfo {
-            job_id: format!("backup-{platform}"),
-            start_time: now(),
-            ..JobInfo::default()
-        },
+        info: JobInfo::new(format!("backup-{platform}"), now()),
         parallelism: args.parallel.max(1),
         log_dir: work.path().join("logs"),
     };
@@ -529,12 +520,7 @@ async fn nbd_guest(
         .with_context(|| format!("connecting to {uri}"))?;
     let size = c.size();
     let _ = c.disconnect().await;
-    Ok(NbdGuest {
-        id: id.to_owned(),
-        access,
-        size,
-        bitmap,
-    })
+    Ok(NbdGuest::single(id, access, size, bitmap))
 }
 
 async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Result<ExitCode> {

@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use provider_api::{
-    ArchiveName, BackupMechanism, BackupProvider, BackupVmRequest, BitmapMode, ConfigKind,
-    DirtySource, Error, ErrorKind, Guest, GuestKind, IncrementalPlan, JobInfo, Outcome,
-    PreviousBackup, Result, SnapshotInfo, SnapshotSpec, SnapshotWriter, StartFrom, Target,
-    TargetExt, VmBackup, VolumeAccess, VolumeSpec,
+    AccessScope, ArchiveName, BackupMechanism, BackupProvider, BackupVmRequest, BitmapMode,
+    ConfigKind, DirtySource, Error, ErrorKind, Guest, GuestKind, JobInfo, Outcome, PreviousBackup,
+    Result, SnapshotInfo, SnapshotSpec, SnapshotWriter, StartFrom, Target, TargetExt, VmBackup,
+    VolumeAccess, VolumeSpec,
 };
 use tracing::Instrument;
 
@@ -320,18 +320,19 @@ impl BackupDriver {
             .backup_vm_query_incremental(guest, previous.as_ref())
             .await?;
         log.line(format!("incremental answer {answer:?}"));
-        let request = BackupVmRequest {
-            plan: answer.clone(),
-            previous: previous.clone(),
-            base_images: self.target.base_images(&platform),
-        };
-        let vm = provider.backup_vm(guest, request).await?;
+        let request = BackupVmRequest::new(
+            answer.clone(),
+            previous.clone(),
+            self.target.base_images(&platform),
+        );
+        let vm = provider.backup_vm(guest, request.clone()).await?;
         let VmBackup {
             guest_config,
             firewall_config,
             metadata,
             volumes,
             mut warnings,
+            ..
         } = vm;
         check_volumes(&volumes)?;
         for w in &warnings {
@@ -358,14 +359,7 @@ impl BackupDriver {
         let mut reports = Vec::with_capacity(volumes.len());
         for access in volumes {
             let report = self
-                .copy_volume(
-                    w.as_mut(),
-                    access,
-                    &answer,
-                    previous.as_ref(),
-                    log,
-                    &mut warnings,
-                )
+                .copy_volume(w.as_mut(), access, &request, log, &mut warnings)
                 .instrument(tracing::info_span!("volume"))
                 .await?;
             reports.push(report);
@@ -388,15 +382,14 @@ impl BackupDriver {
         };
         let reader = self.target.open_snapshot(&snapshot.id).await?;
         let metadata = reader.metadata().await?;
-        Ok(Some(PreviousBackup { snapshot, metadata }))
+        Ok(Some(PreviousBackup::new(snapshot, metadata)))
     }
 
     async fn copy_volume(
         &self,
         writer: &mut dyn SnapshotWriter,
         access: VolumeAccess,
-        answer: &IncrementalPlan,
-        previous: Option<&PreviousBackup>,
+        request: &BackupVmRequest,
         log: &GuestLog,
         warnings: &mut Vec<String>,
     ) -> Result<VolumeReport> {
@@ -407,16 +400,25 @@ impl BackupDriver {
             dirty,
             checkpoint,
             base,
+            scope,
+            ..
         } = access;
         let device = volume.device.clone();
-        let mode = effective_mode(
-            &device,
-            volume.size,
-            bitmap_mode,
-            answer,
-            previous,
-            warnings,
-        );
+        let (mode, why) = request.host_mode_why(&device, volume.size, bitmap_mode);
+        if let Some(why) = why {
+            warnings.push(format!("volume {device}: {why}; full backup"));
+        }
+        if scope == AccessScope::DirtyOnly && mode != BitmapMode::Use {
+            // The access holds the changed regions only: a full read would
+            // store whatever the rest reads as (zeroes) as the guest's data.
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the provider exposed only the changed regions but the host must read the whole volume (bitmap mode {mode:?}); refusing to store data the access does not hold"
+                ),
+            )
+            .volume(&device));
+        }
         log.line(format!(
             "volume {device}: {} bytes, bitmap mode {mode:?}",
             volume.size
@@ -427,7 +429,10 @@ impl BackupDriver {
         // The base layer first: the volume may start from it.
         let mut start_from = match mode {
             BitmapMode::Use => {
-                let prev = previous.expect("effective_mode checked the previous backup");
+                let prev = request
+                    .previous
+                    .as_ref()
+                    .expect("host_mode checked the previous backup");
                 StartFrom::Previous(prev.snapshot.id.clone())
             }
             _ => StartFrom::Empty,
@@ -538,45 +543,6 @@ fn add_stats(total: &mut CopyStats, s: &CopyStats) {
     total.target.bytes_stored += s.target.bytes_stored;
 }
 
-/// The bitmap mode the host uses for a volume: the provider's, limited by
-/// the incremental answer and by what the previous backup holds.
-pub fn effective_mode(
-    device: &str,
-    size: u64,
-    provided: BitmapMode,
-    answer: &IncrementalPlan,
-    previous: Option<&PreviousBackup>,
-    warnings: &mut Vec<String>,
-) -> BitmapMode {
-    let Some(&planned) = answer.get(device) else {
-        return BitmapMode::None;
-    };
-    match (planned, provided) {
-        (BitmapMode::None, _) | (_, BitmapMode::None) => BitmapMode::None,
-        (_, BitmapMode::New) | (BitmapMode::New, _) => BitmapMode::New,
-        (BitmapMode::Use, BitmapMode::Use) => {
-            let usable = previous
-                .and_then(|p| p.snapshot.volume(device))
-                .map(|v| v.volume.size == size && v.bitmap_mode != BitmapMode::None);
-            match usable {
-                Some(true) => BitmapMode::Use,
-                Some(false) => {
-                    warnings.push(format!(
-                        "volume {device}: previous backup has another size or no checkpoint; full backup"
-                    ));
-                    BitmapMode::New
-                }
-                None => {
-                    warnings.push(format!(
-                        "volume {device}: no previous backup of this volume; full backup"
-                    ));
-                    BitmapMode::New
-                }
-            }
-        }
-    }
-}
-
 fn check_mechanism(kind: GuestKind, mechanism: BackupMechanism) -> Result<()> {
     match (kind, mechanism) {
         (GuestKind::Vm, BackupMechanism::Nbd | BackupMechanism::FileHandle)
@@ -592,6 +558,11 @@ fn check_mechanism(kind: GuestKind, mechanism: BackupMechanism) -> Result<()> {
 }
 
 fn check_volumes(volumes: &[VolumeAccess]) -> Result<()> {
+    if volumes.is_empty() {
+        return Err(Error::invalid(
+            "the provider exposed no volume for the VM; refusing to store an empty backup",
+        ));
+    }
     let mut seen = BTreeSet::new();
     for v in volumes {
         if v.volume.device.is_empty() || !seen.insert(v.volume.device.as_str()) {

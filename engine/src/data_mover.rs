@@ -208,6 +208,7 @@ impl Source {
                 })?;
                 Ok(Source::File(Arc::new(file)))
             }
+            other => Err(unsupported_access(other)),
         }
     }
 
@@ -379,6 +380,12 @@ impl DataMover for StandardMover {
                     )));
                 }
             },
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("a source of dirty regions this host does not know, for {device}"),
+                ));
+            }
         };
         let total = size;
         let piece = self.options.piece_size.max(4096);
@@ -567,6 +574,7 @@ impl Destination {
                     })?;
                 Ok(Destination::File(Arc::new(file)))
             }
+            other => Err(unsupported_access(other)),
         }
     }
 
@@ -690,4 +698,12 @@ mod tests {
             .collect();
         assert_eq!(got, [(1000, 3096), (4096, 4096), (8192, 2808)]);
     }
+}
+
+/// An access kind added to the contract after this host was written.
+fn unsupported_access(access: &SnapshotAccess) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("snapshot access {access:?} is not supported by this host"),
+    )
 }

@@ -86,20 +86,16 @@ impl RestoreDriver {
                 ));
             }
             let info = reader.info().clone();
-            let archive = ArchiveView {
-                guest_config: reader.config(ConfigKind::Guest).await?,
-                firewall_config: reader.config(ConfigKind::Firewall).await?,
-                metadata: reader.metadata().await?,
-                snapshot: info.clone(),
-            };
+            let archive = ArchiveView::new(
+                info.clone(),
+                reader.config(ConfigKind::Guest).await?,
+                reader.config(ConfigKind::Firewall).await?,
+                reader.metadata().await?,
+            );
             let guest_config = self.provider.archive_get_guest_config(&archive).await?;
             let firewall_config = self.provider.archive_get_firewall_config(&archive).await?;
-            let request = RestoreVmRequest {
-                archive,
-                target: destination,
-                guest_config,
-                firewall_config,
-            };
+            let request =
+                RestoreVmRequest::new(archive, destination, guest_config, firewall_config);
             let guest = match self.provider.restore_vm_init(&request).await {
                 Ok(g) => g,
                 Err(e) => {
@@ -156,23 +152,15 @@ impl RestoreDriver {
         let merged = reader.open_volume(device, Layer::Merged).await?;
         let (merged_uri, _merged_guard) = self.exposer.expose(device, merged.clone()).await?;
         let mut base_guard = None;
-        let mut sources = RestoreSources {
-            merged: merged_uri,
-            base: None,
-            base_size: None,
-        };
+        let mut sources = RestoreSources::new(merged_uri);
         if volume.base.is_some() {
             let base = reader.open_volume(device, Layer::Base).await?;
-            sources.base_size = Some(base.size());
+            let size = base.size();
             let (uri, guard) = self.exposer.expose(&format!("{device}.base"), base).await?;
-            sources.base = Some(uri);
+            sources = sources.with_base(uri, size);
             base_guard = Some(guard);
         }
-        let request = RestoreVolumeRequest {
-            guest: guest.clone(),
-            volume: volume.clone(),
-            sources,
-        };
+        let request = RestoreVolumeRequest::new(guest.clone(), volume.clone(), sources);
         let result = async {
             let import = self.provider.restore_vm_volume_init(&request).await?;
             let mut total = 0;

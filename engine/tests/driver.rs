@@ -94,10 +94,7 @@ impl BackupProvider for Fake {
         "fake"
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            incremental: true,
-            ..Capabilities::default()
-        }
+        Capabilities::none().incremental(true)
     }
     async fn job_init(&self, _job: &JobInfo) -> Result<()> {
         self.call("job_init".into())
@@ -165,16 +162,16 @@ impl BackupProvider for Fake {
                 let regions = dirty.get(*d).cloned().unwrap_or_default();
                 let linked = self.script.lock().unwrap().linked.clone();
                 let overlay = self.script.lock().unwrap().overlay_regions;
-                let base = linked
-                    .filter(|_| *d == "disk0")
-                    .map(|(id, path)| BaseLayer {
+                let base = linked.filter(|_| *d == "disk0").map(|(id, path)| {
+                    BaseLayer::new(
                         id,
-                        size: DISK,
-                        access: Some((
-                            SnapshotAccess::FileHandle(FileAccess { path }),
+                        DISK,
+                        Some((
+                            SnapshotAccess::FileHandle(FileAccess::new(path)),
                             DirtySource::All,
                         )),
-                    });
+                    )
+                });
                 let claimed = if base.is_some() && overlay {
                     BitmapMode::New
                 } else if regions.is_empty() {
@@ -182,32 +179,28 @@ impl BackupProvider for Fake {
                 } else {
                     BitmapMode::Use
                 };
-                VolumeAccess {
-                    volume: Volume {
+                VolumeAccess::new(
+                    Volume {
                         device: d.to_string(),
                         size: DISK,
                         format: VolumeFormat::Raw,
                     },
-                    access: SnapshotAccess::FileHandle(FileAccess {
-                        path: self.disk(&guest.id.0, d),
-                    }),
-                    bitmap_mode: claimed,
-                    dirty: DirtySource::Regions(Box::new(RegionList::new(regions))),
-                    checkpoint: Some(Checkpoint(format!("cp{cp}"))),
-                    base,
-                }
+                    SnapshotAccess::FileHandle(FileAccess::new(self.disk(&guest.id.0, d))),
+                )
+                .bitmap_mode(claimed)
+                .dirty(DirtySource::Regions(Box::new(RegionList::new(regions))))
+                .checkpoint(Some(Checkpoint(format!("cp{cp}"))))
+                .base(base)
             })
             .collect();
-        Ok(VmBackup {
-            guest_config: ConfigBlob::json(&serde_json::json!({"vm": guest.id.0})),
-            firewall_config: None,
-            metadata: serde_json::json!({"checkpoint": cp}),
+        Ok(VmBackup::new(
+            ConfigBlob::json(&serde_json::json!({"vm": guest.id.0})),
             volumes,
-            warnings: vec![],
-        })
+        )
+        .metadata(serde_json::json!({"checkpoint": cp})))
     }
     async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats> {
-        let tag = if outcome.success { "ok" } else { "failed" };
+        let tag = if outcome.is_success() { "ok" } else { "failed" };
         self.script
             .lock()
             .unwrap()
@@ -249,12 +242,9 @@ impl BackupProvider for Fake {
         assert!(request.sources.merged.starts_with("nbd://"));
         let path = self.disk(&request.guest.id.0, device);
         std::fs::File::create(&path)?.set_len(request.volume.volume.size)?;
-        Ok(VolumeImport {
-            writes: vec![LayerWrite {
-                layer: Layer::Merged,
-                destination: SnapshotAccess::FileHandle(FileAccess { path }),
-            }],
-        })
+        Ok(VolumeImport::merged_into(SnapshotAccess::FileHandle(
+            FileAccess::new(path),
+        )))
     }
     async fn restore_vm_volume_cleanup(
         &self,
@@ -264,11 +254,16 @@ impl BackupProvider for Fake {
     ) -> Result<()> {
         self.call(format!(
             "restore_vm_volume_cleanup {} {device} {}",
-            guest.id, o.success
+            guest.id,
+            o.is_success()
         ))
     }
     async fn restore_vm_cleanup(&self, guest: &Guest, o: &Outcome) -> Result<()> {
-        self.call(format!("restore_vm_cleanup {} {}", guest.id, o.success))
+        self.call(format!(
+            "restore_vm_cleanup {} {}",
+            guest.id,
+            o.is_success()
+        ))
     }
 }
 
@@ -298,11 +293,7 @@ fn setup(guests: &[&str]) -> Setup {
         Arc::new(StandardMover::default()),
     );
     let options = JobOptions {
-        info: JobInfo {
-            job_id: "t".into(),
-            start_time: 1_000,
-            ..JobInfo::default()
-        },
+        info: JobInfo::new("t", 1_000),
         parallelism: 1,
         log_dir: dir.path().join("logs"),
     };
@@ -848,9 +839,7 @@ async fn nbd_bitmap_regions_on_a_file_are_an_error_not_a_panic() {
             BackupCopy {
                 device: "disk0".into(),
                 size: DISK,
-                access: SnapshotAccess::FileHandle(FileAccess {
-                    path: s.fake.disk("vm1", "disk0"),
-                }),
+                access: SnapshotAccess::FileHandle(FileAccess::new(s.fake.disk("vm1", "disk0"))),
                 dirty: DirtySource::NbdBitmap,
                 writer,
             },

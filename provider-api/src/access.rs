@@ -51,6 +51,7 @@ impl fmt::Debug for TlsSettings {
 
 /// An NBD export giving a volume's snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct NbdAccess {
     /// Server address.
     pub address: NbdAddress,
@@ -65,6 +66,28 @@ pub struct NbdAccess {
 }
 
 impl NbdAccess {
+    /// Export `export` at `address`, plain, no dirty bitmap.
+    pub fn new(address: NbdAddress, export: impl Into<String>) -> Self {
+        NbdAccess {
+            address,
+            export: export.into(),
+            tls: None,
+            dirty_bitmap_context: None,
+        }
+    }
+
+    /// Over TLS (NBDSSL) with `tls`.
+    pub fn with_tls(mut self, tls: Option<TlsSettings>) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// With the dirty bitmap's meta context (`qemu:dirty-bitmap:NAME`).
+    pub fn with_dirty_bitmap(mut self, context: Option<String>) -> Self {
+        self.dirty_bitmap_context = context;
+        self
+    }
+
     /// `nbd://`, `nbds://` or `nbd+unix://` URI of the export (for qemu-img
     /// and logs; TLS credentials are not part of it).
     pub fn uri(&self) -> String {
@@ -88,14 +111,23 @@ impl NbdAccess {
 /// A file (device node, hot-added disk, attached snapshot disk) giving a
 /// volume's snapshot; read with positional reads.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct FileAccess {
     /// Path readable by the host.
     pub path: PathBuf,
 }
 
+impl FileAccess {
+    /// The file at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileAccess { path: path.into() }
+    }
+}
+
 /// How the host reads a volume's snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum SnapshotAccess {
     /// Mechanism `nbd`.
     Nbd(NbdAccess),
@@ -161,6 +193,7 @@ impl DirtyRegions for RegionList {
 }
 
 /// Where the changed regions of a volume come from.
+#[non_exhaustive]
 pub enum DirtySource {
     /// Everything (full read; holes are still skipped through allocation
     /// information where the access offers it).
@@ -182,8 +215,25 @@ impl fmt::Debug for DirtySource {
     }
 }
 
+/// What data an access holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum AccessScope {
+    /// Every byte of the volume reads as the snapshot holds it.
+    #[default]
+    Whole,
+    /// Only the dirty regions hold the snapshot's data (a staging file of
+    /// changed extents, say); everything else reads as garbage or zeroes.
+    /// The host then reads nothing outside the dirty regions: when it needs
+    /// a full read (bitmap mode `New`/`None`) it fails the volume instead
+    /// of storing what the access does not hold.
+    DirtyOnly,
+}
+
 /// One volume's snapshot as the provider exposes it from `backup_vm`.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct VolumeAccess {
     /// The volume.
     pub volume: Volume,
@@ -202,10 +252,59 @@ pub struct VolumeAccess {
     /// For a volume on a shared base image (linked clone): the base layer.
     /// The volume's own `access` then gives the overlay only.
     pub base: Option<BaseLayer>,
+    /// What data `access` holds.
+    pub scope: AccessScope,
+}
+
+impl VolumeAccess {
+    /// `volume` read through `access` in full: bitmap mode `None`, every
+    /// region dirty, no checkpoint, no base layer, whole scope.
+    pub fn new(volume: Volume, access: SnapshotAccess) -> Self {
+        VolumeAccess {
+            volume,
+            access,
+            bitmap_mode: BitmapMode::None,
+            dirty: DirtySource::All,
+            checkpoint: None,
+            base: None,
+            scope: AccessScope::Whole,
+        }
+    }
+
+    /// With bitmap mode `mode`.
+    pub fn bitmap_mode(mut self, mode: BitmapMode) -> Self {
+        self.bitmap_mode = mode;
+        self
+    }
+
+    /// With changed regions from `dirty`.
+    pub fn dirty(mut self, dirty: DirtySource) -> Self {
+        self.dirty = dirty;
+        self
+    }
+
+    /// With `checkpoint` to store.
+    pub fn checkpoint(mut self, checkpoint: Option<Checkpoint>) -> Self {
+        self.checkpoint = checkpoint;
+        self
+    }
+
+    /// On the base layer `base`.
+    pub fn base(mut self, base: Option<BaseLayer>) -> Self {
+        self.base = base;
+        self
+    }
+
+    /// With scope `scope`.
+    pub fn scope(mut self, scope: AccessScope) -> Self {
+        self.scope = scope;
+        self
+    }
 }
 
 /// A shared base image under a volume.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct BaseLayer {
     /// The platform's base-image id.
     pub id: BaseImageId,
@@ -218,8 +317,17 @@ pub struct BaseLayer {
     pub access: Option<(SnapshotAccess, DirtySource)>,
 }
 
+impl BaseLayer {
+    /// Base image `id` of `size` bytes, readable through `access` (`None`
+    /// when the target holds it already or the backup is incremental).
+    pub fn new(id: BaseImageId, size: u64, access: Option<(SnapshotAccess, DirtySource)>) -> Self {
+        BaseLayer { id, size, access }
+    }
+}
+
 /// What `backup_vm` exposes for one VM.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct VmBackup {
     /// The guest configuration.
     pub guest_config: crate::types::ConfigBlob,
@@ -231,6 +339,38 @@ pub struct VmBackup {
     pub volumes: Vec<VolumeAccess>,
     /// Warnings stored with the snapshot (fallback to full, skipped disks).
     pub warnings: Vec<String>,
+}
+
+impl VmBackup {
+    /// `volumes` with `guest_config`; no firewall configuration, null
+    /// metadata, no warnings.
+    pub fn new(guest_config: crate::types::ConfigBlob, volumes: Vec<VolumeAccess>) -> Self {
+        VmBackup {
+            guest_config,
+            firewall_config: None,
+            metadata: serde_json::Value::Null,
+            volumes,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// With `firewall_config`.
+    pub fn firewall_config(mut self, config: Option<crate::types::ConfigBlob>) -> Self {
+        self.firewall_config = config;
+        self
+    }
+
+    /// With `metadata` for restore.
+    pub fn metadata(mut self, metadata: crate::types::PlatformMetadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+
+    /// With `warnings`.
+    pub fn warnings(mut self, warnings: Vec<String>) -> Self {
+        self.warnings = warnings;
+        self
+    }
 }
 
 #[cfg(test)]
@@ -250,15 +390,13 @@ mod tests {
 
     #[test]
     fn uris() {
-        let mut a = NbdAccess {
-            address: NbdAddress::Tcp {
+        let mut a = NbdAccess::new(
+            NbdAddress::Tcp {
                 host: "127.0.0.1".into(),
                 port: 10809,
             },
-            export: "disk0".into(),
-            tls: None,
-            dirty_bitmap_context: None,
-        };
+            "disk0",
+        );
         assert_eq!(a.uri(), "nbd://127.0.0.1:10809/disk0");
         a.address = NbdAddress::Unix("/run/x.sock".into());
         assert_eq!(a.uri(), "nbd+unix:///disk0?socket=/run/x.sock");

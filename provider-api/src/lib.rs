@@ -75,20 +75,13 @@
 //!         let size = std::fs::metadata(&path)
 //!             .map_err(|e| Error::not_found("disk image missing").guest(&guest.id).with_source(e))?
 //!             .len();
-//!         Ok(VmBackup {
-//!             guest_config: ConfigBlob::json(&serde_json::json!({"name": guest.id.0})),
-//!             firewall_config: None,
-//!             metadata: serde_json::Value::Null,
-//!             volumes: vec![VolumeAccess {
-//!                 volume: Volume { device: "disk0".into(), size, format: VolumeFormat::Raw },
-//!                 access: SnapshotAccess::FileHandle(FileAccess { path }),
-//!                 bitmap_mode: BitmapMode::None,
-//!                 dirty: DirtySource::All,
-//!                 checkpoint: None,
-//!                 base: None,
-//!             }],
-//!             warnings: vec![],
-//!         })
+//!         // Read in full (bitmap mode `None`), no checkpoint, no base image.
+//!         let volume = VolumeAccess::new(
+//!             Volume { device: "disk0".into(), size, format: VolumeFormat::Raw },
+//!             SnapshotAccess::FileHandle(FileAccess::new(path)),
+//!         );
+//!         let config = ConfigBlob::json(&serde_json::json!({"name": guest.id.0}));
+//!         Ok(VmBackup::new(config, vec![volume]))
 //!     }
 //!     async fn backup_cleanup(&self, _g: &Guest, _o: &Outcome) -> Result<BackupStats> {
 //!         Ok(BackupStats::default())
@@ -96,7 +89,7 @@
 //!     async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
 //!         match kind {
 //!             GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-//!             GuestKind::Container => Err(Error::unsupported("container restore")),
+//!             _ => Err(Error::unsupported("container restore")),
 //!         }
 //!     }
 //!     async fn archive_get_guest_config(&self, a: &ArchiveView) -> Result<ConfigBlob> {
@@ -110,16 +103,15 @@
 //!             RestoreTarget::NewGuest { name } => {
 //!                 Ok(Guest::vm(name.clone().unwrap_or_else(|| "restored".into())))
 //!             }
-//!             RestoreTarget::InPlace => Err(Error::unsupported("restore in place")),
+//!             // In place, and any target added to the contract later.
+//!             other => Err(Error::unsupported(format!("restore target {other:?}"))),
 //!         }
 //!     }
 //!     async fn restore_vm_volume_init(&self, req: &RestoreVolumeRequest) -> Result<VolumeImport> {
-//!         let path = self.dir.join(format!("{}.raw", req.guest.id));
+//!         // One file per volume: never name a restored file after the guest alone.
+//!         let path = self.dir.join(format!("{}-{}.raw", req.guest.id, req.volume.volume.device));
 //!         std::fs::File::create(&path)?.set_len(req.volume.volume.size)?;
-//!         Ok(VolumeImport { writes: vec![LayerWrite {
-//!             layer: Layer::Merged,
-//!             destination: SnapshotAccess::FileHandle(FileAccess { path }),
-//!         }] })
+//!         Ok(VolumeImport::merged_into(SnapshotAccess::FileHandle(FileAccess::new(path))))
 //!     }
 //!     async fn restore_vm_volume_cleanup(&self, _g: &Guest, _d: &str, _o: &Outcome) -> Result<()> {
 //!         Ok(())
@@ -153,8 +145,8 @@ pub mod testing;
 pub mod types;
 
 pub use access::{
-    BaseLayer, DirtyRegions, DirtySource, FileAccess, NbdAccess, NbdAddress, RegionList,
-    SnapshotAccess, TlsSettings, VmBackup, VolumeAccess, WholeVolume,
+    AccessScope, BaseLayer, DirtyRegions, DirtySource, FileAccess, NbdAccess, NbdAddress,
+    RegionList, SnapshotAccess, TlsSettings, VmBackup, VolumeAccess, WholeVolume,
 };
 pub use error::{Context, Error, ErrorKind, Result};
 pub use provider::{
@@ -170,5 +162,5 @@ pub use target::{
 };
 pub use types::{
     ArchiveName, BackupStats, BaseImageId, BitmapMode, Checkpoint, ConfigBlob, Extent, Guest,
-    GuestId, GuestKind, JobInfo, PlatformMetadata, Volume, VolumeFormat,
+    GuestId, GuestKind, JobInfo, JobMarker, PlatformMetadata, Volume, VolumeFormat, marker_safe,
 };

@@ -29,6 +29,7 @@ use crate::types::{
 /// an optional method; a provider that lacks one also answers such a call
 /// with [`crate::ErrorKind::Unsupported`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Container backup and restore.
     pub containers: bool,
@@ -40,9 +41,41 @@ pub struct Capabilities {
     pub restore_in_place: bool,
 }
 
+impl Capabilities {
+    /// Nothing beyond VM backup and restore.
+    pub fn none() -> Self {
+        Capabilities::default()
+    }
+
+    /// With or without container backup and restore.
+    pub fn containers(mut self, yes: bool) -> Self {
+        self.containers = yes;
+        self
+    }
+
+    /// With or without incremental backups.
+    pub fn incremental(mut self, yes: bool) -> Self {
+        self.incremental = yes;
+        self
+    }
+
+    /// With or without hot-add access.
+    pub fn hot_add(mut self, yes: bool) -> Self {
+        self.hot_add = yes;
+        self
+    }
+
+    /// With or without restore in place.
+    pub fn restore_in_place(mut self, yes: bool) -> Self {
+        self.restore_in_place = yes;
+        self
+    }
+}
+
 /// How a guest's data is exposed during backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum BackupMechanism {
     /// VM volumes as NBD exports.
     Nbd,
@@ -55,6 +88,7 @@ pub enum BackupMechanism {
 /// How a guest's data is consumed during restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum RestoreMechanism {
     /// VM volumes: the host gives qemu-img-readable sources (NBD URIs)
     /// and writes into destinations the provider returns.
@@ -67,6 +101,7 @@ pub enum RestoreMechanism {
 
 /// The previous backup of a guest, as the host's target holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct PreviousBackup {
     /// The snapshot.
     pub snapshot: SnapshotInfo,
@@ -74,11 +109,34 @@ pub struct PreviousBackup {
     pub metadata: PlatformMetadata,
 }
 
+impl PreviousBackup {
+    /// The previous backup `snapshot` with its `metadata`.
+    pub fn new(snapshot: SnapshotInfo, metadata: PlatformMetadata) -> Self {
+        PreviousBackup { snapshot, metadata }
+    }
+
+    /// Whether an incremental of `device` (now `size` bytes) can start from
+    /// this backup: it holds the device, at the same size, with a
+    /// checkpoint (bitmap mode other than `None`).
+    pub fn usable_for(&self, device: &str, size: u64) -> std::result::Result<(), &'static str> {
+        match self.snapshot.volume(device) {
+            None => Err("no previous backup of this volume"),
+            Some(v) if v.volume.size != size => Err("previous backup has another size"),
+            Some(v) if v.bitmap_mode == BitmapMode::None => {
+                Err("previous backup has no checkpoint")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 /// Per-volume answer of `backup_vm_query_incremental`, keyed by device name.
 /// Volumes not listed get [`BitmapMode::None`].
 pub type IncrementalPlan = BTreeMap<String, BitmapMode>;
 
 /// Everything `backup_vm` gets.
+#[derive(Clone)]
+#[non_exhaustive]
 pub struct BackupVmRequest {
     /// The plan the host settled on (the provider's answer, checked).
     pub plan: IncrementalPlan,
@@ -98,14 +156,64 @@ impl std::fmt::Debug for BackupVmRequest {
 }
 
 impl BackupVmRequest {
+    /// A request with the host's `plan`, the `previous` backup and the
+    /// target's base images.
+    pub fn new(
+        plan: IncrementalPlan,
+        previous: Option<PreviousBackup>,
+        base_images: Arc<dyn BaseImageCatalog>,
+    ) -> Self {
+        BackupVmRequest {
+            plan,
+            previous,
+            base_images,
+        }
+    }
+
     /// The mode for one device (`None` when the plan leaves it out).
     pub fn mode(&self, device: &str) -> BitmapMode {
         self.plan.get(device).copied().unwrap_or(BitmapMode::None)
+    }
+
+    /// The bitmap mode the host *will* use for `device` (now `size`
+    /// bytes) when the provider exposes it with bitmap mode `provided`:
+    /// `None` when the plan leaves it out or either side says `None`;
+    /// `New` when either says `New`; `Use` only when the previous backup
+    /// is usable for it ([`PreviousBackup::usable_for`]), `New` otherwise.
+    /// A provider that stages data calls this before deciding what to
+    /// stage: under `New` and `None` the host reads the whole volume.
+    pub fn host_mode(&self, device: &str, size: u64, provided: BitmapMode) -> BitmapMode {
+        self.host_mode_why(device, size, provided).0
+    }
+
+    /// [`host_mode`](Self::host_mode) with the reason when the host turns
+    /// a `Use` into `New`.
+    pub fn host_mode_why(
+        &self,
+        device: &str,
+        size: u64,
+        provided: BitmapMode,
+    ) -> (BitmapMode, Option<&'static str>) {
+        let Some(&planned) = self.plan.get(device) else {
+            return (BitmapMode::None, None);
+        };
+        match (planned, provided) {
+            (BitmapMode::None, _) | (_, BitmapMode::None) => (BitmapMode::None, None),
+            (_, BitmapMode::New) | (BitmapMode::New, _) => (BitmapMode::New, None),
+            (BitmapMode::Use, BitmapMode::Use) => match &self.previous {
+                None => (BitmapMode::New, Some("no previous backup of this volume")),
+                Some(p) => match p.usable_for(device, size) {
+                    Ok(()) => (BitmapMode::Use, None),
+                    Err(why) => (BitmapMode::New, Some(why)),
+                },
+            },
+        }
     }
 }
 
 /// A container's filesystem exposed for backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ContainerBackup {
     /// Guest configuration.
     pub guest_config: ConfigBlob,
@@ -117,35 +225,68 @@ pub struct ContainerBackup {
     pub directory: PathBuf,
 }
 
-/// How a guest's backup ended, for cleanups.
+impl ContainerBackup {
+    /// The tree at `directory` with its configuration.
+    pub fn new(guest_config: ConfigBlob, directory: PathBuf) -> Self {
+        ContainerBackup {
+            guest_config,
+            firewall_config: None,
+            metadata: PlatformMetadata::Null,
+            directory,
+        }
+    }
+}
+
+/// How a guest's backup or restore ended, for cleanups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Outcome {
-    /// True when everything succeeded.
-    pub success: bool,
-    /// The error text when not.
-    pub error: Option<String>,
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Everything succeeded.
+    Success,
+    /// Something failed.
+    Failed {
+        /// The error's full report.
+        error: String,
+    },
 }
 
 impl Outcome {
     /// Success.
     pub fn ok() -> Self {
-        Outcome {
-            success: true,
-            error: None,
-        }
+        Outcome::Success
     }
 
     /// Failure with the error's full report.
     pub fn failed(error: &Error) -> Self {
-        Outcome {
-            success: false,
-            error: Some(error.report()),
+        Outcome::Failed {
+            error: error.report(),
+        }
+    }
+
+    /// Failure described by `error`.
+    pub fn failed_with(error: impl Into<String>) -> Self {
+        Outcome::Failed {
+            error: error.into(),
+        }
+    }
+
+    /// True on success.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Outcome::Success)
+    }
+
+    /// The error text of a failure.
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Outcome::Success => None,
+            Outcome::Failed { error } => Some(error),
         }
     }
 }
 
 /// What the host read from the archive for a restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ArchiveView {
     /// The snapshot.
     pub snapshot: SnapshotInfo,
@@ -157,9 +298,27 @@ pub struct ArchiveView {
     pub metadata: PlatformMetadata,
 }
 
+impl ArchiveView {
+    /// The view of `snapshot` with what the target holds for it.
+    pub fn new(
+        snapshot: SnapshotInfo,
+        guest_config: Option<ConfigBlob>,
+        firewall_config: Option<ConfigBlob>,
+        metadata: PlatformMetadata,
+    ) -> Self {
+        ArchiveView {
+            snapshot,
+            guest_config,
+            firewall_config,
+            metadata,
+        }
+    }
+}
+
 /// Where a restore goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum RestoreTarget {
     /// A new guest; the name is a hint (the provider may add a suffix).
     NewGuest {
@@ -173,6 +332,7 @@ pub enum RestoreTarget {
 
 /// A restore of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreVmRequest {
     /// What is restored.
     pub archive: ArchiveView,
@@ -185,8 +345,26 @@ pub struct RestoreVmRequest {
     pub firewall_config: Option<ConfigBlob>,
 }
 
+impl RestoreVmRequest {
+    /// Restore `archive` to `target` with these configurations.
+    pub fn new(
+        archive: ArchiveView,
+        target: RestoreTarget,
+        guest_config: ConfigBlob,
+        firewall_config: Option<ConfigBlob>,
+    ) -> Self {
+        RestoreVmRequest {
+            archive,
+            target,
+            guest_config,
+            firewall_config,
+        }
+    }
+}
+
 /// The host's sources for one volume, all readable by `qemu-img`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RestoreSources {
     /// The volume as the guest saw it.
     pub merged: String,
@@ -196,8 +374,27 @@ pub struct RestoreSources {
     pub base_size: Option<u64>,
 }
 
+impl RestoreSources {
+    /// The merged view at `merged`, no base layer.
+    pub fn new(merged: impl Into<String>) -> Self {
+        RestoreSources {
+            merged: merged.into(),
+            base: None,
+            base_size: None,
+        }
+    }
+
+    /// With the base image only at `uri`, `size` bytes.
+    pub fn with_base(mut self, uri: impl Into<String>, size: u64) -> Self {
+        self.base = Some(uri.into());
+        self.base_size = Some(size);
+        self
+    }
+}
+
 /// One volume to restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreVolumeRequest {
     /// The guest being restored (as `restore_vm_init` returned it).
     pub guest: Guest,
@@ -207,8 +404,20 @@ pub struct RestoreVolumeRequest {
     pub sources: RestoreSources,
 }
 
+impl RestoreVolumeRequest {
+    /// Restore `volume` of the new `guest` from `sources`.
+    pub fn new(guest: Guest, volume: StoredVolume, sources: RestoreSources) -> Self {
+        RestoreVolumeRequest {
+            guest,
+            volume,
+            sources,
+        }
+    }
+}
+
 /// One layer the host writes into a destination the provider opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LayerWrite {
     /// Which view of the stored volume to write.
     pub layer: Layer,
@@ -220,13 +429,40 @@ pub struct LayerWrite {
 /// performs, in order. Empty when the provider pulled the data itself
 /// from [`RestoreSources`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VolumeImport {
     /// Writes in order.
     pub writes: Vec<LayerWrite>,
 }
 
+impl LayerWrite {
+    /// Write `layer` into `destination`.
+    pub fn new(layer: Layer, destination: SnapshotAccess) -> Self {
+        LayerWrite { layer, destination }
+    }
+}
+
+impl VolumeImport {
+    /// The host performs `writes`, in order.
+    pub fn writes(writes: Vec<LayerWrite>) -> Self {
+        VolumeImport { writes }
+    }
+
+    /// The host writes the merged volume into `destination`.
+    pub fn merged_into(destination: SnapshotAccess) -> Self {
+        VolumeImport::writes(vec![LayerWrite::new(Layer::Merged, destination)])
+    }
+
+    /// The provider pulled the data itself from the sources; the host
+    /// writes nothing.
+    pub fn pulled() -> Self {
+        VolumeImport::default()
+    }
+}
+
 /// A container restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RestoreContainerRequest {
     /// What is restored.
     pub archive: ArchiveView,
@@ -234,6 +470,17 @@ pub struct RestoreContainerRequest {
     pub target: RestoreTarget,
     /// Directory or tar path, per the mechanism.
     pub source: PathBuf,
+}
+
+impl RestoreContainerRequest {
+    /// Restore `archive` to `target` from `source`.
+    pub fn new(archive: ArchiveView, target: RestoreTarget, source: PathBuf) -> Self {
+        RestoreContainerRequest {
+            archive,
+            target,
+            source,
+        }
+    }
 }
 
 /// A backup provider for one platform.

@@ -7,10 +7,18 @@
 //! holds (snapshots, attached disks, leases, temporary images) so that the
 //! kit can assert that cleanups leave nothing behind.
 //!
-//! ```ignore
-//! use provider_api::testing::*;
-//! let provider: Arc<dyn BackupProvider> = Arc::new(MyProvider::new(cfg));
-//! check_all(&*provider, &guest, &probe).await.unwrap();
+//! These are protocol checks only: they never read a byte. The data kit
+//! (crate `conformance`) runs them first and then proves that backups
+//! restore byte for byte.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use provider_api::testing::{NoProbe, check_all};
+//! use provider_api::{BackupProvider, Guest};
+//!
+//! async fn conformance(provider: Arc<dyn BackupProvider>) {
+//!     check_all(&*provider, &Guest::vm("vm1"), &NoProbe).await.unwrap();
+//! }
 //! ```
 
 use std::collections::BTreeSet;
@@ -184,10 +192,7 @@ pub async fn check_backup_lifecycle(
         drop(vm);
         let outcome = match &exposed {
             Ok(()) => Outcome::ok(),
-            Err(e) => Outcome {
-                success: false,
-                error: Some(e.clone()),
-            },
+            Err(e) => Outcome::failed_with(e.clone()),
         };
         provider
             .backup_cleanup(guest, &outcome)
@@ -211,10 +216,7 @@ pub async fn check_cleanup_on_failure(
     guest: &Guest,
     probe: &dyn PlatformProbe,
 ) -> CheckResult {
-    let injected = Outcome {
-        success: false,
-        error: Some("injected failure".into()),
-    };
+    let injected = Outcome::failed_with("injected failure");
     provider
         .job_init(&job())
         .await

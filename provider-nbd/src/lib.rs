@@ -1,46 +1,97 @@
 //! # provider-nbd: back up any NBD export
 //!
-//! A provider for "platforms" that are just NBD exports: a disk served by
-//! `qemu-nbd`, `qemu-storage-daemon` or `nbdkit`. Each guest is one export
-//! (one volume, device `disk0`); the host reads it through the `nbd`
-//! mechanism.
+//! A provider for "platforms" that are just NBD exports: disks served by
+//! `qemu-nbd`, `qemu-storage-daemon` or `nbdkit`. A guest is one or more
+//! exports ([`NbdGuest::volumes`], one per device, `disk0` for a
+//! single-export guest); the host reads them through the `nbd` mechanism.
 //!
 //! Incrementals use a qemu persistent dirty bitmap exported as the meta
 //! context `qemu:dirty-bitmap:NAME` (`qemu-nbd --bitmap NAME`). The
-//! checkpoint stored with each snapshot is the bitmap's name: the next
-//! backup is incremental (`Use`) when the previous snapshot recorded the
-//! same bitmap, and a full (`New`) otherwise. A bitmap is a superset of
-//! the changes since the previous backup as long as it was not cleared or
-//! replaced in between; whoever manages the bitmaps (QMP
+//! checkpoint stored with each volume is the bitmap's name: the next
+//! backup of that volume is incremental (`Use`) when the previous snapshot
+//! recorded the same bitmap, and a full (`New`) otherwise. A bitmap is a
+//! superset of the changes since the previous backup as long as it was not
+//! cleared or replaced in between; whoever manages the bitmaps (QMP
 //! `block-dirty-bitmap-clear`, or a rotation in one `transaction`) names a
 //! new bitmap after rotation, which makes the next backup a full one.
 //!
-//! Restore writes each volume into a new sparse raw file
-//! `<restore_dir>/<name>.raw` (or over the original export in place when
-//! it is writable).
+//! ## Restore
+//!
+//! The destination is decided once, in `restore_vm_init`, from the
+//! request's [`RestoreTarget`] and remembered for the guest it returns;
+//! it is never inferred from a name afterwards:
+//!
+//! - [`RestoreTarget::NewGuest`]: one new sparse raw file per volume in
+//!   the restore directory: `<name>.raw` for a single-volume snapshot,
+//!   `<name>-<device>.raw` otherwise (characters of the device outside
+//!   `[A-Za-z0-9._-]` become `_`). Restore refuses when a file exists or
+//!   when two devices would map to one file. Each file is written under a
+//!   temporary name (`.<file>.partial`) and renamed when the whole VM
+//!   restored; a failed restore removes what it wrote.
+//! - [`RestoreTarget::InPlace`]: over the original guest's configured
+//!   exports, volume by volume (each export must be writable and at least
+//!   as large as the stored volume).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use provider_api::*;
 use serde::{Deserialize, Serialize};
 
-/// Device name of the single volume of an NBD guest.
+/// Device name of the volume of a single-export guest.
 pub const DEVICE: &str = "disk0";
 
-/// One NBD export backed up as a guest.
+/// One export of an NBD guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NbdGuest {
-    /// Guest id (names the snapshots).
-    pub id: String,
+pub struct NbdVolume {
+    /// Device name, unique in the guest.
+    pub device: String,
     /// Where the export is.
     pub access: NbdAccess,
     /// Size of the export in bytes (the host learns it when connecting).
     pub size: u64,
-    /// qemu dirty bitmap tracking changes, if any.
+    /// qemu dirty bitmap tracking changes of this export, if any.
     pub bitmap: Option<String>,
+}
+
+/// NBD exports backed up as one guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdGuest {
+    /// Guest id (names the snapshots).
+    pub id: String,
+    /// The guest's volumes, in order.
+    pub volumes: Vec<NbdVolume>,
+}
+
+impl NbdGuest {
+    /// A guest of one export, device [`DEVICE`].
+    pub fn single(
+        id: impl Into<String>,
+        access: NbdAccess,
+        size: u64,
+        bitmap: Option<String>,
+    ) -> Self {
+        NbdGuest {
+            id: id.into(),
+            volumes: vec![NbdVolume {
+                device: DEVICE.to_owned(),
+                access,
+                size,
+                bitmap,
+            }],
+        }
+    }
+}
+
+/// Where a restore started by `restore_vm_init` writes.
+#[derive(Debug, Clone)]
+enum RestoreDestination {
+    /// Over the configured exports of this guest.
+    InPlace(NbdGuest),
+    /// New files, per device: (final path, temporary path).
+    Files(BTreeMap<String, (PathBuf, PathBuf)>),
 }
 
 /// The provider.
@@ -50,24 +101,69 @@ pub struct NbdProvider {
     restore_dir: PathBuf,
     /// Guests between backup_init and backup_cleanup (for logs/asserts).
     active: Mutex<BTreeMap<String, i64>>,
+    /// Restores between restore_vm_init and restore_vm_cleanup, by the
+    /// guest id `restore_vm_init` returned.
+    restores: Mutex<BTreeMap<String, RestoreDestination>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn file_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn io_error(what: String, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Io, what).with_source(e)
 }
 
 impl NbdProvider {
-    /// A provider for these exports; restores go to `restore_dir`.
+    /// A provider for these guests; restores to new guests go to
+    /// `restore_dir`.
     pub fn new(guests: impl IntoIterator<Item = NbdGuest>, restore_dir: PathBuf) -> Self {
         NbdProvider {
             guests: guests.into_iter().map(|g| (g.id.clone(), g)).collect(),
             restore_dir,
             active: Mutex::default(),
+            restores: Mutex::default(),
         }
     }
 
     /// Guests currently between `backup_init` and `backup_cleanup`.
     pub fn active_backups(&self) -> Vec<String> {
-        self.active
-            .lock()
-            .map(|a| a.keys().cloned().collect())
-            .unwrap_or_default()
+        lock(&self.active).keys().cloned().collect()
+    }
+
+    /// The files a restore of `volumes` to a new guest `name` writes, by
+    /// device (see the crate docs for the naming rule).
+    pub fn restore_files(&self, name: &str, devices: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
+        let mut files = BTreeMap::new();
+        let mut seen: BTreeMap<PathBuf, &str> = BTreeMap::new();
+        for device in devices {
+            let file = if devices.len() == 1 {
+                format!("{name}.raw")
+            } else {
+                format!("{name}-{}.raw", file_safe(device))
+            };
+            let path = self.restore_dir.join(file);
+            if let Some(other) = seen.insert(path.clone(), device) {
+                return Err(Error::invalid(format!(
+                    "volumes {other:?} and {device:?} would both be restored to {}; restore them under another name",
+                    path.display()
+                )));
+            }
+            files.insert((*device).to_owned(), path);
+        }
+        Ok(files)
     }
 
     fn guest(&self, guest: &Guest) -> Result<&NbdGuest> {
@@ -76,8 +172,26 @@ impl NbdProvider {
         })
     }
 
-    fn restore_path(&self, name: &str) -> PathBuf {
-        self.restore_dir.join(format!("{name}.raw"))
+    fn destination(&self, guest: &Guest) -> Result<RestoreDestination> {
+        lock(&self.restores)
+            .get(&guest.id.0)
+            .cloned()
+            .ok_or_else(|| {
+                Error::invalid("restore_vm_init was not called for this guest").guest(&guest.id)
+            })
+    }
+
+    /// Removes the temporary files of a restore (nothing else: finished
+    /// files of another run are never touched).
+    fn remove_partial(files: &BTreeMap<String, (PathBuf, PathBuf)>) -> Result<()> {
+        for (_, partial) in files.values() {
+            match std::fs::remove_file(partial) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(format!("removing {}", partial.display()), e)),
+            }
+        }
+        Ok(())
     }
 }
 
@@ -92,12 +206,9 @@ impl BackupProvider for NbdProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            containers: false,
-            incremental: true,
-            hot_add: false,
-            restore_in_place: true,
-        }
+        Capabilities::none()
+            .incremental(true)
+            .restore_in_place(true)
     }
 
     async fn job_init(&self, _job: &JobInfo) -> Result<()> {
@@ -105,24 +216,20 @@ impl BackupProvider for NbdProvider {
     }
 
     async fn job_cleanup(&self) -> Result<()> {
-        if let Ok(mut a) = self.active.lock() {
-            a.clear();
-        }
+        lock(&self.active).clear();
         Ok(())
     }
 
     async fn backup_init(&self, guest: &Guest, start_time: i64) -> Result<ArchiveName> {
         self.guest(guest)?;
-        if let Ok(mut a) = self.active.lock() {
-            a.insert(guest.id.0.clone(), start_time);
-        }
+        lock(&self.active).insert(guest.id.0.clone(), start_time);
         ArchiveName::new(format!("vm/{}/{start_time}", guest.id))
     }
 
     async fn backup_get_mechanism(&self, guest: &Guest) -> Result<BackupMechanism> {
         match guest.kind {
             GuestKind::Vm => Ok(BackupMechanism::Nbd),
-            GuestKind::Container => Err(Error::unsupported("container backup")),
+            _ => Err(Error::unsupported("container backup")),
         }
     }
 
@@ -132,66 +239,74 @@ impl BackupProvider for NbdProvider {
         previous: Option<&PreviousBackup>,
     ) -> Result<IncrementalPlan> {
         let g = self.guest(guest)?;
-        let Some(bitmap) = &g.bitmap else {
-            return Ok(IncrementalPlan::new());
-        };
-        let same_bitmap = previous
-            .and_then(|p| p.snapshot.volume(DEVICE))
-            .and_then(|v| v.checkpoint.as_ref())
-            .is_some_and(|c| &c.0 == bitmap);
-        let mode = if same_bitmap {
-            BitmapMode::Use
-        } else {
-            BitmapMode::New
-        };
-        Ok([(DEVICE.to_owned(), mode)].into())
+        let mut plan = IncrementalPlan::new();
+        for v in &g.volumes {
+            let Some(bitmap) = &v.bitmap else { continue };
+            let same_bitmap = previous
+                .and_then(|p| p.snapshot.volume(&v.device))
+                .and_then(|sv| sv.checkpoint.as_ref())
+                .is_some_and(|c| &c.0 == bitmap);
+            let mode = if same_bitmap {
+                BitmapMode::Use
+            } else {
+                BitmapMode::New
+            };
+            plan.insert(v.device.clone(), mode);
+        }
+        Ok(plan)
     }
 
     async fn backup_vm(&self, guest: &Guest, request: BackupVmRequest) -> Result<VmBackup> {
         let g = self.guest(guest)?;
-        let mode = request.mode(DEVICE);
-        let mut access = g.access.clone();
-        access.dirty_bitmap_context = g.bitmap.as_deref().map(bitmap_context);
-        let dirty = if mode == BitmapMode::Use {
-            DirtySource::NbdBitmap
-        } else {
-            DirtySource::All
-        };
-        Ok(VmBackup {
-            guest_config: ConfigBlob::json(&serde_json::json!({
-                "export": g.access.uri(),
-                "size": g.size,
-                "bitmap": g.bitmap,
-            })),
-            firewall_config: None,
-            metadata: serde_json::Value::Null,
-            volumes: vec![VolumeAccess {
-                volume: Volume {
-                    device: DEVICE.to_owned(),
-                    size: g.size,
-                    format: VolumeFormat::Raw,
-                },
-                access: SnapshotAccess::Nbd(access),
-                bitmap_mode: mode,
-                dirty,
-                checkpoint: g.bitmap.clone().map(Checkpoint),
-                base: None,
-            }],
-            warnings: Vec::new(),
-        })
+        if g.volumes.is_empty() {
+            return Err(Error::invalid("no export configured for this guest").guest(&guest.id));
+        }
+        let mut volumes = Vec::with_capacity(g.volumes.len());
+        for v in &g.volumes {
+            let mode = request.mode(&v.device);
+            let access = v
+                .access
+                .clone()
+                .with_dirty_bitmap(v.bitmap.as_deref().map(bitmap_context));
+            let dirty = if mode == BitmapMode::Use {
+                DirtySource::NbdBitmap
+            } else {
+                DirtySource::All
+            };
+            volumes.push(
+                VolumeAccess::new(
+                    Volume {
+                        device: v.device.clone(),
+                        size: v.size,
+                        format: VolumeFormat::Raw,
+                    },
+                    SnapshotAccess::Nbd(access),
+                )
+                .bitmap_mode(mode)
+                .dirty(dirty)
+                .checkpoint(v.bitmap.clone().map(Checkpoint)),
+            );
+        }
+        let config = serde_json::json!({
+            "volumes": g.volumes.iter().map(|v| serde_json::json!({
+                "device": v.device,
+                "export": v.access.uri(),
+                "size": v.size,
+                "bitmap": v.bitmap,
+            })).collect::<Vec<_>>(),
+        });
+        Ok(VmBackup::new(ConfigBlob::json(&config), volumes))
     }
 
     async fn backup_cleanup(&self, guest: &Guest, _outcome: &Outcome) -> Result<BackupStats> {
-        if let Ok(mut a) = self.active.lock() {
-            a.remove(&guest.id.0);
-        }
+        lock(&self.active).remove(&guest.id.0);
         Ok(BackupStats::default())
     }
 
     async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
         match kind {
             GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-            GuestKind::Container => Err(Error::unsupported("container restore")),
+            _ => Err(Error::unsupported("container restore")),
         }
     }
 
@@ -210,72 +325,149 @@ impl BackupProvider for NbdProvider {
     }
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {
-        let original = &request.archive.snapshot.guest;
-        match &request.target {
+        let snapshot = &request.archive.snapshot;
+        let original = &snapshot.guest;
+        let (guest, destination) = match &request.target {
             RestoreTarget::InPlace => {
                 let g = self.guests.get(&original.0).ok_or_else(|| {
                     Error::not_found("no NBD export configured for the original guest")
                         .guest(original)
                 })?;
-                Ok(Guest::vm(g.id.clone()))
+                for sv in &snapshot.volumes {
+                    let v = g
+                        .volumes
+                        .iter()
+                        .find(|v| v.device == sv.volume.device)
+                        .ok_or_else(|| {
+                            Error::not_found("no export configured for this volume")
+                                .guest(original)
+                                .volume(&sv.volume.device)
+                        })?;
+                    if v.size < sv.volume.size {
+                        return Err(Error::invalid(format!(
+                            "export {} has {} bytes, the stored volume {}",
+                            v.access.uri(),
+                            v.size,
+                            sv.volume.size
+                        ))
+                        .guest(original)
+                        .volume(&sv.volume.device));
+                    }
+                }
+                (g.id.clone(), RestoreDestination::InPlace(g.clone()))
             }
             RestoreTarget::NewGuest { name } => {
                 let name = name
                     .clone()
                     .unwrap_or_else(|| format!("{original}-restored"));
-                if name.contains('/') || name.is_empty() {
-                    return Err(Error::invalid(format!("restore name {name:?}")));
+                if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                    return Err(Error::invalid(format!(
+                        "restore name {name:?}: not empty, no '/', no leading '.'"
+                    )));
                 }
-                std::fs::create_dir_all(&self.restore_dir)?;
-                if self.restore_path(&name).exists() {
-                    return Err(Error::new(
-                        ErrorKind::Refused,
-                        format!(
-                            "{} exists; not overwriting it",
-                            self.restore_path(&name).display()
-                        ),
-                    ));
+                let devices: Vec<&str> = snapshot
+                    .volumes
+                    .iter()
+                    .map(|v| v.volume.device.as_str())
+                    .collect();
+                let files = self.restore_files(&name, &devices)?;
+                std::fs::create_dir_all(&self.restore_dir)
+                    .map_err(|e| io_error(format!("creating {}", self.restore_dir.display()), e))?;
+                let mut planned = BTreeMap::new();
+                for (device, path) in files {
+                    if path.exists() {
+                        return Err(Error::new(
+                            ErrorKind::Refused,
+                            format!("{} exists; not overwriting it", path.display()),
+                        ));
+                    }
+                    let file_name = path
+                        .file_name()
+                        .map(|f| f.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let partial = self.restore_dir.join(format!(".{file_name}.partial"));
+                    planned.insert(device, (path, partial));
                 }
-                Ok(Guest::vm(name))
+                (name, RestoreDestination::Files(planned))
             }
+            other => return Err(Error::unsupported(format!("restore target {other:?}"))),
+        };
+        let mut restores = lock(&self.restores);
+        if restores.contains_key(&guest) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("a restore to {guest} is already running"),
+            ));
         }
+        restores.insert(guest.clone(), destination);
+        Ok(Guest::vm(guest))
     }
 
     async fn restore_vm_volume_init(&self, request: &RestoreVolumeRequest) -> Result<VolumeImport> {
-        let destination = match self.guests.get(&request.guest.id.0) {
-            Some(g) => SnapshotAccess::Nbd(g.access.clone()),
-            None => {
-                let path = self.restore_path(&request.guest.id.0);
-                let f = std::fs::File::create(&path)?;
-                f.set_len(request.volume.volume.size)?;
-                SnapshotAccess::FileHandle(FileAccess { path })
+        let device = &request.volume.volume.device;
+        let destination = match self.destination(&request.guest)? {
+            RestoreDestination::InPlace(g) => {
+                let v = g
+                    .volumes
+                    .iter()
+                    .find(|v| &v.device == device)
+                    .ok_or_else(|| {
+                        Error::not_found("no export configured for this volume").volume(device)
+                    })?;
+                SnapshotAccess::Nbd(v.access.clone())
+            }
+            RestoreDestination::Files(files) => {
+                let (_, partial) = files.get(device).ok_or_else(|| {
+                    Error::invalid("this volume is not part of the restored snapshot")
+                        .volume(device)
+                })?;
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(partial)
+                    .map_err(|e| io_error(format!("creating {}", partial.display()), e))?;
+                f.set_len(request.volume.volume.size)
+                    .map_err(|e| io_error(format!("sizing {}", partial.display()), e))?;
+                SnapshotAccess::FileHandle(FileAccess::new(partial.clone()))
             }
         };
-        Ok(VolumeImport {
-            writes: vec![LayerWrite {
-                layer: Layer::Merged,
-                destination,
-            }],
-        })
+        Ok(VolumeImport::merged_into(destination))
     }
 
     async fn restore_vm_volume_cleanup(
         &self,
-        guest: &Guest,
+        _guest: &Guest,
         _device: &str,
-        outcome: &Outcome,
+        _outcome: &Outcome,
     ) -> Result<()> {
-        // A failed restore into a new file leaves no half-written image.
-        if !outcome.success && !self.guests.contains_key(&guest.id.0) {
-            let path = self.restore_path(&guest.id.0);
-            if path.exists() {
-                std::fs::remove_file(path)?;
-            }
-        }
+        // Files are renamed (or removed) once the whole VM is done.
         Ok(())
     }
 
-    async fn restore_vm_cleanup(&self, _guest: &Guest, _outcome: &Outcome) -> Result<()> {
+    async fn restore_vm_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
+        let Some(destination) = lock(&self.restores).remove(&guest.id.0) else {
+            return Ok(());
+        };
+        let RestoreDestination::Files(files) = destination else {
+            return Ok(());
+        };
+        if !outcome.is_success() {
+            return Self::remove_partial(&files);
+        }
+        // Every volume written: make them durable, then give them their
+        // final names (no file under a final name is ever half written).
+        for (device, (path, partial)) in &files {
+            let result = std::fs::File::open(partial)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(partial, path));
+            if let Err(e) = result {
+                let _ = Self::remove_partial(&files);
+                return Err(io_error(format!("finishing {}", path.display()), e).volume(device));
+            }
+        }
+        if let Ok(dir) = std::fs::File::open(&self.restore_dir) {
+            let _ = dir.sync_all();
+        }
         Ok(())
     }
 }
@@ -285,36 +477,91 @@ mod tests {
     use super::*;
     use provider_api::testing::{NoProbe, check_all};
 
-    fn provider(bitmap: Option<&str>) -> NbdProvider {
-        NbdProvider::new(
-            [NbdGuest {
-                id: "vm1".into(),
-                access: NbdAccess {
-                    address: NbdAddress::Tcp {
-                        host: "127.0.0.1".into(),
-                        port: 10809,
-                    },
-                    export: "disk".into(),
-                    tls: None,
-                    dirty_bitmap_context: None,
-                },
-                size: 1 << 20,
-                bitmap: bitmap.map(str::to_owned),
-            }],
-            std::env::temp_dir(),
+    fn access(export: &str) -> NbdAccess {
+        NbdAccess::new(
+            NbdAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10809,
+            },
+            export,
         )
+    }
+
+    fn provider(bitmap: Option<&str>, dir: PathBuf) -> NbdProvider {
+        NbdProvider::new(
+            [NbdGuest::single(
+                "vm1",
+                access("disk"),
+                1 << 20,
+                bitmap.map(str::to_owned),
+            )],
+            dir,
+        )
+    }
+
+    fn snapshot(guest: &str, devices: &[(&str, u64)]) -> SnapshotInfo {
+        SnapshotInfo {
+            id: SnapshotId("s1".into()),
+            platform: "ovirt".into(),
+            guest: GuestId(guest.into()),
+            archive: ArchiveName::new("vm/x/1").unwrap(),
+            time: 1,
+            volumes: devices
+                .iter()
+                .map(|(d, size)| StoredVolume {
+                    volume: Volume {
+                        device: (*d).into(),
+                        size: *size,
+                        format: VolumeFormat::Raw,
+                    },
+                    base: None,
+                    bitmap_mode: BitmapMode::None,
+                    checkpoint: None,
+                })
+                .collect(),
+            warnings: vec![],
+            verified: None,
+        }
+    }
+
+    fn request(snapshot: SnapshotInfo, target: RestoreTarget) -> RestoreVmRequest {
+        let config = ConfigBlob::json(&serde_json::json!({}));
+        RestoreVmRequest::new(
+            ArchiveView::new(
+                snapshot,
+                Some(config.clone()),
+                None,
+                serde_json::Value::Null,
+            ),
+            target,
+            config,
+            None,
+        )
+    }
+
+    async fn destination_of(p: &NbdProvider, guest: &Guest, sv: &StoredVolume) -> SnapshotAccess {
+        let import = p
+            .restore_vm_volume_init(&RestoreVolumeRequest::new(
+                guest.clone(),
+                sv.clone(),
+                RestoreSources::new("nbd://unused"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(import.writes.len(), 1);
+        import.writes[0].destination.clone()
     }
 
     #[tokio::test]
     async fn passes_the_conformance_kit() {
-        let p = provider(Some("cbt0"));
+        let p = provider(Some("cbt0"), std::env::temp_dir());
         check_all(&p, &Guest::vm("vm1"), &NoProbe).await.unwrap();
         assert!(p.active_backups().is_empty());
     }
 
     #[tokio::test]
     async fn without_a_bitmap_every_backup_is_full() {
-        let p = provider(None);
+        let p = provider(None, std::env::temp_dir());
         let plan = p
             .backup_vm_query_incremental(&Guest::vm("vm1"), None)
             .await
@@ -324,9 +571,122 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_guest_is_a_clear_error() {
-        let p = provider(None);
+        let p = provider(None, std::env::temp_dir());
         let e = p.backup_init(&Guest::vm("nope"), 1).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(e.to_string().contains("guest nope"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn every_volume_of_a_new_guest_gets_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm9", &[("sda", 4096), ("sdb", 8192), ("disk/3", 512)]);
+        let guest = p
+            .restore_vm_init(&request(
+                snap.clone(),
+                RestoreTarget::NewGuest {
+                    name: Some("k".into()),
+                },
+            ))
+            .await
+            .unwrap();
+        let mut paths = Vec::new();
+        for sv in &snap.volumes {
+            match destination_of(&p, &guest, sv).await {
+                SnapshotAccess::FileHandle(f) => {
+                    assert_eq!(std::fs::metadata(&f.path).unwrap().len(), sv.volume.size);
+                    paths.push(f.path);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        paths.sort();
+        paths.dedup();
+        assert_eq!(paths.len(), 3, "one file per volume: {paths:?}");
+        p.restore_vm_cleanup(&guest, &Outcome::ok()).await.unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["k-disk_3.raw", "k-sda.raw", "k-sdb.raw"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_restore_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm9", &[("sda", 4096), ("sdb", 8192)]);
+        let guest = p
+            .restore_vm_init(&request(
+                snap.clone(),
+                RestoreTarget::NewGuest { name: None },
+            ))
+            .await
+            .unwrap();
+        destination_of(&p, &guest, &snap.volumes[0]).await;
+        p.restore_vm_cleanup(&guest, &Outcome::failed_with("injected"))
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn two_volumes_mapping_to_one_file_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm9", &[("a/b", 4096), ("a_b", 4096)]);
+        let e = p
+            .restore_vm_init(&request(snap, RestoreTarget::NewGuest { name: None }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("would both be restored"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_new_guest_named_like_an_export_never_writes_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm1", &[(DEVICE, 4096)]);
+        let guest = p
+            .restore_vm_init(&request(
+                snap.clone(),
+                RestoreTarget::NewGuest {
+                    name: Some("vm1".into()),
+                },
+            ))
+            .await
+            .unwrap();
+        match destination_of(&p, &guest, &snap.volumes[0]).await {
+            SnapshotAccess::FileHandle(f) => assert!(f.path.starts_with(dir.path())),
+            other => panic!("a new guest was restored into {other:?}"),
+        }
+        p.restore_vm_cleanup(&guest, &Outcome::ok()).await.unwrap();
+        assert!(dir.path().join("vm1.raw").exists());
+    }
+
+    #[tokio::test]
+    async fn in_place_writes_into_the_configured_exports() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm1", &[(DEVICE, 4096)]);
+        let guest = p
+            .restore_vm_init(&request(snap.clone(), RestoreTarget::InPlace))
+            .await
+            .unwrap();
+        match destination_of(&p, &guest, &snap.volumes[0]).await {
+            SnapshotAccess::Nbd(n) => assert_eq!(n.export, "disk"),
+            other => panic!("{other:?}"),
+        }
+        p.restore_vm_cleanup(&guest, &Outcome::ok()).await.unwrap();
+        // A stored volume larger than the export is refused.
+        let big = snapshot("vm1", &[(DEVICE, 2 << 20)]);
+        let e = p
+            .restore_vm_init(&request(big, RestoreTarget::InPlace))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("bytes"), "{e}");
     }
 }

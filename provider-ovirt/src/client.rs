@@ -1,19 +1,27 @@
-//! The oVirt REST client: SSO login, XML or JSON bodies, lenient readers,
-//! fault answers turned into [`provider_api::Error`]s that name the call.
+//! The oVirt REST client: SSO login, XML or JSON bodies, fault answers
+//! turned into [`provider_api::Error`]s that name the call, retries.
 //!
 //! Responses are read into a [`serde_json::Value`] in the JSON shape
 //! whatever the wire format: XML attributes (`id`, `href`) become keys,
-//! repeated elements arrays, text elements strings. Readers accept numbers
-//! and booleans given as strings (`"provisioned_size": "10737418240"`,
-//! `"active": "true"`), and one element where a list is expected.
+//! repeated elements arrays, text elements strings; [`Client::get_as`] and
+//! [`Client::post_as`] then read them into the typed shapes of
+//! [`crate::api`].
+//!
+//! Retries: a 502, 503 or 504 answer and a connection failure are
+//! retryable; calls that are safe to repeat (every `GET`, the login,
+//! `DELETE`s, ranged reads and extents of the image server) go through
+//! [`provider_kit::retry`] with [`Client`]'s policy. Other `POST`s run
+//! once: repeating one whose answer was lost could create a second object.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use provider_api::{Error, ErrorKind, Result};
+use provider_kit::RetryPolicy;
 use quick_xml::Reader;
 use quick_xml::events::Event;
 use reqwest::{Method, StatusCode, header};
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// Wire format of request and response bodies.
@@ -35,6 +43,7 @@ pub struct Client {
     username: String,
     password: String,
     format: WireFormat,
+    retry: RetryPolicy,
     token: Mutex<Option<String>>,
 }
 
@@ -71,6 +80,7 @@ impl Client {
         password: &str,
         format: WireFormat,
         timeout: Duration,
+        retry: RetryPolicy,
     ) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -83,6 +93,7 @@ impl Client {
             username: username.to_string(),
             password: password.to_string(),
             format,
+            retry,
             token: Mutex::new(None),
         })
     }
@@ -93,8 +104,13 @@ impl Client {
     }
 
     /// `POST <sso>` with the password grant; keeps the bearer token.
+    /// Retried (a second token does no harm).
     pub async fn login(&self) -> Result<()> {
         let call = "POST /ovirt-engine/sso/oauth/token";
+        provider_kit::retry(&self.retry, call, |_| self.login_once(call)).await
+    }
+
+    async fn login_once(&self, call: &str) -> Result<()> {
         let body = format!(
             "grant_type=password&scope=ovirt-app-api&username={}&password={}",
             form_encode(&self.username),
@@ -111,6 +127,9 @@ impl Client {
             .map_err(|e| transport(call, e))?;
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| transport(call, e))?;
+        if is_transient(status) {
+            return Err(fault(call, status, None));
+        }
         let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
             Error::new(ErrorKind::Platform, "malformed JSON answer to the login")
                 .api_call(call)
@@ -127,9 +146,7 @@ impl Client {
             )
             .api_call(call));
         }
-        let token = text(&v, "access_token").ok_or_else(|| {
-            Error::new(ErrorKind::Platform, "the login answer has no access_token").api_call(call)
-        })?;
+        let token = crate::api::decode::<crate::api::Token>(call, v)?.access_token;
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = Some(token);
         Ok(())
     }
@@ -152,19 +169,45 @@ impl Client {
             .ok_or_else(|| Error::new(ErrorKind::Auth, "the login gave no token"))
     }
 
-    /// `GET <api><path>`.
+    /// `GET <api><path>`, retried.
     pub async fn get(&self, path: &str) -> Result<Value> {
-        self.call(Method::GET, path, None).await
+        let name = call_name(&Method::GET, path);
+        provider_kit::retry(&self.retry, &name, |_| self.call(Method::GET, path, None)).await
     }
 
-    /// `POST <api><path>` with `body` as element `root`.
+    /// `GET <api><path>` read as a `T` ([`crate::api::decode`]).
+    pub async fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let v = self.get(path).await?;
+        crate::api::decode(&call_name(&Method::GET, path), v)
+    }
+
+    /// `POST <api><path>` with `body` as element `root` (run once).
     pub async fn post(&self, path: &str, root: &str, body: Value) -> Result<Value> {
         self.call(Method::POST, path, Some((root, body))).await
     }
 
-    /// `DELETE <api><path>`.
+    /// [`Client::post`] with the answer read as a `T`.
+    pub async fn post_as<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        root: &str,
+        body: Value,
+    ) -> Result<T> {
+        let v = self.post(path, root, body).await?;
+        crate::api::decode(&call_name(&Method::POST, path), v)
+    }
+
+    /// `DELETE <api><path>`, retried; a retry that finds the object gone
+    /// (the first attempt's answer was lost) succeeds.
     pub async fn delete(&self, path: &str) -> Result<()> {
-        self.call(Method::DELETE, path, None).await.map(|_| ())
+        let name = call_name(&Method::DELETE, path);
+        provider_kit::retry(&self.retry, &name, |attempt| async move {
+            match self.call(Method::DELETE, path, None).await {
+                Err(e) if attempt > 1 && e.kind() == ErrorKind::NotFound => Ok(()),
+                r => r.map(|_| ()),
+            }
+        })
+        .await
     }
 
     /// Any call; the answer in the JSON shape (`{}` for empty bodies).
@@ -190,7 +233,7 @@ impl Client {
         path: &str,
         body: Option<(&str, Value)>,
     ) -> Result<Value> {
-        let name = format!("{method} {}", strip_query(path));
+        let name = call_name(&method, path);
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.api))
@@ -236,9 +279,23 @@ impl Client {
         })
     }
 
-    /// Ranged `GET` of `length` bytes at `offset` from the image server.
+    /// Ranged `GET` of `length` bytes at `offset` from the image server,
+    /// retried.
     pub async fn image_range(&self, url: &str, offset: u64, length: u64) -> Result<bytes::Bytes> {
         let name = "GET /images/{ticket}";
+        provider_kit::retry(&self.retry, name, |_| {
+            self.image_range_once(name, url, offset, length)
+        })
+        .await
+    }
+
+    async fn image_range_once(
+        &self,
+        name: &str,
+        url: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<bytes::Bytes> {
         let resp = self
             .http
             .get(url)
@@ -255,7 +312,8 @@ impl Client {
                 status_kind(status),
                 format!("image server answered {status} to a ranged read"),
             )
-            .api_call(name));
+            .api_call(name)
+            .retryable(is_transient(status)));
         }
         let data = resp.bytes().await.map_err(|e| transport(name, e))?;
         if data.len() as u64 != length {
@@ -269,17 +327,23 @@ impl Client {
     }
 
     /// `GET` on the image server (no bearer token: the ticket is the
-    /// credential); JSON answer.
-    pub async fn image_json(&self, url: &str, what: &str) -> Result<Value> {
+    /// credential), retried; the JSON answer read as a `T`.
+    pub async fn image_json<T: DeserializeOwned>(&self, url: &str, what: &str) -> Result<T> {
         let name = format!("GET {what}");
+        let v =
+            provider_kit::retry(&self.retry, &name, |_| self.image_json_once(&name, url)).await?;
+        crate::api::decode(&name, v)
+    }
+
+    async fn image_json_once(&self, name: &str, url: &str) -> Result<Value> {
         let resp = self
             .http
             .get(url)
             .send()
             .await
-            .map_err(|e| transport(&name, e))?;
+            .map_err(|e| transport(name, e))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| transport(&name, e))?;
+        let bytes = resp.bytes().await.map_err(|e| transport(name, e))?;
         if !status.is_success() {
             return Err(Error::new(
                 status_kind(status),
@@ -288,11 +352,12 @@ impl Client {
                     String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
                 ),
             )
-            .api_call(&name));
+            .api_call(name)
+            .retryable(is_transient(status)));
         }
         serde_json::from_slice(&bytes).map_err(|e| {
             Error::new(ErrorKind::Platform, "malformed JSON from the image server")
-                .api_call(&name)
+                .api_call(name)
                 .with_source(e)
         })
     }
@@ -304,6 +369,20 @@ fn platform_err(msg: String) -> Error {
 
 fn strip_query(path: &str) -> &str {
     path.split('?').next().unwrap_or(path)
+}
+
+/// `GET /vms/{id}` as errors name a call (without the query).
+fn call_name(method: &Method, path: &str) -> String {
+    match strip_query(path) {
+        "" => format!("{method} /"),
+        p => format!("{method} {p}"),
+    }
+}
+
+/// Answers that say "try again later": a busy engine or a proxy in front
+/// of it that could not reach it.
+fn is_transient(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
 }
 
 fn transport(call: &str, e: reqwest::Error) -> Error {
@@ -345,7 +424,7 @@ fn fault(call: &str, status: StatusCode, body: Option<Value>) -> Error {
         format!("the engine answered {status}: {msg}"),
     )
     .api_call(call)
-    .retryable(status.is_server_error())
+    .retryable(is_transient(status))
 }
 
 fn parse_answer(bytes: &[u8], json: bool) -> std::result::Result<Value, String> {
@@ -524,59 +603,11 @@ pub fn xml_to_value(text: &str) -> std::result::Result<(String, Value), String> 
     root.ok_or_else(|| "no root element".to_string())
 }
 
-// ------------------------------------------------------ lenient readers
+// ------------------------------------------------------------ faults
 
-/// A string field (numbers accepted); empty strings read as absent.
-pub fn text(v: &Value, key: &str) -> Option<String> {
+/// A text field of a fault answer (numbers accepted); empty reads as absent.
+fn text(v: &Value, key: &str) -> Option<String> {
     v.get(key).and_then(scalar).filter(|s| !s.is_empty())
-}
-
-/// A number given as a number or a string.
-pub fn number(v: &Value, key: &str) -> std::result::Result<Option<u64>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| format!("{key} is not a non-negative integer: {n}")),
-        Some(Value::String(s)) if s.trim().is_empty() => Ok(None),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse()
-            .map(Some)
-            .map_err(|_| format!("{key} is not a number: {s:?}")),
-        Some(other) => Err(format!("{key} is not a number: {other}")),
-    }
-}
-
-/// A boolean given as a boolean or `"true"`/`"false"`.
-pub fn flag(v: &Value, key: &str) -> std::result::Result<Option<bool>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(Value::String(s)) => match s.trim() {
-            "true" => Ok(Some(true)),
-            "false" => Ok(Some(false)),
-            "" => Ok(None),
-            o => Err(format!("{key} is not a boolean: {o:?}")),
-        },
-        Some(other) => Err(format!("{key} is not a boolean: {other}")),
-    }
-}
-
-/// The list under `key` of a collection answer (`{"disk": [...]}`), or
-/// of a nested list (`{"disks": {"disk": [...]}}` with `outer`).
-pub fn items<'a>(v: &'a Value, key: &str) -> Vec<&'a Value> {
-    match v.get(key) {
-        Some(Value::Array(a)) => a.iter().collect(),
-        Some(o @ Value::Object(_)) => vec![o],
-        _ => Vec::new(),
-    }
-}
-
-/// The `id` of a nested object (`{"disk": {"id": ..}}`).
-pub fn nested_id(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(|o| text(o, "id"))
 }
 
 #[cfg(test)]
@@ -591,26 +622,17 @@ mod tests {
             </disk_attachment></disk_attachments>"#;
         let (root, v) = xml_to_value(xml).unwrap();
         assert_eq!(root, "disk_attachments");
-        let list = items(&v, "disk_attachment");
-        assert_eq!(list.len(), 1);
-        assert_eq!(text(list[0], "logical_name").as_deref(), Some("/dev/vdb"));
-        assert_eq!(flag(list[0], "bootable").unwrap(), Some(false));
-        assert_eq!(
-            list[0]
-                .get("disk")
-                .and_then(|d| nested_id(d, "snapshot"))
-                .as_deref(),
-            Some("s1")
-        );
-    }
-
-    #[test]
-    fn strings_are_accepted_for_numbers_and_booleans() {
-        let v = serde_json::json!({"provisioned_size": "10737418240", "active": "true", "n": 5});
-        assert_eq!(number(&v, "provisioned_size").unwrap(), Some(10737418240));
-        assert_eq!(number(&v, "n").unwrap(), Some(5));
-        assert_eq!(flag(&v, "active").unwrap(), Some(true));
-        assert!(number(&serde_json::json!({"x": "ten"}), "x").is_err());
+        // No interface: the attachment is refused, naming the field.
+        let e = crate::api::decode::<crate::api::DiskAttachments>("GET /x", v.clone()).unwrap_err();
+        assert!(e.to_string().contains("interface"), "{e}");
+        let mut v = v;
+        v["disk_attachment"]["interface"] = Value::String("virtio".into());
+        let list: crate::api::DiskAttachments = crate::api::decode("GET /x", v).unwrap();
+        assert_eq!(list.disk_attachment.len(), 1);
+        let a = &list.disk_attachment[0];
+        assert_eq!(a.logical_name.as_deref(), Some("/dev/vdb"));
+        assert!(!a.bootable);
+        assert_eq!(a.disk.snapshot.as_ref().map(|s| s.id.as_str()), Some("s1"));
     }
 
     #[test]
@@ -624,12 +646,9 @@ mod tests {
             "{xml}"
         );
         let (_, back) = xml_to_value(&xml).unwrap();
-        assert_eq!(
-            back.get("disk")
-                .and_then(|d| nested_id(d, "snapshot"))
-                .as_deref(),
-            Some("S")
-        );
+        let a: crate::api::DiskAttachment = crate::api::decode("POST /x", back).unwrap();
+        assert_eq!(a.disk.snapshot.map(|s| s.id).as_deref(), Some("S"));
+        assert_eq!(a.interface, "virtio");
     }
 
     #[test]
@@ -650,11 +669,13 @@ mod tests {
         /// Values written as XML read back with the same text fields.
         #[test]
         fn xml_round_trip(name in "[a-zA-Z0-9 <>&'\"]{0,40}", size in 0u64..u64::MAX, flag_v: bool) {
-            let v = serde_json::json!({"id": "x", "name": name, "size": size, "on": flag_v});
-            let (_, back) = xml_to_value(&to_xml("vm", &v)).unwrap();
-            proptest::prop_assert_eq!(text(&back, "name"), Some(name.trim().to_string()).filter(|s| !s.is_empty()));
-            proptest::prop_assert_eq!(number(&back, "size").unwrap(), Some(size));
-            proptest::prop_assert_eq!(flag(&back, "on").unwrap(), Some(flag_v));
+            let v = serde_json::json!({"id": "x", "alias": format!("a{name}"), "provisioned_size": size,
+                "sparse": flag_v, "format": "raw"});
+            let (_, back) = xml_to_value(&to_xml("disk", &v)).unwrap();
+            let d: crate::api::Disk = crate::api::decode("GET /disks/x", back).unwrap();
+            proptest::prop_assert_eq!(d.alias, format!("a{name}").trim_end().to_string());
+            proptest::prop_assert_eq!(d.provisioned_size, size);
+            proptest::prop_assert_eq!(d.sparse, flag_v);
         }
     }
 

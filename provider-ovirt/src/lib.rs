@@ -20,12 +20,16 @@
 //!   NBD URL when the transfer offers one (mechanism `nbd`; imageio serves
 //!   NBD to local clients, the mock hypervisor reports it as `nbd_url`);
 //!   otherwise the provider downloads, with ranged GETs, exactly the
-//!   regions the host will read (the dirty extents, or the data extents of
-//!   `extents?context=zero`) into a sparse file under
-//!   [`OvirtOptions::download_dir`] and exposes that file. Changed regions
-//!   come from the image server's `extents?context=dirty`. Only `cow` disks
-//!   with `backup=incremental` have checkpoints; other disks are read in
-//!   full.
+//!   regions the host will read into a sparse file under
+//!   [`OvirtOptions::download_dir`] and exposes that file. Which regions
+//!   follows the host's rule ([`BackupVmRequest::host_mode`]), never the
+//!   provider's plan alone: the dirty extents when the host will read only
+//!   them (the access is then marked [`AccessScope::DirtyOnly`], so the host
+//!   refuses to read it in full), else the data extents of
+//!   `extents?context=zero` (a disk resized since the previous backup is
+//!   read in full, and so downloaded in full). Changed regions come from
+//!   the image server's `extents?context=dirty`. Only `cow` disks with
+//!   `backup=incremental` have checkpoints; other disks are read in full.
 //!
 //! [`BackupMode::Auto`] picks incremental on engines 4.4 and later and
 //! snapshot attach before. Fallbacks to a full backup (checkpoint invalid
@@ -42,10 +46,31 @@
 //! disk this backup attached to the appliance, deletes the snapshot,
 //! finalizes (or cancels) every image transfer and waits for it, then
 //! finalizes the backup. Besides the ids it recorded, it sweeps by the
-//! description `vmbackup:<archive>` it gave its snapshots and backups, so
-//! an object whose creation answer was lost (a malformed answer, a
-//! timeout) is found and removed too. An attachment failing half-way
-//! leaves the disks already attached to this cleanup.
+//! description `vmbackup:<archive> vmbackup.<host>.<job>` it gave its
+//! snapshots, backups and image transfers, so an object whose creation
+//! answer was lost (a malformed answer, a timeout) is found and removed
+//! too. An attachment failing half-way leaves the disks already attached
+//! to this cleanup.
+//!
+//! ## Interrupted jobs
+//!
+//! Every object the provider creates carries the job's
+//! [`JobMarker`] (`vmbackup.<host>.<job>`) in its description. `job_init`
+//! sweeps what an earlier job of the same host left when it died before
+//! its cleanups (its marker names this host and a job that is not in
+//! [`JobInfo::running_jobs`]): it finalizes (or cancels) that job's image
+//! transfers and finalizes its backups (a backup left `ready` makes every
+//! later backup of the VM fail), detaches its snapshot disks from the
+//! appliance and deletes its snapshots. Objects of a running job or of
+//! another host are never touched: the marker is parsed and compared
+//! whole, never matched by prefix.
+//!
+//! ## Retries
+//!
+//! Answers 502, 503 and 504 and failed connections are retryable; calls
+//! that are safe to repeat (`GET`s, the login, `DELETE`s, image server
+//! reads) are retried with [`OvirtOptions::retry`] (see
+//! [`provider_kit::retry`]). Other calls run once.
 //!
 //! ## Restore
 //!
@@ -60,7 +85,10 @@
 //!
 //! Errors name the guest, the volume, the offset where one applies and the
 //! API call (`POST /vms/{id}/snapshots`); credentials never appear in
-//! errors or logs ([`OvirtOptions`]' `Debug` hides the password).
+//! errors or logs ([`OvirtOptions`]' `Debug` hides the password). Answers
+//! are read into the typed shapes of [`api`]: a field the provider acts on
+//! that is missing or malformed is an [`ErrorKind::Platform`] error naming
+//! the call and the field.
 //!
 //! ## Example
 //!
@@ -80,6 +108,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod api;
 pub mod client;
 
 use std::collections::{BTreeMap, HashMap};
@@ -89,11 +118,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use provider_api::*;
+pub use provider_kit::RetryPolicy;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
+use client::Client;
 pub use client::WireFormat;
-use client::{Client, flag, items, nested_id, number, text};
 
 /// How backups are taken.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +169,10 @@ pub struct OvirtOptions {
     /// Where image transfers without NBD access are downloaded (sparse
     /// files, removed by `backup_cleanup`).
     pub download_dir: PathBuf,
+    /// Retries of calls that are safe to repeat (not part of the
+    /// configuration file: the default suits engines).
+    #[serde(skip)]
+    pub retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for OvirtOptions {
@@ -172,6 +206,7 @@ impl OvirtOptions {
             operation_timeout: Duration::from_secs(600),
             http_timeout: Duration::from_secs(120),
             download_dir: std::env::temp_dir().join("provider-ovirt"),
+            retry: RetryPolicy::default(),
         }
     }
 
@@ -224,6 +259,14 @@ impl DiskRecord {
             VolumeFormat::Raw
         }
     }
+
+    fn volume(&self) -> Volume {
+        Volume {
+            device: self.device.clone(),
+            size: self.provisioned_size,
+            format: self.volume_format(),
+        }
+    }
 }
 
 /// Metadata stored with every backup.
@@ -242,6 +285,8 @@ pub struct OvirtMetadata {
 #[derive(Debug, Default)]
 struct BackupState {
     vm_id: String,
+    /// Description of every object this backup creates:
+    /// `vmbackup:<archive> <job marker>`.
     tag: String,
     mode: BackupMode,
     warnings: Vec<String>,
@@ -273,6 +318,7 @@ pub struct OvirtProvider {
     client: Client,
     appliance_id: Mutex<Option<String>>,
     engine_44: Mutex<Option<bool>>,
+    job: Mutex<Option<JobInfo>>,
     backups: Mutex<HashMap<String, BackupState>>,
     restores: Mutex<HashMap<String, RestoreState>>,
 }
@@ -297,6 +343,15 @@ fn bad_answer(call: &str, e: String) -> Error {
     platform(format!("unexpected answer: {e}")).api_call(call)
 }
 
+/// A `NotFound` answer read as "nothing there".
+fn found<T>(r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn vm_path(vm: &str) -> String {
     format!("/vms/{vm}")
 }
@@ -306,15 +361,13 @@ fn parse_nbd_url(url: &str) -> Option<NbdAccess> {
     let rest = url.strip_prefix("nbd://")?;
     let (hostport, export) = rest.split_once('/')?;
     let (host, port) = hostport.rsplit_once(':')?;
-    Some(NbdAccess {
-        address: NbdAddress::Tcp {
+    Some(NbdAccess::new(
+        NbdAddress::Tcp {
             host: host.trim_matches(['[', ']']).to_string(),
             port: port.parse().ok()?,
         },
-        export: export.to_string(),
-        tls: None,
-        dirty_bitmap_context: None,
-    })
+        export,
+    ))
 }
 
 impl OvirtProvider {
@@ -327,12 +380,14 @@ impl OvirtProvider {
             &options.password,
             options.format,
             options.http_timeout,
+            options.retry,
         )?;
         Ok(OvirtProvider {
             options,
             client,
             appliance_id: Mutex::new(None),
             engine_44: Mutex::new(None),
+            job: Mutex::new(None),
             backups: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
         })
@@ -368,18 +423,15 @@ impl OvirtProvider {
     }
 
     /// Resolves a VM given by id or name.
-    async fn resolve_vm(&self, id_or_name: &str) -> Result<Value> {
-        match self.client.get(&vm_path(id_or_name)).await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+    async fn resolve_vm(&self, id_or_name: &str) -> Result<api::Vm> {
+        if let Some(vm) = found(self.client.get_as(&vm_path(id_or_name)).await)? {
+            return Ok(vm);
         }
         let q = format!("/vms?search=name%3D{}", id_or_name.replace(' ', "%20"));
-        let list = self.client.get(&q).await?;
-        items(&list, "vm")
+        let list: api::Vms = self.client.get_as(&q).await?;
+        list.vm
             .into_iter()
             .next()
-            .cloned()
             .ok_or_else(|| Error::not_found(format!("no VM with id or name {id_or_name}")))
     }
 
@@ -391,28 +443,17 @@ impl OvirtProvider {
             .resolve_vm(&self.options.appliance)
             .await
             .map_err(|e| Error::new(e.kind(), "finding the backup appliance VM").with_source(e))?;
-        let id = text(&vm, "id").ok_or_else(|| platform("the appliance VM has no id"))?;
-        *lock(&self.appliance_id) = Some(id.clone());
-        Ok(id)
+        *lock(&self.appliance_id) = Some(vm.id.clone());
+        Ok(vm.id)
     }
 
     async fn supports_incremental(&self) -> Result<bool> {
         if let Some(b) = *lock(&self.engine_44) {
             return Ok(b);
         }
-        let api = self.client.get("").await?;
-        let v = api
-            .get("product_info")
-            .and_then(|p| p.get("version"))
-            .cloned()
-            .unwrap_or(Value::Null);
-        let major = number(&v, "major")
-            .map_err(|e| bad_answer("GET /", e))?
-            .unwrap_or(4);
-        let minor = number(&v, "minor")
-            .map_err(|e| bad_answer("GET /", e))?
-            .unwrap_or(0);
-        let b = (major, minor) >= (4, 4);
+        let root: api::ApiRoot = self.client.get_as("").await?;
+        let v = root.product_info.version;
+        let b = (v.major, v.minor) >= (4, 4);
         *lock(&self.engine_44) = Some(b);
         Ok(b)
     }
@@ -430,6 +471,15 @@ impl OvirtProvider {
         })
     }
 
+    /// `text` with the job's marker: the description of every object the
+    /// provider creates.
+    fn tag(&self, text: &str) -> String {
+        match lock(&self.job).as_ref() {
+            Some(job) => format!("{text} {}", job.marker()),
+            None => text.to_string(),
+        }
+    }
+
     fn state<R>(&self, guest: &Guest, f: impl FnOnce(&mut BackupState) -> R) -> Result<R> {
         let mut all = lock(&self.backups);
         let st = all.get_mut(&guest.id.0).ok_or_else(|| {
@@ -440,31 +490,25 @@ impl OvirtProvider {
 
     /// The VM's own disks with their attachment settings, checked.
     async fn vm_disks(&self, vm_id: &str) -> Result<Vec<DiskRecord>> {
-        let call = format!("GET /vms/{vm_id}/diskattachments");
-        let list = self
+        let list: api::DiskAttachments = self
             .client
-            .get(&format!("/vms/{vm_id}/diskattachments"))
+            .get_as(&format!("/vms/{vm_id}/diskattachments"))
             .await?;
         let mut out: Vec<DiskRecord> = Vec::new();
-        for a in items(&list, "disk_attachment") {
-            if a.get("disk")
-                .and_then(|d| nested_id(d, "snapshot"))
-                .is_some()
-            {
+        for a in list.disk_attachment {
+            if a.disk.snapshot.is_some() {
                 continue; // a disk snapshot attached for backup: never backed up
             }
-            let disk_id = a
-                .get("disk")
-                .and_then(|d| text(d, "id"))
-                .or_else(|| text(a, "id"))
-                .ok_or_else(|| bad_answer(&call, "an attachment without a disk id".into()))?;
+            let disk_id = a.disk.id;
             let dcall = format!("GET /disks/{disk_id}");
-            let d = self.client.get(&format!("/disks/{disk_id}")).await?;
-            let size = number(&d, "provisioned_size")
-                .map_err(|e| bad_answer(&dcall, e))?
-                .ok_or_else(|| bad_answer(&dcall, "no provisioned_size".into()))?;
-            let format = text(&d, "format").unwrap_or_default();
-            let alias = text(&d, "alias").unwrap_or_else(|| disk_id.clone());
+            let d: api::Disk = self.client.get_as(&format!("/disks/{disk_id}")).await?;
+            if d.id != disk_id {
+                return Err(bad_answer(
+                    &dcall,
+                    format!("asked for disk {disk_id}, got disk {}", d.id),
+                ));
+            }
+            let (size, format, alias) = (d.provisioned_size, d.format, d.alias);
             if format != "raw" && format != "cow" {
                 return Err(Error::invalid(format!(
                     "disk {alias} has the unknown format {format:?} (expected raw or cow)"
@@ -478,20 +522,16 @@ impl OvirtProvider {
                 alias,
                 provisioned_size: size,
                 format,
-                sparse: flag(&d, "sparse")
-                    .map_err(|e| bad_answer(&dcall, e))?
-                    .unwrap_or(true),
-                backup: text(&d, "backup").unwrap_or_else(|| "none".into()),
-                interface: text(a, "interface").unwrap_or_else(|| "virtio".into()),
-                bootable: flag(a, "bootable")
-                    .map_err(|e| bad_answer(&call, e))?
-                    .unwrap_or(false),
-                storage_domain: items(
-                    d.get("storage_domains").unwrap_or(&Value::Null),
-                    "storage_domain",
-                )
-                .first()
-                .and_then(|s| text(s, "name")),
+                sparse: d.sparse,
+                // Absent before 4.4, where no disk has incremental backup.
+                backup: d.backup.unwrap_or_else(|| "none".into()),
+                interface: a.interface,
+                bootable: a.bootable,
+                storage_domain: d
+                    .storage_domains
+                    .storage_domain
+                    .into_iter()
+                    .find_map(|s| s.name),
             });
         }
         // Device names: the alias when unique and safe, else the disk id.
@@ -514,22 +554,25 @@ impl OvirtProvider {
     }
 
     async fn ovf(&self, vm_id: &str) -> Result<(String, ConfigBlob)> {
-        let call = format!("GET /vms/{vm_id}?all_content=true");
-        let vm = self
+        let call = format!("GET /vms/{vm_id}");
+        let vm: api::Vm = self
             .client
-            .get(&format!("/vms/{vm_id}?all_content=true"))
+            .get_as(&format!("/vms/{vm_id}?all_content=true"))
             .await?;
         let data = vm
-            .get("initialization")
-            .and_then(|i| i.get("configuration"))
-            .and_then(|c| text(c, "data"))
+            .initialization
+            .map(|i| i.configuration.data)
             .ok_or_else(|| {
-                bad_answer(&call, "no initialization.configuration.data (OVF)".into())
+                bad_answer(
+                    &call,
+                    "missing field `initialization` (the OVF, asked for with all_content=true)"
+                        .into(),
+                )
             })?;
         client::xml_to_value(&data)
             .map_err(|e| bad_answer(&call, format!("the OVF is not valid XML: {e}")))?;
         Ok((
-            text(&vm, "name").unwrap_or_default(),
+            vm.name,
             ConfigBlob {
                 content_type: "application/ovf+xml".into(),
                 data: data.into_bytes(),
@@ -541,8 +584,8 @@ impl OvirtProvider {
         let path = format!("/vms/{vm}/diskattachments/{disk}");
         let call = format!("GET {path}");
         self.poll("the attached disk shows no logical_name", &call, || async {
-            let a = self.client.get(&path).await?;
-            Ok(text(&a, "logical_name").map(PathBuf::from))
+            let a: api::DiskAttachment = self.client.get_as(&path).await?;
+            Ok(a.logical_name.map(PathBuf::from))
         })
         .await
     }
@@ -557,34 +600,30 @@ impl OvirtProvider {
         disks: &[DiskRecord],
     ) -> Result<Vec<VolumeAccess>> {
         let appliance = self.appliance().await?;
-        let call = format!("POST /vms/{vm_id}/snapshots");
-        let snap = self
+        let snap: api::Created = self
             .client
-            .post(
+            .post_as(
                 &format!("/vms/{vm_id}/snapshots"),
                 "snapshot",
                 json!({"description": tag, "persist_memorystate": false}),
             )
             .await?;
-        let sid = text(&snap, "id").ok_or_else(|| bad_answer(&call, "no snapshot id".into()))?;
+        let sid = snap.id;
         self.state(guest, |s| s.snapshot_id = Some(sid.clone()))?;
         let spath = format!("/vms/{vm_id}/snapshots/{sid}");
         let scall = format!("GET {spath}");
         self.poll(&format!("snapshot {sid} stayed locked"), &scall, || async {
-            let s = self.client.get(&spath).await?;
-            match text(&s, "snapshot_status").as_deref() {
-                Some("ok") => Ok(Some(())),
-                Some("locked") | Some("in_preview") | None => Ok(None),
-                Some(other) => Err(platform(format!("snapshot {sid} is {other}")).api_call(&scall)),
+            let s: api::Snapshot = self.client.get_as(&spath).await?;
+            match s.snapshot_status.as_str() {
+                "ok" => Ok(Some(())),
+                "locked" | "in_preview" => Ok(None),
+                other => Err(platform(format!("snapshot {sid} is {other}")).api_call(&scall)),
             }
         })
         .await?;
         let dcall = format!("GET {spath}/disks");
-        let sdisks = self.client.get(&format!("{spath}/disks")).await?;
-        let in_snapshot: Vec<String> = items(&sdisks, "disk")
-            .into_iter()
-            .filter_map(|d| text(d, "id"))
-            .collect();
+        let sdisks: api::SnapshotDisks = self.client.get_as(&format!("{spath}/disks")).await?;
+        let in_snapshot: Vec<String> = sdisks.disk.into_iter().map(|d| d.id).collect();
         let mut volumes = Vec::new();
         for d in disks {
             if !in_snapshot.contains(&d.disk_id) {
@@ -612,18 +651,10 @@ impl OvirtProvider {
                 .wait_logical_name(&appliance, &d.disk_id)
                 .await
                 .map_err(|e| e.volume(&d.device))?;
-            volumes.push(VolumeAccess {
-                volume: Volume {
-                    device: d.device.clone(),
-                    size: d.provisioned_size,
-                    format: d.volume_format(),
-                },
-                access: SnapshotAccess::FileHandle(FileAccess { path }),
-                bitmap_mode: BitmapMode::None,
-                dirty: DirtySource::All,
-                checkpoint: None,
-                base: None,
-            });
+            volumes.push(VolumeAccess::new(
+                d.volume(),
+                SnapshotAccess::FileHandle(FileAccess::new(path)),
+            ));
         }
         Ok(volumes)
     }
@@ -637,7 +668,7 @@ impl OvirtProvider {
         tag: &str,
         disks: &[DiskRecord],
         from: Option<&str>,
-    ) -> Result<Value> {
+    ) -> Result<api::Backup> {
         let mut body = json!({
             "description": tag,
             "disks": {"disk": disks.iter().map(|d| json!({"id": d.disk_id})).collect::<Vec<_>>()},
@@ -645,12 +676,11 @@ impl OvirtProvider {
         if let Some(f) = from {
             body["from_checkpoint_id"] = json!(f);
         }
-        let call = format!("POST /vms/{vm_id}/backups");
-        let b = self
+        let b: api::Created = self
             .client
-            .post(&format!("/vms/{vm_id}/backups"), "backup", body)
+            .post_as(&format!("/vms/{vm_id}/backups"), "backup", body)
             .await?;
-        let bid = text(&b, "id").ok_or_else(|| bad_answer(&call, "no backup id".into()))?;
+        let bid = b.id;
         self.state(guest, |s| s.backup_id = Some(bid.clone()))?;
         let path = format!("/vms/{vm_id}/backups/{bid}");
         let pcall = format!("GET {path}");
@@ -658,12 +688,12 @@ impl OvirtProvider {
             &format!("backup {bid} did not get ready"),
             &pcall,
             || async {
-                let b = self.client.get(&path).await?;
-                match text(&b, "phase").as_deref() {
-                    Some("ready") => Ok(Some(b)),
-                    Some("failed") | Some("succeeded") => Err(platform(format!(
+                let b: api::Backup = self.client.get_as(&path).await?;
+                match b.phase.as_str() {
+                    "ready" => Ok(Some(b)),
+                    "failed" | "succeeded" => Err(platform(format!(
                         "backup {bid} ended before it was ready ({})",
-                        text(&b, "phase").unwrap_or_default()
+                        b.phase
                     ))
                     .api_call(&pcall)),
                     _ => Ok(None),
@@ -678,14 +708,15 @@ impl OvirtProvider {
         guest: &Guest,
         disk: &DiskRecord,
         backup_id: &str,
-    ) -> Result<Value> {
-        let call = "POST /imagetransfers";
-        let t = self
+        tag: &str,
+    ) -> Result<api::ImageTransfer> {
+        let t: api::Created = self
             .client
-            .post(
+            .post_as(
                 "/imagetransfers",
                 "image_transfer",
                 json!({
+                    "description": tag,
                     "disk": {"id": disk.disk_id},
                     "backup": {"id": backup_id},
                     "direction": "download",
@@ -694,7 +725,7 @@ impl OvirtProvider {
                 }),
             )
             .await?;
-        let tid = text(&t, "id").ok_or_else(|| bad_answer(call, "no transfer id".into()))?;
+        let tid = t.id;
         self.state(guest, |s| s.transfers.push(tid.clone()))?;
         let path = format!("/imagetransfers/{tid}");
         let pcall = format!("GET {path}");
@@ -702,11 +733,11 @@ impl OvirtProvider {
             &format!("image transfer {tid} did not start"),
             &pcall,
             || async {
-                let t = self.client.get(&path).await?;
-                match text(&t, "phase").as_deref() {
-                    Some("transferring") => Ok(Some(t)),
-                    Some("initializing") | Some("resuming") | None => Ok(None),
-                    Some(other) => {
+                let t: api::ImageTransfer = self.client.get_as(&path).await?;
+                match t.phase.as_str() {
+                    "transferring" => Ok(Some(t)),
+                    "initializing" | "resuming" => Ok(None),
+                    other => {
                         Err(platform(format!("image transfer {tid} is {other}")).api_call(&pcall))
                     }
                 }
@@ -715,33 +746,20 @@ impl OvirtProvider {
         .await
     }
 
-    async fn dirty_extents(&self, transfer: &Value, size: u64) -> Result<Vec<Extent>> {
-        let url = text(transfer, "transfer_url")
-            .or_else(|| text(transfer, "proxy_url"))
-            .ok_or_else(|| platform("the image transfer has no transfer_url"))?;
-        let list = self
+    /// The dirty extents of a transfer's disk. imageio answers every byte
+    /// of the disk, in order: an answer that leaves a gap, overlaps or
+    /// stops short is an error (a region it skipped would be taken for
+    /// unchanged and its new data lost).
+    async fn dirty_extents(&self, transfer: &api::ImageTransfer, size: u64) -> Result<Vec<Extent>> {
+        let what = "/images/{ticket}/extents?context=dirty";
+        let url = transfer.url(&format!("GET /imagetransfers/{}", transfer.id))?;
+        let list: Vec<api::DirtyExtent> = self
             .client
-            .image_json(
-                &format!("{url}/extents?context=dirty"),
-                "/images/{ticket}/extents?context=dirty",
-            )
+            .image_json(&format!("{url}/extents?context=dirty"), what)
             .await?;
-        let mut out: Vec<Extent> = Vec::new();
-        for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-            let bad = |m: String| platform(format!("bad dirty extent {e}: {m}"));
-            let start = number(e, "start").map_err(bad)?.unwrap_or(0);
-            let length = number(e, "length").map_err(bad)?.unwrap_or(0);
-            if !flag(e, "dirty").map_err(bad)?.unwrap_or(false) || length == 0 {
-                continue;
-            }
-            let length = length.min(size.saturating_sub(start));
-            match out.last_mut() {
-                Some(last) if last.end() == start => last.length += length,
-                _ if length > 0 => out.push(Extent::new(start, length)),
-                _ => {}
-            }
-        }
-        Ok(out)
+        let list: Vec<(u64, u64, bool)> =
+            list.iter().map(|e| (e.start, e.length, e.dirty)).collect();
+        covered(&format!("GET {what}"), &list, size)
     }
 
     async fn backup_incremental(
@@ -752,26 +770,44 @@ impl OvirtProvider {
         disks: &[DiskRecord],
         request: &BackupVmRequest,
     ) -> Result<Vec<VolumeAccess>> {
+        use BitmapMode::{New, Use};
         let mut warnings = Vec::new();
+        // Each disk's mode as the host will apply it: a Use the host turns
+        // into a full read (a disk resized since the previous backup, ...)
+        // is a full read here too, so that the whole disk is exposed.
+        let mut modes: BTreeMap<String, BitmapMode> = BTreeMap::new();
+        for d in disks {
+            let provided = match request.mode(&d.device) {
+                Use if d.incremental() => Use,
+                _ if d.incremental() => New,
+                _ => BitmapMode::None,
+            };
+            let (mode, why) = request.host_mode_why(&d.device, d.provisioned_size, provided);
+            if provided == Use && mode != Use {
+                warnings.push(format!(
+                    "volume {}: {}; full backup",
+                    d.device,
+                    why.unwrap_or("the host reads it in full")
+                ));
+            }
+            modes.insert(d.device.clone(), mode);
+        }
         // The checkpoint the Use volumes start from (one per VM).
         let from = request.previous.as_ref().and_then(|p| {
             disks
                 .iter()
-                .filter(|d| request.mode(&d.device) == BitmapMode::Use)
+                .filter(|d| modes[&d.device] == Use)
                 .find_map(|d| p.snapshot.volume(&d.device)?.checkpoint.clone())
         });
-        let mut modes: BTreeMap<String, BitmapMode> = disks
-            .iter()
-            .map(|d| {
-                let m = match request.mode(&d.device) {
-                    BitmapMode::Use if from.is_some() && d.incremental() => BitmapMode::Use,
-                    _ if d.incremental() => BitmapMode::New,
-                    _ => BitmapMode::None,
-                };
-                (d.device.clone(), m)
-            })
-            .collect();
-        let uses = modes.values().any(|m| *m == BitmapMode::Use);
+        if from.is_none() {
+            for (device, m) in modes.iter_mut().filter(|(_, m)| **m == Use) {
+                warnings.push(format!(
+                    "volume {device}: the previous backup has no checkpoint for it; full backup"
+                ));
+                *m = New;
+            }
+        }
+        let uses = modes.values().any(|m| *m == Use);
         let from = from.filter(|_| uses).map(|c| c.0);
         let backup = match self
             .start_backup(guest, vm_id, tag, disks, from.as_deref())
@@ -790,25 +826,26 @@ impl OvirtProvider {
                     e.message()
                 ));
                 for m in modes.values_mut() {
-                    if *m == BitmapMode::Use {
-                        *m = BitmapMode::New;
+                    if *m == Use {
+                        *m = New;
                     }
                 }
                 self.start_backup(guest, vm_id, tag, disks, None).await?
             }
             Err(e) => return Err(e),
         };
+        for w in &warnings {
+            tracing::warn!(guest = %guest.id, "{w}");
+        }
         self.state(guest, |s| s.warnings.extend(warnings))?;
-        let bid = text(&backup, "id").unwrap_or_default();
-        let to_checkpoint = text(&backup, "to_checkpoint_id");
         let mut volumes = Vec::new();
         for d in disks {
             let t = self
-                .open_transfer(guest, d, &bid)
+                .open_transfer(guest, d, &backup.id, tag)
                 .await
                 .map_err(|e| e.volume(&d.device))?;
             let mode = modes[&d.device];
-            let dirty_list = if mode == BitmapMode::Use {
+            let dirty_list = if mode == Use {
                 Some(
                     self.dirty_extents(&t, d.provisioned_size)
                         .await
@@ -817,84 +854,80 @@ impl OvirtProvider {
             } else {
                 None
             };
-            let access = match text(&t, "nbd_url") {
-                Some(url) => SnapshotAccess::Nbd(parse_nbd_url(&url).ok_or_else(|| {
-                    platform(format!("unparsable nbd_url {url}")).volume(&d.device)
-                })?),
-                // No local NBD access: download what the host will read.
-                None => SnapshotAccess::FileHandle(FileAccess {
-                    path: self
-                        .download(guest, &t, d, dirty_list.as_deref())
-                        .await
-                        .map_err(|e| e.volume(&d.device))?,
-                }),
+            let (access, scope) = match &t.nbd_url {
+                // The backup's NBD export serves the whole disk.
+                Some(url) => (
+                    SnapshotAccess::Nbd(parse_nbd_url(url).ok_or_else(|| {
+                        platform(format!("unparsable nbd_url {url}")).volume(&d.device)
+                    })?),
+                    AccessScope::Whole,
+                ),
+                // No local NBD access: download what the host will read,
+                // and say when that is the changes only.
+                None => (
+                    SnapshotAccess::FileHandle(FileAccess::new(
+                        self.download(guest, &t, d, dirty_list.as_deref())
+                            .await
+                            .map_err(|e| e.volume(&d.device))?,
+                    )),
+                    if dirty_list.is_some() {
+                        AccessScope::DirtyOnly
+                    } else {
+                        AccessScope::Whole
+                    },
+                ),
             };
             let dirty = match dirty_list {
                 Some(list) => DirtySource::Regions(Box::new(RegionList::new(list))),
                 None => DirtySource::All,
             };
-            volumes.push(VolumeAccess {
-                volume: Volume {
-                    device: d.device.clone(),
-                    size: d.provisioned_size,
-                    format: d.volume_format(),
-                },
-                access,
-                bitmap_mode: mode,
-                dirty,
-                checkpoint: if d.incremental() {
-                    to_checkpoint.clone().map(Checkpoint)
-                } else {
-                    None
-                },
-                base: None,
-            });
+            let checkpoint = if d.incremental() {
+                backup.to_checkpoint_id.clone().map(Checkpoint)
+            } else {
+                None
+            };
+            volumes.push(
+                VolumeAccess::new(d.volume(), access)
+                    .bitmap_mode(mode)
+                    .dirty(dirty)
+                    .checkpoint(checkpoint)
+                    .scope(scope),
+            );
         }
         Ok(volumes)
     }
 
     /// Downloads a transfer through ranged GETs into a sparse file under
-    /// [`OvirtOptions::download_dir`]: the dirty extents of an incremental,
-    /// else the data extents (`extents?context=zero`). Regions not
-    /// downloaded are holes; the host reads only the regions it is given.
+    /// [`OvirtOptions::download_dir`]: the dirty extents when the host
+    /// reads only those, else every data extent (`extents?context=zero`).
+    /// Regions not downloaded are holes: the caller marks a dirty-only file
+    /// [`AccessScope::DirtyOnly`].
     async fn download(
         &self,
         guest: &Guest,
-        transfer: &Value,
+        transfer: &api::ImageTransfer,
         disk: &DiskRecord,
         dirty: Option<&[Extent]>,
     ) -> Result<PathBuf> {
-        let url = text(transfer, "transfer_url")
-            .or_else(|| text(transfer, "proxy_url"))
-            .ok_or_else(|| platform("the image transfer has no transfer_url"))?;
+        let url = transfer.url(&format!("GET /imagetransfers/{}", transfer.id))?;
         let regions: Vec<Extent> = match dirty {
             Some(d) => d.to_vec(),
             None => {
-                let list = self
+                let what = "/images/{ticket}/extents?context=zero";
+                let list: Vec<api::ZeroExtent> = self
                     .client
-                    .image_json(
-                        &format!("{url}/extents?context=zero"),
-                        "/images/{ticket}/extents?context=zero",
-                    )
+                    .image_json(&format!("{url}/extents?context=zero"), what)
                     .await?;
-                let mut out = Vec::new();
-                for e in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-                    let bad = |m: String| platform(format!("bad extent {e}: {m}"));
-                    let start = number(e, "start").map_err(bad)?.unwrap_or(0);
-                    let length = number(e, "length").map_err(bad)?.unwrap_or(0);
-                    if !flag(e, "zero").map_err(bad)?.unwrap_or(false) && length > 0 {
-                        out.push(Extent::new(start, length));
-                    }
-                }
-                out
+                let list: Vec<(u64, u64, bool)> =
+                    list.iter().map(|e| (e.start, e.length, !e.zero)).collect();
+                covered(&format!("GET {what}"), &list, disk.provisioned_size)?
             }
         };
         std::fs::create_dir_all(&self.options.download_dir)?;
-        let path = self.options.download_dir.join(format!(
-            "{}-{}.raw",
-            text(transfer, "id").unwrap_or_else(|| disk.disk_id.clone()),
-            disk.device
-        ));
+        let path = self
+            .options
+            .download_dir
+            .join(format!("{}-{}.raw", transfer.id, disk.device));
         self.state(guest, |s| s.files.push(path.clone()))?;
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -910,7 +943,7 @@ impl OvirtProvider {
                 let n = PIECE.min(r.end() - pos);
                 let data = self
                     .client
-                    .image_range(&url, pos, n)
+                    .image_range(url, pos, n)
                     .await
                     .map_err(|e| e.offset(pos))?;
                 let f = file.clone();
@@ -938,64 +971,37 @@ impl OvirtProvider {
         let mut first: Option<Error> = None;
         let mut transfers: Vec<String> = transfers.to_vec();
         // Transfers the engine knows for this backup (lost answers).
-        if let Ok(list) = self.client.get("/imagetransfers").await {
-            for t in items(&list, "image_transfer") {
-                if nested_id(t, "backup").as_deref() == Some(backup_id)
-                    && let Some(id) = text(t, "id")
-                    && !transfers.contains(&id)
-                {
-                    transfers.push(id);
-                }
-            }
-        }
-        for tid in &transfers {
-            let path = format!("/imagetransfers/{tid}");
-            let phase = match self.client.get(&path).await {
-                Ok(t) => text(&t, "phase").unwrap_or_default(),
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => {
-                    first.get_or_insert(e);
-                    continue;
-                }
-            };
-            if !transfer_final(&phase) && phase != "finalizing_success" {
-                let r = self
-                    .client
-                    .post(&format!("{path}/finalize"), "action", json!({}))
-                    .await;
-                if let Err(e) = r {
-                    let c = self
-                        .client
-                        .post(&format!("{path}/cancel"), "action", json!({}))
-                        .await;
-                    if c.is_err() {
-                        first.get_or_insert(e);
-                        continue;
+        match self
+            .client
+            .get_as::<api::ImageTransfers>("/imagetransfers")
+            .await
+        {
+            Ok(list) => {
+                for t in list.image_transfer {
+                    if t.backup.as_ref().is_some_and(|b| b.id == backup_id)
+                        && !transfers.contains(&t.id)
+                    {
+                        transfers.push(t.id);
                     }
                 }
             }
-            let call = format!("GET {path}");
-            let r = self
-                .poll(
-                    &format!("image transfer {tid} did not finish"),
-                    &call,
-                    || async {
-                        let t = self.client.get(&path).await?;
-                        Ok(transfer_final(&text(&t, "phase").unwrap_or_default()).then_some(()))
-                    },
-                )
-                .await;
-            if let Err(e) = r {
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+        for tid in &transfers {
+            if let Err(e) = self.finish_transfer(tid).await {
                 first.get_or_insert(e);
             }
         }
         let path = format!("/vms/{vm_id}/backups/{backup_id}");
-        let phase = match self.client.get(&path).await {
-            Ok(b) => text(&b, "phase").unwrap_or_default(),
-            Err(e) if e.kind() == ErrorKind::NotFound => return first.map_or(Ok(()), Err),
+        let backup: api::Backup = match found(self.client.get_as(&path).await) {
+            Ok(Some(b)) => b,
+            Ok(None) => return first.map_or(Ok(()), Err),
             Err(e) => return Err(first.unwrap_or(e)),
         };
-        if !matches!(phase.as_str(), "succeeded" | "failed" | "finalizing")
+        if !backup.ended()
+            && backup.phase != "finalizing"
             && let Err(e) = self
                 .client
                 .post(&format!("{path}/finalize"), "action", json!({}))
@@ -1009,11 +1015,8 @@ impl OvirtProvider {
                 &format!("backup {backup_id} did not end"),
                 &call,
                 || async {
-                    let b = self.client.get(&path).await?;
-                    Ok(
-                        matches!(text(&b, "phase").as_deref(), Some("succeeded" | "failed"))
-                            .then_some(()),
-                    )
+                    let b: api::Backup = self.client.get_as(&path).await?;
+                    Ok(b.ended().then_some(()))
                 },
             )
             .await;
@@ -1023,26 +1026,115 @@ impl OvirtProvider {
         }
     }
 
+    /// Finalizes (or, when that is refused, cancels) one image transfer
+    /// and waits until it has ended; a transfer that is gone is done.
+    async fn finish_transfer(&self, tid: &str) -> Result<()> {
+        let path = format!("/imagetransfers/{tid}");
+        let Some(t) = found(self.client.get_as::<api::ImageTransfer>(&path).await)? else {
+            return Ok(());
+        };
+        if !t.ended() && t.phase != "finalizing_success" {
+            let r = self
+                .client
+                .post(&format!("{path}/finalize"), "action", json!({}))
+                .await;
+            if let Err(e) = r {
+                self.client
+                    .post(&format!("{path}/cancel"), "action", json!({}))
+                    .await
+                    .map_err(|_| e)?;
+            }
+        }
+        let call = format!("GET {path}");
+        self.poll(
+            &format!("image transfer {tid} did not finish"),
+            &call,
+            || async {
+                Ok(
+                    found(self.client.get_as::<api::ImageTransfer>(&path).await)?
+                        .is_none_or(|t| t.ended())
+                        .then_some(()),
+                )
+            },
+        )
+        .await
+    }
+
+    /// Detaches the disks of `snapshots` (and `also`) from the appliance.
+    async fn detach_snapshot_disks(
+        &self,
+        snapshots: &[String],
+        also: &[String],
+        errors: &mut Vec<Error>,
+    ) {
+        let app = match self.appliance().await {
+            Ok(a) => a,
+            Err(e) => return errors.push(e),
+        };
+        let mut detach: Vec<String> = also.to_vec();
+        match self
+            .client
+            .get_as::<api::DiskAttachments>(&format!("/vms/{app}/diskattachments"))
+            .await
+        {
+            Ok(list) => {
+                for a in list.disk_attachment {
+                    if a.disk
+                        .snapshot
+                        .as_ref()
+                        .is_some_and(|s| snapshots.contains(&s.id))
+                        && !detach.contains(&a.disk.id)
+                    {
+                        detach.push(a.disk.id);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        for d in detach {
+            if let Err(e) = found(
+                self.client
+                    .delete(&format!("/vms/{app}/diskattachments/{d}"))
+                    .await,
+            ) {
+                errors.push(e);
+            }
+        }
+    }
+
+    async fn delete_snapshots(&self, vm: &str, snapshots: &[String], errors: &mut Vec<Error>) {
+        for s in snapshots {
+            if let Err(e) = found(
+                self.client
+                    .delete(&format!("/vms/{vm}/snapshots/{s}"))
+                    .await,
+            ) {
+                errors.push(e);
+            }
+        }
+    }
+
     async fn cleanup_guest(&self, st: &BackupState) -> Vec<Error> {
         let mut errors = Vec::new();
         let vm = &st.vm_id;
         // 1. Image transfers and backups (incremental mode).
         let mut backups: Vec<String> = st.backup_id.iter().cloned().collect();
         if st.mode == BackupMode::Incremental {
-            match self.client.get(&format!("/vms/{vm}/backups")).await {
+            match found(
+                self.client
+                    .get_as::<api::Backups>(&format!("/vms/{vm}/backups"))
+                    .await,
+            ) {
                 Ok(list) => {
-                    for b in items(&list, "backup") {
-                        let phase = text(b, "phase").unwrap_or_default();
-                        if text(b, "description").as_deref() == Some(st.tag.as_str())
-                            && !matches!(phase.as_str(), "succeeded" | "failed")
-                            && let Some(id) = text(b, "id")
-                            && !backups.contains(&id)
+                    for b in list.into_iter().flat_map(|l| l.backup) {
+                        if b.description.as_deref() == Some(st.tag.as_str())
+                            && !b.ended()
+                            && !backups.contains(&b.id)
                         {
-                            backups.push(id);
+                            backups.push(b.id);
                         }
                     }
                 }
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
                 Err(e) => errors.push(e),
             }
         }
@@ -1054,65 +1146,119 @@ impl OvirtProvider {
         // 2. Attachments on the appliance (snapshot-attach mode).
         let mut snapshots: Vec<String> = st.snapshot_id.iter().cloned().collect();
         if st.mode == BackupMode::SnapshotAttach {
-            match self.client.get(&format!("/vms/{vm}/snapshots")).await {
+            match self
+                .client
+                .get_as::<api::Snapshots>(&format!("/vms/{vm}/snapshots"))
+                .await
+            {
                 Ok(list) => {
-                    for s in items(&list, "snapshot") {
-                        if text(s, "description").as_deref() == Some(st.tag.as_str())
-                            && let Some(id) = text(s, "id")
-                            && !snapshots.contains(&id)
+                    for s in list.snapshot {
+                        if s.description.as_deref() == Some(st.tag.as_str())
+                            && !snapshots.contains(&s.id)
                         {
-                            snapshots.push(id);
+                            snapshots.push(s.id);
                         }
                     }
                 }
                 Err(e) => errors.push(e),
             }
-            match self.appliance().await {
-                Ok(app) => {
-                    let mut detach: Vec<String> = st.attached.clone();
-                    match self
-                        .client
-                        .get(&format!("/vms/{app}/diskattachments"))
-                        .await
-                    {
-                        Ok(list) => {
-                            for a in items(&list, "disk_attachment") {
-                                let snap = a.get("disk").and_then(|d| nested_id(d, "snapshot"));
-                                if snap.is_some_and(|s| snapshots.contains(&s))
-                                    && let Some(id) = a.get("disk").and_then(|d| text(d, "id"))
-                                    && !detach.contains(&id)
-                                {
-                                    detach.push(id);
+            self.detach_snapshot_disks(&snapshots, &st.attached, &mut errors)
+                .await;
+        }
+        self.delete_snapshots(vm, &snapshots, &mut errors).await;
+        errors
+    }
+
+    /// What an earlier job of this host that is no longer running left
+    /// behind (its marker [`JobMarker::is_stale_for`] `job`): image
+    /// transfers finalized, backups finalized, snapshot disks detached
+    /// from the appliance, snapshots deleted. Returns the errors met; the
+    /// sweep goes on past each.
+    async fn sweep(&self, job: &JobInfo) -> Vec<Error> {
+        let stale = |description: &Option<String>| {
+            description
+                .as_deref()
+                .and_then(JobMarker::find_in)
+                .is_some_and(|m| m.is_stale_for(job))
+        };
+        let mut errors = Vec::new();
+        // 1. Transfers (those of stale backups go with their backup too).
+        match self
+            .client
+            .get_as::<api::ImageTransfers>("/imagetransfers")
+            .await
+        {
+            Ok(list) => {
+                for t in list.image_transfer {
+                    if !t.ended() && stale(&t.description) {
+                        tracing::info!(transfer = %t.id, "finalizing an image transfer an interrupted job left");
+                        if let Err(e) = self.finish_transfer(&t.id).await {
+                            errors.push(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        // 2. Backups and snapshots, VM by VM.
+        let vms = match self.client.get_as::<api::Vms>("/vms").await {
+            Ok(list) => list.vm,
+            Err(e) => {
+                errors.push(e);
+                Vec::new()
+            }
+        };
+        let backups_api = match self.supports_incremental().await {
+            Ok(b) => b,
+            Err(e) => {
+                errors.push(e);
+                false
+            }
+        };
+        let mut snapshots: Vec<(String, String)> = Vec::new();
+        for vm in &vms {
+            if backups_api {
+                match found(
+                    self.client
+                        .get_as::<api::Backups>(&format!("/vms/{}/backups", vm.id))
+                        .await,
+                ) {
+                    Ok(list) => {
+                        for b in list.into_iter().flat_map(|l| l.backup) {
+                            if !b.ended() && stale(&b.description) {
+                                tracing::info!(vm = %vm.id, backup = %b.id, phase = %b.phase, "finalizing a backup an interrupted job left");
+                                if let Err(e) = self.finish_backup(&vm.id, &b.id, &[]).await {
+                                    errors.push(e);
                                 }
                             }
                         }
-                        Err(e) => errors.push(e),
                     }
-                    for d in detach {
-                        match self
-                            .client
-                            .delete(&format!("/vms/{app}/diskattachments/{d}"))
-                            .await
-                        {
-                            Ok(()) => {}
-                            Err(e) if e.kind() == ErrorKind::NotFound => {}
-                            Err(e) => errors.push(e),
-                        }
-                    }
+                    Err(e) => errors.push(e),
                 }
+            }
+            match self
+                .client
+                .get_as::<api::Snapshots>(&format!("/vms/{}/snapshots", vm.id))
+                .await
+            {
+                Ok(list) => snapshots.extend(
+                    list.snapshot
+                        .into_iter()
+                        .filter(|s| stale(&s.description))
+                        .map(|s| (vm.id.clone(), s.id)),
+                ),
                 Err(e) => errors.push(e),
             }
         }
-        for s in snapshots {
-            match self
-                .client
-                .delete(&format!("/vms/{vm}/snapshots/{s}"))
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => errors.push(e),
-            }
+        // 3. Their disks on the appliance, then the snapshots.
+        let ids: Vec<String> = snapshots.iter().map(|(_, s)| s.clone()).collect();
+        if !ids.is_empty() {
+            self.detach_snapshot_disks(&ids, &[], &mut errors).await;
+        }
+        for (vm, s) in &snapshots {
+            tracing::info!(vm = %vm, snapshot = %s, "deleting a snapshot an interrupted job left");
+            self.delete_snapshots(vm, std::slice::from_ref(s), &mut errors)
+                .await;
         }
         errors
     }
@@ -1137,15 +1283,48 @@ impl OvirtProvider {
     }
 }
 
-fn transfer_final(phase: &str) -> bool {
-    matches!(
-        phase,
-        "finished_success"
-            | "finished_failure"
-            | "cancelled"
-            | "cancelled_user"
-            | "cancelled_system"
-    )
+/// The regions of `extents` (`(start, length, selected)`, an answer to
+/// `call`) that are selected, merged and clipped to `size`. The extents
+/// must cover `[0, size)` in order without gaps or overlaps: a region an
+/// answer left out must never be taken for "unchanged" or "zero".
+fn covered(call: &str, extents: &[(u64, u64, bool)], size: u64) -> Result<Vec<Extent>> {
+    let mut pos = 0u64;
+    let mut out: Vec<Extent> = Vec::new();
+    for &(start, length, selected) in extents {
+        if pos >= size {
+            break;
+        }
+        if start != pos {
+            return Err(bad_answer(
+                call,
+                format!(
+                    "the extents jump from offset {pos} to {start}: every byte must be covered"
+                ),
+            ));
+        }
+        let length = length.min(size - start);
+        if length == 0 {
+            return Err(bad_answer(
+                call,
+                format!("an empty extent at offset {start}"),
+            ));
+        }
+        pos = start + length;
+        if !selected {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end() == start => last.length += length,
+            _ => out.push(Extent::new(start, length)),
+        }
+    }
+    if pos < size {
+        return Err(bad_answer(
+            call,
+            format!("the extents end at offset {pos}, the disk at {size}"),
+        ));
+    }
+    Ok(out)
 }
 
 fn metadata_of(archive: &ArchiveView) -> Result<OvirtMetadata> {
@@ -1175,24 +1354,37 @@ impl BackupProvider for OvirtProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            containers: false,
-            incremental: true,
-            hot_add: true,
-            restore_in_place: true,
-        }
+        // Snapshot attach is always a full backup; `Auto` is incremental
+        // on 4.4+ (known once `job_init` has asked the engine).
+        let incremental = match self.options.mode {
+            BackupMode::SnapshotAttach => false,
+            BackupMode::Incremental => true,
+            BackupMode::Auto => lock(&self.engine_44).unwrap_or(true),
+        };
+        Capabilities::none()
+            .incremental(incremental)
+            .hot_add(true)
+            .restore_in_place(true)
     }
 
-    async fn job_init(&self, _job: &JobInfo) -> Result<()> {
+    async fn job_init(&self, job: &JobInfo) -> Result<()> {
         self.client.login().await?;
         *lock(&self.engine_44) = None;
         *lock(&self.appliance_id) = None;
+        *lock(&self.job) = Some(job.clone());
         self.appliance().await?;
+        // What interrupted jobs of this host left. A failed sweep does not
+        // fail the job: each backup cleans up after itself, and the next
+        // job sweeps again.
+        for e in self.sweep(job).await {
+            tracing::warn!(error = %e.report(), "sweeping what an interrupted job left failed");
+        }
         Ok(())
     }
 
     async fn job_cleanup(&self) -> Result<()> {
         lock(&self.backups).clear();
+        *lock(&self.job) = None;
         self.client.logout();
         Ok(())
     }
@@ -1205,14 +1397,14 @@ impl BackupProvider for OvirtProvider {
             .resolve_vm(&guest.id.0)
             .await
             .map_err(|e| e.guest(&guest.id))?;
-        let vm_id = text(&vm, "id").ok_or_else(|| platform("the VM has no id").guest(&guest.id))?;
+        let vm_id = vm.id;
         let mode = self.mode_for().await.map_err(|e| e.guest(&guest.id))?;
         let archive = ArchiveName::new(format!("vm/{vm_id}/{start_time}"))?;
         lock(&self.backups).insert(
             guest.id.0.clone(),
             BackupState {
                 vm_id,
-                tag: format!("vmbackup:{archive}"),
+                tag: self.tag(&format!("vmbackup:{archive}")),
                 mode,
                 ..BackupState::default()
             },
@@ -1269,14 +1461,10 @@ impl BackupProvider for OvirtProvider {
             };
             if !checked.contains_key(&cp.0) {
                 let path = format!("/vms/{vm_id}/checkpoints/{}", cp.0);
-                let r = match self.client.get(&path).await {
-                    Ok(c) => match text(&c, "state").as_deref() {
-                        Some("created") | None => Ok(()),
-                        Some(s) => Err(format!("checkpoint {} is {s}", cp.0)),
-                    },
-                    Err(e) if e.kind() == ErrorKind::NotFound => {
-                        Err(format!("checkpoint {} no longer exists", cp.0))
-                    }
+                let r = match found(self.client.get_as::<api::Checkpoint>(&path).await) {
+                    Ok(Some(c)) if c.state == "created" => Ok(()),
+                    Ok(Some(c)) => Err(format!("checkpoint {} is {}", cp.0, c.state)),
+                    Ok(None) => Err(format!("checkpoint {} no longer exists", cp.0)),
                     Err(e) => return Err(e.guest(&guest.id)),
                 };
                 checked.insert(cp.0.clone(), r);
@@ -1323,13 +1511,11 @@ impl BackupProvider for OvirtProvider {
                 disks,
             };
             let warnings = self.state(guest, |s| s.warnings.clone())?;
-            Ok(VmBackup {
-                guest_config,
-                firewall_config: None,
-                metadata: serde_json::to_value(&metadata).unwrap_or_default(),
-                volumes,
-                warnings,
-            })
+            let metadata = serde_json::to_value(&metadata)
+                .map_err(|e| Error::other("encoding the oVirt metadata").with_source(e))?;
+            Ok(VmBackup::new(guest_config, volumes)
+                .metadata(metadata)
+                .warnings(warnings))
         }
         .await;
         r.map_err(|e| e.guest(&guest.id))
@@ -1339,7 +1525,7 @@ impl BackupProvider for OvirtProvider {
         let Some(st) = lock(&self.backups).remove(&guest.id.0) else {
             return Ok(BackupStats::default());
         };
-        if !outcome.success {
+        if !outcome.is_success() {
             tracing::info!(guest = %guest.id, "cleaning up after a failed backup");
         }
         let mut errors = self.cleanup_guest(&st).await;
@@ -1402,8 +1588,8 @@ impl BackupProvider for OvirtProvider {
         self.appliance().await?;
         match &request.target {
             RestoreTarget::InPlace => {
-                let vm = self.client.get(&vm_path(&meta.vm_id)).await?;
-                let status = text(&vm, "status").unwrap_or_default();
+                let vm: api::Vm = self.client.get_as(&vm_path(&meta.vm_id)).await?;
+                let status = vm.status;
                 if status != "down" {
                     return Err(Error::new(
                         ErrorKind::Refused,
@@ -1455,9 +1641,9 @@ impl BackupProvider for OvirtProvider {
                     .unwrap_or_else(|| format!("{}-restored", meta.vm_name));
                 let ovf = String::from_utf8(request.guest_config.data.clone())
                     .map_err(|_| Error::invalid("the saved OVF is not UTF-8"))?;
-                let vm = self
+                let vm: api::Created = self
                     .client
-                    .post(
+                    .post_as(
                         "/vms",
                         "vm",
                         json!({
@@ -1468,8 +1654,7 @@ impl BackupProvider for OvirtProvider {
                         }),
                     )
                     .await?;
-                let id =
-                    text(&vm, "id").ok_or_else(|| bad_answer("POST /vms", "no VM id".into()))?;
+                let id = vm.id;
                 lock(&self.restores).insert(
                     id.clone(),
                     RestoreState {
@@ -1485,6 +1670,7 @@ impl BackupProvider for OvirtProvider {
                     name: Some(name),
                 })
             }
+            other => Err(Error::unsupported(format!("restore target {other:?}"))),
         }
     }
 
@@ -1519,8 +1705,8 @@ impl BackupProvider for OvirtProvider {
                 {
                     body["storage_domains"] = json!({"storage_domain": [{"name": sd}]});
                 }
-                let d = self.client.post("/disks", "disk", body).await?;
-                text(&d, "id").ok_or_else(|| bad_answer("POST /disks", "no disk id".into()))?
+                let d: api::Created = self.client.post_as("/disks", "disk", body).await?;
+                d.id
             } else {
                 self.client
                     .delete(&format!("/vms/{vm_id}/diskattachments/{}", record.disk_id))
@@ -1545,12 +1731,9 @@ impl BackupProvider for OvirtProvider {
                 }
             })?;
             let path = self.wait_logical_name(&appliance, &disk_id).await?;
-            Ok(VolumeImport {
-                writes: vec![LayerWrite {
-                    layer: Layer::Merged,
-                    destination: SnapshotAccess::FileHandle(FileAccess { path }),
-                }],
-            })
+            Ok(VolumeImport::merged_into(SnapshotAccess::FileHandle(
+                FileAccess::new(path),
+            )))
         }
         .await;
         r.map_err(|e: Error| e.volume(&device).guest(&guest.id))
@@ -1596,7 +1779,7 @@ impl BackupProvider for OvirtProvider {
         {
             first = Some(e);
         }
-        if !outcome.success {
+        if !outcome.is_success() {
             tracing::warn!(guest = %guest.id, device, "volume restore failed");
         }
         self.restore_state(guest, |s| {
@@ -1612,7 +1795,7 @@ impl BackupProvider for OvirtProvider {
         let Some(st) = lock(&self.restores).remove(&guest.id.0) else {
             return Ok(());
         };
-        if outcome.success || !st.new_vm {
+        if outcome.is_success() || !st.new_vm {
             return Ok(());
         }
         // A failed restore to a new VM leaves no half-restored VM.
@@ -1642,6 +1825,33 @@ mod tests {
         let a = parse_nbd_url("nbd://127.0.0.1:10809/ovirt-transfer-x").unwrap();
         assert_eq!(a.uri(), "nbd://127.0.0.1:10809/ovirt-transfer-x");
         assert!(parse_nbd_url("http://x/y").is_none());
+    }
+
+    #[test]
+    fn extents_must_cover_the_disk() {
+        let c = |list: &[(u64, u64, bool)], size| covered("GET x", list, size);
+        assert_eq!(
+            c(
+                &[(0, 4, true), (4, 4, true), (8, 8, false), (16, 8, true)],
+                20
+            )
+            .unwrap(),
+            vec![Extent::new(0, 8), Extent::new(16, 4)]
+        );
+        assert_eq!(c(&[(0, 20, false)], 20).unwrap(), vec![]);
+        // A gap, an overlap, a short answer, no answer: errors, never
+        // "nothing changed".
+        for bad in [
+            &[(0, 4, true), (8, 12, false)][..],
+            &[(0, 8, false), (4, 16, true)][..],
+            &[(0, 8, false)][..],
+            &[][..],
+            &[(0, 0, true), (0, 20, true)][..],
+        ] {
+            let e = c(bad, 20).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Platform);
+            assert!(e.to_string().contains("GET x"), "{e}");
+        }
     }
 
     #[test]

@@ -2,8 +2,13 @@
 //! the SCP seed, `PLATFORMS.md` and the mock hypervisor's README (never
 //! from the mock's code, so that a misreading shows up as a failing test).
 //!
-//! Only fields the provider uses are typed; unknown fields are ignored and
-//! optional ones default, so newer platforms keep parsing.
+//! Only fields the provider uses are typed; unknown fields are ignored, so
+//! newer platforms keep parsing. Fields that decide what is backed up or
+//! restored (disk lists, sizes, changed areas and their paging, base image
+//! ids and sizes, checkpoints, CBT state, list totals) are *required*: an
+//! answer without one is an error naming the call and the field, never a
+//! silent zero or empty list. Only fields that are optional on the
+//! platform, or merely descriptive, default.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -48,12 +53,21 @@ pub mod codes {
 /// A paged list: `{"total_count", "page_num", "page_size", "data": [...]}`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Page<T> {
-    /// Items over all pages.
-    #[serde(default)]
+    /// Items over all pages (required: without it the end of the list is
+    /// unknown).
     pub total_count: u64,
     /// This page's items.
-    #[serde(default = "Vec::new")]
     pub data: Vec<T>,
+}
+
+/// Deserializes a field that must be present but may be `null` (serde
+/// otherwise reads a missing `Option` field as `None`).
+pub fn required_nullable<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d)
 }
 
 /// `data` of a call marked *task*: at least the task id.
@@ -107,14 +121,13 @@ pub struct VersionAnswer {
     pub version: String,
 }
 
-/// CBT state of a server.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// CBT state of a server (both fields required: they decide between an
+/// incremental and a full backup).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CbtStatus {
     /// 1 enabled, 0 disabled.
-    #[serde(default)]
     pub enable: i64,
     /// `normal` or `expired`.
-    #[serde(default)]
     pub status: String,
 }
 
@@ -123,8 +136,7 @@ pub struct CbtStatus {
 pub struct Disk {
     /// Disk id.
     pub id: String,
-    /// Device name (`scsi0`).
-    #[serde(default)]
+    /// Device name (`scsi0`): the volume's device in every snapshot.
     pub name: String,
     /// `system` or `data`.
     #[serde(default, rename = "type")]
@@ -160,13 +172,10 @@ pub struct Server {
     #[serde(default)]
     pub name: String,
     /// `"desk"`: desktop-cloud VM.
-    #[serde(default)]
     pub application: String,
     /// 1: desktop VM in revert mode.
-    #[serde(default)]
     pub revert_mode: i64,
     /// Storage.
-    #[serde(default)]
     pub storage_id: String,
     /// vCPUs.
     #[serde(default)]
@@ -178,10 +187,8 @@ pub struct Server {
     #[serde(default)]
     pub os_type: String,
     /// Change tracking.
-    #[serde(default)]
     pub cbt: CbtStatus,
     /// Disks, the system disk first.
-    #[serde(default)]
     pub disks: Vec<Disk>,
 }
 
@@ -191,35 +198,30 @@ pub struct Snapshot {
     /// Snapshot id.
     pub id: String,
     /// Its CBT checkpoint.
-    #[serde(default)]
     pub checkpoint_id: u64,
     /// The VM configuration at the snapshot (kept whole as the guest config).
-    #[serde(default)]
     pub vmconf: Value,
 }
 
 /// The part of `vmconf` the provider interprets.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct VmConf {
     /// Name.
     #[serde(default)]
     pub name: String,
     /// `"desk"` for desktop-cloud VMs.
-    #[serde(default)]
     pub application: String,
     /// 1: revert mode.
     #[serde(default)]
     pub revert_mode: i64,
-    /// Hardware.
-    #[serde(default)]
+    /// Hardware (required: it lists the disks to back up).
     pub hardware_option: HardwareOption,
 }
 
 /// `vmconf.hardware_option`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct HardwareOption {
     /// Disks; a linked one carries `base_image_id`.
-    #[serde(default)]
     pub disks: Vec<Disk>,
 }
 
@@ -229,7 +231,6 @@ pub struct SnapshotCreated {
     /// New snapshot.
     pub snapshot_id: String,
     /// Its checkpoint.
-    #[serde(default)]
     pub checkpoint_id: u64,
 }
 
@@ -246,13 +247,12 @@ pub struct Area {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChangedAreasPage {
     /// Disk size.
-    #[serde(default)]
     pub disk_size: u64,
-    /// Start of the next page, `null` at the end.
-    #[serde(default)]
+    /// Start of the next page, `null` at the end (required: a missing one
+    /// would end the list early).
+    #[serde(deserialize_with = "required_nullable")]
     pub next_offset: Option<u64>,
     /// Areas inside this page.
-    #[serde(default)]
     pub areas: Vec<Area>,
 }
 
@@ -278,10 +278,8 @@ pub struct BaseImage {
     #[serde(default)]
     pub description: String,
     /// `CREATING` or `AVAILABLE`.
-    #[serde(default)]
     pub status: String,
     /// Bytes.
-    #[serde(default)]
     pub size: u64,
     /// `raw`.
     #[serde(default)]
@@ -293,7 +291,6 @@ pub struct BaseImage {
     #[serde(default)]
     pub storage_id: String,
     /// Replicas.
-    #[serde(default)]
     pub replicas: Vec<Replica>,
 }
 
@@ -337,10 +334,8 @@ pub struct Binding {
     #[serde(default)]
     pub resource_type: String,
     /// The base image id.
-    #[serde(default)]
     pub resource_id: String,
     /// Value.
-    #[serde(default)]
     pub value: String,
 }
 
@@ -389,7 +384,6 @@ pub struct HotAddDisk {
 #[derive(Debug, Clone, Deserialize)]
 pub struct HotAddResult {
     /// Attached disks.
-    #[serde(default)]
     pub hotadd_disks: Vec<HotAddDisk>,
 }
 
@@ -399,8 +393,52 @@ pub struct ServerCreated {
     /// New server.
     pub server_id: String,
     /// Its disks, in request order.
-    #[serde(default)]
     pub disk_ids: Vec<String>,
+}
+
+/// A server as `GET /janus/20250725/servers` lists it, read by the
+/// leftover sweep only.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerListed {
+    /// Server id.
+    pub id: String,
+    /// Disks hot-added to it (a backup proxy). Absent: none to sweep.
+    #[serde(default)]
+    pub hotadd_disks: Vec<HotAddListed>,
+}
+
+/// A disk hot-added to a server, as the server lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HotAddListed {
+    /// Hot-add id (for detaching).
+    pub id: String,
+    /// What it shows.
+    pub source: HotAddSource,
+}
+
+/// What a hot-added disk shows.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HotAddSource {
+    /// The snapshot whose frozen disk it shows.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
+    /// The base image it shows (`open_base_image`).
+    #[serde(default)]
+    pub base_image_id: Option<String>,
+}
+
+/// A snapshot as `GET …/servers/{id}/snapshots` lists it, read by the
+/// leftover sweep only.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotListed {
+    /// Snapshot id.
+    pub id: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Description (where the provider records its job marker).
+    #[serde(default)]
+    pub description: String,
 }
 
 #[cfg(test)]
@@ -430,5 +468,21 @@ mod tests {
         .unwrap();
         assert_eq!(p.next_offset, None);
         assert_eq!(p.areas.len(), 1);
+    }
+
+    #[test]
+    fn answers_missing_a_deciding_field_do_not_parse() {
+        let page = serde_json::json!({"disk_size": 1, "next_offset": null, "areas": []});
+        for field in ["next_offset", "areas", "disk_size"] {
+            let mut v = page.clone();
+            v.as_object_mut().unwrap().remove(field);
+            let e = serde_json::from_value::<ChangedAreasPage>(v).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+        let e =
+            serde_json::from_value::<VmConf>(serde_json::json!({"application": ""})).unwrap_err();
+        assert!(e.to_string().contains("hardware_option"), "{e}");
+        let e = serde_json::from_value::<Page<Value>>(serde_json::json!({"data": []})).unwrap_err();
+        assert!(e.to_string().contains("total_count"), "{e}");
     }
 }

@@ -1,5 +1,10 @@
 //! The janus HTTP client: token auth, the `{code, message, data}`
 //! envelope, asynchronous tasks and paged lists.
+//!
+//! Retries: HTTP 502, 503, 504 and 429 and connection failures are
+//! retryable errors; idempotent calls (every `GET`, so task polling and
+//! paged lists too) go through [`provider_kit::retry`] with
+//! [`ScpOptions::retry`]. Calls that change something are sent once.
 
 use std::time::Instant;
 
@@ -47,7 +52,7 @@ pub fn scp_error(status: StatusCode, code: i64, message: &str, call: &str) -> Er
         _ if status == StatusCode::NOT_FOUND => ErrorKind::NotFound,
         _ => ErrorKind::Platform,
     };
-    let retryable = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+    let retryable = transient(status);
     Error::new(
         kind,
         format!(
@@ -57,6 +62,18 @@ pub fn scp_error(status: StatusCode, code: i64, message: &str, call: &str) -> Er
     )
     .api_call(call)
     .retryable(retryable)
+}
+
+/// Whether an HTTP status says "try again later" (a busy platform or a
+/// gateway in front of it), not "this request is wrong".
+pub fn transient(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+            | StatusCode::TOO_MANY_REQUESTS
+    )
 }
 
 /// The envelope code of an error built by [`scp_error`], if any.
@@ -117,8 +134,26 @@ impl ScpClient {
             .ok_or_else(|| Error::new(ErrorKind::Auth, "no token after login"))
     }
 
-    /// One call with the token; logs in again once on 401.
+    /// One call with the token; logs in again once on 401. A `GET` is
+    /// retried on retryable errors ([`ScpOptions::retry`]).
     pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> Result<T> {
+        if method != Method::GET {
+            return self.call_once(method, path, query, body).await;
+        }
+        let what = format!("GET {path}");
+        provider_kit::retry(&self.options.retry, &what, |_| {
+            self.call_once(Method::GET, path, query, body)
+        })
+        .await
+    }
+
+    async fn call_once<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -164,23 +199,28 @@ impl ScpClient {
             } else {
                 ErrorKind::Platform
             };
+            // Connection refused or reset, timeouts: worth another try
+            // (for idempotent calls); a request we could not build is not.
             Error::new(kind, "SCP request failed")
                 .api_call(&call)
-                .retryable(true)
+                .retryable(!e.is_builder())
                 .with_source(e.without_url())
         })?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| {
             Error::new(ErrorKind::Platform, "reading the SCP answer failed")
                 .api_call(&call)
+                .retryable(true)
                 .with_source(e.without_url())
         })?;
         let envelope: Envelope = serde_json::from_str(&text).map_err(|e| {
+            // A gateway's own error page on 502/503/504 has no envelope.
             Error::new(
                 ErrorKind::Platform,
                 format!("SCP answered HTTP {} without an envelope", status.as_u16()),
             )
             .api_call(&call)
+            .retryable(transient(status))
             .with_source(e)
         })?;
         if envelope.code != 0 {
@@ -189,10 +229,13 @@ impl ScpClient {
         if !status.is_success() {
             return Err(scp_error(status, -1, &envelope.message, &call));
         }
+        // Names the missing or malformed field (`missing field `areas``).
         serde_json::from_value(envelope.data).map_err(|e| {
-            Error::new(ErrorKind::Platform, "SCP answer does not parse")
-                .api_call(&call)
-                .with_source(e)
+            Error::new(
+                ErrorKind::Platform,
+                format!("SCP answer does not parse: {e}"),
+            )
+            .api_call(&call)
         })
     }
 
@@ -214,9 +257,11 @@ impl ScpClient {
             match task.status.as_str() {
                 "success" => {
                     return serde_json::from_value(task.result).map_err(|e| {
-                        Error::new(ErrorKind::Platform, "SCP task result does not parse")
-                            .api_call(&call)
-                            .with_source(e)
+                        Error::new(
+                            ErrorKind::Platform,
+                            format!("SCP task {} result does not parse: {e}", started.task_id),
+                        )
+                        .api_call(&call)
                     });
                 }
                 "failure" => {
@@ -285,6 +330,16 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::LeaseLost);
         let e = scp_error(StatusCode::INTERNAL_SERVER_ERROR, 50000, "boom", "GET /z");
         assert_eq!(e.kind(), ErrorKind::Platform);
-        assert!(e.is_retryable());
+        assert!(!e.is_retryable(), "an internal error is not transient");
+        for status in [
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
+        ] {
+            let e = scp_error(status, 50000, "busy", "GET /z");
+            assert!(e.is_retryable(), "{status}");
+        }
+        let e = scp_error(StatusCode::OK, codes::CBT_EXPIRED, "expired", "GET /z");
+        assert!(!e.is_retryable());
     }
 }

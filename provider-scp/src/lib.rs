@@ -127,4 +127,5 @@ pub mod rules;
 pub use client::ScpClient;
 pub use options::{AccessMode, ScpOptions, Secret};
 pub use provider::ScpProvider;
+pub use provider_kit::RetryPolicy;
 pub use rules::{BasePolicy, ScpVersion, base_policy};

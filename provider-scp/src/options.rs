@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use provider_kit::RetryPolicy;
 use serde::{Deserialize, Serialize};
 
 /// A password (or any secret) that never shows in `Debug` output, logs or
@@ -80,6 +81,12 @@ pub struct ScpOptions {
     /// `qemu-img` binary used to import a base image from the host's
     /// restore source.
     pub qemu_img: PathBuf,
+    /// Retries of idempotent calls (`GET`s, task polls) on retryable
+    /// errors (HTTP 502/503/504/429, connection failures). Not part of the
+    /// configuration file: the default (5 attempts, 200 ms doubling up to
+    /// 5 s) unless code sets it.
+    #[serde(skip)]
+    pub retry: RetryPolicy,
 }
 
 impl ScpOptions {
@@ -102,6 +109,7 @@ impl ScpOptions {
             request_timeout: Duration::from_secs(60),
             restore_storage_id: None,
             qemu_img: PathBuf::from("qemu-img"),
+            retry: RetryPolicy::default(),
         }
     }
 }

@@ -1,15 +1,35 @@
 //! A small ZStack REST client: session login, API jobs polled to
 //! completion with a timeout, `q=` queries, and the calls the provider
 //! uses. Every error names the API call; the password and the session id
-//! never appear in errors or logs.
+//! never appear in errors or logs. Answers are read through the typed
+//! shapes of [`crate::api`].
+//!
+//! ## Retries
+//!
+//! ZStack answers `503` with `{"error": …}` when an API *failed* (a
+//! failed job's poll answers the same way, for good): that is a platform
+//! answer and retrying it cannot help. What can pass is the transport: a
+//! connection refused or reset, and `502`/`503`/`504` without a ZStack
+//! error body (a proxy or load balancer in front of a management node
+//! that is restarting), or a ZStack error whose code says the management
+//! node was unreachable (`SYS.1012`, `SYS.1011`). Those are marked
+//! retryable. Idempotent calls (login, queries and reads, job polls) run
+//! through [`provider_kit::retry`] with the connection's
+//! [`RetryPolicy`]; a call that starts an API job is sent once (a lost
+//! answer may still have started the job: whatever it created carries the
+//! job marker and is found by the sweeps).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use provider_api::{Error, ErrorKind, Result};
+use provider_kit::{RetryPolicy, retry};
 use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha512};
+
+use crate::api::{self, ErrorAnswer, Inventories, InventoryAnswer, JobLocation, SessionInventory};
 
 /// Where and how to reach ZStack.
 #[derive(Clone)]
@@ -24,6 +44,8 @@ pub struct Connection {
     pub poll_interval: Duration,
     /// Longest wait for one API job (AddImage, template creation, ...).
     pub job_timeout: Duration,
+    /// Retries of idempotent calls (login, queries, job polls).
+    pub retry: RetryPolicy,
 }
 
 impl std::fmt::Debug for Connection {
@@ -33,6 +55,7 @@ impl std::fmt::Debug for Connection {
             .field("account", &self.account)
             .field("poll_interval", &self.poll_interval)
             .field("job_timeout", &self.job_timeout)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -45,28 +68,73 @@ pub struct ZStackClient {
     session: Mutex<Option<String>>,
 }
 
-fn platform_error(call: &str, status: StatusCode, body: &Value) -> Error {
-    let e = body.get("error").cloned().unwrap_or(Value::Null);
-    let code = e.get("code").and_then(Value::as_str).unwrap_or("?");
-    let desc = e.get("description").and_then(Value::as_str).unwrap_or("");
-    let details = e.get("details").and_then(Value::as_str).unwrap_or("");
+/// The error of a non-success answer. `body` is the raw answer: a ZStack
+/// error object when ZStack itself answered, anything else (or nothing)
+/// when something in front of it did.
+fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
+    let zs = serde_json::from_slice::<ErrorAnswer>(body)
+        .ok()
+        .map(|a| a.error);
+    let gateway = matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    );
+    let Some(e) = zs else {
+        return Error::new(
+            if status == StatusCode::UNAUTHORIZED {
+                ErrorKind::Auth
+            } else {
+                ErrorKind::Platform
+            },
+            format!(
+                "ZStack answered HTTP {} without a ZStack error{}",
+                status.as_u16(),
+                if gateway {
+                    " (a proxy or a management node that is not up)"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .api_call(call)
+        .retryable(gateway);
+    };
+    let code = e.code.as_str();
     let kind = match (status, code) {
-        (StatusCode::UNAUTHORIZED, _) => ErrorKind::Auth,
+        (StatusCode::UNAUTHORIZED, _) | (_, "ID.1000" | "ID.1001") => ErrorKind::Auth,
         (StatusCode::NOT_FOUND, _) | (_, "SYS.1001") => ErrorKind::NotFound,
         (_, "SYS.1003") => ErrorKind::Refused,
         (StatusCode::CONFLICT, _) | (_, "SYS.1008") => ErrorKind::Refused,
         _ => ErrorKind::Platform,
     };
-    let retry = status == StatusCode::SERVICE_UNAVAILABLE && code == "SYS.1006";
+    // The management node could not be reached behind the API gateway.
+    let retry = matches!(code, "SYS.1011" | "SYS.1012");
     Error::new(
         kind,
         format!(
-            "ZStack answered HTTP {} {code}: {desc}: {details}",
-            status.as_u16()
+            "ZStack answered HTTP {} {code}: {}: {}",
+            status.as_u16(),
+            e.description.as_deref().unwrap_or(""),
+            e.details.as_deref().unwrap_or("")
         ),
     )
     .api_call(call)
     .retryable(retry)
+}
+
+/// The JSON of a success answer; a body that is not JSON is an error.
+fn json_body(call: &str, status: StatusCode, body: &[u8]) -> Result<Value> {
+    serde_json::from_slice(body).map_err(|e| {
+        Error::new(
+            ErrorKind::Platform,
+            format!(
+                "ZStack answered HTTP {} with a body that is not JSON",
+                status.as_u16()
+            ),
+        )
+        .api_call(call)
+        .with_source(e)
+    })
 }
 
 impl ZStackClient {
@@ -104,7 +172,8 @@ impl ZStackClient {
             .clone()
     }
 
-    /// `PUT /v1/accounts/login`; keeps the session.
+    /// `PUT /v1/accounts/login`; keeps the session. Retried when the
+    /// transport fails (a second session is harmless).
     pub async fn login(&self) -> Result<()> {
         let call = "PUT /zstack/v1/accounts/login";
         let hash: String = Sha512::digest(self.conn.password.as_bytes())
@@ -112,22 +181,20 @@ impl ZStackClient {
             .map(|b| format!("{b:02x}"))
             .collect();
         let body = json!({"logInByAccount": {"accountName": self.conn.account, "password": hash}});
-        let resp = self
-            .http
-            .put(self.url("/accounts/login"))
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| transport(call, e))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(platform_error(call, status, &v));
-        }
-        let id = v["inventory"]["uuid"].as_str().ok_or_else(|| {
-            Error::new(ErrorKind::Platform, "login answer has no session").api_call(call)
-        })?;
-        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.to_string());
+        let body = &body;
+        let v = retry(&self.conn.retry, call, |_| async move {
+            let resp = self
+                .http
+                .put(self.url("/accounts/login"))
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| transport(call, e))?;
+            read_answer(call, resp).await
+        })
+        .await?;
+        let a: InventoryAnswer<SessionInventory> = api::parse(call, v)?;
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.inventory.uuid);
         Ok(())
     }
 
@@ -161,29 +228,34 @@ impl ZStackClient {
         }
     }
 
-    /// `GET` with query pairs; the JSON answer.
+    /// `GET` with query pairs; the JSON answer. Retried when the
+    /// transport fails.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
-        let call = format!("GET /zstack/v1{path}");
-        let resp = self
-            .request(Method::GET, &self.url(path))
-            .query(query)
-            .send()
-            .await
-            .map_err(|e| transport(&call, e))?;
-        let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            return Err(platform_error(&call, status, &v));
-        }
-        Ok(v)
+        let call = &format!("GET /zstack/v1{path}");
+        retry(&self.conn.retry, call, |_| async move {
+            let resp = self
+                .request(Method::GET, &self.url(path))
+                .query(query)
+                .send()
+                .await
+                .map_err(|e| transport(call, e))?;
+            read_answer(call, resp).await
+        })
+        .await
     }
 
     /// Query a resource with `q=` conditions (`field=value`, `field!=value`,
-    /// `field~=pattern%`, `field?=a,b`).
-    pub async fn query(&self, resource: &str, conds: &[String]) -> Result<Vec<Value>> {
+    /// `field~=pattern%` — escape literal text with [`api::like_escape`] —,
+    /// `field?=a,b`); the typed inventories.
+    pub async fn query<T: DeserializeOwned>(
+        &self,
+        resource: &str,
+        conds: &[String],
+    ) -> Result<Vec<T>> {
         let q: Vec<(&str, String)> = conds.iter().map(|c| ("q", c.clone())).collect();
         let v = self.get(resource, &q).await?;
-        Ok(v["inventories"].as_array().cloned().unwrap_or_default())
+        let a: Inventories<T> = api::parse(&format!("GET /zstack/v1{resource}"), v)?;
+        Ok(a.inventories)
     }
 
     /// How many objects match.
@@ -191,22 +263,31 @@ impl ZStackClient {
         let mut q: Vec<(&str, String)> = conds.iter().map(|c| ("q", c.clone())).collect();
         q.push(("count", "true".into()));
         let v = self.get(resource, &q).await?;
-        v["total"].as_u64().ok_or_else(|| {
-            Error::new(ErrorKind::Platform, "count query answered without total")
-                .api_call(format!("GET /zstack/v1{resource}"))
+        let t: api::Total = api::parse(&format!("GET /zstack/v1{resource} (count)"), v)?;
+        Ok(t.total)
+    }
+
+    /// One object by UUID (`GET /v1/<resource>/<uuid>`), typed.
+    pub async fn get_one<T: DeserializeOwned>(&self, resource: &str, uuid: &str) -> Result<T> {
+        let call = format!("GET /zstack/v1{resource}/{uuid}");
+        let v = self.get(&format!("{resource}/{uuid}"), &[]).await?;
+        let a: Inventories<T> = api::parse(&call, v)?;
+        a.inventories.into_iter().next().ok_or_else(|| {
+            Error::not_found(format!("{resource}/{uuid} does not exist")).api_call(&call)
         })
     }
 
-    /// One object by UUID (`GET /v1/<resource>/<uuid>`).
-    pub async fn get_one(&self, resource: &str, uuid: &str) -> Result<Value> {
-        let v = self.get(&format!("{resource}/{uuid}"), &[]).await?;
-        v["inventories"]
-            .as_array()
-            .and_then(|a| a.first().cloned())
-            .ok_or_else(|| {
-                Error::not_found(format!("{resource}/{uuid} does not exist"))
-                    .api_call(format!("GET /zstack/v1{resource}/{uuid}"))
-            })
+    /// [`ZStackClient::call`] whose job result is read as `T`.
+    pub async fn call_as<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        action: &str,
+    ) -> Result<T> {
+        let call = format!("{method} /zstack/v1{path} ({action})");
+        let v = self.call(method, path, body, action).await?;
+        api::parse(&call, v)
     }
 
     /// A non-GET call: expects `202 {"location"}` and polls the API job
@@ -225,18 +306,16 @@ impl ZStackClient {
         }
         let resp = req.send().await.map_err(|e| transport(&call, e))?;
         let status = resp.status();
-        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        let bytes = resp.bytes().await.map_err(|e| transport(&call, e))?;
         match status {
             StatusCode::ACCEPTED => {}
-            s if s.is_success() => return Ok(v),
-            s => return Err(platform_error(&call, s, &v)),
+            s if s.is_success() => return json_body(&call, s, &bytes),
+            s => return Err(platform_error(&call, s, &bytes)),
         }
-        let location = v["location"]
-            .as_str()
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Platform, "202 without a job location").api_call(&call)
-            })?
-            .to_string();
+        let location: JobLocation = api::parse(&call, json_body(&call, status, &bytes)?)?;
+        let location = location.location;
+        let polling = &format!("{call}, polling its API job");
+        let location = &location;
         let started = Instant::now();
         loop {
             if started.elapsed() > self.conn.job_timeout {
@@ -250,26 +329,37 @@ impl ZStackClient {
                 .api_call(&call));
             }
             tokio::time::sleep(self.conn.poll_interval).await;
-            let resp = self
-                .request(Method::GET, &location)
-                .send()
-                .await
-                .map_err(|e| transport(&call, e))?;
-            let status = resp.status();
-            let v: Value = resp.json().await.unwrap_or(Value::Null);
-            match status {
-                StatusCode::ACCEPTED => continue,
-                StatusCode::OK => return Ok(v),
-                s => {
-                    return Err(platform_error(
-                        &format!("{call}, polling its API job"),
-                        s,
-                        &v,
-                    ));
+            // 202: running; 200: the result; a ZStack error: the job failed.
+            let poll = retry(&self.conn.retry, polling, |_| async move {
+                let resp = self
+                    .request(Method::GET, location)
+                    .send()
+                    .await
+                    .map_err(|e| transport(polling, e))?;
+                let status = resp.status();
+                let bytes = resp.bytes().await.map_err(|e| transport(polling, e))?;
+                match status {
+                    StatusCode::ACCEPTED => Ok(None),
+                    StatusCode::OK => json_body(polling, status, &bytes).map(Some),
+                    s => Err(platform_error(polling, s, &bytes)),
                 }
+            })
+            .await?;
+            if let Some(v) = poll {
+                return Ok(v);
             }
         }
     }
+}
+
+/// The JSON of an answer that must be a success (`2xx`).
+async fn read_answer(call: &str, resp: reqwest::Response) -> Result<Value> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|e| transport(call, e))?;
+    if !status.is_success() {
+        return Err(platform_error(call, status, &bytes));
+    }
+    json_body(call, status, &bytes)
 }
 
 fn transport(call: &str, e: reqwest::Error) -> Error {

@@ -75,6 +75,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod client;
 pub mod download;
 mod provider;

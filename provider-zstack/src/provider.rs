@@ -10,14 +10,19 @@ use async_trait::async_trait;
 use provider_api::{
     ArchiveName, ArchiveView, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest,
     BaseImageId, BaseLayer, BitmapMode, Capabilities, ConfigBlob, DirtySource, Error, ErrorKind,
-    FileAccess, Guest, GuestKind, IncrementalPlan, JobInfo, Outcome, PreviousBackup, RegionList,
-    RestoreMechanism, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result,
-    SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat, VolumeImport,
+    FileAccess, Guest, GuestKind, IncrementalPlan, JobInfo, JobMarker, Outcome, PreviousBackup,
+    RegionList, RestoreMechanism, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result,
+    SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat, VolumeImport, marker_safe,
 };
+use provider_kit::RetryPolicy;
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::api::{
+    BackupStorageInventory, ExportResult, ImageInventory, InventoryAnswer, QuotaInventory,
+    VmInventory, VolumeInventory, VolumeSnapshotInventory, like_escape,
+};
 use crate::client::{Connection, ZStackClient};
 use crate::download::{self, Downloaded};
 
@@ -51,6 +56,14 @@ pub struct ZStackOptions {
     /// exists (its volumes stay in the primary storage image cache).
     #[serde(default = "yes")]
     pub keep_restore_images: bool,
+    /// Attempts of an idempotent API call (login, queries, job polls)
+    /// whose transport failed (1 = no retry).
+    #[serde(default = "default_retries")]
+    pub retry_attempts: u32,
+    /// Delay before the first retry, in milliseconds (doubles up to 5 s,
+    /// with jitter).
+    #[serde(default = "default_retry_ms")]
+    pub retry_initial_ms: u64,
 }
 
 fn default_poll_ms() -> u64 {
@@ -64,6 +77,9 @@ fn default_retries() -> u32 {
 }
 fn yes() -> bool {
     true
+}
+fn default_retry_ms() -> u64 {
+    200
 }
 
 impl std::fmt::Debug for ZStackOptions {
@@ -95,6 +111,8 @@ impl ZStackOptions {
             job_timeout_secs: default_job_timeout(),
             download_retries: default_retries(),
             keep_restore_images: true,
+            retry_attempts: default_retries(),
+            retry_initial_ms: default_retry_ms(),
         }
     }
 }
@@ -124,8 +142,8 @@ struct Metadata {
 
 #[derive(Debug, Default)]
 struct BackupState {
-    /// Name prefix of every platform object this backup creates.
-    tag: String,
+    /// What names every platform object this backup creates.
+    tag: Tag,
     dir: PathBuf,
     exports: Vec<(String, String)>,
     resumes: u32,
@@ -135,7 +153,7 @@ struct BackupState {
 struct RestoreState {
     vm_uuid: String,
     name: String,
-    tag: String,
+    tag: Tag,
     meta: Metadata,
     /// device → (image uuid, uploaded by this restore)
     images: BTreeMap<String, (String, bool)>,
@@ -154,6 +172,62 @@ pub struct ZStackProvider {
     /// shared, so guests on the same cached image (backed up in parallel)
     /// must not delete the export another one is still reading.
     base_exports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The job of the last `job_init` (its marker names what we create).
+    job: Mutex<Option<JobInfo>>,
+}
+
+/// The name of the platform objects one backup or restore of one guest
+/// creates: `<job marker>.<scope>.<device>` (e.g.
+/// `vmbackup.host-1.job-7.b0-1f3a9c2e.data-1`). `.` ends the marker and
+/// the scope, so job `1` never matches job `10` nor scope `b1` scope
+/// `b10`; matching is always exact, on the client, after the platform's
+/// (case-insensitive, wildcard) `~=` query narrowed the candidates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Tag {
+    marker: String,
+    scope: String,
+}
+
+impl Tag {
+    fn new(marker: &JobMarker, scope: String) -> Self {
+        Tag {
+            marker: marker.to_string(),
+            scope,
+        }
+    }
+
+    /// `<marker>.<scope>`: the common part of every name.
+    fn prefix(&self) -> String {
+        format!("{}.{}", self.marker, self.scope)
+    }
+
+    /// The name of the object made for `device`.
+    fn name(&self, device: &str) -> String {
+        format!("{}.{device}", self.prefix())
+    }
+
+    /// Whether `name` is the name of one of this tag's objects (exactly:
+    /// the marker and the scope are whole, a device follows).
+    fn owns(&self, name: &str) -> bool {
+        name.strip_prefix(&self.prefix())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|device| !device.is_empty())
+    }
+
+    /// The `~=` condition finding the candidates of [`Tag::owns`].
+    fn like(&self, field: &str) -> String {
+        format!("{field}~={}.%", like_escape(&self.prefix()))
+    }
+}
+
+/// The `~=` condition on `field` finding every object named by a marker
+/// of `host` (candidates: check with [`JobMarker::find_in`]).
+fn host_like(field: &str, host: &str, anywhere: bool) -> String {
+    let lead = if anywhere { "%" } else { "" };
+    format!(
+        "{field}~={lead}{}%",
+        like_escape(&format!("{}{host}.", JobMarker::PREFIX))
+    )
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,20 +250,48 @@ fn short(s: &str) -> &str {
     &s[..s.len().min(8)]
 }
 
-fn str_of(v: &Value, k: &str) -> String {
-    v.get(k)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// The device name of a volume: `root`, or `data-<deviceId>`.
-fn device_of(vol: &Value) -> String {
-    if str_of(vol, "type") == "Root" {
+fn device_of(vol: &VolumeInventory) -> String {
+    if vol.kind == "Root" {
         "root".into()
     } else {
-        format!("data-{}", vol["deviceId"].as_u64().unwrap_or(0))
+        format!("data-{}", vol.device_id)
     }
+}
+
+/// A VM's volumes in device order, checked: at least the root volume,
+/// only `Root` and `Data` volumes, exactly one root, no two volumes on one
+/// device name (each would overwrite the other's backup).
+fn volumes_of(vm: &VmInventory) -> Result<Vec<VolumeInventory>> {
+    let call = format!("GET /zstack/v1/vm-instances/{}", vm.uuid);
+    let bad = |m: String| Error::new(ErrorKind::Platform, m).api_call(&call);
+    let mut vols = vm.all_volumes.clone();
+    vols.sort_by_key(|v| (v.kind != "Root", v.device_id));
+    if let Some(v) = vols.iter().find(|v| v.kind != "Root" && v.kind != "Data") {
+        return Err(bad(format!(
+            "volume {} has type {:?}: only Root and Data volumes can be backed up",
+            v.uuid, v.kind
+        )));
+    }
+    if vols.iter().filter(|v| v.kind == "Root").count() != 1 {
+        return Err(bad(format!(
+            "VM {} lists {} root volumes in allVolumes (one expected)",
+            vm.uuid,
+            vols.iter().filter(|v| v.kind == "Root").count()
+        )));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for v in &vols {
+        if !seen.insert(device_of(v)) {
+            return Err(bad(format!(
+                "two volumes of VM {} are on device {} (deviceId {})",
+                vm.uuid,
+                device_of(v),
+                v.device_id
+            )));
+        }
+    }
+    Ok(vols)
 }
 
 fn new_uuid(counter: u64) -> String {
@@ -212,6 +314,11 @@ impl ZStackProvider {
             password: options.password.clone(),
             poll_interval: Duration::from_millis(options.poll_interval_ms.max(1)),
             job_timeout: Duration::from_secs_f64(options.job_timeout_secs.max(0.01)),
+            retry: RetryPolicy {
+                attempts: options.retry_attempts.max(1),
+                initial_delay: Duration::from_millis(options.retry_initial_ms),
+                ..RetryPolicy::default()
+            },
         })?;
         Ok(ZStackProvider {
             options,
@@ -220,6 +327,7 @@ impl ZStackProvider {
             restores: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
             base_exports: Mutex::new(HashMap::new()),
+            job: Mutex::new(None),
         })
     }
 
@@ -228,38 +336,50 @@ impl ZStackProvider {
         &self.client
     }
 
-    async fn vm(&self, guest: &Guest) -> Result<Value> {
+    async fn vm(&self, guest: &Guest) -> Result<(VmInventory, Value)> {
         self.client.ensure_session().await?;
-        self.client
+        // The raw inventory is kept as the guest configuration.
+        let raw: Value = self
+            .client
             .get_one("/vm-instances", &guest.id.0)
             .await
-            .map_err(|e| e.guest(&guest.id))
+            .map_err(|e| e.guest(&guest.id))?;
+        let vm: VmInventory = crate::api::parse(
+            &format!("GET /zstack/v1/vm-instances/{}", guest.id.0),
+            raw.clone(),
+        )
+        .map_err(|e| e.guest(&guest.id))?;
+        Ok((vm, raw))
     }
 
-    fn volumes_of(vm: &Value) -> Vec<Value> {
-        let mut v: Vec<Value> = vm["allVolumes"].as_array().cloned().unwrap_or_default();
-        v.sort_by_key(|x| x["deviceId"].as_u64().unwrap_or(0));
-        v
+    /// The marker of the current job: the last `job_init`'s, or for a
+    /// restore run without one, a job of this restore alone.
+    fn marker_or(&self, fallback_job: &str) -> JobMarker {
+        match &*lock(&self.job) {
+            Some(j) => j.marker(),
+            None => JobInfo::new(fallback_job, 0).marker(),
+        }
     }
 
     /// The backup storage to use.
     async fn backup_storage(&self) -> Result<String> {
         if let Some(b) = &self.options.backup_storage_uuid {
-            let bs = self.client.get_one("/backup-storage", b).await?;
-            if str_of(&bs, "status") != "Connected" {
+            let bs: BackupStorageInventory = self.client.get_one("/backup-storage", b).await?;
+            if bs.status != "Connected" {
                 return Err(Error::new(
                     ErrorKind::Refused,
-                    format!("backup storage {b} is {}", str_of(&bs, "status")),
+                    format!("backup storage {b} is {}", bs.status),
                 ));
             }
             return Ok(b.clone());
         }
-        let list = self
+        let list: Vec<BackupStorageInventory> = self
             .client
             .query("/backup-storage", &["status=Connected".into()])
             .await?;
-        list.first()
-            .map(|b| str_of(b, "uuid"))
+        list.into_iter()
+            .find(|b| b.status == "Connected")
+            .map(|b| b.uuid)
             .ok_or_else(|| Error::new(ErrorKind::Refused, "ZStack has no Connected backup storage"))
     }
 
@@ -269,11 +389,16 @@ impl ZStackProvider {
         if needed == 0 {
             return Ok(());
         }
-        let quotas = self
+        let quotas: Vec<QuotaInventory> = self
             .client
             .query("/accounts/quotas", &["name=image.num".into()])
             .await?;
-        let Some(limit) = quotas.first().and_then(|q| q["value"].as_u64()) else {
+        // No image.num quota, or a negative one: no limit.
+        let Some(limit) = quotas
+            .iter()
+            .find(|q| q.name == "image.num")
+            .and_then(|q| u64::try_from(q.value).ok())
+        else {
             return Ok(());
         };
         let used = self
@@ -301,25 +426,20 @@ impl ZStackProvider {
         what: &str,
         state_key: &str,
     ) -> Result<Downloaded> {
-        let r = self
+        // Known before the call: an export whose answer is lost is deleted too.
+        if let Some(st) = lock(&self.backups).get_mut(state_key) {
+            st.exports.push((bs.to_string(), image.to_string()));
+        }
+        let r: ExportResult = self
             .client
-            .call(
+            .call_as(
                 Method::PUT,
                 &format!("/backup-storage/{bs}/actions"),
                 Some(json!({"exportImageFromBackupStorage": {"imageUuid": image, "exportFormat": "raw"}})),
                 "ExportImageFromBackupStorage",
             )
             .await?;
-        if let Some(st) = lock(&self.backups).get_mut(state_key) {
-            st.exports.push((bs.to_string(), image.to_string()));
-        }
-        let url = str_of(&r, "imageUrl");
-        let md5 = str_of(&r, "exportMd5Sum");
-        let url = if url.is_empty() {
-            str_of(&r["inventory"], "imageUrl")
-        } else {
-            url
-        };
+        let (url, md5) = (r.image_url, r.export_md5_sum);
         let dl = download::download(
             self.client.http(),
             &url,
@@ -382,19 +502,36 @@ impl ZStackProvider {
             .map(|_| ())
     }
 
-    /// Removes every platform object named with `tag` (temporary images,
-    /// volume snapshots). Returns the first error after trying everything.
-    async fn sweep(&self, tag: &str) -> Result<()> {
-        let mut first: Option<Error> = None;
-        let pattern = format!("name~={tag}%");
+    /// Deletes a volume snapshot (gone already is fine).
+    async fn drop_snapshot(&self, uuid: &str) -> Result<()> {
         match self
             .client
-            .query("/images", std::slice::from_ref(&pattern))
+            .call(
+                Method::DELETE,
+                &format!("/volume-snapshots/{uuid}"),
+                None,
+                "DeleteVolumeSnapshot",
+            )
+            .await
+        {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes every temporary image and volume snapshot named by `tag`
+    /// (exactly, see [`Tag::owns`]). Returns the first error after trying
+    /// everything.
+    async fn sweep(&self, tag: &Tag) -> Result<()> {
+        let mut first: Option<Error> = None;
+        match self
+            .client
+            .query::<ImageInventory>("/images", &[tag.like("name")])
             .await
         {
             Ok(images) => {
-                for img in images {
-                    if let Err(e) = self.drop_image(&str_of(&img, "uuid")).await {
+                for img in images.iter().filter(|i| tag.owns(&i.name)) {
+                    if let Err(e) = self.drop_image(&img.uuid).await {
                         first.get_or_insert(e);
                     }
                 }
@@ -403,21 +540,14 @@ impl ZStackProvider {
                 first.get_or_insert(e);
             }
         }
-        match self.client.query("/volume-snapshots", &[pattern]).await {
+        match self
+            .client
+            .query::<VolumeSnapshotInventory>("/volume-snapshots", &[tag.like("name")])
+            .await
+        {
             Ok(snaps) => {
-                for s in snaps {
-                    let uuid = str_of(&s, "uuid");
-                    if let Err(e) = self
-                        .client
-                        .call(
-                            Method::DELETE,
-                            &format!("/volume-snapshots/{uuid}"),
-                            None,
-                            "DeleteVolumeSnapshot",
-                        )
-                        .await
-                        && e.kind() != ErrorKind::NotFound
-                    {
+                for sn in snaps.iter().filter(|s| tag.owns(&s.name)) {
+                    if let Err(e) = self.drop_snapshot(&sn.uuid).await {
                         first.get_or_insert(e);
                     }
                 }
@@ -427,6 +557,90 @@ impl ZStackProvider {
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// `job_init`'s sweep: every object whose job marker names this host
+    /// and a job that is not running ([`JobMarker::is_stale_for`]): VMs
+    /// and data volumes a restore was creating (marker in the
+    /// description), temporary templates and uploaded images, volume
+    /// snapshots (marker in the name). Another host's objects and those
+    /// of running jobs are never touched. Returns what was removed.
+    async fn sweep_stale(&self, job: &JobInfo) -> Result<Vec<String>> {
+        let stale = |text: Option<&str>| {
+            text.and_then(JobMarker::find_in)
+                .filter(|m| m.is_stale_for(job))
+        };
+        let mut removed = Vec::new();
+        let vms: Vec<VmInventory> = self
+            .client
+            .query(
+                "/vm-instances",
+                &[host_like("description", &job.host_id, true)],
+            )
+            .await?;
+        for vm in vms {
+            if let Some(m) = stale(vm.description.as_deref()) {
+                self.destroy_vm(&vm.uuid).await?;
+                removed.push(format!("VM {} ({m})", vm.uuid));
+            }
+        }
+        let vols: Vec<VolumeInventory> = self
+            .client
+            .query(
+                "/volumes",
+                &[
+                    host_like("description", &job.host_id, true),
+                    "type=Data".into(),
+                ],
+            )
+            .await?;
+        for v in vols {
+            if let Some(m) = stale(v.description.as_deref()) {
+                self.delete_volume(&v.uuid).await?;
+                removed.push(format!("volume {} ({m})", v.uuid));
+            }
+        }
+        let images: Vec<ImageInventory> = self
+            .client
+            .query("/images", &[host_like("name", &job.host_id, false)])
+            .await?;
+        for i in images {
+            if let Some(m) = stale(Some(&i.name)) {
+                self.drop_image(&i.uuid).await?;
+                removed.push(format!("image {} ({m})", i.uuid));
+            }
+        }
+        let snaps: Vec<VolumeSnapshotInventory> = self
+            .client
+            .query(
+                "/volume-snapshots",
+                &[host_like("name", &job.host_id, false)],
+            )
+            .await?;
+        for sn in snaps {
+            if let Some(m) = stale(Some(&sn.name)) {
+                self.drop_snapshot(&sn.uuid).await?;
+                removed.push(format!("volume snapshot {} ({m})", sn.uuid));
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Deletes a data volume (gone already is fine).
+    async fn delete_volume(&self, uuid: &str) -> Result<()> {
+        match self
+            .client
+            .call(
+                Method::DELETE,
+                &format!("/volumes/{uuid}"),
+                None,
+                "DeleteDataVolume",
+            )
+            .await
+        {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn digest_cache(&self, image: &str) -> PathBuf {
@@ -467,36 +681,36 @@ impl ZStackProvider {
     async fn fetch_volume(
         &self,
         key: &str,
-        tag: &str,
+        tag: &Tag,
         dir: &Path,
         bs: &str,
-        vol: &Value,
+        vol: &VolumeInventory,
         digests: bool,
     ) -> Result<Downloaded> {
         let device = device_of(vol);
-        let uuid = str_of(vol, "uuid");
-        let name = format!("{tag}-{device}");
-        let snap = self
+        let uuid = &vol.uuid;
+        let name = tag.name(&device);
+        let snap: InventoryAnswer<VolumeSnapshotInventory> = self
             .client
-            .call(
+            .call_as(
                 Method::POST,
                 &format!("/volumes/{uuid}/volume-snapshots"),
-                Some(json!({"params": {"name": name, "description": "vmbackup temporary snapshot"}, "systemTags": [], "userTags": []})),
+                Some(json!({"params": {"name": name, "description": format!("vmbackup temporary snapshot ({})", tag.marker)}, "systemTags": [], "userTags": []})),
                 "CreateVolumeSnapshot",
             )
             .await?;
-        let snap_uuid = str_of(&snap["inventory"], "uuid");
-        let route = if str_of(vol, "type") == "Root" {
+        let snap_uuid = snap.inventory.uuid;
+        let route = if vol.kind == "Root" {
             "root-volume-templates"
         } else {
             "data-volume-templates"
         };
-        let image = self
+        let image: InventoryAnswer<ImageInventory> = self
             .client
-            .call(
+            .call_as(
                 Method::POST,
                 &format!("/images/{route}/from/volume-snapshots/{snap_uuid}"),
-                Some(json!({"params": {"name": name, "backupStorageUuids": [bs], "description": "vmbackup temporary template"}, "systemTags": [], "userTags": []})),
+                Some(json!({"params": {"name": name, "backupStorageUuids": [bs], "description": format!("vmbackup temporary template ({})", tag.marker)}, "systemTags": [], "userTags": []})),
                 if route == "root-volume-templates" {
                     "CreateRootVolumeTemplateFromVolumeSnapshot"
                 } else {
@@ -504,7 +718,7 @@ impl ZStackProvider {
                 },
             )
             .await?;
-        let image_uuid = str_of(&image["inventory"], "uuid");
+        let image_uuid = image.inventory.uuid;
         let path = dir.join(format!("{device}.raw"));
         let dl = self
             .export_and_download(
@@ -517,14 +731,7 @@ impl ZStackProvider {
             )
             .await?;
         self.drop_image(&image_uuid).await?;
-        self.client
-            .call(
-                Method::DELETE,
-                &format!("/volume-snapshots/{snap_uuid}"),
-                None,
-                "DeleteVolumeSnapshot",
-            )
-            .await?;
+        self.drop_snapshot(&snap_uuid).await?;
         Ok(dl)
     }
 
@@ -551,21 +758,28 @@ impl ZStackProvider {
             None
         };
         if let Some(d) = cached {
-            let img = self.client.get_one("/images", image_uuid).await.ok();
-            let size = img
-                .as_ref()
-                .and_then(|i| i["size"].as_u64())
-                .unwrap_or(d.len() as u64 * download::BLOCK);
+            // The digests cover whole blocks: the image's own size is the
+            // base layer's size, and not knowing it is an error.
+            let size = match self
+                .client
+                .get_one::<ImageInventory>("/images", image_uuid)
+                .await
+            {
+                Ok(img) => img.size,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    warnings.push(format!(
+                        "base image {image_uuid} is no longer on a backup storage: the root volume is stored in full"
+                    ));
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
             return Ok(Some((
-                BaseLayer {
-                    id: BaseImageId(image_uuid.to_string()),
-                    size,
-                    access: None,
-                },
+                BaseLayer::new(BaseImageId(image_uuid.to_string()), size, None),
                 d,
             )));
         }
-        let img = match self.client.get_one("/images", image_uuid).await {
+        let img: ImageInventory = match self.client.get_one("/images", image_uuid).await {
             Ok(i) => i,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 warnings.push(format!(
@@ -575,14 +789,15 @@ impl ZStackProvider {
             }
             Err(e) => return Err(e),
         };
-        let refs: Vec<String> = img["backupStorageRefs"]
-            .as_array()
-            .map(|a| a.iter().map(|r| str_of(r, "backupStorageUuid")).collect())
-            .unwrap_or_default();
-        if str_of(&img, "status") != "Ready" || refs.is_empty() {
+        let refs: Vec<String> = img
+            .backup_storage_refs
+            .iter()
+            .map(|r| r.backup_storage_uuid.clone())
+            .collect();
+        if img.status != "Ready" || refs.is_empty() {
             warnings.push(format!(
                 "base image {image_uuid} is {} on the backup storages: the root volume is stored in full",
-                str_of(&img, "status")
+                img.status
             ));
             return Ok(None);
         }
@@ -616,16 +831,12 @@ impl ZStackProvider {
             None
         } else {
             Some((
-                SnapshotAccess::FileHandle(FileAccess { path }),
+                SnapshotAccess::FileHandle(FileAccess::new(path)),
                 DirtySource::All,
             ))
         };
         Ok(Some((
-            BaseLayer {
-                id: BaseImageId(image_uuid.to_string()),
-                size: dl.size,
-                access,
-            },
+            BaseLayer::new(BaseImageId(image_uuid.to_string()), dl.size, access),
             digests,
         )))
     }
@@ -639,7 +850,8 @@ impl ZStackProvider {
                 .ok_or_else(|| Error::invalid("backup_vm without backup_init"))?;
             (st.tag.clone(), st.dir.clone())
         };
-        let vm = self.vm(guest).await?;
+        let (vm, raw_vm) = self.vm(guest).await?;
+        let vols = volumes_of(&vm).map_err(|e| e.guest(&guest.id))?;
         // Volumes are processed one at a time: one temporary template at once.
         self.check_quota(1, "a backup (one temporary template at a time)")
             .await?;
@@ -648,18 +860,25 @@ impl ZStackProvider {
         let mut volumes = Vec::new();
         let mut metas = Vec::new();
         let mut warnings = Vec::new();
-        for vol in Self::volumes_of(&vm) {
+        for vol in vols {
             let device = device_of(&vol);
             let mode = request.mode(&device);
-            let root_image = vol["rootImageUuid"]
-                .as_str()
-                .filter(|s| !s.is_empty())
-                .map(str::to_string);
+            let root_image = vol.root_image_uuid.clone().filter(|s| !s.is_empty());
             let linked = mode == BitmapMode::New && root_image.is_some();
             let dl = self
                 .fetch_volume(&key, &tag, &dir, &bs, &vol, linked)
                 .await
                 .map_err(|e| e.volume(&device))?;
+            if dl.size != vol.size {
+                return Err(Error::new(
+                    ErrorKind::Platform,
+                    format!(
+                        "the export of volume {} has {} bytes, the volume {}",
+                        vol.uuid, dl.size, vol.size
+                    ),
+                )
+                .volume(&device));
+            }
             let mut base = None;
             let mut dirty = DirtySource::All;
             if let (true, Some(img)) = (linked, &root_image) {
@@ -672,59 +891,60 @@ impl ZStackProvider {
                     .await
                     .map_err(|e| e.volume(&device))?
                 {
-                    let regions = download::differing_regions(
-                        dl.digests.as_deref().unwrap_or(&[]),
-                        &base_digests,
-                        dl.size,
-                    );
+                    // Without the volume's digests nothing would differ from
+                    // the base: refuse instead of storing the base's data.
+                    let volume_digests = dl.digests.as_deref().ok_or_else(|| {
+                        Error::other("the download computed no block digests of the volume")
+                            .volume(&device)
+                    })?;
+                    let regions =
+                        download::differing_regions(volume_digests, &base_digests, dl.size);
                     dirty = DirtySource::Regions(Box::new(RegionList::new(regions)));
                     base = Some(layer);
                 }
             }
-            let size = vol["size"].as_u64().unwrap_or(dl.size);
+            let size = vol.size;
             metas.push(VolumeMeta {
                 device: device.clone(),
-                uuid: str_of(&vol, "uuid"),
-                kind: str_of(&vol, "type"),
+                uuid: vol.uuid.clone(),
+                kind: vol.kind.clone(),
                 size,
                 md5: dl.md5.clone(),
                 root_image_uuid: root_image.clone(),
-                device_id: vol["deviceId"].as_u64().unwrap_or(0),
-                name: str_of(&vol, "name"),
+                device_id: u64::from(vol.device_id),
+                name: vol.name.clone(),
             });
-            volumes.push(VolumeAccess {
-                volume: Volume {
-                    device: device.clone(),
-                    size,
-                    format: VolumeFormat::Qcow2,
-                },
-                access: SnapshotAccess::FileHandle(FileAccess {
-                    path: dir.join(format!("{device}.raw")),
-                }),
-                bitmap_mode: if mode == BitmapMode::None {
+            volumes.push(
+                VolumeAccess::new(
+                    Volume {
+                        device: device.clone(),
+                        size,
+                        format: VolumeFormat::Qcow2,
+                    },
+                    SnapshotAccess::FileHandle(FileAccess::new(dir.join(format!("{device}.raw")))),
+                )
+                .bitmap_mode(if mode == BitmapMode::None {
                     BitmapMode::None
                 } else {
                     BitmapMode::New
-                },
-                dirty,
-                checkpoint: None,
-                base,
-            });
+                })
+                .dirty(dirty)
+                .base(base),
+            );
         }
         let meta = Metadata {
             vm_uuid: guest.id.0.clone(),
-            vm_name: str_of(&vm, "name"),
-            platform: str_of(&vm, "platform"),
+            vm_name: vm.name.clone(),
+            platform: vm.platform.clone().unwrap_or_default(),
             backup_storage_uuid: bs,
             volumes: metas,
         };
-        Ok(VmBackup {
-            guest_config: ConfigBlob::json(&vm),
-            firewall_config: None,
-            metadata: serde_json::to_value(&meta).unwrap_or(Value::Null),
-            volumes,
-            warnings,
-        })
+        let metadata = serde_json::to_value(&meta).map_err(|e| {
+            Error::other("serialising the snapshot's ZStack metadata").with_source(e)
+        })?;
+        Ok(VmBackup::new(ConfigBlob::json(&raw_vm), volumes)
+            .metadata(metadata)
+            .warnings(warnings))
     }
 
     fn restore_state<R>(&self, guest: &Guest, f: impl FnOnce(&mut RestoreState) -> R) -> Result<R> {
@@ -744,7 +964,7 @@ impl ZStackProvider {
         } else {
             "DataVolumeTemplate"
         };
-        let hits = self
+        let hits: Vec<ImageInventory> = self
             .client
             .query(
                 "/images",
@@ -757,7 +977,17 @@ impl ZStackProvider {
                 ],
             )
             .await?;
-        Ok(hits.first().map(|i| str_of(i, "uuid")))
+        // Checked again here: reusing a wrong image restores wrong data.
+        Ok(hits
+            .into_iter()
+            .find(|i| {
+                i.md5_sum.as_deref() == Some(v.md5.as_str())
+                    && i.size == v.size
+                    && i.status == "Ready"
+                    && i.state == "Enabled"
+                    && i.media_type == media
+            })
+            .map(|i| i.uuid))
     }
 
     async fn destroy_vm(&self, uuid: &str) -> Result<()> {
@@ -776,6 +1006,12 @@ impl ZStackProvider {
         }
     }
 
+    /// Creates the VM and its data volumes. While this runs, the VM's and
+    /// the volumes' descriptions carry the restore's tag (so that a job
+    /// that dies here leaves objects the next `job_init` sweeps); once
+    /// every volume is attached, the tags are replaced by plain
+    /// descriptions, the VM's last. A VM without the tag is a finished
+    /// restore and is never swept.
     async fn create_restored_vm(&self, st: &RestoreState) -> Result<()> {
         let root = st
             .meta
@@ -786,12 +1022,13 @@ impl ZStackProvider {
             .ok_or_else(|| {
                 Error::invalid("the backup has no root volume image to create the VM from")
             })?;
+        let in_progress = format!("vmbackup restore in progress ({})", st.tag.prefix());
         self.client
             .call(
                 Method::POST,
                 "/vm-instances",
                 Some(json!({"params": {"name": st.name, "imageUuid": root.0, "resourceUuid": st.vm_uuid,
-                                        "description": format!("restored from {}", st.meta.vm_uuid)},
+                                        "description": format!("restored from {}: {in_progress}", st.meta.vm_uuid)},
                             "systemTags": [], "userTags": []})),
                 "CreateVmInstance",
             )
@@ -803,22 +1040,27 @@ impl ZStackProvider {
             .filter(|v| v.kind != "Root")
             .collect();
         data.sort_by_key(|v| v.device_id);
+        let mut created = Vec::new();
         for v in data {
             let (image, _) = st
                 .images
                 .get(&v.device)
                 .ok_or_else(|| Error::invalid(format!("volume {} was not restored", v.device)))?;
-            let vol = self
+            let vol: InventoryAnswer<VolumeInventory> = self
                 .client
-                .call(
+                .call_as(
                     Method::POST,
                     &format!("/volumes/data/from/data-volume-templates/{image}"),
-                    Some(json!({"params": {"name": format!("{}-{}", st.name, v.device)}, "systemTags": [], "userTags": []})),
+                    Some(
+                        json!({"params": {"name": format!("{}-{}", st.name, v.device),
+                                           "description": in_progress},
+                                "systemTags": [], "userTags": []}),
+                    ),
                     "CreateDataVolumeFromVolumeTemplate",
                 )
                 .await
                 .map_err(|e| e.volume(&v.device))?;
-            let vol_uuid = str_of(&vol["inventory"], "uuid");
+            let vol_uuid = vol.inventory.uuid;
             self.client
                 .call(
                     Method::POST,
@@ -828,6 +1070,84 @@ impl ZStackProvider {
                 )
                 .await
                 .map_err(|e| e.volume(&v.device))?;
+            created.push((vol_uuid, v));
+        }
+        for (vol_uuid, v) in created {
+            self.client
+                .call(
+                    Method::PUT,
+                    &format!("/volumes/{vol_uuid}/actions"),
+                    Some(json!({"updateVolume": {"description": format!(
+                        "vmbackup: volume {} of VM {} restored", v.device, st.meta.vm_uuid)}})),
+                    "UpdateVolume",
+                )
+                .await
+                .map_err(|e| e.volume(&v.device))?;
+        }
+        self.client
+            .call(
+                Method::PUT,
+                &format!("/vm-instances/{}/actions", st.vm_uuid),
+                Some(json!({"updateVmInstance": {"description": format!("restored from {}", st.meta.vm_uuid)}})),
+                "UpdateVmInstance",
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes what a failed restore created: the VM (with its attached
+    /// volumes), data volumes not attached yet, uploaded images.
+    async fn undo_restore(&self, st: &RestoreState) {
+        if let Err(e) = self.destroy_vm(&st.vm_uuid).await {
+            tracing::warn!(error = %e.report(), "destroying the VM of a failed restore");
+        }
+        let prefix = st.tag.prefix();
+        let vols: Result<Vec<VolumeInventory>> = self
+            .client
+            .query(
+                "/volumes",
+                &[format!("description~=%{}%", like_escape(&prefix))],
+            )
+            .await;
+        match vols {
+            Ok(vols) => {
+                for v in vols {
+                    let exact = v
+                        .description
+                        .as_deref()
+                        .is_some_and(|d| d.split([' ', '(', ')']).any(|w| w == prefix));
+                    if exact && let Err(e) = self.delete_volume(&v.uuid).await {
+                        tracing::warn!(error = %e.report(), "deleting a volume of a failed restore");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "finding the volumes of a failed restore")
+            }
+        }
+        if let Err(e) = self.sweep(&st.tag).await {
+            tracing::warn!(error = %e.report(), "removing the images of a failed restore");
+        }
+    }
+
+    /// A kept restore image loses the restore's tag (it is no longer
+    /// temporary); when renaming fails it is removed instead (it is only
+    /// there to be reused).
+    async fn keep_image(&self, st: &RestoreState, device: &str, image: &str) -> Result<()> {
+        let renamed = self
+            .client
+            .call(
+                Method::PUT,
+                &format!("/images/{image}/actions"),
+                Some(json!({"updateImage": {
+                    "name": format!("vmbackup-restore-{}-{device}", short(&marker_safe(&st.meta.vm_uuid))),
+                    "description": format!("vmbackup: volume {device} of VM {} (kept for later restores)", st.meta.vm_uuid)}})),
+                "UpdateImage",
+            )
+            .await;
+        if let Err(e) = renamed {
+            tracing::warn!(error = %e.report(), image, "renaming a kept restore image failed; removing it");
+            self.drop_image(image).await?;
         }
         Ok(())
     }
@@ -840,12 +1160,37 @@ impl BackupProvider for ZStackProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities::none()
     }
 
-    async fn job_init(&self, _job: &JobInfo) -> Result<()> {
+    /// Logs in, checks a backup storage, and sweeps what earlier jobs of
+    /// this host that are no longer running left behind (platform objects
+    /// and work directories). A failed sweep is logged, not fatal: the
+    /// next job tries again.
+    async fn job_init(&self, job: &JobInfo) -> Result<()> {
+        *lock(&self.job) = Some(job.clone());
         self.client.login().await?;
-        self.backup_storage().await.map(|_| ())
+        self.backup_storage().await?;
+        match self.sweep_stale(job).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed what interrupted jobs of this host left");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "sweeping what interrupted jobs left failed");
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir(&self.options.work_dir) {
+            for entry in dir.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let stale = name.starts_with(JobMarker::PREFIX)
+                    && JobMarker::find_in(&name).is_some_and(|m| m.is_stale_for(job));
+                if stale && let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(error = %e, dir = %entry.path().display(), "removing a stale work directory");
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn job_cleanup(&self) -> Result<()> {
@@ -855,8 +1200,12 @@ impl BackupProvider for ZStackProvider {
 
     async fn backup_init(&self, guest: &Guest, start_time: i64) -> Result<ArchiveName> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tag = format!("vmbackup-{}-{start_time}-{n}", short(&safe(&guest.id.0)));
-        let dir = self.options.work_dir.join(&tag);
+        let marker = self.marker_or(&format!("backup-{start_time}"));
+        let tag = Tag::new(
+            &marker,
+            format!("b{n}-{}", short(&marker_safe(&guest.id.0))),
+        );
+        let dir = self.options.work_dir.join(tag.prefix());
         lock(&self.backups).insert(
             guest.id.0.clone(),
             BackupState {
@@ -882,8 +1231,9 @@ impl BackupProvider for ZStackProvider {
     ) -> Result<IncrementalPlan> {
         // No change tracking on this path: every backup reads every volume
         // (`New`, so that a linked root volume stores its base image once).
-        let vm = self.vm(guest).await?;
-        Ok(Self::volumes_of(&vm)
+        let (vm, _) = self.vm(guest).await?;
+        Ok(volumes_of(&vm)
+            .map_err(|e| e.guest(&guest.id))?
             .iter()
             .map(|v| (device_of(v), BitmapMode::New))
             .collect())
@@ -917,7 +1267,7 @@ impl BackupProvider for ZStackProvider {
         stats
             .extra
             .insert("export_resumes".into(), st.resumes.to_string());
-        if !outcome.success {
+        if !outcome.is_success() {
             tracing::info!(guest = %guest.id, "cleaned up after a failed backup");
         }
         match first {
@@ -951,8 +1301,8 @@ impl BackupProvider for ZStackProvider {
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {
         let name = match &request.target {
-            RestoreTarget::InPlace => return Err(Error::unsupported("restore in place")),
             RestoreTarget::NewGuest { name } => name.clone(),
+            _ => return Err(Error::unsupported("restore in place")),
         };
         let meta: Metadata =
             serde_json::from_value(request.archive.metadata.clone()).map_err(|e| {
@@ -974,9 +1324,11 @@ impl BackupProvider for ZStackProvider {
             }
         }
         self.check_quota(needed, "this restore").await?;
-        let vm_uuid = new_uuid(self.counter.fetch_add(1, Ordering::Relaxed));
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let vm_uuid = new_uuid(n);
         let name = name.unwrap_or_else(|| format!("{}-restored", meta.vm_name));
-        let tag = format!("vmbackup-restore-{}", short(&vm_uuid));
+        let marker = self.marker_or(&format!("restore-{}", short(&vm_uuid)));
+        let tag = Tag::new(&marker, format!("r{n}-{}", short(&vm_uuid)));
         lock(&self.restores).insert(
             vm_uuid.clone(),
             RestoreState {
@@ -1025,13 +1377,13 @@ impl BackupProvider for ZStackProvider {
         } else {
             platform
         };
-        let inv = self
+        let inv: InventoryAnswer<ImageInventory> = self
             .client
-            .call(
+            .call_as(
                 Method::POST,
                 "/images",
                 Some(json!({"params": {
-                    "name": format!("{tag}-{device}"),
+                    "name": tag.name(&device),
                     "url": request.sources.merged,
                     "mediaType": media,
                     "format": "raw",
@@ -1044,12 +1396,23 @@ impl BackupProvider for ZStackProvider {
             )
             .await
             .map_err(|e| e.volume(&device))?;
-        let img = &inv["inventory"];
-        let uuid = str_of(img, "uuid");
+        let img = inv.inventory;
+        let uuid = img.uuid;
         self.restore_state(&request.guest, |st| {
             st.images.insert(device.clone(), (uuid.clone(), true))
         })?;
-        let md5 = str_of(img, "md5Sum");
+        if img.size != meta.size {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "restored image {uuid} has {} bytes, the backup {}",
+                    img.size, meta.size
+                ),
+            )
+            .volume(&device));
+        }
+        // Compared when ZStack computed it (it may say "not calculated").
+        let md5 = img.md5_sum.unwrap_or_default();
         if meta.md5.len() == 32 && md5.len() == 32 && md5 != meta.md5 {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -1069,22 +1432,29 @@ impl BackupProvider for ZStackProvider {
         device: &str,
         outcome: &Outcome,
     ) -> Result<()> {
-        if outcome.success {
+        if outcome.is_success() {
             return Ok(());
         }
-        let tag = self.restore_state(guest, |st| {
-            st.images.remove(device);
-            st.tag.clone()
+        let (tag, uploaded) = self.restore_state(guest, |st| {
+            let uploaded = st.images.remove(device).filter(|(_, up)| *up);
+            (st.tag.clone(), uploaded)
         })?;
         // Also finds an image whose AddImage job never reported back.
-        let images = self
+        let name = tag.name(device);
+        let images: Vec<ImageInventory> = self
             .client
-            .query("/images", &[format!("name={tag}-{device}")])
+            .query("/images", &[format!("name={name}")])
             .await?;
-        for i in images {
-            self.drop_image(&str_of(&i, "uuid"))
-                .await
-                .map_err(|e| e.volume(device))?;
+        let mut doomed: Vec<String> = images
+            .into_iter()
+            .filter(|i| i.name == name)
+            .map(|i| i.uuid)
+            .collect();
+        doomed.extend(uploaded.map(|(uuid, _)| uuid));
+        doomed.sort();
+        doomed.dedup();
+        for uuid in doomed {
+            self.drop_image(&uuid).await.map_err(|e| e.volume(device))?;
         }
         Ok(())
     }
@@ -1094,22 +1464,31 @@ impl BackupProvider for ZStackProvider {
             return Ok(());
         };
         let mut result = Ok(());
-        if outcome.success {
+        if outcome.is_success() {
             result = self
                 .create_restored_vm(&st)
                 .await
                 .map_err(|e| e.guest(&guest.id));
         }
-        if result.is_err() || !outcome.success {
-            let _ = self.destroy_vm(&st.vm_uuid).await;
-            if let Err(e) = self.sweep(&st.tag).await {
-                tracing::warn!(error = %e.report(), "removing the images of a failed restore");
+        if result.is_err() || !outcome.is_success() {
+            self.undo_restore(&st).await;
+            return result;
+        }
+        // The VM exists: what remains is only the uploaded images, whose
+        // names carry the restore's tag until kept or removed.
+        for (device, (image, uploaded)) in &st.images {
+            if !*uploaded {
+                continue;
             }
-        } else if !self.options.keep_restore_images {
-            for (image, uploaded) in st.images.values() {
-                if *uploaded {
-                    self.drop_image(image).await?;
-                }
+            let r = if self.options.keep_restore_images {
+                self.keep_image(&st, device, image).await
+            } else {
+                self.drop_image(image).await
+            };
+            // The restore itself succeeded; an image left here still has
+            // the tag and is swept by a later job.
+            if let Err(e) = r {
+                tracing::warn!(error = %e.report(), image, "an uploaded image is left; the next job sweeps it");
             }
         }
         result

@@ -13,8 +13,10 @@ use engine::{
 };
 use mock_hypervisor::{MockConfig, MockHypervisor, RunningMock};
 use provider_api::testing::PlatformProbe;
-use provider_api::{ConfigKind, Guest, JobInfo, RestoreTarget, SnapshotId, Target};
-use provider_ovirt::{BackupMode, OvirtOptions, OvirtProvider, WireFormat};
+use provider_api::{
+    BackupProvider, BackupVmRequest, ConfigKind, Guest, JobInfo, RestoreTarget, SnapshotId, Target,
+};
+use provider_ovirt::{BackupMode, OvirtOptions, OvirtProvider, RetryPolicy, WireFormat};
 use serde_json::{Value, json};
 
 pub const MIB: u64 = 1 << 20;
@@ -118,6 +120,11 @@ impl Env {
         o.poll_interval = Duration::from_millis(10);
         o.operation_timeout = Duration::from_secs(5);
         o.download_dir = self.dir.path().join("downloads");
+        o.retry = RetryPolicy {
+            attempts: 4,
+            initial_delay: Duration::from_millis(5),
+            max_delay: Duration::from_millis(20),
+        };
         o
     }
 
@@ -139,11 +146,7 @@ impl Env {
         driver
             .run_job(
                 &JobOptions {
-                    info: JobInfo {
-                        job_id: format!("job-{t}"),
-                        start_time: t,
-                        ..JobInfo::default()
-                    },
+                    info: JobInfo::new(format!("job-{t}"), t),
                     parallelism: 1,
                     log_dir: self.dir.path().join("logs"),
                 },
@@ -252,6 +255,45 @@ impl Env {
         self.admin_post("/admin/ovirt/faults", faults).await;
     }
 
+    /// Arms a generic HTTP fault (`/admin/faults/http`).
+    pub async fn arm_http(&self, fault: Value) {
+        self.admin_post("/admin/faults/http", fault).await;
+    }
+
+    /// Disarms every generic and oVirt fault.
+    pub async fn disarm(&self) {
+        for path in ["/admin/faults", "/admin/ovirt/faults"] {
+            let r = self
+                .http
+                .delete(format!("{}{path}", self.mock.endpoints().http_url))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{path}: {}", r.status());
+        }
+    }
+
+    /// A backup of vm1 by `provider` as job `job` that stops after
+    /// `backup_vm`, as if the process died: no cleanup runs, the objects
+    /// it created stay on the platform.
+    pub async fn interrupted_backup(&self, provider: &OvirtProvider, job: &JobInfo) {
+        let guest = Guest::vm(self.vm.clone());
+        provider.job_init(job).await.unwrap();
+        provider.backup_init(&guest, job.start_time).await.unwrap();
+        provider.backup_get_mechanism(&guest).await.unwrap();
+        let plan = provider
+            .backup_vm_query_incremental(&guest, None)
+            .await
+            .unwrap();
+        provider
+            .backup_vm(
+                &guest,
+                BackupVmRequest::new(plan, None, Arc::new(provider_api::testing::EmptyCatalog)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("backup_vm: {}", e.report()));
+    }
+
     /// `GET` on the engine API as JSON with a fresh token.
     pub async fn api_get(&self, path: &str) -> Value {
         let ep = &self.mock.endpoints().platforms["ovirt"];
@@ -298,4 +340,200 @@ pub async fn guest_config(env: &Env, id: &SnapshotId) -> Vec<u8> {
         .unwrap()
         .expect("guest config")
         .data
+}
+
+/// The conformance kit's platform driver for the mock's oVirt: guests
+/// through the admin API (`/admin/ovirt/vms`), guest writes and reads on
+/// the mock's disk store in process (the guest's view: change tracking
+/// sees the writes), leftovers from `/admin/ovirt/objects`. Device names
+/// are the disks' aliases (`d0`, `d1`, ...), as provider-ovirt names
+/// volumes.
+pub struct OvirtDriver {
+    http: reqwest::Client,
+    admin: String,
+    hv: Arc<mock_hypervisor::hypervisor::Hypervisor>,
+    serial: std::sync::atomic::AtomicU64,
+}
+
+impl OvirtDriver {
+    /// A driver for the mock of `env` (whose appliance it uses).
+    pub fn new(env: &Env) -> Self {
+        OvirtDriver {
+            http: reqwest::Client::new(),
+            admin: env.mock.endpoints().http_url.clone(),
+            hv: env.mock.hypervisor().clone(),
+            serial: 0.into(),
+        }
+    }
+
+    async fn objects(&self) -> provider_api::Result<Value> {
+        let r = self
+            .http
+            .get(format!("{}/admin/ovirt/objects", self.admin))
+            .send()
+            .await
+            .map_err(|e| provider_api::Error::other("admin API").with_source(e))?;
+        r.json()
+            .await
+            .map_err(|e| provider_api::Error::other("admin API answer").with_source(e))
+    }
+
+    /// `(device, disk id, size)` of a VM's own disks, in attachment order.
+    async fn disks(&self, guest: &Guest) -> provider_api::Result<Vec<(String, String, u64)>> {
+        let o = self.objects().await?;
+        let vm = o["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["id"] == guest.id.0.as_str())
+            .ok_or_else(|| provider_api::Error::not_found(format!("no VM {}", guest.id)))?;
+        let alias = |id: &str| {
+            o["disks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|d| d["id"] == id)
+                .and_then(|d| d["alias"].as_str())
+                .unwrap_or(id)
+                .to_string()
+        };
+        Ok(vm["disks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|d| {
+                let id = d["id"].as_str().unwrap_or_default().to_string();
+                (alias(&id), id, d["size"].as_u64().unwrap_or(0))
+            })
+            .collect())
+    }
+
+    async fn disk(
+        &self,
+        guest: &Guest,
+        device: &str,
+    ) -> provider_api::Result<Arc<mock_hypervisor::disk::virtual_disk::VirtualDisk>> {
+        let id = self
+            .disks(guest)
+            .await?
+            .into_iter()
+            .find(|d| d.0 == device)
+            .map(|d| d.1)
+            .ok_or_else(|| provider_api::Error::not_found(format!("no volume {device}")))?;
+        self.hv
+            .store
+            .disk(&id)
+            .map_err(|e| provider_api::Error::other("mock disk").with_source(e))
+    }
+}
+
+#[async_trait]
+impl conformance::PlatformDriver for OvirtDriver {
+    async fn create_guest(&self, name: &str, sizes: &[u64]) -> provider_api::Result<Guest> {
+        let n = self
+            .serial
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let disks: Vec<Value> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"size": s, "format": "cow", "alias": format!("d{i}")}))
+            .collect();
+        let r = self
+            .http
+            .post(format!("{}/admin/ovirt/vms", self.admin))
+            .json(&json!({"name": format!("{name}-{n}"), "status": "down", "disks": disks}))
+            .send()
+            .await
+            .map_err(|e| provider_api::Error::other("admin API").with_source(e))?;
+        if !r.status().is_success() {
+            return Err(provider_api::Error::other(format!(
+                "creating a VM: {}",
+                r.text().await.unwrap_or_default()
+            )));
+        }
+        let v: Value = r
+            .json()
+            .await
+            .map_err(|e| provider_api::Error::other("admin API answer").with_source(e))?;
+        Ok(Guest::vm(v["id"].as_str().unwrap_or_default()))
+    }
+
+    async fn volumes(&self, guest: &Guest) -> provider_api::Result<Vec<conformance::DriverVolume>> {
+        Ok(self
+            .disks(guest)
+            .await?
+            .into_iter()
+            .map(|(device, _, size)| conformance::DriverVolume { device, size })
+            .collect())
+    }
+
+    async fn write(
+        &self,
+        guest: &Guest,
+        device: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> provider_api::Result<()> {
+        let disk = self.disk(guest, device).await?;
+        let data = data.to_vec();
+        tokio::task::spawn_blocking(move || disk.write(offset, &data))
+            .await
+            .map_err(|e| provider_api::Error::other("write task").with_source(e))?
+            .map_err(|e| provider_api::Error::other("guest write").with_source(e))
+    }
+
+    async fn read(&self, guest: &Guest, device: &str) -> provider_api::Result<Vec<u8>> {
+        let disk = self.disk(guest, device).await?;
+        tokio::task::spawn_blocking(move || {
+            disk.read(
+                &mock_hypervisor::disk::virtual_disk::View::Live,
+                0,
+                disk.size(),
+            )
+        })
+        .await
+        .map_err(|e| provider_api::Error::other("read task").with_source(e))?
+        .map_err(|e| provider_api::Error::other("guest read").with_source(e))
+    }
+
+    async fn grow(
+        &self,
+        _guest: &Guest,
+        _device: &str,
+        _new_size: u64,
+    ) -> provider_api::Result<()> {
+        // The mock's disk model (mock-hypervisor/src/disk) has no resize
+        // yet, nor does its oVirt API (`PUT /vms/{vm}/diskattachments/{d}`
+        // with a bigger provisioned_size).
+        Err(provider_api::Error::unsupported(
+            "growing a disk of the mock hypervisor",
+        ))
+    }
+
+    async fn leftovers(&self) -> provider_api::Result<Vec<String>> {
+        let o = self.objects().await?;
+        let mut out = Vec::new();
+        for key in [
+            "snapshots",
+            "backup_attachments",
+            "appliance_files",
+            "active_backups",
+            "active_transfers",
+            "exports",
+        ] {
+            for item in o[key].as_array().cloned().unwrap_or_default() {
+                out.push(format!("{key}: {item}"));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn remove_guest(&self, _guest: &Guest) -> provider_api::Result<()> {
+        // Guests stay in the mock (each test has a mock of its own).
+        Ok(())
+    }
+
+    fn tracking_granularity(&self) -> u64 {
+        mock_hypervisor::disk::BLOCK_SIZE
+    }
 }

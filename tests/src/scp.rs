@@ -244,11 +244,7 @@ impl Env {
             Arc::new(StandardMover::new(mover)),
         );
         let options = JobOptions {
-            info: JobInfo {
-                job_id: "scenario".into(),
-                start_time: now(),
-                ..JobInfo::default()
-            },
+            info: JobInfo::new("scenario", now()),
             parallelism: 1,
             log_dir: self.dir.path().join("logs"),
         };
@@ -340,4 +336,181 @@ pub async fn leftovers(admin: &Admin) -> Vec<String> {
     }
     .leftovers()
     .await
+}
+
+/// The conformance kit's [`conformance::PlatformDriver`] for the mock's
+/// SCP: guests are linked VMs (the system disk on a shared 1 MiB base
+/// image whenever it is large enough), written and read in process on the
+/// mock's disks (as the guest sees them, CBT included), grown through the
+/// admin API, removed through the janus API.
+pub struct ScpDriver {
+    admin: Admin,
+    mock_hv: Arc<mock_hypervisor::hypervisor::Hypervisor>,
+    platform: Arc<mock_hypervisor::scp::ScpPlatform>,
+    client: Arc<provider_scp::ScpClient>,
+    base_image: String,
+    base_size: u64,
+    providers: Vec<Arc<ScpProvider>>,
+}
+
+fn driver_error(what: &str, e: impl std::fmt::Display) -> provider_api::Error {
+    provider_api::Error::other(format!("mock SCP: {what}: {e}"))
+}
+
+impl ScpDriver {
+    /// A driver for `env`'s mock; `providers` are the providers under test
+    /// (a restore may return a provisional guest that only they resolve).
+    pub async fn new(env: &Env, providers: Vec<Arc<ScpProvider>>) -> ScpDriver {
+        let base_size = 1 << 20;
+        let base_image = env
+            .admin
+            .base_image(
+                "kit-base",
+                base_size,
+                json!([
+                    {"offset": 0, "length": 256 << 10, "pattern": "text", "seed": 1},
+                    {"offset": 512 << 10, "length": 256 << 10, "pattern": "random", "seed": 2},
+                ]),
+            )
+            .await;
+        let client = Arc::new(
+            provider_scp::ScpClient::new(&env.options(AccessMode::Nbd)).expect("janus client"),
+        );
+        ScpDriver {
+            admin: env.admin.clone(),
+            mock_hv: env.mock.hypervisor().clone(),
+            platform: env.mock.scp().clone(),
+            client,
+            base_image,
+            base_size,
+            providers,
+        }
+    }
+
+    fn server_id(&self, guest: &Guest) -> String {
+        self.providers
+            .iter()
+            .find_map(|p| p.restored_server_id(guest))
+            .unwrap_or_else(|| guest.id.0.clone())
+    }
+
+    /// (disk id, size) of the guest's device.
+    fn disk(&self, guest: &Guest, device: &str) -> provider_api::Result<(String, u64)> {
+        let id = self.server_id(guest);
+        self.platform
+            .inventory()
+            .read(|doc| {
+                doc.servers
+                    .get(&id)
+                    .and_then(|s| s.disks.iter().find(|d| d.name == device))
+                    .map(|d| (d.id.clone(), d.size))
+            })
+            .ok_or_else(|| {
+                provider_api::Error::not_found(format!("server {id} has no disk {device}"))
+            })
+    }
+}
+
+fn round_up_512(n: u64) -> u64 {
+    n.div_ceil(512) * 512
+}
+
+#[async_trait]
+impl conformance::PlatformDriver for ScpDriver {
+    async fn create_guest(&self, name: &str, sizes: &[u64]) -> provider_api::Result<Guest> {
+        let disks: Vec<Value> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let size = round_up_512(*s);
+                if i == 0 && size >= self.base_size {
+                    json!({"size": size, "base_image_id": self.base_image})
+                } else {
+                    json!({"size": size})
+                }
+            })
+            .collect();
+        let server = self
+            .admin
+            .server(json!({"name": name, "storage_id": "storage-local", "disks": disks}))
+            .await;
+        let id = server["id"]
+            .as_str()
+            .ok_or_else(|| driver_error("create server", "no id"))?;
+        Ok(Guest::vm(id))
+    }
+
+    async fn volumes(&self, guest: &Guest) -> provider_api::Result<Vec<conformance::DriverVolume>> {
+        let id = self.server_id(guest);
+        self.platform
+            .inventory()
+            .read(|doc| {
+                doc.servers.get(&id).map(|s| {
+                    s.disks
+                        .iter()
+                        .map(|d| conformance::DriverVolume {
+                            device: d.name.clone(),
+                            size: d.size,
+                        })
+                        .collect()
+                })
+            })
+            .ok_or_else(|| provider_api::Error::not_found(format!("server {id}")))
+    }
+
+    async fn write(
+        &self,
+        guest: &Guest,
+        device: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> provider_api::Result<()> {
+        let (disk, _) = self.disk(guest, device)?;
+        self.mock_hv
+            .store
+            .disk(&disk)
+            .and_then(|d| d.write(offset, data))
+            .map_err(|e| driver_error("guest write", e))
+    }
+
+    async fn read(&self, guest: &Guest, device: &str) -> provider_api::Result<Vec<u8>> {
+        let (disk, size) = self.disk(guest, device)?;
+        self.mock_hv
+            .store
+            .disk(&disk)
+            .and_then(|d| d.read(&mock_hypervisor::disk::View::Live, 0, size))
+            .map_err(|e| driver_error("read disk", e))
+    }
+
+    async fn grow(&self, guest: &Guest, device: &str, new_size: u64) -> provider_api::Result<()> {
+        let (disk, _) = self.disk(guest, device)?;
+        self.admin
+            .post(
+                &format!("/scp/servers/{}/disks/{disk}/grow", self.server_id(guest)),
+                json!({"size": round_up_512(new_size)}),
+            )
+            .await;
+        Ok(())
+    }
+
+    async fn leftovers(&self) -> provider_api::Result<Vec<String>> {
+        Ok(leftovers(&self.admin).await)
+    }
+
+    async fn remove_guest(&self, guest: &Guest) -> provider_api::Result<()> {
+        let path = format!("/janus/20250725/servers/{}", self.server_id(guest));
+        match self
+            .client
+            .task::<Value>(reqwest::Method::DELETE, &path, None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == provider_api::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn tracking_granularity(&self) -> u64 {
+        mock_hypervisor::disk::BLOCK_SIZE
+    }
 }

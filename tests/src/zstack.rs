@@ -188,17 +188,25 @@ impl Zs {
         guests: &[&str],
         parallelism: usize,
     ) -> JobReport {
+        self.backup_job(provider, guests, parallelism, JobInfo::new("zstack", now()))
+            .await
+    }
+
+    /// A backup job with the host's job information (host id, running jobs).
+    pub async fn backup_job(
+        &self,
+        provider: Arc<ZStackProvider>,
+        guests: &[&str],
+        parallelism: usize,
+        info: JobInfo,
+    ) -> JobReport {
         let driver = BackupDriver::new(
             provider,
             self.env.store.clone() as Arc<dyn Target>,
             Arc::new(StandardMover::new(MoverOptions::default())),
         );
         let options = JobOptions {
-            info: JobInfo {
-                job_id: "zstack".into(),
-                start_time: now(),
-                ..JobInfo::default()
-            },
+            info,
             parallelism,
             log_dir: self.env.dir.path().join("logs"),
         };
@@ -316,4 +324,232 @@ pub fn assert_ok(report: &JobReport) {
         }
     }
     assert!(report.success(), "{report:?}");
+}
+
+/// The conformance kit's platform driver for the mock's ZStack: guests,
+/// guest writes and reads, volume growth and leftovers through the mock's
+/// admin API (the operator's side), never through the provider.
+///
+/// A guest's first volume is its root volume, thin-cloned from an image
+/// made for it (`<name>-root`, holding a pattern so that the base is not
+/// all zeroes); the others are data volumes with data of their own.
+/// Devices are named as provider-zstack names them: `root`, `data-<id>`.
+pub struct ZsDriver {
+    pub admin: Admin,
+}
+
+impl ZsDriver {
+    fn err(what: &str, e: impl std::fmt::Display) -> provider_api::Error {
+        provider_api::Error::other(format!("mock ZStack admin: {what}: {e}"))
+    }
+
+    async fn ok_json(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> provider_api::Result<Value> {
+        let resp = req.send().await.map_err(|e| Self::err(what, e))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| Self::err(what, e))?;
+        if !status.is_success() {
+            return Err(Self::err(what, format!("HTTP {status}: {text}")));
+        }
+        serde_json::from_str(&text).map_err(|e| Self::err(what, e))
+    }
+
+    /// The guest's volumes as (device, volume uuid, size), root first.
+    async fn volume_list(&self, guest: &Guest) -> provider_api::Result<Vec<(String, String, u64)>> {
+        let o = self
+            .ok_json(
+                "objects",
+                self.admin
+                    .http
+                    .get(format!("{}/zstack/objects", self.admin.url)),
+            )
+            .await?;
+        let mut vols: Vec<(bool, u64, String, String, u64)> = Vec::new();
+        for v in o["volumes"].as_array().cloned().unwrap_or_default() {
+            if v["vmInstanceUuid"] != guest.id.0.as_str() {
+                continue;
+            }
+            let field = |k: &str| Self::err("objects", format!("volume without {k}: {v}"));
+            let kind = v["type"].as_str().ok_or_else(|| field("type"))?;
+            let id = v["deviceId"].as_u64().ok_or_else(|| field("deviceId"))?;
+            let uuid = v["uuid"].as_str().ok_or_else(|| field("uuid"))?;
+            let size = v["size"].as_u64().ok_or_else(|| field("size"))?;
+            let device = if kind == "Root" {
+                "root".to_owned()
+            } else {
+                format!("data-{id}")
+            };
+            vols.push((kind != "Root", id, device, uuid.to_owned(), size));
+        }
+        vols.sort();
+        Ok(vols.into_iter().map(|(_, _, d, u, s)| (d, u, s)).collect())
+    }
+
+    async fn volume_uuid(
+        &self,
+        guest: &Guest,
+        device: &str,
+    ) -> provider_api::Result<(String, u64)> {
+        self.volume_list(guest)
+            .await?
+            .into_iter()
+            .find(|(d, _, _)| d == device)
+            .map(|(_, u, s)| (u, s))
+            .ok_or_else(|| {
+                provider_api::Error::not_found(format!("guest {} has no volume {device}", guest.id))
+            })
+    }
+}
+
+#[async_trait]
+impl conformance::PlatformDriver for ZsDriver {
+    async fn create_guest(&self, name: &str, sizes: &[u64]) -> provider_api::Result<Guest> {
+        let (root, data) = sizes
+            .split_first()
+            .ok_or_else(|| provider_api::Error::invalid("a ZStack VM needs a root volume"))?;
+        let seed = sizes.iter().sum::<u64>() % 997;
+        let image = self
+            .ok_json(
+                "create image",
+                self.admin
+                    .http
+                    .post(format!("{}/zstack/images", self.admin.url))
+                    .json(&json!({"name": format!("{name}-root"), "size": root, "fill": [
+                        {"offset": 0, "length": (*root).min(MIB), "pattern": "text", "seed": seed}]})),
+            )
+            .await?;
+        let image = image["uuid"]
+            .as_str()
+            .ok_or_else(|| Self::err("create image", "no uuid"))?
+            .to_owned();
+        let data: Vec<Value> = data
+            .iter()
+            .enumerate()
+            .map(|(i, size)| {
+                json!({"size": size, "fill": [{"offset": 0, "length": (*size).min(MIB / 2),
+                    "pattern": "random", "seed": seed + i as u64 + 1}]})
+            })
+            .collect();
+        let vm = self
+            .ok_json(
+                "create VM",
+                self.admin
+                    .http
+                    .post(format!("{}/zstack/vms", self.admin.url))
+                    .json(&json!({"name": name, "image_uuid": image, "data": data})),
+            )
+            .await?;
+        let id = vm["uuid"]
+            .as_str()
+            .ok_or_else(|| Self::err("create VM", "no uuid"))?;
+        Ok(Guest::vm(id))
+    }
+
+    async fn volumes(&self, guest: &Guest) -> provider_api::Result<Vec<conformance::DriverVolume>> {
+        Ok(self
+            .volume_list(guest)
+            .await?
+            .into_iter()
+            .map(|(device, _, size)| conformance::DriverVolume { device, size })
+            .collect())
+    }
+
+    async fn write(
+        &self,
+        guest: &Guest,
+        device: &str,
+        offset: u64,
+        data: &[u8],
+    ) -> provider_api::Result<()> {
+        let (uuid, _) = self.volume_uuid(guest, device).await?;
+        self.ok_json(
+            "guest write",
+            self.admin
+                .http
+                .put(format!("{}/zstack/volumes/{uuid}/data", self.admin.url))
+                .query(&[("offset", offset)])
+                .body(data.to_vec()),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn read(&self, guest: &Guest, device: &str) -> provider_api::Result<Vec<u8>> {
+        let (uuid, size) = self.volume_uuid(guest, device).await?;
+        let resp = self
+            .admin
+            .http
+            .get(format!("{}/zstack/volumes/{uuid}/data", self.admin.url))
+            .send()
+            .await
+            .map_err(|e| Self::err("read", e))?;
+        if !resp.status().is_success() {
+            return Err(Self::err("read", format!("HTTP {}", resp.status())));
+        }
+        let bytes = resp.bytes().await.map_err(|e| Self::err("read", e))?;
+        if bytes.len() as u64 != size {
+            return Err(Self::err(
+                "read",
+                format!("{} bytes of a {size}-byte volume", bytes.len()),
+            ));
+        }
+        Ok(bytes.to_vec())
+    }
+
+    async fn grow(&self, guest: &Guest, device: &str, new_size: u64) -> provider_api::Result<()> {
+        let (uuid, _) = self.volume_uuid(guest, device).await?;
+        self.ok_json(
+            "resize",
+            self.admin
+                .http
+                .post(format!("{}/zstack/volumes/{uuid}/resize", self.admin.url))
+                .json(&json!({"size": new_size})),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn leftovers(&self) -> provider_api::Result<Vec<String>> {
+        let mut out = ZsProbe {
+            admin: self.admin.clone(),
+        }
+        .leftovers()
+        .await;
+        let o = self.admin.get("/zstack/objects").await;
+        for v in o["volumes"].as_array().cloned().unwrap_or_default() {
+            if v["vmInstanceUuid"].is_null() {
+                out.push(format!("detached volume: {v}"));
+            }
+        }
+        for v in o["running_jobs"].as_array().cloned().unwrap_or_default() {
+            out.push(format!("running API job: {v}"));
+        }
+        Ok(out)
+    }
+
+    async fn remove_guest(&self, guest: &Guest) -> provider_api::Result<()> {
+        // A guest a failed restore never created (or already removed) is
+        // not an error.
+        let resp = self
+            .admin
+            .http
+            .delete(format!("{}/zstack/vms/{}", self.admin.url, guest.id.0))
+            .send()
+            .await
+            .map_err(|e| Self::err("remove VM", e))?;
+        let status = resp.status();
+        if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(Self::err("remove VM", format!("HTTP {status}: {text}")))
+    }
+
+    fn tracking_granularity(&self) -> u64 {
+        // No change tracking: provider-zstack compares 64 KiB block digests.
+        provider_zstack::download::BLOCK
+    }
 }

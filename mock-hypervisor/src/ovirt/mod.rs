@@ -113,6 +113,30 @@ pub struct Malformed {
     pub times: Option<u32>,
 }
 
+/// An answer to alter (tampered-answer fault): one field removed or given
+/// another value, or the whole body replaced; the status is kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tamper {
+    /// HTTP method (any when absent).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Substring of the path or route template.
+    pub path: String,
+    /// Element, attribute or JSON key to remove (every occurrence), or to
+    /// set to `value`.
+    #[serde(default)]
+    pub field: Option<String>,
+    /// New text of `field` (absent: remove the field).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Replaces the whole body instead.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// How many answers to alter (unlimited when absent).
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
 /// oVirt-specific faults (generic HTTP faults also apply).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OvirtFaults {
@@ -125,6 +149,9 @@ pub struct OvirtFaults {
     /// Answers cut in half (invalid XML/JSON) with status 200.
     #[serde(default)]
     pub malformed: Vec<Malformed>,
+    /// Answers with a field removed or changed.
+    #[serde(default)]
+    pub tamper: Vec<Tamper>,
 }
 
 /// The oVirt platform.
@@ -206,6 +233,7 @@ impl OvirtPlatform {
             cur.attach_fail_after = f.attach_fail_after;
         }
         cur.malformed.extend(f.malformed);
+        cur.tamper.extend(f.tamper);
     }
 
     /// Disarms every oVirt fault.
@@ -253,6 +281,24 @@ impl OvirtPlatform {
             }
         }
         true
+    }
+
+    fn take_tamper(&self, method: &str, path: &str, template: &str) -> Option<Tamper> {
+        let mut f = lock(&self.faults);
+        let i = f.tamper.iter().position(|m| {
+            m.method
+                .as_deref()
+                .is_none_or(|x| x.eq_ignore_ascii_case(method))
+                && (path.contains(&m.path) || template.contains(&m.path))
+        })?;
+        let t = f.tamper[i].clone();
+        if let Some(n) = &mut f.tamper[i].times {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                f.tamper.remove(i);
+            }
+        }
+        Some(t)
     }
 
     fn new_token(&self) -> String {
@@ -386,7 +432,22 @@ async fn inject_faults(State(p): State<Arc<OvirtPlatform>>, req: Request, next: 
         .into_response();
     }
     let malformed = p.take_malformed(&method, &path, &template);
+    let tamper = p.take_tamper(&method, &path, &template);
     let resp = next.run(req).await;
+    if let Some(t) = tamper {
+        let (mut parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, 64 << 20)
+            .await
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let altered = match (&t.body, &t.field) {
+            (Some(b), _) => b.clone(),
+            (None, Some(field)) => wire::tamper(&text, field, t.value.as_deref()),
+            (None, None) => text,
+        };
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, Body::from(altered));
+    }
     if !malformed {
         return resp;
     }

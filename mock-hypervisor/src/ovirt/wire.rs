@@ -138,6 +138,89 @@ pub fn render_status(status: StatusCode, format: Format, root: &str, value: &Val
     r
 }
 
+/// An answer (XML or JSON, told apart by its first character) with every
+/// occurrence of `field` (element, attribute or key) removed, or its text
+/// set to `value` (fault injection: answers that miss a field).
+pub fn tamper(text: &str, field: &str, value: Option<&str>) -> String {
+    if let Ok(mut v) = serde_json::from_str::<Value>(text) {
+        tamper_json(&mut v, field, value);
+        return serde_json::to_string(&v).unwrap_or_default();
+    }
+    let mut out = tamper_attributes(text, field, value);
+    // Elements `<field>…</field>`, `<field …>…</field>`, `<field/>`.
+    let open = format!("<{field}");
+    let close = format!("</{field}>");
+    let mut from = 0;
+    while let Some(at) = out[from..].find(&open).map(|i| i + from) {
+        let rest = &out[at + open.len()..];
+        if !rest.starts_with(['>', '/', ' ']) {
+            from = at + open.len();
+            continue;
+        }
+        let Some(gt) = rest.find('>').map(|i| at + open.len() + i) else {
+            break;
+        };
+        let self_closing = out[..gt].ends_with('/');
+        let end = if self_closing {
+            gt + 1
+        } else {
+            match out[gt..].find(&close) {
+                Some(i) => gt + i + close.len(),
+                None => break,
+            }
+        };
+        match value {
+            None => {
+                out.replace_range(at..end, "");
+                from = at;
+            }
+            Some(v) => {
+                let new = format!("<{field}>{}</{field}>", quick_xml::escape::escape(v));
+                out.replace_range(at..end, &new);
+                from = at + new.len();
+            }
+        }
+    }
+    out
+}
+
+fn tamper_attributes(text: &str, field: &str, value: Option<&str>) -> String {
+    let pat = format!(" {field}=\"");
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(&pat) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + pat.len()..];
+        let end = after.find('"').unwrap_or(after.len());
+        if let Some(v) = value {
+            out.push_str(&format!(" {field}=\"{}\"", quick_xml::escape::escape(v)));
+        }
+        rest = &after[(end + 1).min(after.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn tamper_json(v: &mut Value, field: &str, value: Option<&str>) {
+    match v {
+        Value::Object(map) => {
+            match value {
+                None => {
+                    map.remove(field);
+                }
+                Some(x) => {
+                    if let Some(slot) = map.get_mut(field) {
+                        *slot = Value::String(x.to_string());
+                    }
+                }
+            }
+            map.values_mut().for_each(|c| tamper_json(c, field, value));
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| tamper_json(c, field, value)),
+        _ => {}
+    }
+}
+
 /// Numbers and booleans as strings, recursively.
 pub fn stringify(value: &Value) -> Value {
     match value {
@@ -419,6 +502,28 @@ mod tests {
         assert_eq!(list(&back, "disks", "disk").len(), 2);
         assert_eq!(number(&back, "size").unwrap(), Some(10));
         assert_eq!(flag(&back, "active").unwrap(), Some(true));
+    }
+
+    #[test]
+    fn tampered_answers_miss_or_change_a_field() {
+        let xml = r#"<disk id="d" href="/x"><alias>a</alias><provisioned_size>10</provisioned_size><disks><disk id="e"/></disks></disk>"#;
+        let t = super::tamper(xml, "provisioned_size", None);
+        assert_eq!(
+            t,
+            r#"<disk id="d" href="/x"><alias>a</alias><disks><disk id="e"/></disks></disk>"#
+        );
+        let t = super::tamper(xml, "provisioned_size", Some("ten"));
+        assert!(
+            t.contains("<provisioned_size>ten</provisioned_size>"),
+            "{t}"
+        );
+        let t = super::tamper(xml, "id", None);
+        assert!(!t.contains("id="), "{t}");
+        let t = super::tamper(xml, "disks", None);
+        assert!(!t.contains("disks") && t.contains("<alias>"), "{t}");
+        let json = r#"{"disk":[{"id":"d","provisioned_size":"10"}]}"#;
+        let t = super::tamper(json, "provisioned_size", None);
+        assert_eq!(t, r#"{"disk":[{"id":"d"}]}"#);
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! SCP admin extensions under `/admin/scp`: create servers and base images
 //! with guest data, revert snapshots, expire CBT or leases, change the
-//! platform version, list SCP objects.
+//! platform version, list SCP objects, and the test-only answer fault
+//! (`POST /admin/scp/faults/answers {"method"?, "path", "remove": ["/data/areas"], "times"?}`
+//! removes fields from matching answers; `DELETE` disarms them).
 
 use std::sync::Arc;
 
@@ -23,6 +25,7 @@ pub fn router(scp: Arc<ScpPlatform>) -> Router {
         .route("/servers", post(create_server))
         .route("/base-images", post(create_base_image))
         .route("/servers/{server_id}/cbt/expire", post(expire_cbt))
+        .route("/servers/{server_id}/disks/{disk_id}/grow", post(grow_disk))
         .route(
             "/servers/{server_id}/snapshots/{snapshot_id}/revert",
             post(revert_snapshot),
@@ -30,6 +33,10 @@ pub fn router(scp: Arc<ScpPlatform>) -> Router {
         .route("/backup-resources/{resource_id}/expire", post(expire_lease))
         .route("/version", put(set_version))
         .route("/objects", get(list_objects))
+        .route(
+            "/faults/answers",
+            post(add_answer_fault).delete(clear_answer_faults),
+        )
         .with_state(scp)
 }
 
@@ -174,6 +181,82 @@ async fn create_base_image(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> 
     Ok(Json(serde_json::to_value(rec).unwrap_or_default()))
 }
 
+#[derive(Debug, Deserialize)]
+struct Grow {
+    size: u64,
+}
+
+/// The operator grows a disk of a stopped server (test-only emulation):
+/// the disk is replaced by a bigger one with the same name, linked to the
+/// same base image, holding the same own data (the new part reads as
+/// zeroes). Its id changes and its CBT history starts over, as after any
+/// resize the provider must treat as a full backup.
+async fn grow_disk(
+    State(scp): State<Arc<ScpPlatform>>,
+    Path((server_id, disk_id)): Path<(String, String)>,
+    body: Bytes,
+) -> AdminResult {
+    let req: Grow = parse(&body)?;
+    let old = scp.inv.read(|doc| -> std::result::Result<_, Error> {
+        let server = doc
+            .servers
+            .get(&server_id)
+            .ok_or_else(|| Error::not_found("server", &server_id))?;
+        if doc.snapshots.values().any(|s| s.server_id == server_id) {
+            return Err(Error::Conflict(format!(
+                "server {server_id} has snapshots: delete them before growing a disk"
+            )));
+        }
+        server
+            .disks
+            .iter()
+            .find(|d| d.id == disk_id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("disk", &disk_id))
+    })?;
+    if req.size < old.size || !req.size.is_multiple_of(512) {
+        return Err(crate::admin::AdminError(
+            axum::http::StatusCode::BAD_REQUEST,
+            format!("size must be a multiple of 512 and at least {}", old.size),
+        ));
+    }
+    let store_old = scp.hv.store.disk(&disk_id)?;
+    let new = scp
+        .hv
+        .store
+        .create_disk(req.size, old.base_image_id.as_deref())?;
+    let (from, to) = (store_old.clone(), new.clone());
+    run_blocking(move || {
+        use crate::disk::{BLOCK_SIZE, View};
+        let own = from.allocated_map(&View::Live, false)?;
+        for blk in 0..own.blocks() {
+            if own.get(blk) {
+                let off = blk * BLOCK_SIZE;
+                let len = BLOCK_SIZE.min(from.size() - off);
+                to.write(off, &from.read(&View::Live, off, len)?)?;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let new_id = new.id().to_string();
+    scp.inv.update(|doc| {
+        if let Some(d) = doc
+            .servers
+            .get_mut(&server_id)
+            .and_then(|s| s.disks.iter_mut().find(|d| d.id == disk_id))
+        {
+            d.id = new_id.clone();
+            d.size = req.size;
+        }
+        Ok(())
+    })?;
+    scp.hv.store.delete_disk(&disk_id)?;
+    Ok(Json(
+        json!({"server_id": server_id, "old_disk_id": disk_id, "disk_id": new_id, "size": req.size}),
+    ))
+}
+
 async fn expire_cbt(State(scp): State<Arc<ScpPlatform>>, Path(id): Path<String>) -> AdminResult {
     scp.expire_cbt(&id)?;
     Ok(Json(json!({"server_id": id, "cbt": "expired"})))
@@ -207,6 +290,22 @@ async fn set_version(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminR
     }
     scp.set_version(&v.version);
     Ok(Json(json!({"version": v.version})))
+}
+
+async fn add_answer_fault(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let f: super::AnswerFault = parse(&body)?;
+    if f.remove.iter().any(|p| !p.starts_with('/')) {
+        return Err(crate::admin::AdminError(
+            axum::http::StatusCode::BAD_REQUEST,
+            "remove: JSON pointers start with /".into(),
+        ));
+    }
+    scp.add_answer_fault(f);
+    Ok(Json(json!({})))
+}
+
+async fn clear_answer_faults(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
+    Ok(Json(json!({"cleared": scp.clear_answer_faults()})))
 }
 
 async fn list_objects(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {

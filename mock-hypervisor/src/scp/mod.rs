@@ -95,6 +95,66 @@ pub struct ScpPlatform {
     tokens: Mutex<HashMap<String, Instant>>,
     tasks: tasks::TaskBoard,
     leases: Mutex<backup_resources::LeaseTable>,
+    answer_faults: Mutex<Vec<AnswerFault>>,
+}
+
+/// Test-only fault (admin API `POST /admin/scp/faults/answers`): the call
+/// runs normally, then fields are removed from its JSON answer, so that a
+/// client's handling of incomplete answers can be tested. Not a platform
+/// behaviour: a real SCP is not known to drop fields.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AnswerFault {
+    /// HTTP method to match (any when absent).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Substring of the request path or of the route template.
+    pub path: String,
+    /// JSON pointers into the whole answer (envelope included, e.g.
+    /// `/data/areas` or `/data/data/*/size`; `*` stands for every array
+    /// item or object member) whose fields are removed.
+    pub remove: Vec<String>,
+    /// How many answers it fires for (unlimited when absent).
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+/// Removes the field `pointer` (with `*` wildcards) from `v`; returns how
+/// many fields were removed.
+pub fn remove_pointer(v: &mut Value, pointer: &str) -> usize {
+    let parts: Vec<String> = pointer
+        .split('/')
+        .skip(1)
+        .map(|p| p.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    remove_parts(v, &parts)
+}
+
+fn remove_parts(v: &mut Value, parts: &[String]) -> usize {
+    let Some((first, rest)) = parts.split_first() else {
+        return 0;
+    };
+    if rest.is_empty() {
+        return match v {
+            Value::Object(o) if first == "*" => {
+                let n = o.len();
+                o.clear();
+                n
+            }
+            Value::Object(o) => usize::from(o.remove(first).is_some()),
+            _ => 0,
+        };
+    }
+    match v {
+        Value::Object(o) if first == "*" => o.values_mut().map(|c| remove_parts(c, rest)).sum(),
+        Value::Object(o) => o.get_mut(first).map_or(0, |c| remove_parts(c, rest)),
+        Value::Array(a) if first == "*" => a.iter_mut().map(|c| remove_parts(c, rest)).sum(),
+        Value::Array(a) => first
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| a.get_mut(i))
+            .map_or(0, |c| remove_parts(c, rest)),
+        _ => 0,
+    }
 }
 
 /// Parses `6.11.3` into comparable numbers.
@@ -124,6 +184,7 @@ impl ScpPlatform {
             tokens: Mutex::new(HashMap::new()),
             tasks: tasks::TaskBoard::default(),
             leases: Mutex::new(Default::default()),
+            answer_faults: Mutex::new(Vec::new()),
         }))
     }
 
@@ -158,6 +219,40 @@ impl ScpPlatform {
 
     fn leases_lock(&self) -> MutexGuard<'_, backup_resources::LeaseTable> {
         self.leases.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn answer_faults_lock(&self) -> MutexGuard<'_, Vec<AnswerFault>> {
+        self.answer_faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Arms a test-only [`AnswerFault`].
+    pub fn add_answer_fault(&self, fault: AnswerFault) {
+        self.answer_faults_lock().push(fault);
+    }
+
+    /// Disarms every [`AnswerFault`]; returns the ones still armed.
+    pub fn clear_answer_faults(&self) -> Vec<AnswerFault> {
+        std::mem::take(&mut *self.answer_faults_lock())
+    }
+
+    /// Consumes the first answer fault matching a call: the pointers to
+    /// remove.
+    fn take_answer_fault(&self, method: &str, path: &str, template: &str) -> Option<Vec<String>> {
+        let mut faults = self.answer_faults_lock();
+        let i = faults.iter().position(|f| {
+            f.method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
+                && (path.contains(&f.path) || template.contains(&f.path))
+        })?;
+        let remove = faults[i].remove.clone();
+        if let Some(t) = &mut faults[i].times {
+            *t = t.saturating_sub(1);
+            if *t == 0 {
+                faults.remove(i);
+            }
+        }
+        Some(remove)
     }
 
     /// Records a task and answers `{"task_id", ...extra}`.
@@ -211,16 +306,32 @@ async fn inject_faults(State(scp): State<Arc<ScpPlatform>>, req: Request, next: 
     if !decision.latency.is_zero() {
         tokio::time::sleep(decision.latency).await;
     }
-    match decision.error {
-        Some((status, code, message)) => ScpError::new(
+    if let Some((status, code, message)) = decision.error {
+        return ScpError::new(
             axum::http::StatusCode::from_u16(status)
                 .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
             code,
             message,
         )
-        .into_response(),
-        None => next.run(req).await,
+        .into_response();
     }
+    let remove = scp.take_answer_fault(req.method().as_str(), req.uri().path(), &template);
+    let resp = next.run(req).await;
+    let Some(remove) = remove else {
+        return resp;
+    };
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let Ok(mut answer) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    for p in &remove {
+        remove_pointer(&mut answer, p);
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(answer.to_string()))
 }
 
 impl Platform for ScpPlatform {

@@ -33,8 +33,14 @@ pub fn router(zs: Arc<ZStackPlatform>) -> Router {
         .route("/images", post(create_image))
         .route("/images/{uuid}/sha256", get(image_sha256))
         .route("/vms", post(create_vm))
+        .route("/vms/{uuid}", axum::routing::delete(delete_vm))
         .route("/volumes/{uuid}/write", post(write_volume))
         .route("/volumes/{uuid}/sha256", get(volume_sha256))
+        .route(
+            "/volumes/{uuid}/data",
+            get(read_volume_data).put(write_volume_data),
+        )
+        .route("/volumes/{uuid}/resize", post(resize_volume))
         .route("/objects", get(list_objects))
         .route("/faults", post(add_fault).delete(clear_faults))
         .route("/quota", put(set_quota))
@@ -62,7 +68,8 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
                 json!({"uuid": v.uuid, "id": v.uuid, "name": v.name, "disks": disks})
             }).collect::<Vec<_>>(),
             "volumes": d.volumes.values().map(|v| json!({"uuid": v.uuid, "name": v.name, "type": v.kind,
-                "vmInstanceUuid": v.vm_instance_uuid, "rootImageUuid": v.root_image_uuid, "diskId": v.disk_id})).collect::<Vec<_>>(),
+                "vmInstanceUuid": v.vm_instance_uuid, "rootImageUuid": v.root_image_uuid, "diskId": v.disk_id,
+                "deviceId": v.device_id, "size": v.size, "description": v.description})).collect::<Vec<_>>(),
             "images": d.images.values().map(|i| json!({"uuid": i.uuid, "name": i.name, "status": i.status,
                 "state": i.state, "url": i.url, "mediaType": i.media_type, "md5Sum": i.md5_sum})).collect::<Vec<_>>(),
             "temporary_images": d.images.values().filter(|i| i.from_volume()).map(|i| json!({"uuid": i.uuid, "name": i.name, "status": i.status})).collect::<Vec<_>>(),
@@ -265,6 +272,7 @@ pub async fn create_vm_admin(
                     size,
                     disk_id: disk.id().to_string(),
                     created: unix_now(),
+                    description: String::new(),
                 },
             );
             Ok(())
@@ -286,6 +294,34 @@ async fn create_vm(State(zs): Zs, body: Bytes) -> AdminResult {
     ))
 }
 
+/// `DELETE /admin/zstack/vms/{uuid}`: the operator destroys and expunges
+/// a VM with its volumes.
+async fn delete_vm(State(zs): Zs, Path(uuid): Path<String>) -> AdminResult {
+    let disks = zs.inv.update(|d| {
+        if d.vms.remove(&uuid).is_none() {
+            return Err(crate::error::Error::not_found("VM", uuid.clone()));
+        }
+        let vols: Vec<String> = d
+            .volumes
+            .values()
+            .filter(|v| v.vm_instance_uuid.as_deref() == Some(uuid.as_str()))
+            .map(|v| v.uuid.clone())
+            .collect();
+        let mut disks = Vec::new();
+        for v in vols {
+            if let Some(v) = d.volumes.remove(&v) {
+                d.snapshots.retain(|_, s| s.volume_uuid != v.uuid);
+                disks.push(v.disk_id);
+            }
+        }
+        Ok(disks)
+    })?;
+    for d in disks {
+        let _ = zs.hv.store.delete_disk(&d);
+    }
+    Ok(Json(json!({"uuid": uuid})))
+}
+
 fn volume_disk(zs: &ZStackPlatform, uuid: &str) -> Result<String, AdminError> {
     zs.inv
         .read(|d| d.volumes.get(uuid).map(|v| v.disk_id.clone()))
@@ -300,6 +336,119 @@ async fn write_volume(State(zs): Zs, Path(uuid): Path<String>, body: Bytes) -> A
     Ok(Json(
         json!({"volume_uuid": uuid, "offset": fill.offset, "length": fill.length}),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+struct OffsetQuery {
+    #[serde(default)]
+    offset: u64,
+}
+
+/// `GET /admin/zstack/volumes/{uuid}/data`: the live content of a volume
+/// (raw bytes; test-size volumes only).
+async fn read_volume_data(
+    State(zs): Zs,
+    Path(uuid): Path<String>,
+) -> Result<axum::response::Response, AdminError> {
+    use axum::response::IntoResponse;
+    let disk = zs.hv.store.disk(&volume_disk(&zs, &uuid)?)?;
+    let size = disk.size();
+    crate::disk::check_size(size)?;
+    let data = run_blocking(move || disk.read(&View::Live, 0, size)).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        data,
+    )
+        .into_response())
+}
+
+/// `PUT /admin/zstack/volumes/{uuid}/data?offset=N`: the guest writes the
+/// body at `offset`.
+async fn write_volume_data(
+    State(zs): Zs,
+    Path(uuid): Path<String>,
+    Query(q): Query<OffsetQuery>,
+    body: Bytes,
+) -> AdminResult {
+    let disk = zs.hv.store.disk(&volume_disk(&zs, &uuid)?)?;
+    let len = body.len() as u64;
+    if q.offset
+        .checked_add(len)
+        .is_none_or(|end| end > disk.size())
+    {
+        return Err(AdminError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "write of {len} bytes at {} beyond the volume's {} bytes",
+                q.offset,
+                disk.size()
+            ),
+        ));
+    }
+    let offset = q.offset;
+    run_blocking(move || disk.write(offset, &body)).await?;
+    Ok(Json(
+        json!({"volume_uuid": uuid, "offset": offset, "length": len}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct Resize {
+    size: u64,
+}
+
+/// `POST /admin/zstack/volumes/{uuid}/resize {"size": n}`: the operator
+/// grows a volume (ZStack's ResizeRootVolume / ResizeDataVolume): the
+/// volume gets a new disk of `size` bytes holding the old content (no
+/// longer linked to a base image); the new tail reads as zeroes. Refused
+/// while the volume has snapshots or for a smaller size.
+async fn resize_volume(State(zs): Zs, Path(uuid): Path<String>, body: Bytes) -> AdminResult {
+    let r: Resize = parse(&body)?;
+    crate::disk::check_size(r.size)?;
+    let old_id = volume_disk(&zs, &uuid)?;
+    let old = zs.hv.store.disk(&old_id)?;
+    if r.size < old.size() {
+        return Err(AdminError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "volume {uuid} has {} bytes: it cannot shrink to {}",
+                old.size(),
+                r.size
+            ),
+        ));
+    }
+    if !old.snapshot_ids().is_empty() {
+        return Err(AdminError(
+            StatusCode::CONFLICT,
+            format!("volume {uuid} has snapshots: resize refused"),
+        ));
+    }
+    let new = zs.hv.store.create_disk(r.size, None)?;
+    let (old2, new2) = (old.clone(), new.clone());
+    run_blocking(move || {
+        let size = old2.size();
+        let block = crate::disk::BLOCK_SIZE;
+        let mut off = 0;
+        while off < size {
+            let len = block.min(size - off);
+            let data = old2.read(&View::Live, off, len)?;
+            if data.iter().any(|b| *b != 0) {
+                new2.write(off, &data)?;
+            }
+            off += len;
+        }
+        Ok(())
+    })
+    .await?;
+    zs.inv.update(|d| {
+        if let Some(v) = d.volumes.get_mut(&uuid) {
+            v.disk_id = new.id().to_string();
+            v.size = r.size;
+        }
+        Ok(())
+    })?;
+    let _ = zs.hv.store.delete_disk(&old_id);
+    Ok(Json(json!({"volume_uuid": uuid, "size": r.size})))
 }
 
 #[derive(Debug, Deserialize)]

@@ -116,28 +116,56 @@ fn text(v: &Value) -> String {
     }
 }
 
-fn like(pattern: &str, s: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('%').collect();
-    if parts.len() == 1 {
-        return pattern == s;
+/// ZStack's `~=`: the value goes through ZQL into MySQL's `LIKE` with the
+/// default collation, so `%` matches any run of characters, `_` any one
+/// character, `\` makes the next character literal, and letters compare
+/// case-insensitively.
+pub fn like(pattern: &str, s: &str) -> bool {
+    #[derive(Clone, Copy)]
+    enum Tok {
+        Any,
+        One,
+        Lit(char),
     }
-    let mut rest = s;
-    for (i, p) in parts.iter().enumerate() {
-        if i == 0 {
-            match rest.strip_prefix(p) {
-                Some(r) => rest = r,
-                None => return false,
+    let mut toks = Vec::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        toks.push(match c {
+            '%' => Tok::Any,
+            '_' => Tok::One,
+            '\\' => Tok::Lit(chars.next().unwrap_or('\\')),
+            c => Tok::Lit(c),
+        });
+    }
+    let text: Vec<char> = s.chars().collect();
+    // Classic wildcard matching with backtracking to the last `%`.
+    let (mut t, mut p) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match toks.get(p) {
+            Some(Tok::One) => {
+                t += 1;
+                p += 1;
             }
-        } else if i == parts.len() - 1 {
-            return rest.ends_with(p);
-        } else {
-            match rest.find(p) {
-                Some(at) => rest = &rest[at + p.len()..],
-                None => return false,
+            Some(Tok::Lit(c)) if c.eq_ignore_ascii_case(&text[t]) => {
+                t += 1;
+                p += 1;
             }
+            Some(Tok::Any) => {
+                star = Some((p, t));
+                p += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
         }
     }
-    true
+    toks[p..].iter().all(|t| matches!(t, Tok::Any))
 }
 
 impl Query {
@@ -703,6 +731,25 @@ pub async fn image_action(State(zs): Zs, Path(id): Path<String>, body: Bytes) ->
             });
         return zs.submit("ExpungeImage", r);
     }
+    if let Some(a) = v.get("updateImage") {
+        let r = zs
+            .inv
+            .update(|doc| {
+                let Some(img) = doc.images.get_mut(&id) else {
+                    return Ok(Err(ZsError::not_found("ImageVO", &id)));
+                };
+                if let Some(n) = s(a, "name") {
+                    img.name = n;
+                }
+                if let Some(d) = s(a, "description") {
+                    img.description = d;
+                }
+                Ok(Ok(json!({"inventory": img.inventory()})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x);
+        return zs.submit("UpdateImage", r);
+    }
     if v.get("recoverImage").is_some() {
         let r = zs
             .inv
@@ -729,7 +776,7 @@ pub async fn image_action(State(zs): Zs, Path(id): Path<String>, body: Bytes) ->
     zs.submit(
         "ImageAction",
         Err(ZsError::invalid(
-            "unknown image action (changeImageState, expungeImage, recoverImage)",
+            "unknown image action (changeImageState, expungeImage, recoverImage, updateImage)",
         )),
     )
 }
@@ -980,6 +1027,7 @@ pub fn clone_volume_from_image(
         size,
         disk_id: disk.id().to_string(),
         created: unix_now(),
+        description: String::new(),
     };
     doc.volumes.insert(volume_uuid, vol.clone());
     Ok(vol)
@@ -1025,6 +1073,7 @@ pub fn create_vm_record(
                 root_volume_uuid: vol.uuid,
                 platform,
                 created: unix_now(),
+                description: String::new(),
             };
             let inv = doc.vm_inventory(&vm);
             doc.vms.insert(uuid.clone(), vm);
@@ -1058,7 +1107,23 @@ pub async fn create_vm(State(zs): Zs, body: Bytes) -> Response {
     let r = params(&body).and_then(|p| {
         let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
         let image = s(&p, "imageUuid").ok_or_else(|| ZsError::invalid("missing imageUuid"))?;
-        create_vm_record(&zs, &name, &image, s(&p, "resourceUuid"))
+        let created = create_vm_record(&zs, &name, &image, s(&p, "resourceUuid"))?;
+        let uuid = created["inventory"]["uuid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let description = s(&p, "description").unwrap_or_default();
+        zs.inv
+            .update(|doc| {
+                let Some(vm) = doc.vms.get_mut(&uuid) else {
+                    return Ok(Err(ZsError::not_found("VmInstanceVO", &uuid)));
+                };
+                vm.description = description.clone();
+                let vm = vm.clone();
+                Ok(Ok(json!({"inventory": doc.vm_inventory(&vm)})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x)
     });
     zs.submit("CreateVmInstance", r)
 }
@@ -1144,9 +1209,10 @@ pub async fn data_volume_from_template(
     let r = params(&body).and_then(|p| {
         let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
         let uuid = s(&p, "resourceUuid").unwrap_or_else(zs_uuid);
+        let description = s(&p, "description").unwrap_or_default();
         zs.inv
             .update(|doc| {
-                Ok(clone_volume_from_image(
+                let mut vol = match clone_volume_from_image(
                     &zs,
                     doc,
                     &image,
@@ -1154,8 +1220,15 @@ pub async fn data_volume_from_template(
                     "Data",
                     name.clone(),
                     uuid.clone(),
-                )
-                .map(|v| json!({"inventory": v.inventory(&doc.primary_storage_uuid)})))
+                ) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                vol.description = description.clone();
+                doc.volumes.insert(vol.uuid.clone(), vol.clone());
+                Ok(Ok(
+                    json!({"inventory": vol.inventory(&doc.primary_storage_uuid)}),
+                ))
             })
             .map_err(ZsError::from)
             .and_then(|x| x)
@@ -1268,4 +1341,84 @@ pub async fn delete_snapshot(State(zs): Zs, Path(id): Path<String>) -> Response 
         .map_err(ZsError::from)
         .and_then(|x| x);
     zs.submit("DeleteVolumeSnapshot", r)
+}
+
+/// `PUT /zstack/v1/vm-instances/{uuid}/actions`: `updateVmInstance`
+/// (name, description).
+pub async fn vm_action(State(zs): Zs, Path(id): Path<String>, body: Bytes) -> Response {
+    let r = body_json(&body).and_then(|v| {
+        let a = v
+            .get("updateVmInstance")
+            .cloned()
+            .ok_or_else(|| ZsError::invalid("unknown VM action (supported: updateVmInstance)"))?;
+        zs.inv
+            .update(|doc| {
+                let Some(vm) = doc.vms.get_mut(&id) else {
+                    return Ok(Err(ZsError::not_found("VmInstanceVO", &id)));
+                };
+                if let Some(n) = s(&a, "name") {
+                    vm.name = n;
+                }
+                if let Some(d) = s(&a, "description") {
+                    vm.description = d;
+                }
+                let vm = vm.clone();
+                Ok(Ok(json!({"inventory": doc.vm_inventory(&vm)})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x)
+    });
+    zs.submit("UpdateVmInstance", r)
+}
+
+/// `PUT /zstack/v1/volumes/{uuid}/actions`: `updateVolume` (name,
+/// description).
+pub async fn volume_action(State(zs): Zs, Path(id): Path<String>, body: Bytes) -> Response {
+    let r = body_json(&body).and_then(|v| {
+        let a = v
+            .get("updateVolume")
+            .cloned()
+            .ok_or_else(|| ZsError::invalid("unknown volume action (supported: updateVolume)"))?;
+        zs.inv
+            .update(|doc| {
+                let ps = doc.primary_storage_uuid.clone();
+                let Some(vol) = doc.volumes.get_mut(&id) else {
+                    return Ok(Err(ZsError::not_found("VolumeVO", &id)));
+                };
+                if let Some(n) = s(&a, "name") {
+                    vol.name = n;
+                }
+                if let Some(d) = s(&a, "description") {
+                    vol.description = d;
+                }
+                Ok(Ok(json!({"inventory": vol.inventory(&ps)})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x)
+    });
+    zs.submit("UpdateVolume", r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::like;
+
+    #[test]
+    fn like_has_mysql_semantics() {
+        assert!(like("vmbackup.h.%", "vmbackup.h.job-1.b0.root"));
+        assert!(!like("vmbackup.h.%", "vmbackup.h2.job-1"));
+        // `_` is any one character; `\_` only itself.
+        assert!(like("a_c", "abc"));
+        assert!(!like(r"a\_c", "abc"));
+        assert!(like(r"a\_c", "a_c"));
+        assert!(like(r"100\%", "100%"));
+        assert!(!like(r"100\%", "1000"));
+        assert!(like(r"a\\b", r"a\b"));
+        // Case-insensitive, like the default collation.
+        assert!(like("VMBACKUP.%", "vmbackup.x"));
+        assert!(like("%in-progress (x)%", "restore in-progress (x) now"));
+        assert!(like("%", ""));
+        assert!(!like("a%b", "a"));
+        assert!(like("a%b%c", "aXbYbc"));
+    }
 }

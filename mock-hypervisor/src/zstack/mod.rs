@@ -12,6 +12,14 @@
 //! Locking: the inventory lock is never held across a copy; long work
 //! (template creation, downloads) runs in background tasks that report
 //! through the API job board.
+//!
+//! Test-only faults (never reached without arming them through the admin
+//! API): the shared HTTP faults of `POST /admin/faults/http` answer as a
+//! proxy in front of an unavailable management node would (the status
+//! with a plain-text body, no ZStack error object), and the ZStack faults
+//! of `POST /admin/zstack/faults` ([`ZsFaultKind`]) break answers the
+//! ways a platform can: a job result lost, an image stuck, an export
+//! broken, a field missing from an answer.
 
 pub mod admin;
 pub mod api;
@@ -168,6 +176,10 @@ pub enum ZsFaultKind {
     StuckDownloading,
     /// An export download stops after `after_bytes` bytes of a response.
     ExportBreak,
+    /// Test-only malformed answer: `field` is removed from the JSON answer
+    /// of requests whose path contains `path` (from the answer itself,
+    /// from `inventory` and from each of `inventories`).
+    DropField,
 }
 
 /// A ZStack fault armed through `POST /admin/zstack/faults`.
@@ -186,6 +198,12 @@ pub struct ZsFault {
     /// How many times it fires (unlimited when absent).
     #[serde(default)]
     pub times: Option<u32>,
+    /// `drop_field`: substring of the request path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `drop_field`: the field removed.
+    #[serde(default)]
+    pub field: Option<String>,
 }
 
 #[derive(Debug)]
@@ -388,6 +406,70 @@ impl ZStackPlatform {
     }
 }
 
+/// Middleware: the shared HTTP faults (as a proxy in front of ZStack
+/// answers: plain text, no ZStack error) and `drop_field` faults.
+async fn inject_faults(
+    State(zs): State<Arc<ZStackPlatform>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let template = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let path = req.uri().path().to_string();
+    let decision = zs
+        .hv
+        .faults
+        .http_call(req.method().as_str(), &path, &template);
+    if !decision.latency.is_zero() {
+        tokio::time::sleep(decision.latency).await;
+    }
+    if let Some((status, _code, message)) = decision.error {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        return (status, format!("{status}: {message}\n")).into_response();
+    }
+    let drop = {
+        let mut faults = lock(&zs.faults);
+        let i = faults.iter().position(|f| {
+            f.kind == ZsFaultKind::DropField
+                && f.times != Some(0)
+                && f.path.as_deref().is_some_and(|p| path.contains(p))
+        });
+        i.and_then(|i| {
+            let f = &mut faults[i];
+            if let Some(t) = &mut f.times {
+                *t -= 1;
+            }
+            f.field.clone()
+        })
+    };
+    let resp = next.run(req).await;
+    let Some(field) = drop else { return resp };
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    let strip = |o: &mut Value| {
+        if let Some(m) = o.as_object_mut() {
+            m.remove(&field);
+        }
+    };
+    strip(&mut v);
+    if let Some(i) = v.get_mut("inventory") {
+        strip(i);
+    }
+    if let Some(list) = v.get_mut("inventories").and_then(Value::as_array_mut) {
+        list.iter_mut().for_each(strip);
+    }
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(v.to_string()))
+}
+
 /// Middleware: `Authorization: OAuth <session>`.
 async fn require_session(
     State(zs): State<Arc<ZStackPlatform>>,
@@ -473,6 +555,11 @@ impl Platform for ZStackPlatform {
                 "/zstack/v1/vm-instances/{uuid}",
                 get(api::query_vm_one).delete(api::destroy_vm),
             )
+            .route(
+                "/zstack/v1/vm-instances/{uuid}/actions",
+                put(api::vm_action),
+            )
+            .route("/zstack/v1/volumes/{uuid}/actions", put(api::volume_action))
             .route("/zstack/v1/volumes", get(api::query_volumes))
             .route(
                 "/zstack/v1/volumes/{uuid}",
@@ -503,6 +590,7 @@ impl Platform for ZStackPlatform {
                 get(transfer::download_export),
             )
             .merge(protected)
+            .route_layer(from_fn_with_state(self.clone(), inject_faults))
             .with_state(self)
     }
 

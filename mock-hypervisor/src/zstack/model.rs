@@ -139,6 +139,9 @@ pub struct Volume {
     pub disk_id: String,
     /// Creation time.
     pub created: u64,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
 }
 
 impl Volume {
@@ -147,6 +150,7 @@ impl Volume {
         json!({
             "uuid": self.uuid,
             "name": self.name,
+            "description": self.description,
             "type": self.kind,
             "vmInstanceUuid": self.vm_instance_uuid,
             "rootImageUuid": self.root_image_uuid,
@@ -179,6 +183,9 @@ pub struct Vm {
     pub platform: String,
     /// Creation time.
     pub created: u64,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
 }
 
 /// A volume snapshot.
@@ -271,6 +278,7 @@ impl ZsInventory {
         json!({
             "uuid": vm.uuid,
             "name": vm.name,
+            "description": vm.description,
             "state": "Running",
             "type": "UserVm",
             "hypervisorType": "KVM",

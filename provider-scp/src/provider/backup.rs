@@ -21,9 +21,9 @@ impl ScpProvider {
                         "open_base_image": open_base_image}))
                     .await?;
                 self.with_backup(guest, |s| s.hotadds.push(h.id.clone()));
-                Ok(SnapshotAccess::FileHandle(FileAccess {
-                    path: PathBuf::from(h.local_path),
-                }))
+                Ok(SnapshotAccess::FileHandle(FileAccess::new(PathBuf::from(
+                    h.local_path,
+                ))))
             }
             _ => {
                 let (e, access) = self
@@ -140,6 +140,19 @@ impl ScpProvider {
         self.with_backup(guest, |s| s.lease = Some(lease));
 
         let (mut snapshot, mut conf) = self.take_snapshot(guest).await?;
+        if conf.hardware_option.disks.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Platform,
+                format!(
+                    "snapshot {} of VM {} lists no disks (vmconf.hardware_option.disks is empty)",
+                    snapshot.id, server.name
+                ),
+            )
+            .api_call(format!(
+                "GET /janus/20240725/servers/{id}/snapshots/{}",
+                snapshot.id
+            )));
+        }
 
         let mut volumes = Vec::new();
         let mut disks_meta = Vec::new();
@@ -171,21 +184,23 @@ impl ScpProvider {
                 }
                 mode = BitmapMode::New;
             }
-            let own = match mode {
-                BitmapMode::Use => AreaQuery {
-                    server_id: id.to_owned(),
-                    snapshot_id: snapshot.id.clone(),
-                    disk_id: disk.id.clone(),
-                    base_image: false,
-                    checkpoint_id: previous_checkpoint.unwrap_or(0),
-                },
-                _ => AreaQuery {
-                    server_id: id.to_owned(),
-                    snapshot_id: snapshot.id.clone(),
-                    disk_id: disk.id.clone(),
-                    base_image: false,
-                    checkpoint_id: 0,
-                },
+            // `checkpoint_id=0`: all the disk's own data (a full read).
+            let checkpoint_id = match (mode, previous_checkpoint) {
+                (BitmapMode::Use, Some(c)) => c,
+                (BitmapMode::Use, None) => {
+                    return Err(
+                        Error::other("an incremental without the previous checkpoint")
+                            .volume(&device),
+                    );
+                }
+                _ => 0,
+            };
+            let own = AreaQuery {
+                server_id: id.to_owned(),
+                snapshot_id: snapshot.id.clone(),
+                disk_id: disk.id.clone(),
+                base_image: false,
+                checkpoint_id,
             };
             let regions = match self
                 .changed_areas(guest, &device, own.clone(), lost.clone())
@@ -281,28 +296,26 @@ impl ScpProvider {
                     };
                     Some((access, dirty))
                 };
-                base = Some(BaseLayer {
-                    id: BaseImageId(base_id.clone()),
-                    size,
-                    access,
-                });
+                base = Some(BaseLayer::new(BaseImageId(base_id.clone()), size, access));
             }
             let access = self
                 .expose(guest, &lease_id, &snapshot.id, &disk.id, false)
                 .await
                 .map_err(|e| e.volume(&device))?;
-            volumes.push(VolumeAccess {
-                volume: Volume {
-                    device: device.clone(),
-                    size: disk.size,
-                    format: VolumeFormat::Raw,
-                },
-                access,
-                bitmap_mode: mode,
-                dirty: DirtySource::Regions(Box::new(regions)),
-                checkpoint: Some(Checkpoint(snapshot.checkpoint_id.to_string())),
-                base,
-            });
+            volumes.push(
+                VolumeAccess::new(
+                    Volume {
+                        device: device.clone(),
+                        size: disk.size,
+                        format: VolumeFormat::Raw,
+                    },
+                    access,
+                )
+                .bitmap_mode(mode)
+                .dirty(DirtySource::Regions(Box::new(regions)))
+                .checkpoint(Some(Checkpoint(snapshot.checkpoint_id.to_string())))
+                .base(base),
+            );
             disks_meta.push(DiskMeta {
                 device,
                 disk,
@@ -329,14 +342,12 @@ impl ScpProvider {
             disks: disks_meta,
             base_image: base_meta,
         };
-        Ok(VmBackup {
-            guest_config: ConfigBlob::json(&snapshot.vmconf),
-            firewall_config: None,
-            metadata: serde_json::to_value(&metadata)
-                .map_err(|e| Error::other("serialising the metadata").with_source(e))?,
-            volumes,
-            warnings,
-        })
+        Ok(VmBackup::new(ConfigBlob::json(&snapshot.vmconf), volumes)
+            .metadata(
+                serde_json::to_value(&metadata)
+                    .map_err(|e| Error::other("serialising the metadata").with_source(e))?,
+            )
+            .warnings(warnings))
     }
 
     pub(super) async fn reset_cbt(&self, id: &str) -> Result<()> {
@@ -355,31 +366,33 @@ impl ScpProvider {
 
     pub(super) async fn take_snapshot(&self, guest: &Guest) -> Result<(Snapshot, VmConf)> {
         let id = guest.id.0.as_str();
+        // The job marker and the lease in the description: a later job of
+        // this host finds both if this one dies before its cleanups.
+        let lease = lock(&self.backups)
+            .get(&guest.id.0)
+            .and_then(|s| s.lease.as_ref().map(|l| l.id.clone()));
+        let description = sweep::snapshot_description(self.marker().as_ref(), lease.as_deref());
         let created: SnapshotCreated = self
             .client
             .task(
                 Method::POST,
                 &format!("/janus/20240725/servers/{id}/snapshots"),
-                Some(&json!({"name": "vmbackup", "description": "backup snapshot"})),
+                Some(&json!({"name": "vmbackup", "description": description})),
             )
             .await?;
         self.with_backup(guest, |s| s.snapshot_id = Some(created.snapshot_id.clone()));
-        let snapshot: Snapshot = self
-            .client
-            .call(
-                Method::GET,
-                &format!(
-                    "/janus/20240725/servers/{id}/snapshots/{}",
-                    created.snapshot_id
-                ),
-                &[],
-                None,
-            )
-            .await?;
+        let path = format!(
+            "/janus/20240725/servers/{id}/snapshots/{}",
+            created.snapshot_id
+        );
+        let snapshot: Snapshot = self.client.call(Method::GET, &path, &[], None).await?;
         let conf: VmConf = serde_json::from_value(snapshot.vmconf.clone()).map_err(|e| {
-            Error::new(ErrorKind::Platform, "snapshot vmconf does not parse")
-                .guest(id)
-                .with_source(e)
+            Error::new(
+                ErrorKind::Platform,
+                format!("SCP answer does not parse: vmconf: {e}"),
+            )
+            .api_call(format!("GET {path}"))
+            .guest(id)
         })?;
         Ok((snapshot, conf))
     }
@@ -419,11 +432,35 @@ impl ScpProvider {
         first.map_or(Ok(()), Err)
     }
 
+    /// Delete the guest's snapshots whose description records backup
+    /// resource `lease` (unique to one backup: the match is exact).
+    async fn delete_snapshots_of_resource(&self, guest: &Guest, lease: &str) -> Result<()> {
+        let path = format!("/janus/20240725/servers/{}/snapshots", guest.id);
+        let listed: Vec<api::SnapshotListed> = self.client.list(&path, &[]).await?;
+        for s in listed {
+            if sweep::recorded_resource(&s.description).as_deref() != Some(lease) {
+                continue;
+            }
+            tracing::warn!(snapshot = %s.id, guest = %guest.id, "deleting a snapshot the backup did not record");
+            match self
+                .client
+                .task::<Value>(Method::DELETE, &format!("{path}/{}", s.id), None)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) async fn cleanup_backup(&self, guest: &Guest) -> Result<bool> {
         let lease = {
             let mut b = lock(&self.backups);
             b.get_mut(&guest.id.0).and_then(|s| s.lease.take())
         };
+        let lease_id = lease.as_ref().map(|l| l.id.clone());
         let mut lost = lease
             .as_ref()
             .is_some_and(|l| l.lost.load(Ordering::SeqCst));
@@ -475,6 +512,13 @@ impl ScpProvider {
             }
         }
         if let Err(e) = self.delete_snapshot(guest).await {
+            first.get_or_insert(e);
+        }
+        // A snapshot whose creation answer was lost or unreadable is not in
+        // the state, but its description records this backup's lease.
+        if let Some(l) = lease_id
+            && let Err(e) = self.delete_snapshots_of_resource(guest, &l).await
+        {
             first.get_or_insert(e);
         }
         lock(&self.backups).remove(&guest.id.0);

@@ -39,6 +39,14 @@ struct Lease {
     renew: JoinHandle<()>,
 }
 
+impl Drop for Lease {
+    /// A provider dropped without its cleanups stops renewing: the
+    /// platform then releases the lease after its `remain_time`.
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
 /// What one guest's backup holds on the platform.
 #[derive(Default)]
 struct BackupState {
@@ -88,6 +96,10 @@ pub struct ScpProvider {
     /// Lines for a guest's task log (`backup_handle_log_file`).
     notes: std::sync::Mutex<BTreeMap<String, Vec<String>>>,
     pending_ids: AtomicU64,
+    /// The job of the last `job_init` (its marker tags what it creates).
+    job: std::sync::Mutex<Option<JobInfo>>,
+    /// What the last `job_init` swept.
+    swept: std::sync::Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for ScpProvider {
@@ -109,7 +121,15 @@ impl ScpProvider {
             restores: Default::default(),
             notes: Default::default(),
             pending_ids: AtomicU64::new(0),
+            job: Default::default(),
+            swept: Default::default(),
         })
+    }
+
+    /// What the last `job_init` removed: objects an earlier job of this
+    /// host left behind (one line each).
+    pub fn swept(&self) -> Vec<String> {
+        lock(&self.swept).clone()
     }
 
     /// The janus client (for tools and tests that need other calls).
@@ -236,15 +256,14 @@ impl ScpProvider {
                 Some(&body),
             )
             .await?;
-        let access = NbdAccess {
-            address: NbdAddress::Tcp {
+        let access = NbdAccess::new(
+            NbdAddress::Tcp {
                 host: e.host.clone(),
                 port: e.port,
             },
-            export: e.export_name.clone(),
-            tls: self.tls(&e.host),
-            dirty_bitmap_context: None,
-        };
+            e.export_name.clone(),
+        )
+        .with_tls(self.tls(&e.host));
         Ok((e, access))
     }
 
@@ -287,7 +306,11 @@ impl ScpProvider {
     }
 
     async fn hot_remove(&self, id: &str) -> Result<()> {
-        let proxy = self.proxy()?;
+        let proxy = self.proxy()?.to_owned();
+        self.hot_remove_on(&proxy, id).await
+    }
+
+    async fn hot_remove_on(&self, proxy: &str, id: &str) -> Result<()> {
         match self
             .client
             .task::<Value>(
@@ -328,17 +351,31 @@ impl BackupProvider for ScpProvider {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            containers: false,
-            incremental: true,
-            hot_add: matches!(self.options.access, AccessMode::HotAdd { .. }),
-            restore_in_place: true,
-        }
+        Capabilities::none()
+            .incremental(true)
+            .hot_add(matches!(self.options.access, AccessMode::HotAdd { .. }))
+            .restore_in_place(true)
     }
 
-    async fn job_init(&self, _job: &JobInfo) -> Result<()> {
+    async fn job_init(&self, job: &JobInfo) -> Result<()> {
         self.client.login().await?;
-        self.version().await.map(|_| ())
+        self.version().await?;
+        *lock(&self.job) = Some(job.clone());
+        // Objects of an earlier job of this host that is gone. A failing
+        // sweep does not stop the job (what it could not remove stays for
+        // the next one), but it is logged.
+        let swept = match self.sweep(job).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "sweeping objects of earlier jobs failed");
+                Vec::new()
+            }
+        };
+        for line in &swept {
+            tracing::warn!(object = %line, "removed an object an earlier job left behind");
+        }
+        *lock(&self.swept) = swept;
+        Ok(())
     }
 
     async fn job_cleanup(&self) -> Result<()> {
@@ -406,7 +443,7 @@ impl BackupProvider for ScpProvider {
 
     async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats> {
         let lost = self.cleanup_backup(guest).await?;
-        if outcome.success && lost {
+        if outcome.is_success() && lost {
             return Err(Error::new(
                 ErrorKind::LeaseLost,
                 "the backup resource expired during the backup: the data read may be incomplete",
@@ -481,6 +518,7 @@ impl BackupProvider for ScpProvider {
                 st.server_id = original.clone();
                 st.name = md.server.name.clone();
             }
+            other => return Err(Error::unsupported(format!("restore target {other:?}"))),
         }
         if let Some(linked) = md.separate_linked_disk() {
             let base_id =
@@ -566,7 +604,7 @@ impl BackupProvider for ScpProvider {
             }
         }
         if let Some(b) = unsealed {
-            tracing::warn!(base_image = %b, success = outcome.success, "deleting the incomplete base image");
+            tracing::warn!(base_image = %b, success = outcome.is_success(), "deleting the incomplete base image");
             if let Err(e) = self.delete_base_image(&b).await {
                 first.get_or_insert(e);
             }
@@ -599,7 +637,7 @@ impl BackupProvider for ScpProvider {
         {
             first.get_or_insert(e);
         }
-        if !outcome.success && st.created && !st.server_id.is_empty() {
+        if !outcome.is_success() && st.created && !st.server_id.is_empty() {
             // Do not leave a half-restored new VM behind.
             let path = format!("{SERVERS}/{}", st.server_id);
             if let Err(e) = self.client.task::<Value>(Method::DELETE, &path, None).await {
@@ -621,6 +659,7 @@ impl BackupProvider for ScpProvider {
 
 mod backup;
 mod restore;
+mod sweep;
 
 use backup::{renew_lease, usable_previous};
 use restore::restored_marker;

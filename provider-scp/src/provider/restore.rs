@@ -171,6 +171,18 @@ impl ScpProvider {
         let created: ServerCreated = self.client.task(Method::POST, SERVERS, Some(&body)).await?;
         st.created = true;
         st.server_id = created.server_id;
+        if created.disk_ids.len() != md.disks.len() {
+            return Err(Error::new(
+                ErrorKind::Platform,
+                format!(
+                    "SCP created server {} with {} disk(s) for {} requested (disk_ids)",
+                    st.server_id,
+                    created.disk_ids.len(),
+                    md.disks.len()
+                ),
+            )
+            .api_call(format!("POST {SERVERS}")));
+        }
         for (d, id) in md.disks.iter().zip(created.disk_ids) {
             st.disks.insert(d.device.clone(), id);
         }
@@ -194,21 +206,48 @@ impl ScpProvider {
         let original_id = md
             .separate_linked_disk()
             .and_then(|d| d.disk.base_image_id.clone())
-            .unwrap_or_default();
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    "the snapshot's SCP metadata has no linked disk with a base image id",
+                )
+            })?;
         let name = meta.map_or_else(|| "restored-base-image".into(), |m| m.image.name.clone());
+        let description = format!(
+            "{} {}",
+            meta.map(|m| m.image.description.clone())
+                .unwrap_or_default(),
+            restored_marker(&original_id)
+        )
+        .trim()
+        .to_owned();
+        // Over NBD the Recovery lease comes first, so that the image's
+        // description records it with the job marker while the image is
+        // incomplete (a later job sweeps both if this one dies).
+        let lease = match &self.options.access {
+            AccessMode::HotAdd { .. } => None,
+            _ => Some(self.open_lease(None, "Recovery").await?),
+        };
         let body = json!({"name": name, "size": size, "storage_id": st.storage_id,
-            "description": format!("{} {}",
-                meta.map(|m| m.image.description.clone()).unwrap_or_default(),
-                restored_marker(&original_id)).trim(),
+            "description": sweep::marked(&description, self.marker().as_ref(),
+                lease.as_ref().map(|l| l.id.as_str())),
             "os_type": meta.map(|m| m.image.os_type.clone()).unwrap_or_default()});
-        let created: IdAnswer = self
+        let created: std::result::Result<IdAnswer, Error> = self
             .client
             .call(Method::POST, BASE_IMAGES, &[], Some(&body))
-            .await?;
-        let id = created.id;
+            .await;
+        let id = match created {
+            Ok(c) => c.id,
+            Err(e) => {
+                if let Some(l) = lease {
+                    let _ = self.close_lease(l).await;
+                }
+                return Err(e);
+            }
+        };
         st.unsealed_base = Some(id.clone());
-        match &self.options.access {
-            AccessMode::HotAdd { .. } => {
+        match (&self.options.access, lease) {
+            (AccessMode::HotAdd { .. }, _) | (_, None) => {
                 let h = self
                     .hot_add(json!({"base_image_id": id, "open_base_image": 1, "mode": "rw"}))
                     .await?;
@@ -219,8 +258,7 @@ impl ScpProvider {
                 r?;
                 d?;
             }
-            _ => {
-                let lease = self.open_lease(None, "Recovery").await?;
+            (_, Some(lease)) => {
                 let r = async {
                     let (e, access) = self
                         .open_export(&lease.id, json!({"base_image_id": id}))
@@ -249,7 +287,7 @@ impl ScpProvider {
                 Method::PUT,
                 &format!("{BASE_IMAGES}/{id}"),
                 &[],
-                Some(&json!({"status": "AVAILABLE"})),
+                Some(&json!({"status": "AVAILABLE", "description": description})),
             )
             .await?;
         st.unsealed_base = None;
@@ -341,7 +379,13 @@ impl ScpProvider {
                 .sources
                 .base_size
                 .or(md.base_image.as_ref().map(|b| b.image.size))
-                .unwrap_or(0);
+                .filter(|s| *s > 0)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "the size of the base image to restore is unknown \
+                         (no base size from the host, none in the snapshot's metadata)",
+                    )
+                })?;
             self.restore_base_image(st, &source, size).await?;
             self.prepare_vm(st).await?;
         }
@@ -358,15 +402,18 @@ impl ScpProvider {
                     .await?;
                 st.open
                     .insert(device.to_owned(), Opened::HotAdd(h.id.clone()));
-                SnapshotAccess::FileHandle(FileAccess {
-                    path: PathBuf::from(h.local_path),
-                })
+                SnapshotAccess::FileHandle(FileAccess::new(PathBuf::from(h.local_path)))
             }
             _ => {
-                if st.lease.is_none() {
-                    st.lease = Some(self.open_lease(Some(&st.server_id), "Recovery").await?);
-                }
-                let lease = st.lease.as_ref().map(|l| l.id.clone()).unwrap_or_default();
+                let lease = match &st.lease {
+                    Some(l) => l.id.clone(),
+                    None => {
+                        let l = self.open_lease(Some(&st.server_id), "Recovery").await?;
+                        let id = l.id.clone();
+                        st.lease = Some(l);
+                        id
+                    }
+                };
                 let (e, access) = self
                     .open_export(
                         &lease,
@@ -378,16 +425,15 @@ impl ScpProvider {
                 SnapshotAccess::Nbd(access)
             }
         };
-        Ok(VolumeImport {
-            writes: vec![LayerWrite {
-                layer: if linked {
-                    Layer::Overlay
-                } else {
-                    Layer::Merged
-                },
-                destination,
-            }],
-        })
+        let layer = if linked {
+            Layer::Overlay
+        } else {
+            Layer::Merged
+        };
+        Ok(VolumeImport::writes(vec![LayerWrite::new(
+            layer,
+            destination,
+        )]))
     }
 }
 
