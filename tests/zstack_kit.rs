@@ -52,7 +52,37 @@ async fn zstack_driver_round_trips_bytes() {
     d.write(&g, "root", 0, b"first").await.unwrap();
     let data2 = d.read(&g, "data-2").await.unwrap();
     assert_eq!(&data2[2 * MIB as usize - 3..], b"end");
+    // The root volume grows in place: same disk, still a thin clone of
+    // its image (the base-image link is kept, nothing is copied up).
+    let root_disk = |o: &serde_json::Value| {
+        o["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vmInstanceUuid"] == g.id.0.as_str() && v["type"] == "Root")
+            .unwrap()["diskId"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let disk_before = root_disk(&zs.admin().get("/zstack/objects").await);
+    let base_of = |disks: &serde_json::Value, id: &str| {
+        disks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id)
+            .unwrap()["base_image_id"]
+            .clone()
+    };
+    let base_before = base_of(&zs.admin().get("/disks").await, &disk_before);
+    assert!(base_before.is_string(), "the root volume is a linked clone");
     d.grow(&g, "root", 9 * MIB).await.unwrap();
+    assert_eq!(
+        root_disk(&zs.admin().get("/zstack/objects").await),
+        disk_before
+    );
+    assert_eq!(base_of(&zs.admin().get("/disks").await, &disk_before), base_before);
     let root = d.read(&g, "root").await.unwrap();
     assert_eq!(root.len() as u64, 9 * MIB);
     assert_eq!(&root[..5], b"first");

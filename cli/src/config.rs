@@ -47,6 +47,13 @@ use serde::Deserialize;
 pub struct Config {
     /// Datastore directory (the `-d` flag overrides it).
     pub datastore: Option<PathBuf>,
+    /// This backup host's id in job markers (default: `VMBACKUP_HOST_ID`,
+    /// else the host name). Distinct for hosts sharing a platform.
+    pub host_id: Option<String>,
+    /// Where this host keeps its job registry (default:
+    /// `VMBACKUP_STATE_DIR`, else `$XDG_STATE_HOME/vmbackup`, else
+    /// `~/.local/state/vmbackup`).
+    pub state_dir: Option<PathBuf>,
     /// Platforms by name.
     #[serde(default)]
     pub platforms: BTreeMap<String, PlatformConfig>,

@@ -6,6 +6,7 @@
 mod config;
 mod demo;
 mod demo_mock;
+mod jobs;
 mod progress;
 mod report;
 
@@ -20,9 +21,7 @@ use datastore::{Datastore, DatastoreOptions, KeepOptions, VerifyScope};
 use engine::{
     BackupDriver, JobOptions, MoverOptions, NbdExposer, RestoreDriver, StandardMover, VolumeExport,
 };
-use provider_api::{
-    Guest, GuestId, JobInfo, Layer, NbdAccess, NbdAddress, SnapshotId, Target, TlsSettings,
-};
+use provider_api::{Guest, GuestId, Layer, NbdAccess, NbdAddress, SnapshotId, Target, TlsSettings};
 use provider_nbd::{NbdGuest, NbdProvider};
 
 /// Back up and restore virtual machines into a deduplicating datastore.
@@ -484,13 +483,19 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
     });
     let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover))
         .with_progress(Arc::new(progress::Reporter::new(json)));
+    let job = jobs::register(config, "backup", now())?;
     let options = JobOptions {
-        info: JobInfo::new(format!("backup-{platform}"), now()),
+        info: job.info.clone(),
         parallelism: args.parallel.max(1),
         log_dir: work.path().join("logs"),
     };
-    let report = driver.run_job(&options, guests).await;
+    let (interrupt, cancel) = jobs::Interrupt::install()?;
+    let report = driver.run_job_cancellable(&options, guests, cancel).await;
     report::print_job(&report, &platform, json);
+    if let Some(code) = interrupt.exit_code() {
+        eprintln!("backup interrupted; cleanups ran, nothing was published for unfinished guests");
+        return Ok(ExitCode::from(code));
+    }
     Ok(if report.success() {
         ExitCode::SUCCESS
     } else {
@@ -539,9 +544,22 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
         }
     };
     let exposer = Arc::new(NbdExposer::start("127.0.0.1:0".parse()?).await?);
+    let job = jobs::register(config, "restore", now())?;
     let driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer)
-        .with_progress(Arc::new(progress::Reporter::new(json)));
-    let done = driver.restore_vm(&id, destination).await?;
+        .with_progress(Arc::new(progress::Reporter::new(json)))
+        .with_job(job.info.clone());
+    let (interrupt, cancel) = jobs::Interrupt::install()?;
+    let result = driver
+        .restore_vm_cancellable(&id, destination, cancel)
+        .await;
+    if let Some(code) = interrupt.exit_code() {
+        if let Err(e) = &result {
+            eprintln!("error: {}", e.report());
+        }
+        eprintln!("restore interrupted; cleanups ran");
+        return Ok(ExitCode::from(code));
+    }
+    let done = result?;
     let written: u64 = done.volumes.iter().map(|v| v.1).sum();
     if json {
         println!(

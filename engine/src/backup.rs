@@ -34,6 +34,7 @@ use provider_api::{
 };
 use tracing::Instrument;
 
+use crate::cancel::CancelToken;
 use crate::guest_log::GuestLog;
 use crate::mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress};
 
@@ -136,6 +137,21 @@ impl BackupDriver {
 
     /// Run one job over `guests`.
     pub async fn run_job(&self, options: &JobOptions, guests: Vec<Guest>) -> JobReport {
+        self.run_job_cancellable(options, guests, CancelToken::never())
+            .await
+    }
+
+    /// Run one job over `guests` until it ends or `cancel` fires. On
+    /// cancellation the copies in flight stop, every guest that started
+    /// gets `backup_cleanup(false, "interrupted")` (nothing is published),
+    /// guests not yet started fail without a provider call, and
+    /// `job_cleanup` runs as always.
+    pub async fn run_job_cancellable(
+        &self,
+        options: &JobOptions,
+        guests: Vec<Guest>,
+        cancel: CancelToken,
+    ) -> JobReport {
         let span = tracing::info_span!("job", id = %options.info.job_id, provider = self.provider.provider_name());
         async {
             let _ = std::fs::create_dir_all(&options.log_dir);
@@ -160,8 +176,14 @@ impl BackupDriver {
                     let start_time = options.info.start_time;
                     let mut indexed: Vec<(usize, GuestOutcome)> =
                         futures::stream::iter(guests.into_iter().enumerate())
-                            .map(|(i, guest)| async move {
-                                (i, self.backup_guest(options, guest, start_time).await)
+                            .map(|(i, guest)| {
+                                let cancel = cancel.clone();
+                                async move {
+                                    let o = self
+                                        .backup_guest(options, guest, start_time, &cancel)
+                                        .await;
+                                    (i, o)
+                                }
                             })
                             .buffer_unordered(options.parallelism.max(1))
                             .collect()
@@ -191,6 +213,7 @@ impl BackupDriver {
         options: &JobOptions,
         guest: Guest,
         start_time: i64,
+        cancel: &CancelToken,
     ) -> GuestOutcome {
         let span = tracing::info_span!("guest", id = %guest.id);
         async {
@@ -201,7 +224,12 @@ impl BackupDriver {
                 guest.id
             ));
             let started = Instant::now();
-            let result = self.backup_guest_inner(&guest, start_time, &log).await;
+            let result = if cancel.is_cancelled() {
+                Err(interrupted("before this guest started"))
+            } else {
+                self.backup_guest_inner(&guest, start_time, &log, cancel)
+                    .await
+            };
             let result = match result {
                 Ok((snapshot, volumes)) => Ok(GuestBackup {
                     snapshot,
@@ -236,9 +264,17 @@ impl BackupDriver {
         guest: &Guest,
         start_time: i64,
         log: &GuestLog,
+        cancel: &CancelToken,
     ) -> Result<(SnapshotInfo, Vec<VolumeReport>)> {
         let mut writer: Option<Box<dyn SnapshotWriter>> = None;
-        let attempt = self.attempt(guest, start_time, log, &mut writer).await;
+        // On cancellation the attempt stops before its next provider call
+        // or in the middle of a copy (a provider call in flight finishes:
+        // dropping it could lose the id of an object the platform is
+        // creating); the open writer stays in `writer` and is aborted
+        // below, and the provider gets its failure cleanup.
+        let attempt = self
+            .attempt(guest, start_time, log, &mut writer, cancel)
+            .await;
         let failure = match attempt {
             Ok((spec_writer, warnings, volumes)) => {
                 // Success path: the provider's cleanup first, then publish.
@@ -302,11 +338,21 @@ impl BackupDriver {
         start_time: i64,
         log: &GuestLog,
         writer: &mut Option<Box<dyn SnapshotWriter>>,
+        cancel: &CancelToken,
     ) -> Result<(Box<dyn SnapshotWriter>, Vec<String>, Vec<VolumeReport>)> {
         let provider = &*self.provider;
+        let go_on = || {
+            if cancel.is_cancelled() {
+                Err(interrupted("while backing up"))
+            } else {
+                Ok(())
+            }
+        };
         let archive: ArchiveName = provider.backup_init(guest, start_time).await?;
+        go_on()?;
         log.line(format!("archive {archive}"));
         let mechanism = provider.backup_get_mechanism(guest).await?;
+        go_on()?;
         check_mechanism(guest.kind, mechanism)?;
         log.line(format!("mechanism {mechanism:?}"));
         if guest.kind == GuestKind::Container {
@@ -319,6 +365,7 @@ impl BackupDriver {
         let answer = provider
             .backup_vm_query_incremental(guest, previous.as_ref())
             .await?;
+        go_on()?;
         log.line(format!("incremental answer {answer:?}"));
         let request = BackupVmRequest::new(
             answer.clone(),
@@ -326,6 +373,7 @@ impl BackupDriver {
             self.target.base_images(&platform),
         );
         let vm = provider.backup_vm(guest, request.clone()).await?;
+        go_on()?;
         let VmBackup {
             guest_config,
             firewall_config,
@@ -359,7 +407,7 @@ impl BackupDriver {
         let mut reports = Vec::with_capacity(volumes.len());
         for access in volumes {
             let report = self
-                .copy_volume(w.as_mut(), access, &request, log, &mut warnings)
+                .copy_volume(w.as_mut(), access, &request, log, &mut warnings, cancel)
                 .instrument(tracing::info_span!("volume"))
                 .await?;
             reports.push(report);
@@ -392,6 +440,7 @@ impl BackupDriver {
         request: &BackupVmRequest,
         log: &GuestLog,
         warnings: &mut Vec<String>,
+        cancel: &CancelToken,
     ) -> Result<VolumeReport> {
         let VolumeAccess {
             volume,
@@ -453,18 +502,17 @@ impl BackupDriver {
                     "storing base image {} ({} bytes)",
                     base.id, base.size
                 ));
-                let base_stats = self
-                    .mover
-                    .backup_volume(
-                        BackupCopy {
-                            device: format!("{device}@base:{}", base.id),
-                            size: base.size,
-                            access: base_access,
-                            dirty: base_dirty,
-                            writer: base_writer,
-                        },
-                        &*self.progress,
-                    )
+                let copy = self.mover.backup_volume(
+                    BackupCopy {
+                        device: format!("{device}@base:{}", base.id),
+                        size: base.size,
+                        access: base_access,
+                        dirty: base_dirty,
+                        writer: base_writer,
+                    },
+                    &*self.progress,
+                );
+                let base_stats = until_cancelled(cancel, copy)
                     .await
                     .map_err(|e| e.volume(format!("{device} (base image {})", base.id)))?;
                 add_stats(&mut stats, &base_stats);
@@ -506,18 +554,17 @@ impl BackupDriver {
                 },
             })
             .await?;
-        let copy_stats = self
-            .mover
-            .backup_volume(
-                BackupCopy {
-                    device: device.clone(),
-                    size: volume.size,
-                    access,
-                    dirty,
-                    writer: volume_writer,
-                },
-                &*self.progress,
-            )
+        let copy = self.mover.backup_volume(
+            BackupCopy {
+                device: device.clone(),
+                size: volume.size,
+                access,
+                dirty,
+                writer: volume_writer,
+            },
+            &*self.progress,
+        );
+        let copy_stats = until_cancelled(cancel, copy)
             .await
             .map_err(|e| e.volume(&device))?;
         add_stats(&mut stats, &copy_stats);
@@ -533,6 +580,21 @@ impl BackupDriver {
             stats,
         })
     }
+}
+
+/// A copy, stopped when `cancel` fires.
+async fn until_cancelled<T>(
+    cancel: &CancelToken,
+    copy: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = copy => r,
+        () = cancel.cancelled() => Err(interrupted("while copying")),
+    }
+}
+
+fn interrupted(when: &str) -> Error {
+    Error::new(ErrorKind::Other, format!("job interrupted {when}"))
 }
 
 fn add_stats(total: &mut CopyStats, s: &CopyStats) {

@@ -7,6 +7,9 @@
 //!   bounded parallelism and enforces the contract's cleanup guarantees
 //!   whatever the provider does (see the module docs for the list);
 //! - [`restore::RestoreDriver`] runs restores with the same discipline;
+//! - [`cancel`]: interrupting a job so that its cleanups still run;
+//! - [`jobs::JobRegistry`]: which jobs of this host are running (for the
+//!   providers' sweeps of what dead jobs left behind);
 //! - [`mover::DataMover`] is the data path's interface: the driver says
 //!   which regions go where, a mover copies them with several reads in
 //!   flight and bounded memory.
@@ -16,14 +19,18 @@
 //! `backup_handle_log_file`.
 
 pub mod backup;
+pub mod cancel;
 pub mod data_mover;
 pub mod expose;
 pub mod guest_log;
+pub mod jobs;
 pub mod mover;
 pub mod restore;
 
 pub use backup::{BackupDriver, GuestBackup, GuestOutcome, JobOptions, JobReport, VolumeReport};
+pub use cancel::{CancelToken, Canceller, cancel_pair};
 pub use data_mover::{MoverOptions, StandardMover};
 pub use expose::{NbdExposer, VolumeExport};
+pub use jobs::{JobLease, JobRegistry};
 pub use mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress, SourceExposer};
 pub use restore::{RestoreDriver, RestoreReport};

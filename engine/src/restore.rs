@@ -15,12 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provider_api::{
-    ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, Layer, Outcome,
-    RestoreMechanism, RestoreSources, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest,
-    Result, SnapshotId, SnapshotReader, StoredVolume, Target,
+    ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, JobInfo, Layer,
+    Outcome, RestoreMechanism, RestoreSources, RestoreTarget, RestoreVmRequest,
+    RestoreVolumeRequest, Result, SnapshotId, SnapshotReader, StoredVolume, Target,
 };
 use tracing::Instrument;
 
+use crate::cancel::CancelToken;
 use crate::mover::{DataMover, NoProgress, Progress, SourceExposer};
 
 /// A finished restore.
@@ -41,6 +42,7 @@ pub struct RestoreDriver {
     mover: Arc<dyn DataMover>,
     exposer: Arc<dyn SourceExposer>,
     progress: Arc<dyn Progress>,
+    job: Option<JobInfo>,
 }
 
 impl RestoreDriver {
@@ -58,7 +60,17 @@ impl RestoreDriver {
             mover,
             exposer,
             progress: Arc::new(NoProgress),
+            job: None,
         }
+    }
+
+    /// Run each restore as a job: `job_init(job)` before it and
+    /// `job_cleanup` after it (also when `job_init` failed), so that the
+    /// provider tags what it creates with the job's marker and can sweep
+    /// what dead jobs of this host left.
+    pub fn with_job(mut self, job: JobInfo) -> Self {
+        self.job = Some(job);
+        self
     }
 
     /// Report copy progress to `progress`.
@@ -72,6 +84,39 @@ impl RestoreDriver {
         &self,
         snapshot: &SnapshotId,
         destination: RestoreTarget,
+    ) -> Result<RestoreReport> {
+        self.restore_vm_cancellable(snapshot, destination, CancelToken::never())
+            .await
+    }
+
+    /// Restore a VM snapshot to `destination` until done or `cancel`
+    /// fires; on cancellation the copy in flight stops and the restore
+    /// cleanups run with a failed outcome.
+    pub async fn restore_vm_cancellable(
+        &self,
+        snapshot: &SnapshotId,
+        destination: RestoreTarget,
+        cancel: CancelToken,
+    ) -> Result<RestoreReport> {
+        let Some(job) = &self.job else {
+            return self.restore_inner(snapshot, destination, cancel).await;
+        };
+        let init = self.provider.job_init(job).await;
+        let result = match init {
+            Ok(()) => self.restore_inner(snapshot, destination, cancel).await,
+            Err(e) => Err(Error::new(e.kind(), "job_init failed").with_source(e)),
+        };
+        let cleanup = self.provider.job_cleanup().await;
+        let report = result?;
+        cleanup.map_err(|e| Error::new(e.kind(), "job_cleanup failed").with_source(e))?;
+        Ok(report)
+    }
+
+    async fn restore_inner(
+        &self,
+        snapshot: &SnapshotId,
+        destination: RestoreTarget,
+        cancel: CancelToken,
     ) -> Result<RestoreReport> {
         let span = tracing::info_span!("restore", snapshot = %snapshot);
         async {
@@ -113,7 +158,7 @@ impl RestoreDriver {
             let mut written = Vec::new();
             let mut result = Ok(());
             for volume in &info.volumes {
-                match self.restore_volume(&reader, &guest, volume).await {
+                match self.restore_volume(&reader, &guest, volume, &cancel).await {
                     Ok(n) => written.push((volume.volume.device.clone(), n)),
                     Err(e) => {
                         result = Err(e);
@@ -147,6 +192,7 @@ impl RestoreDriver {
         reader: &Arc<dyn SnapshotReader>,
         guest: &Guest,
         volume: &StoredVolume,
+        cancel: &CancelToken,
     ) -> Result<u64> {
         let device = volume.volume.device.as_str();
         let merged = reader.open_volume(device, Layer::Merged).await?;
@@ -161,7 +207,7 @@ impl RestoreDriver {
             base_guard = Some(guard);
         }
         let request = RestoreVolumeRequest::new(guest.clone(), volume.clone(), sources);
-        let result = async {
+        let work = async {
             let import = self.provider.restore_vm_volume_init(&request).await?;
             let mut total = 0;
             for write in import.writes {
@@ -172,8 +218,11 @@ impl RestoreDriver {
                     .await?;
             }
             Ok::<_, Error>(total)
+        };
+        let result = tokio::select! {
+            r = work => r,
+            () = cancel.cancelled() => Err(Error::new(ErrorKind::Other, "restore interrupted")),
         }
-        .await
         .map_err(|e| e.volume(device));
         let outcome = match &result {
             Ok(_) => Outcome::ok(),

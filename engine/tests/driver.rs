@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use engine::{BackupDriver, JobOptions, NbdExposer, RestoreDriver, StandardMover};
+use engine::{
+    BackupCopy, BackupDriver, CopyStats, DataMover, JobOptions, NbdExposer, Progress,
+    RestoreDriver, StandardMover,
+};
 use provider_api::testing::memory::MemoryTarget;
 use provider_api::testing::{PlatformProbe, check_all};
 use provider_api::*;
@@ -849,4 +852,73 @@ async fn nbd_bitmap_regions_on_a_file_are_an_error_not_a_panic() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("disk0"), "{err}");
+}
+
+/// A mover whose backups never finish: the job can only end by being
+/// interrupted.
+struct StuckMover;
+
+#[async_trait]
+impl DataMover for StuckMover {
+    async fn backup_volume(&self, _copy: BackupCopy, _p: &dyn Progress) -> Result<CopyStats> {
+        std::future::pending().await
+    }
+    async fn restore_volume(
+        &self,
+        _device: &str,
+        _source: Arc<dyn VolumeReader>,
+        _destination: &SnapshotAccess,
+        _p: &dyn Progress,
+    ) -> Result<u64> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_job_runs_every_cleanup_and_publishes_nothing() {
+    let s = setup(&["vm1", "vm2", "vm3"]);
+    let target = MemoryTarget::new();
+    let driver = BackupDriver::new(
+        s.fake.clone(),
+        Arc::new(target.clone()),
+        Arc::new(StuckMover),
+    );
+    let mut options = s.options.clone();
+    options.parallelism = 2;
+    let (canceller, token) = engine::cancel_pair();
+    let job = driver.run_job_cancellable(&options, vms(&["vm1", "vm2", "vm3"]), token);
+    let cancel = async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        canceller.cancel();
+    };
+    let (report, ()) = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        tokio::join!(job, cancel)
+    })
+    .await
+    .expect("the interrupted job ends");
+    assert!(!report.success());
+    for g in &report.guests {
+        let e = g.result.as_ref().unwrap_err();
+        assert!(e.to_string().contains("interrupted"), "{e}");
+    }
+    // The two guests in flight got their failure cleanup; the third never
+    // started and was not touched.
+    for g in ["vm1", "vm2"] {
+        let calls = shape(&s.fake.calls_of(g));
+        assert!(
+            calls.contains(&"backup_cleanup failed".to_owned()),
+            "{g}: {calls:?}"
+        );
+    }
+    assert!(
+        !s.fake
+            .calls_of("vm3")
+            .iter()
+            .any(|c| c.starts_with("backup_init")),
+        "{:?}",
+        s.fake.calls_of("vm3")
+    );
+    assert_eq!(s.fake.calls().last().unwrap(), "job_cleanup");
+    assert!(s.fake.script.lock().unwrap().open_snapshots.is_empty());
+    assert!(target.list_snapshots(None, None).await.unwrap().is_empty());
 }

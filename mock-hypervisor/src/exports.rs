@@ -109,10 +109,15 @@ impl DiskExport {
         &self.target
     }
 
-    /// Size in bytes.
+    /// Size in bytes, read at each call: an export of a live disk that
+    /// grew reports the new size (to new NBD connections; an open one keeps
+    /// the size of its handshake); a snapshot keeps the size it was taken
+    /// at.
     pub fn size(&self) -> u64 {
         match &self.target {
-            ExportTarget::Disk { disk, .. } => disk.size(),
+            ExportTarget::Disk { disk, view, .. } => {
+                disk.view_size(view).unwrap_or_else(|_| disk.size())
+            }
             ExportTarget::BaseImage(image) => image.size(),
         }
     }

@@ -34,7 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use async_trait::async_trait;
 use provider_api::*;
@@ -97,7 +97,9 @@ enum RestoreDestination {
 /// The provider.
 #[derive(Debug)]
 pub struct NbdProvider {
-    guests: BTreeMap<String, NbdGuest>,
+    /// Configured guests by id; [`NbdProvider::add_guest`] and
+    /// [`NbdProvider::remove_guest`] change them while the provider runs.
+    guests: RwLock<BTreeMap<String, NbdGuest>>,
     restore_dir: PathBuf,
     /// Guests between backup_init and backup_cleanup (for logs/asserts).
     active: Mutex<BTreeMap<String, i64>>,
@@ -108,6 +110,14 @@ pub struct NbdProvider {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
 }
 
 fn file_safe(text: &str) -> String {
@@ -131,11 +141,25 @@ impl NbdProvider {
     /// `restore_dir`.
     pub fn new(guests: impl IntoIterator<Item = NbdGuest>, restore_dir: PathBuf) -> Self {
         NbdProvider {
-            guests: guests.into_iter().map(|g| (g.id.clone(), g)).collect(),
+            guests: RwLock::new(guests.into_iter().map(|g| (g.id.clone(), g)).collect()),
             restore_dir,
             active: Mutex::default(),
             restores: Mutex::default(),
         }
+    }
+
+    /// Configure guest `guest.id`, or replace its configuration (e.g. after
+    /// an export grew or moved); returns the previous configuration.
+    /// Takes effect for every later provider call: a backup already past
+    /// `backup_vm` keeps the accesses it was given, a running in-place
+    /// restore the exports `restore_vm_init` chose.
+    pub fn add_guest(&self, guest: NbdGuest) -> Option<NbdGuest> {
+        write_lock(&self.guests).insert(guest.id.clone(), guest)
+    }
+
+    /// Forget guest `id`; returns its configuration.
+    pub fn remove_guest(&self, id: &str) -> Option<NbdGuest> {
+        write_lock(&self.guests).remove(id)
     }
 
     /// Guests currently between `backup_init` and `backup_cleanup`.
@@ -166,10 +190,13 @@ impl NbdProvider {
         Ok(files)
     }
 
-    fn guest(&self, guest: &Guest) -> Result<&NbdGuest> {
-        self.guests.get(&guest.id.0).ok_or_else(|| {
-            Error::not_found("no NBD export configured for this guest").guest(&guest.id)
-        })
+    fn guest(&self, guest: &Guest) -> Result<NbdGuest> {
+        read_lock(&self.guests)
+            .get(&guest.id.0)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found("no NBD export configured for this guest").guest(&guest.id)
+            })
     }
 
     fn destination(&self, guest: &Guest) -> Result<RestoreDestination> {
@@ -329,10 +356,13 @@ impl BackupProvider for NbdProvider {
         let original = &snapshot.guest;
         let (guest, destination) = match &request.target {
             RestoreTarget::InPlace => {
-                let g = self.guests.get(&original.0).ok_or_else(|| {
-                    Error::not_found("no NBD export configured for the original guest")
-                        .guest(original)
-                })?;
+                let g = read_lock(&self.guests)
+                    .get(&original.0)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Error::not_found("no NBD export configured for the original guest")
+                            .guest(original)
+                    })?;
                 for sv in &snapshot.volumes {
                     let v = g
                         .volumes

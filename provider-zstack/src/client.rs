@@ -14,7 +14,7 @@
 //! that is restarting), or a ZStack error whose code says the management
 //! node was unreachable (`SYS.1012`, `SYS.1011`). Those are marked
 //! retryable. Idempotent calls (login, queries and reads, job polls) run
-//! through [`provider_kit::retry`] with the connection's
+//! through [`provider_kit::retry()`] with the connection's
 //! [`RetryPolicy`]; a call that starts an API job is sent once (a lost
 //! answer may still have started the job: whatever it created carries the
 //! job marker and is found by the sweeps).

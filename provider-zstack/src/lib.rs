@@ -52,12 +52,25 @@
 //!
 //! ## Cleanup guarantees
 //!
-//! Every temporary object is named `vmbackup-<vm>-<time>-<n>-<device>`;
+//! Every temporary object is named `<job marker>.<scope>.<device>` (the
+//! marker is [`provider_api::JobMarker`], `vmbackup.<host>.<job>`; the
+//! scope is `b<n>-<vm>` for a backup, `r<n>-<vm>` for a restore);
 //! `backup_cleanup` (on every path) deletes the exports it knows of, then
-//! finds images and volume snapshots **by that name prefix** (so that one
-//! whose job result was lost, e.g. a 503 while polling, is found too),
-//! deletes and expunges them, and removes the local files. A failed restore
-//! destroys the half-created VM and deletes and expunges the images it
+//! finds images and volume snapshots with a `~=` query on that name (`%`,
+//! `_` and `\` escaped: ZStack's `~=` is MySQL's `LIKE`, case-insensitive)
+//! and deletes and expunges exactly those whose name matches on the client
+//! (so that one whose job result was lost, e.g. a 503 while polling, is
+//! found too, and scope `b1` never takes `b10`'s), and removes the local
+//! files. While a restore creates its VM and data volumes their
+//! descriptions carry the tag; once everything is attached the
+//! descriptions are replaced (VM last), and kept restore images are
+//! renamed. `job_init` sweeps every object whose marker names this host
+//! and a job that is not running (`JobMarker::is_stale_for`): VMs and data
+//! volumes of interrupted restores, temporary templates, uploaded images,
+//! volume snapshots, and stale work directories; another host's objects
+//! and running jobs' objects are never touched. A failed restore destroys
+//! the half-created VM, deletes its unattached volumes and deletes and
+//! expunges the images it
 //! uploaded. Credentials and session ids never appear in errors or logs;
 //! errors name the guest, the volume, the offset and the API call.
 //!

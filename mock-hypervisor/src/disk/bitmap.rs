@@ -70,6 +70,22 @@ impl BlockBitmap {
         self.blocks == blocks_for(size) && self.words.len() as u64 == self.blocks.div_ceil(64)
     }
 
+    /// Grows the bitmap to cover `size` bytes; the new blocks are clear.
+    /// A smaller `size` leaves the bitmap as it is (bitmaps never shrink).
+    pub fn grow(&mut self, size: u64) {
+        let blocks = blocks_for(size);
+        if blocks <= self.blocks {
+            return;
+        }
+        // Bits past the old end (in its last word) may have been set by an
+        // out-of-range `put`: clear them before they become blocks.
+        for b in self.blocks..(self.words.len() as u64 * 64) {
+            self.put(b, false);
+        }
+        self.words.resize(blocks.div_ceil(64) as usize, 0);
+        self.blocks = blocks;
+    }
+
     /// Builds a bitmap of `size` bytes from a block predicate.
     pub fn from_fn(size: u64, mut f: impl FnMut(u64) -> bool) -> Self {
         let mut map = BlockBitmap::for_size(size);
@@ -120,6 +136,20 @@ mod tests {
         assert_eq!(m.count(), 2);
         m.put(0, false);
         assert_eq!(m.count(), 1);
+    }
+
+    #[test]
+    fn grow_keeps_bits_and_clears_the_tail() {
+        let mut m = BlockBitmap::for_size(BLOCK_SIZE * 3);
+        m.put(2, true);
+        m.put(5, true); // beyond the end, inside the last word
+        m.grow(BLOCK_SIZE * 200 + 1);
+        assert!(m.fits(BLOCK_SIZE * 200 + 1));
+        assert_eq!(m.blocks(), 201);
+        assert!(m.get(2) && !m.get(5) && !m.get(200));
+        assert_eq!(m.count(), 1);
+        m.grow(BLOCK_SIZE);
+        assert_eq!(m.blocks(), 201, "bitmaps never shrink");
     }
 
     #[test]

@@ -62,6 +62,32 @@ impl Layer {
         })
     }
 
+    /// Grows the layer to `size` bytes: the file is extended (the new part
+    /// is a hole) and the allocation map gains clear blocks. The old last
+    /// block, if it was short, becomes a full block whose new bytes read
+    /// as zeroes. Refused for a smaller size.
+    pub fn grow(&mut self, size: u64) -> Result<()> {
+        if size < self.size {
+            return Err(Error::Invalid(format!(
+                "{} cannot shrink from {} to {size} bytes",
+                self.path.display(),
+                self.size
+            )));
+        }
+        let len = self.file.metadata().map_err(Error::io(&self.path))?.len();
+        if len < size {
+            self.file.set_len(size).map_err(Error::io(&self.path))?;
+        }
+        self.size = size;
+        self.allocated.grow(size);
+        Ok(())
+    }
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Path of the data file.
     pub fn path(&self) -> &Path {
         &self.path

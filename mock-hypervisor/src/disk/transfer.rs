@@ -22,10 +22,11 @@ pub enum Source<'a> {
 }
 
 impl Source<'_> {
-    fn size(&self) -> u64 {
+    /// Size of the source (a snapshot keeps the size it was taken at).
+    fn size(&self) -> Result<u64> {
         match self {
-            Source::Disk(d, _) => d.size(),
-            Source::Image(i) => i.size(),
+            Source::Disk(d, v) => d.view_size(v),
+            Source::Image(i) => Ok(i.size()),
         }
     }
 
@@ -46,7 +47,7 @@ impl Source<'_> {
 
 /// Writes `source` into a new sparse raw file at `path` (holes stay holes).
 pub fn materialize(source: Source<'_>, path: &Path) -> Result<()> {
-    let size = source.size();
+    let size = source.size()?;
     let file = OpenOptions::new()
         .write(true)
         .create(true)

@@ -17,6 +17,16 @@
 //! stamp; blocks the overlay never held read through to the immutable base
 //! image. Reading a snapshot therefore gives the frozen content however much
 //! the guest writes afterwards.
+//!
+//! Resize: [`VirtualDisk::resize`] grows a disk in place (the overlay file
+//! and its allocation map grow; the base-image link, the snapshots and the
+//! checkpoints stay). The new tail reads as zeroes (or through to the base
+//! image, which is never larger than the disk) and is not dirty: change
+//! tracking reports data written, not size changes. The size change is
+//! visible instead: a snapshot keeps the size the disk had when it was
+//! taken ([`VirtualDisk::view_size`]), a checkpoint records it
+//! ([`Checkpoint::size`]), and dirty bitmaps cover the snapshot's size.
+//! Shrinking is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +59,11 @@ pub struct Checkpoint {
     /// False once CBT expired (revert, restore): it can no longer serve as
     /// the start of an incremental.
     pub valid: bool,
+    /// Disk size in bytes when the checkpoint was taken (0: recorded before
+    /// disks could grow, i.e. the disk's size then was its size now). A
+    /// disk grown since a checkpoint reports a larger size than this.
+    #[serde(default)]
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -62,6 +77,8 @@ struct Preserved {
 
 #[derive(Debug)]
 struct Frozen {
+    /// Size of the disk when the snapshot was taken.
+    size: u64,
     generation: u64,
     checkpoint_id: u64,
     cow: Layer,
@@ -70,6 +87,9 @@ struct Frozen {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct FrozenMeta {
+    /// Absent in metadata written before disks could grow: the disk's size.
+    #[serde(default)]
+    size: Option<u64>,
     generation: u64,
     checkpoint_id: u64,
     cow_allocated: BlockBitmap,
@@ -95,6 +115,8 @@ struct DiskMeta {
 
 #[derive(Debug)]
 struct DiskState {
+    /// Live virtual size (grows with [`VirtualDisk::resize`]).
+    size: u64,
     base: Option<Arc<BaseImage>>,
     overlay: Layer,
     block_generations: BTreeMap<u64, u64>,
@@ -129,7 +151,6 @@ enum Source {
 pub struct VirtualDisk {
     id: String,
     dir: PathBuf,
-    size: u64,
     state: RwLock<DiskState>,
 }
 
@@ -162,8 +183,8 @@ impl VirtualDisk {
         let disk = VirtualDisk {
             id: id.to_string(),
             dir: dir.to_path_buf(),
-            size,
             state: RwLock::new(DiskState {
+                size,
                 base,
                 overlay,
                 block_generations: BTreeMap::new(),
@@ -189,14 +210,12 @@ impl VirtualDisk {
         let overlay = Layer::open(&dir.join("overlay.raw"), meta.size, meta.overlay_allocated)?;
         let mut snapshots = BTreeMap::new();
         for (sid, f) in meta.snapshots {
-            let cow = Layer::open(
-                &dir.join(format!("snap-{sid}.cow")),
-                meta.size,
-                f.cow_allocated,
-            )?;
+            let size = f.size.unwrap_or(meta.size);
+            let cow = Layer::open(&dir.join(format!("snap-{sid}.cow")), size, f.cow_allocated)?;
             snapshots.insert(
                 sid,
                 Frozen {
+                    size,
                     generation: f.generation,
                     checkpoint_id: f.checkpoint_id,
                     cow,
@@ -207,8 +226,8 @@ impl VirtualDisk {
         Ok(VirtualDisk {
             id: meta.id,
             dir: dir.to_path_buf(),
-            size: meta.size,
             state: RwLock::new(DiskState {
+                size: meta.size,
                 base,
                 overlay,
                 block_generations: meta.block_generations.into_iter().collect(),
@@ -223,7 +242,7 @@ impl VirtualDisk {
     fn save(&self, st: &DiskState) -> Result<()> {
         let meta = DiskMeta {
             id: self.id.clone(),
-            size: self.size,
+            size: st.size,
             base_image_id: st.base.as_ref().map(|b| b.id().to_string()),
             overlay_allocated: st.overlay.allocated().clone(),
             block_generations: st.block_generations.iter().map(|(b, g)| (*b, *g)).collect(),
@@ -237,6 +256,7 @@ impl VirtualDisk {
                     (
                         id.clone(),
                         FrozenMeta {
+                            size: Some(f.size),
                             generation: f.generation,
                             checkpoint_id: f.checkpoint_id,
                             cow_allocated: f.cow.allocated().clone(),
@@ -254,9 +274,42 @@ impl VirtualDisk {
         &self.id
     }
 
-    /// Virtual size in bytes.
+    /// Live virtual size in bytes (what the guest sees now).
     pub fn size(&self) -> u64 {
-        self.size
+        read_lock(&self.state).size
+    }
+
+    /// Size of a view: the live size, or the size the disk had when the
+    /// snapshot was taken (smaller than the live size if the disk grew
+    /// since).
+    pub fn view_size(&self, view: &View) -> Result<u64> {
+        let st = read_lock(&self.state);
+        Ok(view_size_of(&st, view_of(&st, view)?))
+    }
+
+    /// Grows the disk to `new_size` bytes in place, as a platform's disk
+    /// extend does: the base-image link, snapshots (which keep their own
+    /// size) and checkpoints stay valid; the new tail reads as zeroes and
+    /// is not dirty (no block generation changes). The same size is a
+    /// no-op; a smaller one is refused.
+    pub fn resize(&self, new_size: u64) -> Result<()> {
+        super::check_size(new_size)?;
+        let mut st = write_lock(&self.state);
+        if new_size < st.size {
+            return Err(Error::Invalid(format!(
+                "disk {} has {} bytes: it cannot shrink to {new_size}",
+                self.id, st.size
+            )));
+        }
+        if new_size == st.size {
+            return Ok(());
+        }
+        // The file grows first: metadata naming a size the file does not
+        // have yet is never written (a crash in between leaves a longer
+        // file, which opening accepts).
+        st.overlay.grow(new_size)?;
+        st.size = new_size;
+        self.save(&st)
     }
 
     /// Directory holding the disk's files.
@@ -330,16 +383,17 @@ impl VirtualDisk {
 
     /// Reads `length` bytes at `offset` of a view.
     pub fn read(&self, view: &View, offset: u64, length: u64) -> Result<Vec<u8>> {
-        check_range(self.size, offset, length)?;
         let st = read_lock(&self.state);
         let f = view_of(&st, view)?;
+        let size = view_size_of(&st, f);
+        check_range(size, offset, length)?;
         let mut out = vec![0u8; length as usize];
         let mut block = vec![0u8; BLOCK_SIZE as usize];
         let end = offset + length;
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK_SIZE;
-            let n = block_len(self.size, b);
+            let n = block_len(size, b);
             Self::read_block(&st, f, b, &mut block[..n])?;
             let in_block = (pos - b * BLOCK_SIZE) as usize;
             let take = (n - in_block).min((end - pos) as usize);
@@ -370,7 +424,7 @@ impl VirtualDisk {
     ) -> Result<Vec<Run>> {
         let st = read_lock(&self.state);
         let f = view_of(&st, view)?;
-        Ok(runs(self.size, offset, length, |b| {
+        Ok(runs(view_size_of(&st, f), offset, length, |b| {
             Self::allocated_in(&st, f, b, include_base)
         }))
     }
@@ -379,13 +433,14 @@ impl VirtualDisk {
     pub fn allocated_map(&self, view: &View, include_base: bool) -> Result<BlockBitmap> {
         let st = read_lock(&self.state);
         let f = view_of(&st, view)?;
-        Ok(BlockBitmap::from_fn(self.size, |b| {
+        Ok(BlockBitmap::from_fn(view_size_of(&st, f), |b| {
             Self::allocated_in(&st, f, b, include_base)
         }))
     }
 
     /// Blocks of snapshot `snapshot_id` written after checkpoint
-    /// `checkpoint_id` was taken.
+    /// `checkpoint_id` was taken, over the snapshot's size (blocks a disk
+    /// grew by since the checkpoint are not dirty unless written).
     pub fn changed_since(&self, snapshot_id: &str, checkpoint_id: u64) -> Result<BlockBitmap> {
         let st = read_lock(&self.state);
         let f = frozen(&st, snapshot_id)?;
@@ -403,7 +458,7 @@ impl VirtualDisk {
                 "checkpoint {checkpoint_id} is newer than snapshot {snapshot_id}"
             )));
         }
-        Ok(BlockBitmap::from_fn(self.size, |b| {
+        Ok(BlockBitmap::from_fn(f.size, |b| {
             let generation = f
                 .preserved
                 .get(&b)
@@ -415,14 +470,15 @@ impl VirtualDisk {
 
     /// Writes `data` at `offset` as the guest would.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        check_range(self.size, offset, data.len() as u64)?;
         let mut st = write_lock(&self.state);
+        let size = st.size;
+        check_range(size, offset, data.len() as u64)?;
         let end = offset + data.len() as u64;
         let mut updates = Vec::new();
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK_SIZE;
-            let n = block_len(self.size, b);
+            let n = block_len(size, b);
             let in_block = (pos - b * BLOCK_SIZE) as usize;
             let take = (n - in_block).min((end - pos) as usize);
             let at = (pos - offset) as usize;
@@ -454,7 +510,7 @@ impl VirtualDisk {
                     self.id
                 )));
             }
-            if nb.size() > self.size || !nb.is_sealed() {
+            if nb.size() > st.size || !nb.is_sealed() {
                 return Err(Error::Conflict(format!(
                     "base image {} cannot back disk {}",
                     nb.id(),
@@ -462,7 +518,7 @@ impl VirtualDisk {
                 )));
             }
         }
-        let updates: Vec<_> = (0..blocks_for(self.size))
+        let updates: Vec<_> = (0..blocks_for(st.size))
             .filter(|b| st.overlay.is_allocated(*b))
             .map(|b| (b, Update::Discard))
             .collect();
@@ -497,14 +553,19 @@ impl VirtualDisk {
         for (b, _) in &updates {
             let b = *b;
             for f in snapshots.values_mut() {
-                if f.preserved.contains_key(&b) {
+                // Blocks past a snapshot's end (the disk grew since) are
+                // not part of it.
+                if f.preserved.contains_key(&b) || b >= blocks_for(f.size) {
                     continue;
                 }
                 let overlay_allocated = overlay.is_allocated(b);
                 if overlay_allocated {
+                    // The snapshot's last block may be shorter than the
+                    // overlay's block (the disk grew since).
                     let n = overlay.block_len(b);
                     overlay.read_block(b, &mut scratch[..n])?;
-                    f.cow.write_block(b, &scratch[..n])?;
+                    let keep = f.cow.block_len(b);
+                    f.cow.write_block(b, &scratch[..keep])?;
                 }
                 f.preserved.insert(
                     b,
@@ -547,11 +608,13 @@ impl VirtualDisk {
                 "checkpoint {checkpoint_id} is not new"
             )));
         }
-        let cow = Layer::create(&self.dir.join(format!("snap-{snapshot_id}.cow")), self.size)?;
+        let size = st.size;
+        let cow = Layer::create(&self.dir.join(format!("snap-{snapshot_id}.cow")), size)?;
         let generation = st.generation;
         st.snapshots.insert(
             snapshot_id.to_string(),
             Frozen {
+                size,
                 generation,
                 checkpoint_id,
                 cow,
@@ -563,6 +626,7 @@ impl VirtualDisk {
             Checkpoint {
                 generation,
                 valid: true,
+                size,
             },
         );
         self.save(&st)
@@ -582,9 +646,17 @@ impl VirtualDisk {
     }
 
     /// Makes the live content equal to snapshot `snapshot_id` again.
+    /// Refused when the disk grew since the snapshot (disks never shrink).
     pub fn revert(&self, snapshot_id: &str) -> Result<()> {
         let mut st = write_lock(&self.state);
         let f = frozen(&st, snapshot_id)?;
+        if f.size != st.size {
+            return Err(Error::Conflict(format!(
+                "disk {} grew from {} to {} bytes since snapshot {snapshot_id}: \
+                 reverting would shrink it",
+                self.id, f.size, st.size
+            )));
+        }
         let mut updates = Vec::new();
         for (b, p) in &f.preserved {
             if p.overlay_allocated {
@@ -609,10 +681,11 @@ impl VirtualDisk {
     pub fn sha256(&self, view: &View) -> Result<String> {
         let st = read_lock(&self.state);
         let f = view_of(&st, view)?;
+        let size = view_size_of(&st, f);
         let mut h = Sha256::new();
         let mut block = vec![0u8; BLOCK_SIZE as usize];
-        for b in 0..blocks_for(self.size) {
-            let n = block_len(self.size, b);
+        for b in 0..blocks_for(size) {
+            let n = block_len(size, b);
             Self::read_block(&st, f, b, &mut block[..n])?;
             h.update(&block[..n]);
         }
@@ -624,6 +697,11 @@ fn frozen<'a>(st: &'a DiskState, snapshot_id: &str) -> Result<&'a Frozen> {
     st.snapshots
         .get(snapshot_id)
         .ok_or_else(|| Error::not_found("snapshot", snapshot_id))
+}
+
+/// Size of a view: the snapshot's when frozen, else the live size.
+fn view_size_of(st: &DiskState, view: Option<&Frozen>) -> u64 {
+    view.map_or(st.size, |f| f.size)
 }
 
 fn view_of<'a>(st: &'a DiskState, view: &View) -> Result<Option<&'a Frozen>> {

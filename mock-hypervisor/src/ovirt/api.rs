@@ -752,6 +752,130 @@ pub async fn detach_disk(
     Ok(a)
 }
 
+/// `PUT /vms/{vm}/diskattachments/{disk}`: updates the attachment and the
+/// disk in it (the model's `DiskAttachmentService.update`):
+/// `<disk_attachment><bootable/><interface/><disk><alias/>
+/// <provisioned_size>N</provisioned_size></disk></disk_attachment>`, every
+/// field optional. A larger `provisioned_size` extends the disk in place
+/// (base-image link, snapshots and checkpoints kept; the new part reads as
+/// zeroes); a smaller one is refused, as are extends of a disk snapshot
+/// attachment, of a locked disk, of a disk with an image transfer in
+/// progress or of a VM during a backup. Answers the updated attachment.
+pub async fn update_attachment(
+    State(p): P,
+    headers: HeaderMap,
+    Path((vm, disk_id)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let format = Format::of(&headers);
+    let r = (|| {
+        let req = parse_body(&headers, &body)?;
+        let disk_req = req.get("disk").cloned().unwrap_or(Value::Null);
+        if let Some(id) = text(&disk_req, "id")
+            && id != disk_id
+        {
+            return Err(Fault::bad_request(format!(
+                "disk.id {id} does not match the attachment {disk_id}"
+            )));
+        }
+        let size = number(&disk_req, "provisioned_size")?;
+        if let Some(size) = size {
+            crate::disk::check_size(size)?;
+        }
+        let alias = text(&disk_req, "alias").or_else(|| text(&disk_req, "name"));
+        let bootable = flag(&req, "bootable")?;
+        let interface = text(&req, "interface");
+        if let Some(i) = &interface
+            && !["virtio", "virtio_scsi", "ide", "sata", "spapr_vscsi"].contains(&i.as_str())
+        {
+            return Err(Fault::bad_request(format!("unknown disk interface {i}")));
+        }
+        let key = attachment_key(&vm, &disk_id);
+        let hv = p.hv.clone();
+        let a = p.inv.update(|doc| {
+            let a = doc
+                .attachments
+                .get(&key)
+                .cloned()
+                .ok_or_else(|| crate::error::Error::not_found("Disk attachment", &disk_id))?;
+            let d = doc
+                .disks
+                .get(&disk_id)
+                .cloned()
+                .ok_or_else(|| crate::error::Error::not_found("Disk", &disk_id))?;
+            if let Some(size) = size.filter(|s| *s != d.provisioned_size) {
+                if a.snapshot_id.is_some() {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "Cannot edit Virtual Disk. Disk {disk_id} is attached as a snapshot \
+                         disk: it cannot be extended"
+                    )));
+                }
+                if size < d.provisioned_size {
+                    return Err(crate::error::Error::Invalid(format!(
+                        "Cannot edit Virtual Disk. New disk size ({size} bytes) cannot be \
+                         smaller than the current size ({} bytes)",
+                        d.provisioned_size
+                    )));
+                }
+                if d.status != "ok" {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "Cannot edit Virtual Disk. Disk {disk_id} is {}",
+                        d.status
+                    )));
+                }
+                if a.local_path.is_some() {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "Cannot edit Virtual Disk. Disk {disk_id} is plugged into a backup \
+                         appliance"
+                    )));
+                }
+                if doc
+                    .transfers
+                    .values()
+                    .any(|t| t.disk_id == disk_id && !super::backups::transfer_done(&t.phase))
+                {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "Cannot edit Virtual Disk. Disk {disk_id} has an image transfer in \
+                         progress"
+                    )));
+                }
+                if doc
+                    .backups
+                    .values()
+                    .any(|b| b.vm_id == vm && !backup_done(&b.phase))
+                {
+                    return Err(crate::error::Error::Conflict(format!(
+                        "Cannot edit Virtual Disk. VM {vm} is during a backup operation"
+                    )));
+                }
+                // O(metadata): the overlay file is extended sparsely.
+                hv.store.disk(&disk_id)?.resize(size)?;
+                if let Some(d) = doc.disks.get_mut(&disk_id) {
+                    d.provisioned_size = size;
+                }
+            }
+            if let Some(alias) = &alias
+                && let Some(d) = doc.disks.get_mut(&disk_id)
+            {
+                d.alias = alias.clone();
+            }
+            let a = doc
+                .attachments
+                .get_mut(&key)
+                .ok_or_else(|| crate::error::Error::not_found("Disk attachment", &disk_id))?;
+            if let Some(b) = bootable {
+                a.bootable = b;
+            }
+            if let Some(i) = &interface {
+                a.interface = i.clone();
+            }
+            Ok(a.clone())
+        })?;
+        Ok(ok("disk_attachment", attachment_view(&a)))
+    })();
+    done(format, r)
+}
+
 /// `DELETE /vms/{vm}/diskattachments/{disk}` (detach only).
 pub async fn detach(
     State(p): P,

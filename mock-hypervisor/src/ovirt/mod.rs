@@ -480,7 +480,9 @@ impl Platform for OvirtPlatform {
             )
             .route(
                 &a("/vms/{vm}/diskattachments/{disk}"),
-                get(api::get_attachment).delete(api::detach),
+                get(api::get_attachment)
+                    .put(api::update_attachment)
+                    .delete(api::detach),
             )
             .route(
                 &a("/vms/{vm}/snapshots"),

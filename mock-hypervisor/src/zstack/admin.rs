@@ -398,56 +398,39 @@ struct Resize {
 }
 
 /// `POST /admin/zstack/volumes/{uuid}/resize {"size": n}`: the operator
-/// grows a volume (ZStack's ResizeRootVolume / ResizeDataVolume): the
-/// volume gets a new disk of `size` bytes holding the old content (no
-/// longer linked to a base image); the new tail reads as zeroes. Refused
-/// while the volume has snapshots or for a smaller size.
+/// grows a volume (ZStack's ResizeRootVolume / ResizeDataVolume) in place
+/// ([`crate::disk::VirtualDisk::resize`]): same disk, still linked to its
+/// base image, change tracking kept; the new tail reads as zeroes. Refused
+/// while the volume has snapshots (a revert to one would shrink it) or for
+/// a smaller size.
 async fn resize_volume(State(zs): Zs, Path(uuid): Path<String>, body: Bytes) -> AdminResult {
     let r: Resize = parse(&body)?;
     crate::disk::check_size(r.size)?;
-    let old_id = volume_disk(&zs, &uuid)?;
-    let old = zs.hv.store.disk(&old_id)?;
-    if r.size < old.size() {
+    let disk = zs.hv.store.disk(&volume_disk(&zs, &uuid)?)?;
+    if r.size < disk.size() {
         return Err(AdminError(
             StatusCode::BAD_REQUEST,
             format!(
                 "volume {uuid} has {} bytes: it cannot shrink to {}",
-                old.size(),
+                disk.size(),
                 r.size
             ),
         ));
     }
-    if !old.snapshot_ids().is_empty() {
+    if !disk.snapshot_ids().is_empty() {
         return Err(AdminError(
             StatusCode::CONFLICT,
             format!("volume {uuid} has snapshots: resize refused"),
         ));
     }
-    let new = zs.hv.store.create_disk(r.size, None)?;
-    let (old2, new2) = (old.clone(), new.clone());
-    run_blocking(move || {
-        let size = old2.size();
-        let block = crate::disk::BLOCK_SIZE;
-        let mut off = 0;
-        while off < size {
-            let len = block.min(size - off);
-            let data = old2.read(&View::Live, off, len)?;
-            if data.iter().any(|b| *b != 0) {
-                new2.write(off, &data)?;
-            }
-            off += len;
-        }
-        Ok(())
-    })
-    .await?;
+    let size = r.size;
+    run_blocking(move || disk.resize(size)).await?;
     zs.inv.update(|d| {
         if let Some(v) = d.volumes.get_mut(&uuid) {
-            v.disk_id = new.id().to_string();
             v.size = r.size;
         }
         Ok(())
     })?;
-    let _ = zs.hv.store.delete_disk(&old_id);
     Ok(Json(json!({"volume_uuid": uuid, "size": r.size})))
 }
 
