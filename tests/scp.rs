@@ -502,6 +502,8 @@ async fn lease_expiry_during_a_backup_fails_cleanly() {
                 piece_size: 256 << 10,
                 depth: 2,
                 bandwidth_limit: Some(4 * MIB),
+                // A lost lease shuts the export: retrying cannot help.
+                retry: engine::RetryPolicy::none(),
             },
         )
         .await;
@@ -541,7 +543,18 @@ async fn nbd_read_error_fails_one_guest_and_leaks_nothing() {
         )
         .await;
     let scp = env.provider();
-    let report = env.backup(scp.clone(), &[&id(&vm1), &id(&vm2)]).await;
+    // Retries disabled: the one read error fails the guest (that the data
+    // path recovers from it with retries is tests/nbd_retry.rs).
+    let report = env
+        .backup_with(
+            scp.clone(),
+            &[&id(&vm1), &id(&vm2)],
+            engine::MoverOptions {
+                retry: engine::RetryPolicy::none(),
+                ..engine::MoverOptions::default()
+            },
+        )
+        .await;
     let e = report.guests[0].result.as_ref().unwrap_err();
     eprintln!("read error: {}", e.report());
     assert_eq!(e.kind(), ErrorKind::DataPath, "{}", e.report());
@@ -913,6 +926,8 @@ async fn the_lease_is_renewed_while_a_slow_backup_reads() {
                 piece_size: 256 << 10,
                 depth: 2,
                 bandwidth_limit: Some(4 * MIB),
+                // A lost lease shuts the export: retrying cannot help.
+                retry: engine::RetryPolicy::none(),
             },
         )
         .await;

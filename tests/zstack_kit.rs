@@ -82,7 +82,10 @@ async fn zstack_driver_round_trips_bytes() {
         root_disk(&zs.admin().get("/zstack/objects").await),
         disk_before
     );
-    assert_eq!(base_of(&zs.admin().get("/disks").await, &disk_before), base_before);
+    assert_eq!(
+        base_of(&zs.admin().get("/disks").await, &disk_before),
+        base_before
+    );
     let root = d.read(&g, "root").await.unwrap();
     assert_eq!(root.len() as u64, 9 * MIB);
     assert_eq!(&root[..5], b"first");

@@ -28,6 +28,8 @@ use provider_api::{
     SnapshotAccess, VolumeReader, WholeVolume,
 };
 
+use provider_kit::RetryPolicy;
+
 use crate::mover::{BackupCopy, CopyStats, DataMover, Progress};
 
 /// Tuning of the standard mover.
@@ -42,6 +44,10 @@ pub struct MoverOptions {
     /// destinations) at most, over all volumes of this mover; `None`:
     /// unlimited.
     pub bandwidth_limit: Option<u64>,
+    /// Retries of NBD reads and block-status queries after a dropped
+    /// connection or a transient I/O error (each retry on a fresh
+    /// connection to the same export when the transport failed).
+    pub retry: RetryPolicy,
 }
 
 impl Default for MoverOptions {
@@ -50,6 +56,7 @@ impl Default for MoverOptions {
             piece_size: 4 << 20,
             depth: 8,
             bandwidth_limit: None,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -148,19 +155,191 @@ fn nbd_options(access: &NbdAccess, contexts: &[&str]) -> nbd::client::ConnectOpt
 async fn connect(access: &NbdAccess, contexts: &[&str]) -> Result<nbd::client::Client> {
     nbd::client::Client::connect(&nbd_options(access, contexts))
         .await
-        .map_err(|e| {
-            let kind = match e.kind() {
-                nbd::ErrorKind::Tls(_) | nbd::ErrorKind::TlsRequired => ErrorKind::Refused,
-                _ => ErrorKind::DataPath,
-            };
-            Error::new(kind, format!("connecting to NBD export {}", access.uri())).with_source(e)
+        .map_err(|e| connect_error(access, e))
+}
+
+fn connect_error(access: &NbdAccess, e: nbd::Error) -> Error {
+    let kind = match e.kind() {
+        nbd::ErrorKind::Tls(_) | nbd::ErrorKind::TlsRequired => ErrorKind::Refused,
+        _ => ErrorKind::DataPath,
+    };
+    let retryable = kind == ErrorKind::DataPath && e.is_retryable();
+    Error::new(kind, format!("connecting to NBD export {}", access.uri()))
+        .retryable(retryable)
+        .with_source(e)
+}
+
+/// What to do about a failed NBD request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connection is gone (dropped, reset, timed out, shut down by the
+    /// server): retry on a fresh one.
+    Reconnect,
+    /// The server failed this request but the connection is fine (out of
+    /// memory, busy, an I/O error on a read): retry as is.
+    Again,
+    /// Retrying cannot help (protocol violation, bad request, ...).
+    Fatal,
+}
+
+/// Classify an error of the nbd crate for retrying. `read`: the request
+/// was a read, whose server-side EIO is retried (a bounded number of
+/// times, like everything else).
+fn classify(e: &nbd::Error, read: bool) -> Failure {
+    match e.kind() {
+        nbd::ErrorKind::Io | nbd::ErrorKind::Disconnected(_) => Failure::Reconnect,
+        nbd::ErrorKind::Server { errno, .. } if *errno == nbd::error::errno::ESHUTDOWN => {
+            Failure::Reconnect
+        }
+        nbd::ErrorKind::Server { errno, .. } if read && *errno == nbd::error::errno::EIO => {
+            Failure::Again
+        }
+        _ if e.is_retryable() => Failure::Again,
+        _ => Failure::Fatal,
+    }
+}
+
+/// A generation number no connection has.
+const NO_GENERATION: u64 = u64::MAX;
+
+/// A backup source's NBD connection, shared by all reads of a volume,
+/// replaced by a fresh one (same export, TLS settings and meta contexts)
+/// when the transport fails. Readers take a clone of the current client
+/// (no lock is held across a request); the first reader that fails on a
+/// given generation reconnects, the others wait for it and use its
+/// connection.
+struct NbdConn {
+    access: NbdAccess,
+    contexts: Vec<String>,
+    retry: RetryPolicy,
+    size: u64,
+    current: std::sync::Mutex<(u64, nbd::client::Client)>,
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl NbdConn {
+    fn new(
+        access: NbdAccess,
+        contexts: &[&str],
+        retry: RetryPolicy,
+        client: nbd::client::Client,
+    ) -> NbdConn {
+        NbdConn {
+            access,
+            contexts: contexts.iter().map(|c| (*c).to_owned()).collect(),
+            retry,
+            size: client.size(),
+            current: std::sync::Mutex::new((0, client)),
+            reconnecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn current(&self) -> (u64, nbd::client::Client) {
+        let g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        (g.0, g.1.clone())
+    }
+
+    /// The generation of the current connection (1 + reconnects so far).
+    #[cfg(test)]
+    fn generation(&self) -> u64 {
+        self.current().0
+    }
+
+    /// Replace the connection of generation `failed`, unless another
+    /// reader did already.
+    async fn reconnect(&self, failed: u64) -> Result<()> {
+        let _one = self.reconnecting.lock().await;
+        if self.current().0 != failed {
+            return Ok(());
+        }
+        let contexts: Vec<&str> = self.contexts.iter().map(String::as_str).collect();
+        let client = nbd::client::Client::connect(&nbd_options(&self.access, &contexts))
+            .await
+            .map_err(|e| connect_error(&self.access, e))?;
+        if client.size() != self.size {
+            return Err(Error::new(
+                ErrorKind::DataPath,
+                format!(
+                    "NBD export {} has {} bytes after reconnecting, {} before",
+                    self.access.uri(),
+                    client.size(),
+                    self.size
+                ),
+            )
+            .retryable(false));
+        }
+        let selected = client.meta_contexts();
+        if let Some(missing) = self.contexts.iter().find(|c| !selected.contains(c)) {
+            return Err(Error::new(
+                ErrorKind::ChangeTrackingLost,
+                format!(
+                    "NBD export {} no longer offers {missing} after reconnecting",
+                    self.access.uri()
+                ),
+            )
+            .retryable(false));
+        }
+        tracing::info!(
+            export = %self.access.uri(),
+            generation = failed + 1,
+            "reconnected to the NBD export"
+        );
+        let mut g = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        *g = (failed + 1, client);
+        Ok(())
+    }
+
+    /// Run `op` on the current client with retries: `what` names the
+    /// operation in errors and logs, `read` whether it is a read.
+    async fn request<T, F, Fut>(&self, what: &str, offset: u64, read: bool, op: F) -> Result<T>
+    where
+        F: Fn(nbd::client::Client) -> Fut,
+        Fut: std::future::Future<Output = nbd::Result<T>>,
+    {
+        // The generation whose connection failed, to replace before the
+        // next attempt.
+        let stale = std::sync::atomic::AtomicU64::new(NO_GENERATION);
+        let attempts = self.retry.attempts.max(1);
+        let label = format!("{what} of {} at {offset}", self.access.export);
+        provider_kit::retry(&self.retry, &label, |attempt| {
+            let stale = &stale;
+            let op = &op;
+            async move {
+                let failed = stale.swap(NO_GENERATION, std::sync::atomic::Ordering::Relaxed);
+                if failed != NO_GENERATION
+                    && let Err(e) = self.reconnect(failed).await
+                {
+                    // Still on the broken connection: try again next time.
+                    stale.store(failed, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e.offset(offset));
+                }
+                let (generation, client) = self.current();
+                match op(client).await {
+                    Ok(v) => Ok(v),
+                    Err(e) => {
+                        let failure = classify(&e, read);
+                        if failure == Failure::Reconnect {
+                            stale.store(generation, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        let retryable = failure != Failure::Fatal;
+                        let message = if retryable && attempt >= attempts && attempts > 1 {
+                            format!("{what} (gave up after {attempts} attempts)")
+                        } else {
+                            what.to_owned()
+                        };
+                        Err(data_path(&message, offset, e).retryable(retryable))
+                    }
+                }
+            }
         })
+        .await
+    }
 }
 
 /// A backup source.
 enum Source {
     Nbd {
-        client: nbd::client::Client,
+        conn: Arc<NbdConn>,
         allocation: bool,
         bitmap: Option<String>,
     },
@@ -168,7 +347,11 @@ enum Source {
 }
 
 impl Source {
-    async fn open(access: &SnapshotAccess, want_bitmap: bool) -> Result<Source> {
+    async fn open(
+        access: &SnapshotAccess,
+        want_bitmap: bool,
+        retry: RetryPolicy,
+    ) -> Result<Source> {
         match access {
             SnapshotAccess::Nbd(n) => {
                 let mut contexts = vec![ALLOCATION];
@@ -195,8 +378,13 @@ impl Source {
                     ));
                 }
                 let allocation = selected.iter().any(|c| c == ALLOCATION);
+                // Reconnect with what was selected the first time.
+                let contexts: Vec<&str> = contexts
+                    .into_iter()
+                    .filter(|c| selected.iter().any(|s| s == c))
+                    .collect();
                 Ok(Source::Nbd {
-                    client,
+                    conn: Arc::new(NbdConn::new(n.clone(), &contexts, retry, client)),
                     allocation,
                     bitmap,
                 })
@@ -214,17 +402,22 @@ impl Source {
 
     fn size(&self) -> Option<u64> {
         match self {
-            Source::Nbd { client, .. } => Some(client.size()),
+            Source::Nbd { conn, .. } => Some(conn.size),
             Source::File(f) => f.metadata().ok().map(|m| m.len()),
         }
     }
 
     async fn read(&self, offset: u64, len: u64) -> Result<Bytes> {
         match self {
-            Source::Nbd { client, .. } => client
-                .read(offset, len as usize)
+            Source::Nbd { conn, .. } => {
+                conn.request(
+                    "reading the snapshot over NBD",
+                    offset,
+                    true,
+                    |c| async move { c.read(offset, len as usize).await },
+                )
                 .await
-                .map_err(|e| data_path("reading the snapshot over NBD", offset, e)),
+            }
             Source::File(f) => {
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || {
@@ -241,7 +434,7 @@ impl Source {
     /// `(extent, is_zero)` pieces covering `extent`, from base:allocation.
     async fn allocation(&self, extent: Extent) -> Result<Vec<(Extent, bool)>> {
         let Source::Nbd {
-            client,
+            conn,
             allocation: true,
             ..
         } = self
@@ -252,10 +445,11 @@ impl Source {
         let mut pos = extent.offset;
         while pos < extent.end() {
             let len = (extent.end() - pos).min(1 << 30);
-            let list = client
-                .block_status(pos, len, ALLOCATION)
-                .await
-                .map_err(|e| data_path("querying allocation over NBD", pos, e))?;
+            let list = conn
+                .request("querying allocation over NBD", pos, false, |c| async move {
+                    c.block_status(pos, len, ALLOCATION).await
+                })
+                .await?;
             let before = pos;
             for e in list {
                 let start = e.offset.max(pos);
@@ -280,7 +474,7 @@ impl Source {
 
 /// Dirty regions from an NBD dirty bitmap.
 struct BitmapRegions {
-    client: nbd::client::Client,
+    conn: Arc<NbdConn>,
     context: String,
     size: u64,
     pos: u64,
@@ -292,11 +486,16 @@ impl DirtyRegions for BitmapRegions {
     async fn next_dirty_region(&mut self) -> Result<Option<Extent>> {
         while self.pending.is_empty() && self.pos < self.size {
             let len = (self.size - self.pos).min(1 << 30);
+            let (pos, context) = (self.pos, self.context.as_str());
             let list = self
-                .client
-                .block_status(self.pos, len, &self.context)
-                .await
-                .map_err(|e| data_path("querying the dirty bitmap over NBD", self.pos, e))?;
+                .conn
+                .request(
+                    "querying the dirty bitmap over NBD",
+                    pos,
+                    false,
+                    |c| async move { c.block_status(pos, len, context).await },
+                )
+                .await?;
             let before = self.pos;
             for e in list {
                 let start = e.offset.max(self.pos);
@@ -350,8 +549,14 @@ impl DataMover for StandardMover {
             dirty,
             mut writer,
         } = copy;
-        let source =
-            Arc::new(Source::open(&access, matches!(dirty, DirtySource::NbdBitmap)).await?);
+        let source = Arc::new(
+            Source::open(
+                &access,
+                matches!(dirty, DirtySource::NbdBitmap),
+                self.options.retry,
+            )
+            .await?,
+        );
         if let Some(actual) = source.size()
             && actual < size
         {
@@ -364,11 +569,11 @@ impl DataMover for StandardMover {
             DirtySource::Regions(r) => r,
             DirtySource::NbdBitmap => match &*source {
                 Source::Nbd {
-                    client,
+                    conn,
                     bitmap: Some(context),
                     ..
                 } => Box::new(BitmapRegions {
-                    client: client.clone(),
+                    conn: conn.clone(),
                     context: context.clone(),
                     size,
                     pos: 0,
@@ -404,7 +609,11 @@ impl DataMover for StandardMover {
             while steps.len() < depth && !(regions_done && window.is_none()) {
                 let r = match window.take() {
                     Some(r) => r,
-                    None => match regions.next_dirty_region().await? {
+                    None => match regions
+                        .next_dirty_region()
+                        .await
+                        .map_err(|e| e.volume(&device))?
+                    {
                         None => {
                             regions_done = true;
                             continue;
@@ -425,7 +634,11 @@ impl DataMover for StandardMover {
                 if this.end() < r.end() {
                     window = Some(Extent::new(this.end(), r.end() - this.end()));
                 }
-                for (e, zero) in source.allocation(this).await? {
+                for (e, zero) in source
+                    .allocation(this)
+                    .await
+                    .map_err(|e| e.volume(&device))?
+                {
                     if zero {
                         steps.push_back(Step::Zero(e));
                     } else {
@@ -670,6 +883,14 @@ impl Destination {
     }
 }
 
+/// An access kind added to the contract after this host was written.
+fn unsupported_access(access: &SnapshotAccess) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("snapshot access {access:?} is not supported by this host"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,12 +919,241 @@ mod tests {
             .collect();
         assert_eq!(got, [(1000, 3096), (4096, 4096), (8192, 2808)]);
     }
-}
 
-/// An access kind added to the contract after this host was written.
-fn unsupported_access(access: &SnapshotAccess) -> Error {
-    Error::new(
-        ErrorKind::Unsupported,
-        format!("snapshot access {access:?} is not supported by this host"),
-    )
+    const MIB: u64 = 1 << 20;
+
+    /// A TCP proxy in front of `server` that drops each of its first
+    /// `drops` connections (every connection when `None`) once it has
+    /// sent `limit` bytes to the client. Returns its port and the number
+    /// of connections accepted so far.
+    async fn flaky_proxy(
+        server: std::net::SocketAddr,
+        limit: u64,
+        drops: Option<usize>,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                let flaky = drops.is_none_or(|d| n < d);
+                let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut sent = 0u64;
+                    loop {
+                        let got = match ur.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(got) => got,
+                        };
+                        if flaky && sent + got as u64 > limit {
+                            break;
+                        }
+                        if cw.write_all(&buf[..got]).await.is_err() {
+                            break;
+                        }
+                        sent += got as u64;
+                    }
+                    // Drop both directions: the client sees a reset or EOF.
+                    up.abort();
+                });
+            }
+        });
+        (port, accepted)
+    }
+
+    async fn served_disk() -> (nbd::server::Server, std::net::SocketAddr, Vec<u8>) {
+        let size = 16 * MIB as usize;
+        let content: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect();
+        let export = nbd::server::MemoryExport::new(size as u64).with_dirty_bitmap("cbt0");
+        export.fill(0, &content).unwrap();
+        // What the guest wrote since the checkpoint: 1 MiB at 4 MiB.
+        let o = 4 * MIB as usize;
+        nbd::server::Export::write(
+            &export,
+            4 * MIB,
+            Bytes::copy_from_slice(&content[o..o + MIB as usize]),
+            false,
+        )
+        .await
+        .unwrap();
+        // And 64 KiB of every 256 KiB after 8 MiB: many dirty extents.
+        for o in (8 * MIB..16 * MIB).step_by(256 << 10) {
+            let u = o as usize;
+            nbd::server::Export::write(
+                &export,
+                o,
+                Bytes::copy_from_slice(&content[u..u + (64 << 10)]),
+                false,
+            )
+            .await
+            .unwrap();
+        }
+        let server = nbd::server::Server::new(nbd::server::ServerConfig::default()).unwrap();
+        server.add_export("disk", Arc::new(export));
+        let addr = server
+            .listen_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        (server, addr, content)
+    }
+
+    fn fast(attempts: u32) -> RetryPolicy {
+        RetryPolicy {
+            attempts,
+            initial_delay: std::time::Duration::from_millis(5),
+            max_delay: std::time::Duration::from_millis(20),
+        }
+    }
+
+    fn access(port: u16) -> SnapshotAccess {
+        SnapshotAccess::Nbd(
+            NbdAccess::new(
+                NbdAddress::Tcp {
+                    host: "127.0.0.1".into(),
+                    port,
+                },
+                "disk",
+            )
+            .with_dirty_bitmap(Some("qemu:dirty-bitmap:cbt0".into())),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_connection_is_reopened_once_for_all_concurrent_readers() {
+        let (_server, addr, content) = served_disk().await;
+        let (port, accepted) = flaky_proxy(addr, 3 * MIB, Some(1)).await;
+        let source = Arc::new(Source::open(&access(port), true, fast(5)).await.unwrap());
+        let piece = 256 << 10;
+        let reads = futures::stream::iter((0..content.len() as u64 / piece).map(|i| {
+            let source = source.clone();
+            async move { (i * piece, source.read(i * piece, piece).await) }
+        }))
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+        for (offset, r) in reads {
+            let data = r.unwrap_or_else(|e| panic!("{}", e.report()));
+            let o = offset as usize;
+            assert!(data[..] == content[o..o + piece as usize], "at {offset}");
+        }
+        let Source::Nbd { conn, .. } = &*source else {
+            unreachable!()
+        };
+        assert_eq!(conn.generation(), 1, "one reconnect for all readers");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // The new connection kept the meta contexts: allocation and the
+        // dirty bitmap still answer.
+        let alloc = source.allocation(Extent::new(0, 16 * MIB)).await.unwrap();
+        assert_eq!(alloc, [(Extent::new(0, 16 * MIB), false)]);
+        let mut regions = BitmapRegions {
+            conn: conn.clone(),
+            context: "qemu:dirty-bitmap:cbt0".into(),
+            size: 16 * MIB,
+            pos: 0,
+            pending: VecDeque::new(),
+        };
+        assert_eq!(
+            regions.next_dirty_region().await.unwrap(),
+            Some(Extent::new(4 * MIB, MIB))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dirty_bitmap_walk_survives_a_dropped_connection() {
+        let (_server, addr, _) = served_disk().await;
+        // The handshake fits, the first block status answer (about 1 KiB
+        // of extents) does not.
+        let (port, accepted) = flaky_proxy(addr, 600, Some(1)).await;
+        let source = Source::open(&access(port), true, fast(5)).await;
+        let source = match source {
+            Ok(s) => s,
+            // The handshake itself was cut: nothing to test here.
+            Err(e) => panic!("handshake cut, raise the limit: {}", e.report()),
+        };
+        let Source::Nbd { conn, .. } = &source else {
+            unreachable!()
+        };
+        let mut regions = BitmapRegions {
+            conn: conn.clone(),
+            context: "qemu:dirty-bitmap:cbt0".into(),
+            size: 16 * MIB,
+            pos: 0,
+            pending: VecDeque::new(),
+        };
+        let mut got = Vec::new();
+        while let Some(r) = regions
+            .next_dirty_region()
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()))
+        {
+            got.push(r);
+        }
+        let mut want = vec![Extent::new(4 * MIB, MIB)];
+        want.extend(
+            (8 * MIB..16 * MIB)
+                .step_by(256 << 10)
+                .map(|o| Extent::new(o, 64 << 10)),
+        );
+        assert_eq!(got, want);
+        assert_eq!(conn.generation(), 1);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_persistent_failure_is_reported_after_the_bounded_attempts() {
+        let (_server, addr, _) = served_disk().await;
+        let (port, accepted) = flaky_proxy(addr, 64 << 10, None).await;
+        let source = Source::open(&access(port), false, fast(3)).await.unwrap();
+        let start = std::time::Instant::now();
+        let e = source.read(4 * MIB, MIB).await.unwrap_err();
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(e.kind(), ErrorKind::DataPath, "{}", e.report());
+        assert_eq!(e.context().offset, Some(4 * MIB), "{}", e.report());
+        assert!(
+            e.report()
+                .contains("reading the snapshot over NBD (gave up after 3 attempts)"),
+            "{}",
+            e.report()
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn nbd_errors_are_classified_for_retrying() {
+        use nbd::error::errno;
+        let io = nbd::Error::new(nbd::ErrorKind::Io);
+        assert_eq!(classify(&io, false), Failure::Reconnect);
+        let gone = nbd::Error::new(nbd::ErrorKind::Disconnected(String::new()));
+        assert_eq!(classify(&gone, true), Failure::Reconnect);
+        let shutdown = nbd::Error::server(errno::ESHUTDOWN, "");
+        assert_eq!(classify(&shutdown, false), Failure::Reconnect);
+        let eio = nbd::Error::server(errno::EIO, "");
+        assert_eq!(classify(&eio, true), Failure::Again);
+        assert_eq!(classify(&eio, false), Failure::Fatal);
+        assert_eq!(
+            classify(&nbd::Error::server(errno::ENOMEM, ""), false),
+            Failure::Again
+        );
+        assert_eq!(
+            classify(&nbd::Error::protocol("bad magic"), true),
+            Failure::Fatal
+        );
+        assert_eq!(
+            classify(&nbd::Error::server(errno::EINVAL, ""), true),
+            Failure::Fatal
+        );
+    }
 }

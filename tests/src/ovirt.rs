@@ -345,12 +345,16 @@ pub async fn guest_config(env: &Env, id: &SnapshotId) -> Vec<u8> {
 /// The conformance kit's platform driver for the mock's oVirt: guests
 /// through the admin API (`/admin/ovirt/vms`), guest writes and reads on
 /// the mock's disk store in process (the guest's view: change tracking
-/// sees the writes), leftovers from `/admin/ovirt/objects`. Device names
-/// are the disks' aliases (`d0`, `d1`, ...), as provider-ovirt names
-/// volumes.
+/// sees the writes), leftovers from `/admin/ovirt/objects`; a disk grows
+/// as an oVirt operator grows one, through the engine API (`PUT
+/// /vms/{vm}/diskattachments/{disk}` with a larger
+/// `<disk><provisioned_size>`). Device names are the disks' aliases (`d0`,
+/// `d1`, ...), as provider-ovirt names volumes.
 pub struct OvirtDriver {
     http: reqwest::Client,
     admin: String,
+    api: String,
+    sso: String,
     hv: Arc<mock_hypervisor::hypervisor::Hypervisor>,
     serial: std::sync::atomic::AtomicU64,
 }
@@ -358,12 +362,37 @@ pub struct OvirtDriver {
 impl OvirtDriver {
     /// A driver for the mock of `env` (whose appliance it uses).
     pub fn new(env: &Env) -> Self {
+        let ep = &env.mock.endpoints().platforms["ovirt"];
         OvirtDriver {
             http: reqwest::Client::new(),
             admin: env.mock.endpoints().http_url.clone(),
+            api: ep["base_url"].as_str().unwrap_or_default().to_owned(),
+            sso: ep["sso_url"].as_str().unwrap_or_default().to_owned(),
             hv: env.mock.hypervisor().clone(),
             serial: 0.into(),
         }
+    }
+
+    /// An engine API token for the operator (`admin@internal`).
+    async fn token(&self) -> provider_api::Result<String> {
+        let r = self
+            .http
+            .post(&self.sso)
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("grant_type=password&scope=ovirt-app-api&username=admin%40internal&password=ovirt-password")
+            .send()
+            .await
+            .map_err(|e| provider_api::Error::other("engine SSO").with_source(e))?;
+        let v: Value = r
+            .json()
+            .await
+            .map_err(|e| provider_api::Error::other("engine SSO answer").with_source(e))?;
+        v["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                provider_api::Error::other(format!("engine SSO answer without a token: {v}"))
+            })
     }
 
     async fn objects(&self) -> provider_api::Result<Value> {
@@ -496,18 +525,38 @@ impl conformance::PlatformDriver for OvirtDriver {
         .map_err(|e| provider_api::Error::other("guest read").with_source(e))
     }
 
-    async fn grow(
-        &self,
-        _guest: &Guest,
-        _device: &str,
-        _new_size: u64,
-    ) -> provider_api::Result<()> {
-        // The mock's disk model (mock-hypervisor/src/disk) has no resize
-        // yet, nor does its oVirt API (`PUT /vms/{vm}/diskattachments/{d}`
-        // with a bigger provisioned_size).
-        Err(provider_api::Error::unsupported(
-            "growing a disk of the mock hypervisor",
-        ))
+    async fn grow(&self, guest: &Guest, device: &str, new_size: u64) -> provider_api::Result<()> {
+        let id = self
+            .disks(guest)
+            .await?
+            .into_iter()
+            .find(|d| d.0 == device)
+            .map(|d| d.1)
+            .ok_or_else(|| provider_api::Error::not_found(format!("no volume {device}")))?;
+        // DiskAttachmentService.update, as an operator extends a disk.
+        let r = self
+            .http
+            .put(format!(
+                "{}/vms/{}/diskattachments/{id}",
+                self.api, guest.id.0
+            ))
+            .bearer_auth(self.token().await?)
+            .header("Content-Type", "application/xml")
+            .body(format!(
+                "<disk_attachment><disk><provisioned_size>{new_size}</provisioned_size></disk></disk_attachment>"
+            ))
+            .send()
+            .await
+            .map_err(|e| provider_api::Error::other("engine API").with_source(e))?;
+        let status = r.status();
+        if !status.is_success() {
+            return Err(provider_api::Error::other(format!(
+                "extending disk {id} of VM {} to {new_size} bytes: HTTP {status}: {}",
+                guest.id,
+                r.text().await.unwrap_or_default()
+            )));
+        }
+        Ok(())
     }
 
     async fn leftovers(&self) -> provider_api::Result<Vec<String>> {
