@@ -32,6 +32,6 @@ pub use cancel::{CancelToken, Canceller, cancel_pair};
 pub use data_mover::{MoverOptions, StandardMover};
 pub use expose::{NbdExposer, VolumeExport};
 pub use jobs::{JobLease, JobRegistry};
-pub use provider_kit::RetryPolicy;
 pub use mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress, SourceExposer};
+pub use provider_kit::RetryPolicy;
 pub use restore::{RestoreDriver, RestoreReport};
