@@ -111,9 +111,9 @@ struct BackupArgs {
     /// Guest (VM id on the platform); repeat for several.
     #[arg(long)]
     guest: Vec<String>,
-    /// Guests backed up at once.
-    #[arg(long, default_value_t = 2)]
-    parallel: usize,
+    /// Guests backed up at once (at least 1).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=64))]
+    parallel: u64,
     /// A plain NBD export instead of a platform, e.g. nbd://127.0.0.1:10809/disk or nbd+unix:///disk?socket=/run/x.sock.
     #[arg(long, requires = "id")]
     nbd: Option<String>,
@@ -126,8 +126,8 @@ struct BackupArgs {
     /// CA certificate (PEM) for nbds:// exports; the server is always verified.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// Read at most this many MiB per second from the source.
-    #[arg(long)]
+    /// Read at most this many MiB per second from the source (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bwlimit: Option<u64>,
 }
 
@@ -194,24 +194,28 @@ struct PruneArgs {
     /// Guest id.
     #[arg(long)]
     id: String,
-    /// Keep the newest N.
-    #[arg(long)]
+    /// Keep the newest N. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_last: Option<u64>,
-    /// Keep one per hour for the last N hours.
-    #[arg(long)]
+    /// Keep one per hour for the last N hours. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_hourly: Option<u64>,
-    /// Keep one per day for the last N days.
-    #[arg(long)]
+    /// Keep one per day for the last N days. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_daily: Option<u64>,
-    /// Keep one per week for the last N weeks.
-    #[arg(long)]
+    /// Keep one per week for the last N weeks. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_weekly: Option<u64>,
-    /// Keep one per month for the last N months.
-    #[arg(long)]
+    /// Keep one per month for the last N months. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_monthly: Option<u64>,
-    /// Keep one per year for the last N years.
-    #[arg(long)]
+    /// Keep one per year for the last N years. (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     keep_yearly: Option<u64>,
+    /// Remove every snapshot of the guest that is not protected (the only
+    /// way to keep nothing: a retention of 0 is refused).
+    #[arg(long, conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"])]
+    keep_none: bool,
     /// Only show what would be removed.
     #[arg(long)]
     dry_run: bool,
@@ -379,16 +383,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Prune(args) => {
-            let ds = open_store(&args.store, &config)?;
             let keep = KeepOptions {
-                keep_last: args.keep_last,
+                keep_last: if args.keep_none {
+                    Some(0)
+                } else {
+                    args.keep_last
+                },
                 keep_hourly: args.keep_hourly,
                 keep_daily: args.keep_daily,
                 keep_weekly: args.keep_weekly,
                 keep_monthly: args.keep_monthly,
                 keep_yearly: args.keep_yearly,
             };
-            let decisions = ds.prune(&args.platform, &GuestId(args.id), &keep, args.dry_run)?;
+            if !keep.any() {
+                eprintln!(
+                    "error: prune needs a retention (--keep-last N, --keep-daily N, ...) or --keep-none"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let ds = open_store(&args.store, &config)?;
+            let decisions = ds.prune(
+                &args.platform,
+                &GuestId(args.id.clone()),
+                &keep,
+                args.dry_run,
+            )?;
+            if decisions.is_empty() {
+                bail!(
+                    "no snapshots of guest {} (platform {}) in this datastore",
+                    args.id,
+                    args.platform
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&decisions)?);
             } else {
@@ -486,7 +512,7 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
     let job = jobs::register(config, "backup", now())?;
     let options = JobOptions {
         info: job.info.clone(),
-        parallelism: args.parallel.max(1),
+        parallelism: args.parallel as usize,
         log_dir: work.path().join("logs"),
     };
     let (interrupt, cancel) = jobs::Interrupt::install()?;

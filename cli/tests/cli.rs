@@ -78,3 +78,79 @@ fn mock_subcommand_prints_its_endpoints_and_serves() {
     );
     assert!(v["scp"]["base_url"].is_string(), "{v}");
 }
+
+/// Settings that would hang, do nothing or destroy data are refused with
+/// exit 2 and a one-line reason, before anything runs (issue 13, items 1
+/// and 5).
+#[test]
+fn settings_that_destroy_data_or_hang_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let refused = |args: &[&str]| {
+        let out = vmbackup().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        err
+    };
+    let s = store.to_str().unwrap();
+    let nbd = [
+        "backup",
+        "-d",
+        s,
+        "--nbd",
+        "nbd://127.0.0.1:1/x",
+        "--id",
+        "a",
+    ];
+    let err = refused(&[&nbd[..], &["--bwlimit", "0"]].concat());
+    assert!(err.contains("--bwlimit"), "{err}");
+    let err = refused(&[&nbd[..], &["--parallel", "0"]].concat());
+    assert!(err.contains("--parallel"), "{err}");
+    for rule in [
+        "--keep-last",
+        "--keep-hourly",
+        "--keep-daily",
+        "--keep-weekly",
+        "--keep-monthly",
+        "--keep-yearly",
+    ] {
+        let err = refused(&["prune", "-d", s, "--id", "a", rule, "0"]);
+        assert!(err.contains(rule), "{err}");
+    }
+    let err = refused(&["prune", "-d", s, "--id", "a"]);
+    assert!(err.contains("--keep-none"), "{err}");
+    let err = refused(&[
+        "prune",
+        "-d",
+        s,
+        "--id",
+        "a",
+        "--keep-none",
+        "--keep-last",
+        "1",
+    ]);
+    assert!(err.contains("--keep-none"), "{err}");
+}
+
+/// `prune` of a guest the datastore has no snapshot of says so and fails.
+#[test]
+fn prune_of_an_unknown_guest_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // A datastore: `backup` creates it even when the source is unreachable.
+    let _ = vmbackup()
+        .args(["backup", "-d"])
+        .arg(&store)
+        .args(["--nbd", "nbd://127.0.0.1:1/x", "--id", "a"])
+        .output()
+        .unwrap();
+    let out = vmbackup()
+        .args(["prune", "-d"])
+        .arg(&store)
+        .args(["--id", "nosuchguest", "--keep-last", "1"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nosuchguest"), "{err}");
+}

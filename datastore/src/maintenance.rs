@@ -36,7 +36,8 @@ pub struct KeepOptions {
 }
 
 impl KeepOptions {
-    fn any(&self) -> bool {
+    /// True when at least one rule is set (with none, prune keeps all).
+    pub fn any(&self) -> bool {
         [
             self.keep_last,
             self.keep_hourly,
