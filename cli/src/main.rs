@@ -251,12 +251,29 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<Usage>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
     }
 }
+
+/// A command line that asks for something refused before anything runs
+/// (exit 2, one line).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
 
 fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
@@ -475,13 +492,18 @@ fn parse_nbd_uri(uri: &str, tls_ca: Option<&PathBuf>) -> Result<NbdAccess> {
             })
         }
         (true, None) => bail!("{uri} uses TLS: pass --tls-ca with the CA that signs the server"),
-        (false, _) => None,
+        (false, Some(_)) => {
+            return Err(Usage(format!(
+                "--tls-ca is given but {uri} is plain NBD: use nbds:// (or nbds+unix://) to connect with TLS"
+            ))
+            .into());
+        }
+        (false, None) => None,
     };
     Ok(NbdAccess::new(address, parsed.export).with_tls(tls))
 }
 
 async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
-    let ds = open_or_create_store(&args.store, config)?;
     let work = tempfile::tempdir()?;
     let (platform, provider, guests): (String, Arc<dyn provider_api::BackupProvider>, Vec<Guest>) =
         match (&args.platform, &args.nbd) {
@@ -503,6 +525,8 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
                 bail!("back up what? pass --platform NAME --guest ID or --nbd URI --id NAME")
             }
         };
+    // The sources are checked before the datastore is created or opened.
+    let ds = open_or_create_store(&args.store, config)?;
     let mover = StandardMover::new(MoverOptions {
         bandwidth_limit: args.bwlimit.map(|m| m << 20),
         ..MoverOptions::default()
@@ -546,11 +570,29 @@ async fn nbd_guest(
             server_name: t.server_name.clone(),
         }),
     )?;
+    let context = bitmap.as_ref().map(|b| format!("qemu:dirty-bitmap:{b}"));
+    let opts = match &context {
+        Some(c) => opts.meta_context(c.clone()),
+        None => opts,
+    };
     let c = nbd::client::Client::connect(&opts)
         .await
         .with_context(|| format!("connecting to {uri}"))?;
     let size = c.size();
+    let offered = context
+        .as_ref()
+        .is_none_or(|want| c.meta_contexts().iter().any(|have| have == want));
     let _ = c.disconnect().await;
+    if !offered {
+        // Checked on every backup, the first one included: a full backup
+        // would otherwise record a bitmap that does not exist as its
+        // checkpoint, and every later incremental would fail.
+        return Err(Usage(format!(
+            "{uri} does not offer the dirty bitmap {:?} (qemu-nbd --bitmap NAME exports it)",
+            bitmap.unwrap_or_default()
+        ))
+        .into());
+    }
     Ok(NbdGuest::single(id, access, size, bitmap))
 }
 

@@ -106,6 +106,11 @@ fn settings_that_destroy_data_or_hang_are_refused() {
     assert!(err.contains("--bwlimit"), "{err}");
     let err = refused(&[&nbd[..], &["--parallel", "0"]].concat());
     assert!(err.contains("--parallel"), "{err}");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, b"not used").unwrap();
+    let err = refused(&[&nbd[..], &["--tls-ca", ca.to_str().unwrap()]].concat());
+    assert!(err.contains("nbds://"), "{err}");
+    assert!(!store.exists(), "a refused backup created the datastore");
     for rule in [
         "--keep-last",
         "--keep-hourly",
@@ -137,13 +142,7 @@ fn settings_that_destroy_data_or_hang_are_refused() {
 fn prune_of_an_unknown_guest_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    // A datastore: `backup` creates it even when the source is unreachable.
-    let _ = vmbackup()
-        .args(["backup", "-d"])
-        .arg(&store)
-        .args(["--nbd", "nbd://127.0.0.1:1/x", "--id", "a"])
-        .output()
-        .unwrap();
+    datastore::Datastore::create(&store, datastore::DatastoreOptions::default()).unwrap();
     let out = vmbackup()
         .args(["prune", "-d"])
         .arg(&store)

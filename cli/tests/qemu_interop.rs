@@ -193,3 +193,39 @@ fn qcow2_with_dirty_bitmap_full_incremental_serve_and_compare() {
     let verify = run(vmbackup().args(["verify", "-d"]).arg(&store));
     assert!(verify.contains("0 bad"), "{verify}");
 }
+
+/// A `--bitmap` the export does not offer is refused on the first backup
+/// too (exit 2, before any datastore exists): a full backup would record
+/// the missing bitmap as its checkpoint and every later incremental would
+/// fail (issue 13, item 6).
+#[test]
+fn a_bitmap_the_export_does_not_offer_is_refused_on_the_first_backup() {
+    if !(have("qemu-img") && have("qemu-nbd")) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let sock = dir.path().join("nbd.sock");
+    let store = dir.path().join("store");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("4M"));
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add", "--enable", "--granularity", "64K"])
+        .arg(&image)
+        .arg("cbt0"));
+    let _nbd = qemu_nbd(&image, &sock);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = vmbackup()
+        .args([
+            "backup", "--id", "qemu-vm", "--bitmap", "nosuch", "--nbd", &uri, "-d",
+        ])
+        .arg(&store)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("\"nosuch\""), "{err}");
+    assert!(!store.exists(), "a refused backup created the datastore");
+}
