@@ -141,4 +141,21 @@ pub fn print_job(report: &JobReport, platform: &str, json: bool) {
             println!("job_cleanup failed: {}", e.report());
         }
     }
+    // Failures also go to stderr, one line each (whatever stdout carries):
+    // the error's report names guest, volume, offset and API call.
+    if let Some(e) = &report.init_error {
+        eprintln!("error: job_init failed: {}", e.report());
+    }
+    for g in &report.guests {
+        if let Err(e) = &g.result {
+            eprintln!(
+                "error: guest {}: {}",
+                g.guest.id,
+                e.report().replace('\n', " ")
+            );
+        }
+    }
+    if let Some(e) = &report.cleanup_error {
+        eprintln!("error: job_cleanup failed: {}", e.report());
+    }
 }

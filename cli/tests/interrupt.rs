@@ -299,3 +299,32 @@ async fn ovirt() {
 async fn zstack() {
     interrupted_jobs_leave_the_platform_clean("zstack", "zs-vm-1").await;
 }
+
+/// A guest that fails is also reported on stderr, one line naming the
+/// guest and the cause, and log lines carry no ANSI colour codes when
+/// stderr is not a terminal (issue 13, item 9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_guest_is_one_plain_line_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_mock, endpoints) = start_mock(&dir.path().join("mock"));
+    let state = dir.path().join("state");
+    let cfg = config(dir.path(), &endpoints, "scp");
+    let out = vmbackup(&state)
+        .env("VMBACKUP_LOG", "info")
+        .args(["--json", "--config"])
+        .arg(&cfg)
+        .args(["backup", "--platform", "p", "--guest", "no-such-server"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error: guest no-such-server:"))
+        .unwrap_or_else(|| panic!("no error line for the guest on stderr:\n{err}"));
+    assert!(line.len() > "error: guest no-such-server: ".len(), "{line}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "ANSI codes on a non-terminal stderr:\n{err}"
+    );
+}

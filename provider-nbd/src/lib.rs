@@ -416,6 +416,16 @@ impl BackupProvider for NbdProvider {
                         .map(|f| f.to_string_lossy().into_owned())
                         .unwrap_or_default();
                     let partial = self.restore_dir.join(format!(".{file_name}.partial"));
+                    if partial.exists() {
+                        return Err(Error::new(
+                            ErrorKind::Refused,
+                            format!(
+                                "{} exists: a restore to {} is running or was interrupted (remove the partial file to restore again)",
+                                partial.display(),
+                                path.display()
+                            ),
+                        ));
+                    }
                     planned.insert(device, (path, partial));
                 }
                 (name, RestoreDestination::Files(planned))
@@ -660,6 +670,32 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_restore_is_never_taken_for_a_finished_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = provider(None, dir.path().to_path_buf());
+        let snap = snapshot("vm9", &[("sda", 4096)]);
+        let target = || RestoreTarget::NewGuest {
+            name: Some("k".into()),
+        };
+        let guest = p
+            .restore_vm_init(&request(snap.clone(), target()))
+            .await
+            .unwrap();
+        destination_of(&p, &guest, &snap.volumes[0]).await;
+        // The process dies here (kill -9): no cleanup runs. The data sits
+        // under a temporary name, never under the final one.
+        assert!(!dir.path().join("k.raw").exists());
+        assert!(dir.path().join(".k.raw.partial").exists());
+        let other = provider(None, dir.path().to_path_buf());
+        let e = other
+            .restore_vm_init(&request(snap, target()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        assert!(e.to_string().contains("interrupted"), "{e}");
     }
 
     #[tokio::test]
