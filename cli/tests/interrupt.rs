@@ -260,6 +260,23 @@ async fn interrupted_jobs_leave_the_platform_clean(platform: &str, vm_name: &str
     let mut child = slow_backup(&state, &cfg, &vm, &admin, platform).await;
     child.0.kill().unwrap();
     child.0.wait().unwrap();
+    // Operations the dead job started on the platform (ZStack API jobs,
+    // SCP tasks) still finish there and may create objects after the kill;
+    // let them, as they would before the next scheduled job. (An object
+    // created after a sweep carries the dead job's marker and is swept by
+    // the job after.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held(&admin, platform)
+        .await
+        .iter()
+        .any(|h| h.contains("running_"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{platform}: platform jobs never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let left = held(&admin, platform).await;
     assert!(
         !left.is_empty(),

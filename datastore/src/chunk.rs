@@ -222,7 +222,7 @@ impl ChunkStore {
     pub(crate) fn create(&self) -> Result<()> {
         for i in 0..256 {
             let d = self.dir.join(format!("{i:02x}"));
-            fs::create_dir_all(&d).map_err(|e| io_err("creating", &d, e))?;
+            crate::util::create_dir_all_private(&d).map_err(|e| io_err("creating", &d, e))?;
         }
         Ok(())
     }
@@ -246,7 +246,7 @@ impl ChunkStore {
     /// A shared lock held while inserting, so that a sweep (exclusive) never
     /// removes a chunk between "it exists" and "its time is refreshed".
     fn insert_lock(&self) -> Result<File> {
-        let f = File::options()
+        let f = crate::util::private_file_options()
             .read(true)
             .write(true)
             .create(true)
@@ -260,7 +260,7 @@ impl ChunkStore {
 
     /// The exclusive lock a sweep holds.
     pub(crate) fn sweep_lock(&self) -> Result<File> {
-        let f = File::options()
+        let f = crate::util::private_file_options()
             .read(true)
             .write(true)
             .create(true)
@@ -281,7 +281,7 @@ impl ChunkStore {
         debug_assert!(!digest.is_zero());
         let path = self.path(digest);
         let _lock = self.insert_lock()?;
-        match File::options().write(true).open(&path) {
+        match crate::util::private_file_options().write(true).open(&path) {
             Ok(f) => {
                 f.set_modified(SystemTime::now())
                     .map_err(|e| io_err("touching chunk", &path, e))?;
@@ -299,7 +299,7 @@ impl ChunkStore {
         let dir = self.prefix_dir(digest);
         let tmp = dir.join(format!(".{}.tmp-{}", digest.to_hex(), unique_suffix()));
         let res = (|| {
-            let mut f = File::create(&tmp)?;
+            let mut f = crate::util::create_private(&tmp)?;
             f.write_all(&head)?;
             f.write_all(payload)?;
             // The same clock as the GC's cutoff (a file system's own

@@ -48,6 +48,12 @@
 //! [`Corrupt`](provider_api::ErrorKind::Corrupt)) with its path and digest
 //! and never returned as data.
 //!
+//! ## Permissions
+//!
+//! Everything the datastore creates is private to its owner: directories
+//! 0700 (the root too, when `create` finds it existing and empty), files
+//! 0600, whatever the process's umask (it can only remove bits).
+//!
 //! ## Crash safety
 //!
 //! A chunk is written to a temp file, fsynced and renamed (inserting is

@@ -227,7 +227,7 @@ impl Datastore {
         }
         let p = dir.join(PROTECTED_FILE);
         if protected {
-            File::create(&p).map_err(|e| io_err("creating", &p, e))?;
+            crate::util::create_private(&p).map_err(|e| io_err("creating", &p, e))?;
         } else if p.exists() {
             fs::remove_file(&p).map_err(|e| io_err("removing", &p, e))?;
         }

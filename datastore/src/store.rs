@@ -109,7 +109,7 @@ impl SnapPath {
 }
 
 pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
-    File::options()
+    crate::util::private_file_options()
         .read(true)
         .write(true)
         .create(true)
@@ -154,7 +154,7 @@ impl Datastore {
                 "chunk size {cs} must be a power of two from 4 KiB to 64 MiB"
             )));
         }
-        fs::create_dir_all(&root).map_err(|e| io_err("creating", &root, e))?;
+        crate::util::create_dir_all_private(&root).map_err(|e| io_err("creating", &root, e))?;
         let non_empty = fs::read_dir(&root)
             .map_err(|e| io_err("listing", &root, e))?
             .next()
@@ -168,9 +168,16 @@ impl Datastore {
                 ),
             ));
         }
+        // The root may have existed (empty): make it private too.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .map_err(|e| io_err("making private", &root, e))?;
+        }
         for d in [".locks/writers", BASE_DIR] {
             let p = root.join(d);
-            fs::create_dir_all(&p).map_err(|e| io_err("creating", &p, e))?;
+            crate::util::create_dir_all_private(&p).map_err(|e| io_err("creating", &p, e))?;
         }
         ChunkStore::new(&root, cs as usize).create()?;
         store_sealed(
@@ -273,7 +280,7 @@ impl Datastore {
 
     /// The exclusive lock of a snapshot group (naming at commit, prune).
     pub(crate) fn lock_group(&self, group: &Path) -> Result<File> {
-        fs::create_dir_all(group).map_err(|e| io_err("creating", group, e))?;
+        crate::util::create_dir_all_private(group).map_err(|e| io_err("creating", group, e))?;
         let f = open_lock_file(&group.join(".lock"))?;
         f.lock().map_err(|e| io_err("locking", group, e))?;
         Ok(f)
@@ -282,7 +289,7 @@ impl Datastore {
     /// Register a running backup (see the lock table in the crate docs).
     pub(crate) fn register_writer(&self) -> Result<WriterRegistration> {
         let dir = self.locks_dir().join("writers");
-        fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+        crate::util::create_dir_all_private(&dir).map_err(|e| io_err("creating", &dir, e))?;
         let name = unique_suffix();
         let tmp = dir.join(format!(".new-{name}"));
         let file = open_lock_file(&tmp)?;

@@ -134,6 +134,43 @@ pub(crate) fn unique_suffix() -> String {
     format!("{nanos}-{}-{n}", std::process::id())
 }
 
+/// Options for files the datastore creates: readable by the owner only
+/// (mode 0600, never more whatever the umask: the umask can only remove
+/// bits). Backed-up disks are as secret as the guests.
+pub(crate) fn private_file_options() -> fs::OpenOptions {
+    let mut o = File::options();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o
+}
+
+/// `File::create` with mode 0600.
+pub(crate) fn create_private(path: &Path) -> std::io::Result<File> {
+    private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
+fn private_dir_builder(recursive: bool) -> fs::DirBuilder {
+    let mut b = fs::DirBuilder::new();
+    b.recursive(recursive);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    b
+}
+
+/// `fs::create_dir_all` with mode 0700 for every directory it creates.
+pub(crate) fn create_dir_all_private(path: &Path) -> std::io::Result<()> {
+    private_dir_builder(true).create(path)
+}
+
+/// `fs::create_dir` with mode 0700.
+pub(crate) fn create_dir_private(path: &Path) -> std::io::Result<()> {
+    private_dir_builder(false).create(path)
+}
+
 /// Replace `path` with `data` atomically and durably: temp file in the same
 /// directory, fsync, rename, fsync the directory.
 pub(crate) fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
@@ -141,7 +178,7 @@ pub(crate) fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}", unique_suffix()));
     let res = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = create_private(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         fs::rename(&tmp, path)

@@ -35,7 +35,7 @@ fn lock_poisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Write `data` to `path` and fsync it; returns its [`FileRef`].
 fn write_file(path: &Path, data: &[u8]) -> Result<FileRef> {
     let res = (|| {
-        let mut f = File::create(path)?;
+        let mut f = crate::util::create_private(path)?;
         f.write_all(data)?;
         f.sync_all()
     })();
@@ -79,9 +79,9 @@ impl SnapWriter {
             &encode_component(&spec.platform),
             &encode_component(&spec.guest.0),
         );
-        fs::create_dir_all(&group).map_err(|e| io_err("creating", &group, e))?;
+        crate::util::create_dir_all_private(&group).map_err(|e| io_err("creating", &group, e))?;
         let tmp = group.join(format!(".tmp-{}", reg.name));
-        fs::create_dir(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
         Ok(SnapWriter {
             ds,
             spec,
@@ -252,9 +252,9 @@ impl SnapshotWriter for SnapWriter {
         }
         let parent = self.ds.base_dir(&self.spec.platform, id);
         let parent = parent.parent().map(Path::to_path_buf).unwrap_or_default();
-        fs::create_dir_all(&parent).map_err(|e| io_err("creating", &parent, e))?;
+        crate::util::create_dir_all_private(&parent).map_err(|e| io_err("creating", &parent, e))?;
         let tmp = parent.join(format!(".tmp-{}", self.reg.name_for_base()));
-        fs::create_dir(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
         let dest = Destination::BaseImage {
             platform: self.spec.platform.clone(),
             id: id.clone(),

@@ -756,3 +756,39 @@ async fn a_missing_base_chunk_fails_the_volume_not_silently() {
     assert!(snap.commit(vec![]).await.is_err());
     assert_eq!(ds.list_snapshots(None, None).await.unwrap().len(), 1);
 }
+
+/// Everything the datastore creates is private to its owner (directories
+/// 0700, files 0600), whatever the umask: backed-up disks are as secret as
+/// the guests (issue 13, item 7).
+#[cfg(unix)]
+#[tokio::test]
+async fn the_datastore_is_private_to_its_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("ds");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ds = new_ds(dir.path()); // creates `<dir>/ds`, which exists (0755)
+    backup(
+        &ds,
+        "vm1",
+        1,
+        vspec("disk0", 8 << 20, StartFrom::Empty),
+        &[Op::Data(0, noise(1, 6 << 20))],
+    )
+    .await
+    .unwrap();
+    let mut seen = 0;
+    let mut stack = vec![root.clone()];
+    while let Some(p) = stack.pop() {
+        let mode = std::fs::symlink_metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+        seen += 1;
+        if p.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    assert!(seen > 10, "only {seen} entries checked");
+}

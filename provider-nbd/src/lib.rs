@@ -26,8 +26,8 @@
 //!   `<name>-<device>.raw` otherwise (characters of the device outside
 //!   `[A-Za-z0-9._-]` become `_`). Restore refuses when a file exists or
 //!   when two devices would map to one file. Each file is written under a
-//!   temporary name (`.<file>.partial`) and renamed when the whole VM
-//!   restored; a failed restore removes what it wrote.
+//!   temporary name (`.<file>.partial`, mode 0600) and renamed when the
+//!   whole VM restored; a failed restore removes what it wrote.
 //! - [`RestoreTarget::InPlace`]: over the original guest's configured
 //!   exports, volume by volume (each export must be writable and at least
 //!   as large as the stored volume).
@@ -461,9 +461,12 @@ impl BackupProvider for NbdProvider {
                     Error::invalid("this volume is not part of the restored snapshot")
                         .volume(device)
                 })?;
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                // A restored disk is as secret as the guest: owner only.
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                let f = options
                     .open(partial)
                     .map_err(|e| io_error(format!("creating {}", partial.display()), e))?;
                 f.set_len(request.volume.volume.size)
@@ -640,6 +643,12 @@ mod tests {
                 }
                 other => panic!("{other:?}"),
             }
+        }
+        #[cfg(unix)]
+        for path in &paths {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", path.display());
         }
         paths.sort();
         paths.dedup();
