@@ -60,7 +60,7 @@
 //! #         pub async fn delete_vm(&self, _vm: &str) -> Result<()> { Ok(()) }
 //! #     }
 //! #     pub fn my_provider() -> std::sync::Arc<dyn provider_api::BackupProvider> {
-//! #         unimplemented!("the provider under test")
+//! #         panic!("your provider's constructor goes here")
 //! #     }
 //! # }
 //!
