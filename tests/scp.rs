@@ -504,6 +504,7 @@ async fn lease_expiry_during_a_backup_fails_cleanly() {
                 bandwidth_limit: Some(4 * MIB),
                 // A lost lease shuts the export: retrying cannot help.
                 retry: engine::RetryPolicy::none(),
+                ..engine::MoverOptions::default()
             },
         )
         .await;
@@ -928,6 +929,7 @@ async fn the_lease_is_renewed_while_a_slow_backup_reads() {
                 bandwidth_limit: Some(4 * MIB),
                 // A lost lease shuts the export: retrying cannot help.
                 retry: engine::RetryPolicy::none(),
+                ..engine::MoverOptions::default()
             },
         )
         .await;

@@ -126,6 +126,10 @@ struct BackupArgs {
     /// CA certificate (PEM) for nbds:// exports; the server is always verified.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Seconds to wait for one answer of an NBD source before handling it
+    /// as a dropped connection (retried, then the guest fails).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    io_timeout: u64,
     /// Read at most this many MiB per second from the source (at least 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bwlimit: Option<u64>,
@@ -534,6 +538,7 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
     let ds = open_or_create_store(&args.store, config)?;
     let mover = StandardMover::new(MoverOptions {
         bandwidth_limit: args.bwlimit.map(|m| m << 20),
+        io_timeout: std::time::Duration::from_secs(args.io_timeout),
         ..MoverOptions::default()
     });
     let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(mover))

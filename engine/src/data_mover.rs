@@ -48,6 +48,11 @@ pub struct MoverOptions {
     /// connection or a transient I/O error (each retry on a fresh
     /// connection to the same export when the transport failed).
     pub retry: RetryPolicy,
+    /// Longest wait for one NBD request's answer: a source that stops
+    /// answering (a hung server, a cut network without a reset) is treated
+    /// as a dropped connection after this long, retried as such, and fails
+    /// the volume once the retries are spent.
+    pub io_timeout: std::time::Duration,
 }
 
 impl Default for MoverOptions {
@@ -57,6 +62,7 @@ impl Default for MoverOptions {
             depth: 8,
             bandwidth_limit: None,
             retry: RetryPolicy::default(),
+            io_timeout: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -212,6 +218,7 @@ struct NbdConn {
     access: NbdAccess,
     contexts: Vec<String>,
     retry: RetryPolicy,
+    io_timeout: std::time::Duration,
     size: u64,
     current: std::sync::Mutex<(u64, nbd::client::Client)>,
     reconnecting: tokio::sync::Mutex<()>,
@@ -222,12 +229,14 @@ impl NbdConn {
         access: NbdAccess,
         contexts: &[&str],
         retry: RetryPolicy,
+        io_timeout: std::time::Duration,
         client: nbd::client::Client,
     ) -> NbdConn {
         NbdConn {
             access,
             contexts: contexts.iter().map(|c| (*c).to_owned()).collect(),
             retry,
+            io_timeout,
             size: client.size(),
             current: std::sync::Mutex::new((0, client)),
             reconnecting: tokio::sync::Mutex::new(()),
@@ -314,7 +323,26 @@ impl NbdConn {
                     return Err(e.offset(offset));
                 }
                 let (generation, client) = self.current();
-                match op(client).await {
+                let Ok(answer) = tokio::time::timeout(self.io_timeout, op(client)).await else {
+                    // No answer: handle it as a dead connection.
+                    stale.store(generation, std::sync::atomic::Ordering::Relaxed);
+                    let gave_up = if attempt >= attempts && attempts > 1 {
+                        format!(" (gave up after {attempts} attempts)")
+                    } else {
+                        String::new()
+                    };
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "{what}: NBD export {} did not answer within {:?}{gave_up}",
+                            self.access.uri(),
+                            self.io_timeout
+                        ),
+                    )
+                    .offset(offset)
+                    .retryable(true));
+                };
+                match answer {
                     Ok(v) => Ok(v),
                     Err(e) => {
                         let failure = classify(&e, read);
@@ -351,6 +379,7 @@ impl Source {
         access: &SnapshotAccess,
         want_bitmap: bool,
         retry: RetryPolicy,
+        io_timeout: std::time::Duration,
     ) -> Result<Source> {
         match access {
             SnapshotAccess::Nbd(n) => {
@@ -384,7 +413,13 @@ impl Source {
                     .filter(|c| selected.iter().any(|s| s == c))
                     .collect();
                 Ok(Source::Nbd {
-                    conn: Arc::new(NbdConn::new(n.clone(), &contexts, retry, client)),
+                    conn: Arc::new(NbdConn::new(
+                        n.clone(),
+                        &contexts,
+                        retry,
+                        io_timeout,
+                        client,
+                    )),
                     allocation,
                     bitmap,
                 })
@@ -554,6 +589,7 @@ impl DataMover for StandardMover {
                 &access,
                 matches!(dirty, DirtySource::NbdBitmap),
                 self.options.retry,
+                self.options.io_timeout,
             )
             .await?,
         );
@@ -1010,6 +1046,47 @@ mod tests {
         (server, addr, content)
     }
 
+    const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// An export that accepts connections and never answers a read.
+    struct Hung(u64);
+
+    #[async_trait]
+    impl nbd::server::Export for Hung {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        async fn read(&self, _offset: u64, _len: u32) -> nbd::Result<Bytes> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_that_stops_answering_fails_within_the_timeout() {
+        let server = nbd::server::Server::new(nbd::server::ServerConfig::default()).unwrap();
+        server.add_export("disk", Arc::new(Hung(4 * MIB)));
+        let addr = server
+            .listen_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let timeout = std::time::Duration::from_millis(200);
+        let source = Source::open(&access(addr.port()), false, fast(3), timeout)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(10), source.read(0, 4096))
+            .await
+            .expect("the read ends on its own")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{}", e.report());
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert!(e.to_string().contains("gave up after 3 attempts"), "{e}");
+        assert_eq!(e.context().offset, Some(0));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Not `shutdown()`: it waits for the reads the export never answers.
+        drop(server);
+    }
+
     fn fast(attempts: u32) -> RetryPolicy {
         RetryPolicy {
             attempts,
@@ -1035,7 +1112,11 @@ mod tests {
     async fn a_dropped_connection_is_reopened_once_for_all_concurrent_readers() {
         let (_server, addr, content) = served_disk().await;
         let (port, accepted) = flaky_proxy(addr, 3 * MIB, Some(1)).await;
-        let source = Arc::new(Source::open(&access(port), true, fast(5)).await.unwrap());
+        let source = Arc::new(
+            Source::open(&access(port), true, fast(5), IO_TIMEOUT)
+                .await
+                .unwrap(),
+        );
         let piece = 256 << 10;
         let reads = futures::stream::iter((0..content.len() as u64 / piece).map(|i| {
             let source = source.clone();
@@ -1077,7 +1158,7 @@ mod tests {
         // The handshake fits, the first block status answer (about 1 KiB
         // of extents) does not.
         let (port, accepted) = flaky_proxy(addr, 600, Some(1)).await;
-        let source = Source::open(&access(port), true, fast(5)).await;
+        let source = Source::open(&access(port), true, fast(5), IO_TIMEOUT).await;
         let source = match source {
             Ok(s) => s,
             // The handshake itself was cut: nothing to test here.
@@ -1116,7 +1197,9 @@ mod tests {
     async fn a_persistent_failure_is_reported_after_the_bounded_attempts() {
         let (_server, addr, _) = served_disk().await;
         let (port, accepted) = flaky_proxy(addr, 64 << 10, None).await;
-        let source = Source::open(&access(port), false, fast(3)).await.unwrap();
+        let source = Source::open(&access(port), false, fast(3), IO_TIMEOUT)
+            .await
+            .unwrap();
         let start = std::time::Instant::now();
         let e = source.read(4 * MIB, MIB).await.unwrap_err();
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
