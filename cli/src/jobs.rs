@@ -124,3 +124,16 @@ impl Interrupt {
         }
     }
 }
+
+/// Wait for SIGINT or SIGTERM: how a long-running command (`serve`,
+/// `mock`) is asked to stop. Stopping that way is its normal end.
+pub async fn wait_for_stop_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -63,7 +63,7 @@ enum Command {
     /// Back up an NBD export (qemu-nbd, qemu-storage-daemon, nbdkit).
     Backup(BackupArgs),
     /// List finished snapshots.
-    List(StoreArg),
+    List(ListArgs),
     /// Show one snapshot: volumes, modes, checkpoints, base images,
     /// warnings, configuration.
     Show(ShowArgs),
@@ -126,6 +126,13 @@ struct BackupArgs {
     /// CA certificate (PEM) for nbds:// exports; the server is always verified.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that verify their clients
+    /// (qemu-nbd's verify-peer); with --tls-key.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Seconds to wait for one answer of an NBD source before handling it
     /// as a dropped connection (retried, then the guest fails).
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
@@ -133,6 +140,18 @@ struct BackupArgs {
     /// Read at most this many MiB per second from the source (at least 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bwlimit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Only this platform's snapshots (nbd, or a platform of the config).
+    #[arg(long)]
+    platform: Option<String>,
+    /// Only this guest's snapshots; a guest without any is an error.
+    #[arg(long)]
+    id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -172,12 +191,39 @@ struct ServeArgs {
     snapshot: String,
     /// Volume (device) name.
     volume: String,
-    /// Address to listen on.
+    /// Address to listen on. Beyond loopback only with TLS
+    /// (--tls-cert/--tls-key) or --insecure-listen.
     #[arg(long, default_value = "127.0.0.1:10809")]
     listen: SocketAddr,
+    /// Listen beyond loopback without TLS: anyone who can reach the port
+    /// reads the disk.
+    #[arg(long)]
+    insecure_listen: bool,
     /// Export name (default: the volume name).
     #[arg(long)]
     export: Option<String>,
+    /// Server certificate (PEM): clients must use nbds:// (STARTTLS).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that client certificates must chain to: only
+    /// clients with such a certificate are served.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Memory for decoded chunks shared by all clients, in MiB (0: no
+    /// cache; concurrent reads of a chunk still decode it once).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=65536))]
+    cache_mib: u64,
+    /// Request payloads in flight, all clients together, in MiB (at
+    /// least 32: one request of the largest size).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(32..=65536))]
+    max_in_flight_mib: u64,
+    /// Seconds a client may leave a reply unread (or a handshake
+    /// unfinished) before it is disconnected.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    io_timeout: u64,
 }
 
 #[derive(Debug, Args)]
@@ -310,9 +356,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Demo(args) => demo::run(args, json).await,
         Command::Backup(args) => backup(args, &config, json).await,
-        Command::List(store) => {
-            let ds = open_store(&store, &config)?;
-            let list = ds.list_snapshots(None, None).await?;
+        Command::List(args) => {
+            let ds = open_store(&args.store, &config)?;
+            let guest = args.id.clone().map(GuestId);
+            let list = ds
+                .list_snapshots(args.platform.as_deref(), guest.as_ref())
+                .await?;
+            if list.is_empty()
+                && let Some(id) = &args.id
+            {
+                bail!(
+                    "no snapshots of guest {id}{} in this datastore",
+                    args.platform
+                        .as_ref()
+                        .map_or(String::new(), |p| format!(" (platform {p})"))
+                );
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
@@ -460,7 +519,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .context("starting the mock hypervisor")?;
             println!("{}", serde_json::to_string(mock.endpoints())?);
-            tokio::signal::ctrl_c().await?;
+            jobs::wait_for_stop_signal().await?;
             mock.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
@@ -481,7 +540,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn parse_nbd_uri(uri: &str, tls_ca: Option<&PathBuf>) -> Result<NbdAccess> {
+/// TLS files of an NBD client: the CA that signs the server, and an
+/// optional client certificate with its key.
+#[derive(Debug, Default, Clone, Copy)]
+struct ClientTls<'a> {
+    ca: Option<&'a PathBuf>,
+    cert: Option<&'a PathBuf>,
+    key: Option<&'a PathBuf>,
+}
+
+fn read_pem(path: &PathBuf, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+}
+
+fn parse_nbd_uri(uri: &str, files: ClientTls<'_>) -> Result<NbdAccess> {
+    let tls_ca = files.ca;
     let parsed = nbd::uri::NbdUri::parse(uri).with_context(|| format!("parsing {uri}"))?;
     let address = match parsed.address {
         nbd::client::Address::Tcp { host, port } => NbdAddress::Tcp { host, port },
@@ -494,10 +567,16 @@ fn parse_nbd_uri(uri: &str, tls_ca: Option<&PathBuf>) -> Result<NbdAccess> {
                 NbdAddress::Unix(_) => "localhost".into(),
             };
             Some(TlsSettings {
-                ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+                ca_pem: read_pem(ca, "CA certificate")?,
                 server_name: host,
-                client_cert_pem: None,
-                client_key_pem: None,
+                client_cert_pem: files
+                    .cert
+                    .map(|p| read_pem(p, "client certificate"))
+                    .transpose()?,
+                client_key_pem: files
+                    .key
+                    .map(|p| read_pem(p, "client key"))
+                    .transpose()?,
             })
         }
         (true, None) => bail!("{uri} uses TLS: pass --tls-ca with the CA that signs the server"),
@@ -523,7 +602,12 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
             ),
             (None, Some(uri)) => {
                 let id = args.id.clone().context("--nbd needs --id")?;
-                let guest = nbd_guest(uri, &id, args.bitmap.clone(), args.tls_ca.as_ref()).await?;
+                let tls = ClientTls {
+                    ca: args.tls_ca.as_ref(),
+                    cert: args.tls_cert.as_ref(),
+                    key: args.tls_key.as_ref(),
+                };
+                let guest = nbd_guest(uri, &id, args.bitmap.clone(), tls).await?;
                 (
                     "nbd".into(),
                     Arc::new(NbdProvider::new([guest], work.path().to_path_buf())),
@@ -568,15 +652,15 @@ async fn nbd_guest(
     uri: &str,
     id: &str,
     bitmap: Option<String>,
-    tls_ca: Option<&PathBuf>,
+    tls: ClientTls<'_>,
 ) -> Result<NbdGuest> {
-    let access = parse_nbd_uri(uri, tls_ca)?;
+    let access = parse_nbd_uri(uri, tls)?;
     let opts = nbd::client::ConnectOptions::from_uri(
         &nbd::uri::NbdUri::parse(uri)?,
         access.tls.as_ref().map(|t| nbd::client::TlsClientConfig {
             ca_pem: t.ca_pem.clone(),
-            client_cert_pem: None,
-            client_key_pem: None,
+            client_cert_pem: t.client_cert_pem.clone(),
+            client_key_pem: t.client_key_pem.clone(),
             server_name: t.server_name.clone(),
         }),
     )?;
@@ -656,18 +740,52 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
 }
 
 async fn serve(args: ServeArgs, config: &config::Config) -> Result<ExitCode> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(nbd::server::TlsServerConfig {
+            cert_pem: read_pem(cert, "server certificate")?,
+            key_pem: read_pem(key, "server key")?,
+            client_ca_pem: args
+                .tls_client_ca
+                .as_ref()
+                .map(|p| read_pem(p, "client CA certificate"))
+                .transpose()?,
+        }),
+        _ => None,
+    };
+    if !args.listen.ip().is_loopback() && tls.is_none() && !args.insecure_listen {
+        return Err(Usage(format!(
+            "--listen {} is reachable beyond this host: serve with TLS (--tls-cert/--tls-key, and --tls-client-ca to admit only known clients) or pass --insecure-listen",
+            args.listen
+        ))
+        .into());
+    }
     let ds = open_store(&args.store, config)?;
+    ds.set_chunk_cache_bytes(args.cache_mib << 20);
     let reader = ds.open_snapshot(&SnapshotId(args.snapshot.clone())).await?;
     let volume = reader.open_volume(&args.volume, Layer::Merged).await?;
-    let server = nbd::server::Server::new(nbd::server::ServerConfig::default())?;
+    let tls_on = tls.is_some();
+    let server = nbd::server::Server::new(nbd::server::ServerConfig {
+        tls_required: tls_on,
+        tls,
+        max_total_in_flight_bytes: (args.max_in_flight_mib << 20) as usize,
+        io_timeout: Some(std::time::Duration::from_secs(args.io_timeout)),
+        ..nbd::server::ServerConfig::default()
+    })
+    .context("setting up the NBD server")?;
     let export = args.export.unwrap_or_else(|| args.volume.clone());
     server.add_export(export.clone(), Arc::new(VolumeExport::new(volume)));
-    let addr = server.listen_tcp(args.listen).await?;
+    let addr = server
+        .listen_tcp(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let scheme = if tls_on { "nbds" } else { "nbd" };
     println!(
-        "serving {} {} at nbd://{addr}/{export} (Ctrl-C stops)",
+        "serving {} {} at {scheme}://{addr}/{export} (Ctrl-C stops)",
         args.snapshot, args.volume
     );
-    tokio::signal::ctrl_c().await?;
+    jobs::wait_for_stop_signal().await?;
+    // Stops accepting, gives in-flight requests a moment, then closes
+    // every connection.
     server.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -139,7 +139,7 @@ fn settings_that_destroy_data_or_hang_are_refused() {
 
 /// `prune` of a guest the datastore has no snapshot of says so and fails.
 #[test]
-fn prune_of_an_unknown_guest_says_so() {
+fn prune_and_list_of_an_unknown_guest_say_so() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     datastore::Datastore::create(&store, datastore::DatastoreOptions::default()).unwrap();
@@ -152,4 +152,16 @@ fn prune_of_an_unknown_guest_says_so() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("nosuchguest"), "{err}");
+    let out = vmbackup()
+        .args(["list", "-d"])
+        .arg(&store)
+        .args(["--id", "nosuchguest"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no snapshots of guest nosuchguest"), "{err}");
+    // Without a guest filter an empty datastore is simply empty.
+    let out = vmbackup().args(["list", "-d"]).arg(&store).output().unwrap();
+    assert!(out.status.success());
 }

@@ -77,6 +77,27 @@
 //! | `<platform>/<guest>/.lock` exclusive | commit (choosing the name), prune | each other | two commits in one second get distinct names; prunes of a guest do not interleave |
 //! | `.locks/gc.lock` exclusive | GC | GC | one GC at a time |
 //!
+//! ## Reading and the chunk cache
+//!
+//! Volume readers ([`VolReader`]) share one [`ChunkCache`] per
+//! [`Datastore`] (see [`cache`]): decoded plaintext chunks, keyed by digest,
+//! bounded in bytes ([`DEFAULT_CHUNK_CACHE_BYTES`], 64 MiB, by default;
+//! [`Datastore::set_chunk_cache_bytes`], 0 to cache nothing) and evicted
+//! least recently used first. A chunk enters the cache only after
+//! [`ChunkStore::load`] checked its CRC and SHA-256 and its length matched
+//! the index, so a hit is as trustworthy as a fresh load (damage on disk
+//! after that is found by [`Datastore::verify`], not by reads). Concurrent
+//! misses for one chunk share a single load (single-flight), whose error,
+//! if any, all of them get and none is cached; at most
+//! [`ChunkCache::decode_limit`] chunks (default: the number of cores, at
+//! least 2) are decoded at once on blocking threads, and a read spanning
+//! several chunks fetches them concurrently. Loads run in their own tasks,
+//! so a cancelled read never strands the readers waiting for its chunk.
+//! One mutex guards the cache's maps, held for map updates only (never
+//! across I/O, decoding, copying or an await); [`ChunkCache::stats`]
+//! counts hits, loads and bytes held. Verification ([`Datastore::verify`])
+//! and incremental backups read chunks from disk, never from the cache.
+//!
 //! ## Garbage collection against running backups
 //!
 //! GC (1) notes the start of the oldest running backup from the writer
@@ -130,6 +151,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod chunk;
 pub mod index;
 mod maintenance;
@@ -139,6 +161,7 @@ mod store;
 mod util;
 mod writer;
 
+pub use cache::{ChunkCache, ChunkCacheStats, DEFAULT_CHUNK_CACHE_BYTES};
 pub use chunk::{ChunkStore, Digest};
 pub use maintenance::{BadChunk, DatastoreStats, GcStats, KeepOptions, VerifyReport, VerifyScope};
 pub use reader::VolReader;

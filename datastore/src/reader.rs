@@ -1,10 +1,12 @@
 //! Reading snapshots back: configuration, metadata and random access to
 //! volumes with a zero map.
 
-use std::collections::VecDeque;
 use std::fs::File;
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,16 +15,18 @@ use provider_api::{
     SnapshotId, SnapshotInfo, SnapshotReader, VolumeReader,
 };
 
-use crate::chunk::{ChunkStore, Digest};
+use crate::cache::ChunkCache;
+use crate::chunk::ChunkStore;
 use crate::index::FixedIndex;
 use crate::manifest::{Manifest, load_blob};
-use crate::store::{Datastore, SnapPath, blocking};
+use crate::store::{Datastore, SnapPath};
 use crate::util::corrupt;
 
-/// Decoded chunks kept per volume reader.
-pub const CACHE_CHUNKS: usize = 8;
 /// Largest single read.
 pub const MAX_READ: u64 = 256 << 20;
+/// Chunks one read fetches at once (their decoding is bounded by the
+/// cache's decode limit too).
+const READ_AHEAD: usize = 8;
 
 /// An open snapshot; holds a shared lock so that it cannot be deleted while
 /// open.
@@ -99,6 +103,7 @@ impl SnapReader {
         locks.shrink_to_fit();
         Ok(VolReader::new(
             self.ds.chunks().clone(),
+            self.ds.chunk_cache().clone(),
             index,
             base,
             self._lock.clone(),
@@ -141,19 +146,21 @@ impl SnapshotReader for SnapReader {
     }
 }
 
-/// Random access to a volume (one layer of it).
+/// Random access to a volume (one layer of it). Decoded chunks come from
+/// the datastore's shared [`ChunkCache`].
 pub struct VolReader {
     store: ChunkStore,
+    cache: ChunkCache,
     index: Arc<FixedIndex>,
     /// For the overlay layer: the base image's index.
     base: Option<Arc<FixedIndex>>,
-    cache: Mutex<VecDeque<(Digest, Arc<Vec<u8>>)>>,
     _locks: (Arc<File>, Vec<File>),
 }
 
 impl VolReader {
     fn new(
         store: ChunkStore,
+        cache: ChunkCache,
         index: FixedIndex,
         base: Option<FixedIndex>,
         snap_lock: Arc<File>,
@@ -161,41 +168,18 @@ impl VolReader {
     ) -> Self {
         VolReader {
             store,
+            cache,
             index: Arc::new(index),
             base: base.map(Arc::new),
-            cache: Mutex::new(VecDeque::with_capacity(CACHE_CHUNKS)),
             _locks: (snap_lock, locks),
         }
     }
 
-    async fn chunk(&self, digest: Digest, len: u64) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(pos) = c.iter().position(|(d, _)| *d == digest) {
-                let e = c
-                    .remove(pos)
-                    .unwrap_or_else(|| (digest, Arc::new(Vec::new())));
-                let data = e.1.clone();
-                c.push_front(e);
-                return Ok(data);
-            }
-        }
-        let store = self.store.clone();
-        let data = blocking(move || store.load(&digest)).await?;
-        if data.len() as u64 != len {
-            return Err(corrupt(format!(
-                "chunk {digest} at {} has {} bytes where the index expects {len}",
-                self.store.path(&digest).display(),
-                data.len()
-            )));
-        }
-        let data = Arc::new(data);
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if c.len() >= CACHE_CHUNKS {
-            c.pop_back();
-        }
-        c.push_front((digest, data.clone()));
-        Ok(data)
+    /// Chunk `i` of the index (not a zero chunk), checked and decoded.
+    async fn chunk(&self, i: usize) -> Result<Bytes> {
+        self.cache
+            .get(&self.store, self.index.digests[i], self.index.chunk_len(i))
+            .await
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
@@ -226,23 +210,34 @@ impl VolumeReader for VolReader {
                 "read of {length} bytes is larger than {MAX_READ}"
             )));
         }
-        let cs = self.index.chunk_size;
-        let mut out = vec![0u8; length as usize];
-        let end = offset + length;
-        let mut off = offset;
-        while off < end {
-            let i = (off / cs) as usize;
-            let start = off % cs;
-            let n = (cs - start).min(end - off);
-            let digest = self.index.digests[i];
-            if !digest.is_zero() {
-                let data = self.chunk(digest, self.index.chunk_len(i)).await?;
-                let dst = (off - offset) as usize;
-                out[dst..dst + n as usize]
-                    .copy_from_slice(&data[start as usize..(start + n) as usize]);
-            }
-            off += n;
+        if length == 0 {
+            return Ok(Bytes::new());
         }
+        let cs = self.index.chunk_size;
+        let end = offset + length;
+        let (first, last) = ((offset / cs) as usize, ((end - 1) / cs) as usize);
+        // Exactly one whole chunk: hand out the cached bytes themselves.
+        if first == last
+            && offset == first as u64 * cs
+            && length == self.index.chunk_len(first)
+            && !self.index.digests[first].is_zero()
+        {
+            return self.chunk(first).await;
+        }
+        let mut out = vec![0u8; length as usize];
+        // The chunks to fetch (zero chunks are never loaded), at most
+        // READ_AHEAD at once; each is copied into place as it arrives.
+        let fetches = (first..=last)
+            .filter(|&i| !self.index.digests[i].is_zero())
+            .map(|i| async move { self.chunk(i).await.map(|data| (i, data)) });
+        for_each_bounded(fetches, READ_AHEAD, |(i, data)| {
+            let chunk_start = i as u64 * cs;
+            let from = offset.max(chunk_start);
+            let to = end.min(chunk_start + data.len() as u64);
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&data[(from - chunk_start) as usize..(to - chunk_start) as usize]);
+        })
+        .await?;
         Ok(Bytes::from(out))
     }
 
@@ -276,5 +271,41 @@ impl VolumeReader for VolReader {
             off += n;
         }
         Ok(out)
+    }
+}
+
+/// Run the futures of `jobs`, at most `limit` at once, handing each output
+/// to `sink` as it completes; stops at the first error (dropping the rest).
+async fn for_each_bounded<T, F>(
+    jobs: impl Iterator<Item = F>,
+    limit: usize,
+    mut sink: impl FnMut(T),
+) -> Result<()>
+where
+    F: Future<Output = Result<T>>,
+{
+    let mut jobs = jobs.fuse();
+    let mut running: Vec<Pin<Box<F>>> = Vec::with_capacity(limit);
+    loop {
+        while running.len() < limit.max(1) {
+            match jobs.next() {
+                Some(f) => running.push(Box::pin(f)),
+                None => break,
+            }
+        }
+        if running.is_empty() {
+            return Ok(());
+        }
+        let (i, out) = std::future::poll_fn(|cx| {
+            for (i, f) in running.iter_mut().enumerate() {
+                if let Poll::Ready(out) = f.as_mut().poll(cx) {
+                    return Poll::Ready((i, out));
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        drop(running.swap_remove(i));
+        sink(out?);
     }
 }

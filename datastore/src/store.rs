@@ -11,6 +11,7 @@ use provider_api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES};
 use crate::chunk::ChunkStore;
 use crate::index::{FixedIndex, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
 use crate::manifest::{
@@ -60,6 +61,7 @@ pub(crate) struct Inner {
     pub(crate) chunks: ChunkStore,
     pub(crate) chunk_size: u64,
     pub(crate) workers: usize,
+    pub(crate) cache: ChunkCache,
 }
 
 /// A datastore in a local directory. Cheap to clone; every clone (and every
@@ -226,6 +228,7 @@ impl Datastore {
                 root,
                 chunk_size: cs,
                 workers,
+                cache: ChunkCache::new(DEFAULT_CHUNK_CACHE_BYTES),
             }),
         })
     }
@@ -239,8 +242,35 @@ impl Datastore {
                 chunks: self.inner.chunks.clone(),
                 chunk_size: self.inner.chunk_size,
                 workers: workers.max(1),
+                cache: self.inner.cache.clone(),
             }),
         }
+    }
+
+    /// Use `cache` for the decoded chunks of this handle's readers (default:
+    /// a [`ChunkCache`] of [`DEFAULT_CHUNK_CACHE_BYTES`] created at open,
+    /// shared by every clone of the handle).
+    pub fn with_chunk_cache(self, cache: ChunkCache) -> Datastore {
+        Datastore {
+            inner: Arc::new(Inner {
+                root: self.inner.root.clone(),
+                chunks: self.inner.chunks.clone(),
+                chunk_size: self.inner.chunk_size,
+                workers: self.inner.workers,
+                cache,
+            }),
+        }
+    }
+
+    /// The decoded-chunk cache shared by this handle's readers.
+    pub fn chunk_cache(&self) -> &ChunkCache {
+        &self.inner.cache
+    }
+
+    /// Bound the decoded-chunk cache to `bytes` of plaintext (0: cache
+    /// nothing). Affects every handle sharing the cache, at once.
+    pub fn set_chunk_cache_bytes(&self, bytes: u64) {
+        self.inner.cache.set_max_bytes(bytes);
     }
 
     /// The directory.

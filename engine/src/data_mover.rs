@@ -732,7 +732,7 @@ impl DataMover for StandardMover {
         progress: &dyn Progress,
     ) -> Result<u64> {
         let size = source.size();
-        let dest = Destination::open(destination).await?;
+        let dest = Destination::open(destination, self.options.io_timeout).await?;
         if let Some(actual) = dest.size()
             && actual < size
         {
@@ -795,12 +795,36 @@ impl DataMover for StandardMover {
 
 /// A restore destination.
 enum Destination {
-    Nbd(nbd::client::Client),
+    /// An NBD export; every request must be answered within `io_timeout`.
+    Nbd {
+        client: nbd::client::Client,
+        uri: String,
+        io_timeout: std::time::Duration,
+    },
     File(Arc<std::fs::File>),
 }
 
+/// Wait for an NBD destination's answer at most `limit`: a destination
+/// that stops answering fails the volume instead of hanging the restore.
+async fn answered<T>(
+    limit: std::time::Duration,
+    uri: &str,
+    what: &str,
+    offset: u64,
+    op: impl std::future::Future<Output = nbd::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, op).await {
+        Ok(r) => r.map_err(|e| data_path(what, offset, e)),
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            format!("{what}: NBD export {uri} did not answer within {limit:?}"),
+        )
+        .offset(offset)),
+    }
+}
+
 impl Destination {
-    async fn open(access: &SnapshotAccess) -> Result<Destination> {
+    async fn open(access: &SnapshotAccess, io_timeout: std::time::Duration) -> Result<Destination> {
         match access {
             SnapshotAccess::Nbd(n) => {
                 let client = connect(n, &[]).await?;
@@ -810,7 +834,11 @@ impl Destination {
                         n.uri()
                     )));
                 }
-                Ok(Destination::Nbd(client))
+                Ok(Destination::Nbd {
+                    client,
+                    uri: n.uri(),
+                    io_timeout,
+                })
             }
             SnapshotAccess::FileHandle(f) => {
                 let file = std::fs::OpenOptions::new()
@@ -829,17 +857,26 @@ impl Destination {
 
     fn size(&self) -> Option<u64> {
         match self {
-            Destination::Nbd(c) => Some(c.size()),
+            Destination::Nbd { client, .. } => Some(client.size()),
             Destination::File(f) => f.metadata().ok().map(|m| m.len()),
         }
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<()> {
         match self {
-            Destination::Nbd(c) => c
-                .write_bytes(offset, data, false)
-                .await
-                .map_err(|e| data_path("writing the restore destination over NBD", offset, e)),
+            Destination::Nbd {
+                client,
+                uri,
+                io_timeout,
+            } => answered(
+                *io_timeout,
+                uri,
+                "writing the restore destination over NBD",
+                offset,
+                client.write_bytes(offset, data, false),
+            )
+            .await
+            .map(|_| ()),
             Destination::File(f) => {
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || f.write_all_at(&data, offset))
@@ -852,23 +889,27 @@ impl Destination {
 
     async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
         match self {
-            Destination::Nbd(c) => {
+            Destination::Nbd {
+                client: c,
+                uri,
+                io_timeout,
+            } => {
+                let what = "zeroing the restore destination over NBD";
                 let mut pos = offset;
                 while pos < offset + length {
-                    let n = (offset + length - pos).min(1 << 30);
-                    let r = if c.can_write_zeroes() {
-                        c.write_zeroes(pos, n, false).await
-                    } else {
-                        c.write_bytes(pos, Bytes::from(vec![0; n.min(4 << 20) as usize]), false)
-                            .await
-                            .map(|_| ())
-                    };
-                    r.map_err(|e| data_path("zeroing the restore destination over NBD", pos, e))?;
-                    pos += if c.can_write_zeroes() {
+                    let n = if c.can_write_zeroes() {
+                        let n = (offset + length - pos).min(1 << 30);
+                        answered(*io_timeout, uri, what, pos, c.write_zeroes(pos, n, false))
+                            .await?;
                         n
                     } else {
-                        n.min(4 << 20)
+                        let n = (offset + length - pos).min(4 << 20);
+                        let zeroes = Bytes::from(vec![0; n as usize]);
+                        answered(*io_timeout, uri, what, pos, c.write_bytes(pos, zeroes, false))
+                            .await?;
+                        n
                     };
+                    pos += n;
                 }
                 Ok(())
             }
@@ -900,11 +941,14 @@ impl Destination {
 
     async fn flush(&self) -> Result<()> {
         match self {
-            Destination::Nbd(c) => {
-                if c.can_flush() {
-                    c.flush()
-                        .await
-                        .map_err(|e| data_path("flushing the restore destination", 0, e))?;
+            Destination::Nbd {
+                client,
+                uri,
+                io_timeout,
+            } => {
+                if client.can_flush() {
+                    let what = "flushing the restore destination";
+                    answered(*io_timeout, uri, what, 0, client.flush()).await?;
                 }
                 Ok(())
             }
@@ -1084,6 +1128,81 @@ mod tests {
         assert_eq!(e.context().offset, Some(0));
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         // Not `shutdown()`: it waits for the reads the export never answers.
+        drop(server);
+    }
+
+    /// A writable export that never answers a write.
+    struct HungWrites(u64);
+
+    #[async_trait]
+    impl nbd::server::Export for HungWrites {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, _offset: u64, len: u32) -> nbd::Result<Bytes> {
+            Ok(Bytes::from(vec![0; len as usize]))
+        }
+        async fn write(&self, _offset: u64, _data: Bytes, _fua: bool) -> nbd::Result<()> {
+            std::future::pending().await
+        }
+    }
+
+    /// A volume of `0x5a` bytes, all data.
+    struct Filled(u64);
+
+    #[async_trait]
+    impl VolumeReader for Filled {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        async fn read_at(&self, _offset: u64, length: u64) -> Result<Bytes> {
+            Ok(Bytes::from(vec![0x5a; length as usize]))
+        }
+        async fn regions(&self, offset: u64, length: u64) -> Result<Vec<provider_api::Region>> {
+            Ok(vec![provider_api::Region {
+                extent: Extent::new(offset, length),
+                kind: RegionKind::Data,
+            }])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restore_destination_that_stops_answering_fails_within_the_timeout() {
+        let server = nbd::server::Server::new(nbd::server::ServerConfig::default()).unwrap();
+        server.add_export("disk", Arc::new(HungWrites(4 * MIB)));
+        let addr = server
+            .listen_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let mover = StandardMover::new(MoverOptions {
+            io_timeout: std::time::Duration::from_millis(200),
+            ..MoverOptions::default()
+        });
+        let destination = SnapshotAccess::Nbd(NbdAccess::new(
+            NbdAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: addr.port(),
+            },
+            "disk",
+        ));
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            mover.restore_volume(
+                "vda",
+                Arc::new(Filled(4 * MIB)),
+                &destination,
+                &crate::mover::NoProgress,
+            ),
+        )
+        .await
+        .expect("the restore ends on its own")
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{}", e.report());
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        assert_eq!(e.context().volume.as_deref(), Some("vda"), "{}", e.report());
         drop(server);
     }
 

@@ -157,7 +157,7 @@ impl MockHypervisor {
                 client_ca_pem: None,
             }),
             tls_required: config.nbd_tls_required,
-            max_in_flight_bytes: None,
+            ..Default::default()
         })
         .map_err(|e| Error::Tls(e.to_string()))?;
         let nbd_addr = nbd

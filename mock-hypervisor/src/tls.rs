@@ -1,9 +1,11 @@
 //! TLS material for NBDSSL: loaded from `--tls-dir` or generated there.
 //!
-//! Files: `ca-cert.pem` (give it to clients), `server-cert.pem`,
-//! `server-key.pem`. When the directory lacks them, a fresh CA and a server
-//! certificate for `localhost` and the listen address are generated with
-//! rcgen and written there.
+//! Files (qemu's and libnbd's layout): `ca-cert.pem` (give it to
+//! clients), `server-cert.pem`, `server-key.pem`, and `client-cert.pem`,
+//! `client-key.pem` for clients of servers that verify their peers. When
+//! the directory lacks them, a fresh CA, a server certificate for
+//! `localhost` and the listen address, and a client certificate are
+//! generated with rcgen and written there (keys 0600).
 
 use std::path::{Path, PathBuf};
 
@@ -34,8 +36,10 @@ pub fn ensure(dir: &Path, hosts: &[String]) -> Result<TlsMaterial> {
     let ca = dir.join("ca-cert.pem");
     let cert = dir.join("server-cert.pem");
     let key = dir.join("server-key.pem");
+    // Material the user put there is never replaced; the client
+    // certificate only exists when the whole set was generated here.
     if !(ca.is_file() && cert.is_file() && key.is_file()) {
-        generate(&ca, &cert, &key, hosts)?;
+        generate(dir, hosts)?;
     }
     Ok(TlsMaterial {
         cert_pem: std::fs::read(&cert).map_err(Error::io(&cert))?,
@@ -44,7 +48,7 @@ pub fn ensure(dir: &Path, hosts: &[String]) -> Result<TlsMaterial> {
     })
 }
 
-fn generate(ca_path: &Path, cert_path: &Path, key_path: &Path, hosts: &[String]) -> Result<()> {
+fn generate(dir: &Path, hosts: &[String]) -> Result<()> {
     let tls = |e: rcgen::Error| Error::Tls(e.to_string());
     let ca_key = rcgen::KeyPair::generate().map_err(tls)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
@@ -65,14 +69,48 @@ fn generate(ca_path: &Path, cert_path: &Path, key_path: &Path, hosts: &[String])
             names.push(h.clone());
         }
     }
-    let key = rcgen::KeyPair::generate().map_err(tls)?;
-    let mut params = rcgen::CertificateParams::new(names).map_err(tls)?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "mock-hypervisor");
-    let cert = params.signed_by(&key, &issuer).map_err(tls)?;
-    std::fs::write(ca_path, ca_cert.pem()).map_err(Error::io(ca_path))?;
-    std::fs::write(cert_path, cert.pem()).map_err(Error::io(cert_path))?;
-    std::fs::write(key_path, key.serialize_pem()).map_err(Error::io(key_path))?;
+    let leaf = |names: Vec<String>, cn: &str, usage: rcgen::ExtendedKeyUsagePurpose| {
+        let key = rcgen::KeyPair::generate().map_err(tls)?;
+        let mut params = rcgen::CertificateParams::new(names).map_err(tls)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![usage];
+        let cert = params.signed_by(&key, &issuer).map_err(tls)?;
+        Ok::<_, Error>((cert.pem(), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(
+        names,
+        "mock-hypervisor",
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client_cert, client_key) = leaf(
+        Vec::new(),
+        "backup-client",
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
+    for (name, pem, mode) in [
+        ("ca-cert.pem", ca_cert.pem(), 0o644),
+        ("server-cert.pem", server_cert, 0o644),
+        ("server-key.pem", server_key, 0o600),
+        ("client-cert.pem", client_cert, 0o644),
+        ("client-key.pem", client_key, 0o600),
+    ] {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut f| f.write_all(pem.as_bytes()))
+            .map_err(Error::io(&path))?;
+    }
     Ok(())
 }

@@ -37,7 +37,8 @@
 //! and nothing a peer sends makes either side panic or allocate without
 //! bound (option replies ≤ 1 MiB, non-data chunks ≤ 16 MiB, data only
 //! into buffers sized by our own requests; the server caps payloads at
-//! 32 MiB and in-flight payload memory per connection).
+//! 32 MiB and in-flight payload memory per connection and in total, and
+//! drops the work of clients that are gone: see [`server`]).
 //!
 //! ## Pipelining
 //!

@@ -279,7 +279,13 @@ async fn tls_with_client_cert_and_wrong_ca() {
     let mut anon = tls.clone();
     anon.client_cert_pem = None;
     anon.client_key_pem = None;
-    assert!(Client::connect(&opts(peer.port).tls(anon)).await.is_err());
+    let e = Client::connect(&opts(peer.port).tls(anon))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("requires a client certificate"),
+        "{e}"
+    );
     // nbds:// without a CA is refused before connecting
     let e = Client::connect_uri(&format!("nbds://127.0.0.1:{}/vm", peer.port))
         .await

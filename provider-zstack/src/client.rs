@@ -44,6 +44,8 @@ pub struct Connection {
     pub poll_interval: Duration,
     /// Longest wait for one API job (AddImage, template creation, ...).
     pub job_timeout: Duration,
+    /// Longest wait for one read of an answer (API or download).
+    pub io_timeout: Duration,
     /// Retries of idempotent calls (login, queries, job polls).
     pub retry: RetryPolicy,
 }
@@ -55,6 +57,7 @@ impl std::fmt::Debug for Connection {
             .field("account", &self.account)
             .field("poll_interval", &self.poll_interval)
             .field("job_timeout", &self.job_timeout)
+            .field("io_timeout", &self.io_timeout)
             .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
@@ -142,6 +145,7 @@ impl ZStackClient {
     pub fn new(conn: Connection) -> Result<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .read_timeout(conn.io_timeout)
             .build()
             .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))?;
         Ok(ZStackClient {

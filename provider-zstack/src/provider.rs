@@ -48,6 +48,10 @@ pub struct ZStackOptions {
     /// Longest wait for one API job, in seconds.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_secs: f64,
+    /// Longest silence of the management node or of a download, in
+    /// seconds (each read; a long download that keeps flowing is fine).
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout_secs: u64,
     /// How often a broken export download is resumed.
     #[serde(default = "default_retries")]
     pub download_retries: u32,
@@ -71,6 +75,9 @@ fn default_poll_ms() -> u64 {
 }
 fn default_job_timeout() -> f64 {
     600.0
+}
+fn default_io_timeout() -> u64 {
+    120
 }
 fn default_retries() -> u32 {
     5
@@ -109,6 +116,7 @@ impl ZStackOptions {
             work_dir: work_dir.into(),
             poll_interval_ms: default_poll_ms(),
             job_timeout_secs: default_job_timeout(),
+            io_timeout_secs: default_io_timeout(),
             download_retries: default_retries(),
             keep_restore_images: true,
             retry_attempts: default_retries(),
@@ -314,6 +322,7 @@ impl ZStackProvider {
             password: options.password.clone(),
             poll_interval: Duration::from_millis(options.poll_interval_ms.max(1)),
             job_timeout: Duration::from_secs_f64(options.job_timeout_secs.max(0.01)),
+            io_timeout: Duration::from_secs(options.io_timeout_secs.max(1)),
             retry: RetryPolicy {
                 attempts: options.retry_attempts.max(1),
                 initial_delay: Duration::from_millis(options.retry_initial_ms),

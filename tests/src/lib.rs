@@ -5,3 +5,4 @@
 pub mod ovirt;
 pub mod scp;
 pub mod zstack;
+pub mod python;

@@ -218,16 +218,22 @@ async fn connect_one(opts: &ConnectOptions) -> Result<Conn> {
 async fn connect_one_inner(opts: &ConnectOptions) -> Result<Conn> {
     let ctx = |e: Error| e.with_export(opts.export.clone());
     let (mut st, no_zeroes) = open(opts).await.map_err(ctx)?;
-    let tls = opts.tls.is_some();
     let neg = handshake::negotiate(st.io(), &opts.export, true, &opts.meta_contexts, no_zeroes)
         .await
         .map_err(|e| {
-            // After TLS, a rejected client certificate shows up as a failed read.
-            if tls && matches!(e.kind(), ErrorKind::Io | ErrorKind::Disconnected(_)) {
-                Error::tls("server closed the TLS session during the handshake (client certificate refused?)")
-                    .with_source(e)
-            } else {
-                e
+            // With TLS 1.3 a refused client certificate is only seen after
+            // the TLS handshake, as the server closing the session (an
+            // alert, a reset or a truncated NBD handshake).
+            let closed = matches!(e.kind(), ErrorKind::Io | ErrorKind::Disconnected(_))
+                || matches!(e.kind(), ErrorKind::Protocol(m) if m.starts_with("handshake truncated"));
+            match &opts.tls {
+                Some(t) if closed => Error::tls(if t.client_cert_pem.is_some() {
+                    "the server closed the TLS session after the TLS handshake: it refused our client certificate (is it signed by the CA the server trusts?)"
+                } else {
+                    "the server closed the TLS session after the TLS handshake: it requires a client certificate (give one with its key, e.g. --tls-cert/--tls-key, or client-cert.pem/client-key.pem in the tls-certificates directory)"
+                })
+                .with_source(e),
+                _ => e,
             }
         })
         .map_err(ctx)?;

@@ -1,12 +1,19 @@
 //! One server connection: handshake, then the transmission phase.
+//!
+//! In the transmission phase a request loop reads requests and starts a
+//! task for each (after admission, see [`Admission`]); a writer task
+//! writes the replies in the order they are ready. How the phase ends
+//! decides what happens to the requests in flight (see [`End`]).
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{Semaphore, mpsc, watch};
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::{Export, Inner, stopped};
 use crate::client::Io;
@@ -88,7 +95,7 @@ pub(crate) async fn serve(
         Raw::Other(s) => Stream::Boxed(s),
     };
     let (st, sel) = tokio::select! {
-        r = handshake(&inner, st) => r?,
+        r = within(inner.limits.io_timeout, "the handshake", handshake(&inner, st)) => r?,
         _ = stopped(&mut stop) => return Ok(()),
     };
     match sel {
@@ -405,7 +412,97 @@ fn select(export: Arc<dyn Export>, structured: bool, contexts: Vec<(u32, String)
     }
 }
 
+/// The wire bytes of one reply.
 type Reply = Vec<Bytes>;
+
+/// Capacity of the queue of replies waiting for the writer (their memory
+/// is bounded by the admission budgets, not by this).
+const REPLY_QUEUE: usize = 256;
+
+/// A reply on its way to the writer, with the admission permits of its
+/// request: they are released once the reply has been written.
+struct Outgoing {
+    reply: Reply,
+    _permits: Option<Permits>,
+}
+
+/// What one admitted request holds until its reply is written.
+struct Permits {
+    _slot: OwnedSemaphorePermit,
+    _conn_bytes: OwnedSemaphorePermit,
+    _total_bytes: OwnedSemaphorePermit,
+}
+
+/// Admission control of one connection (see the module docs of
+/// `server`): a request takes a request slot, then its charge from the
+/// connection's byte budget, then from the server-wide one. Always in
+/// this order, so that no two requests wait for each other.
+struct Admission {
+    requests: Arc<Semaphore>,
+    conn_bytes: Arc<Semaphore>,
+    conn_cap: usize,
+    total_bytes: Arc<Semaphore>,
+    total_cap: usize,
+}
+
+impl Admission {
+    fn new(inner: &Inner) -> Self {
+        let l = inner.limits;
+        Admission {
+            requests: Arc::new(Semaphore::new(l.requests)),
+            conn_bytes: Arc::new(Semaphore::new(l.conn_bytes)),
+            conn_cap: l.conn_bytes,
+            total_bytes: inner.total_bytes.clone(),
+            total_cap: l.total_bytes,
+        }
+    }
+
+    /// A request slot: waits while the connection has
+    /// `max_in_flight_requests` requests in flight.
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        acquire(&self.requests, 1).await
+    }
+
+    /// Charge `req` against the connection's and the server's byte
+    /// budgets; a charge larger than a budget takes all of it.
+    async fn charge(&self, slot: OwnedSemaphorePermit, req: &Request) -> Permits {
+        let bytes = match req.command {
+            CMD_READ | CMD_WRITE => req.length.max(1) as usize,
+            _ => 1,
+        };
+        let conn = acquire(&self.conn_bytes, bytes.min(self.conn_cap)).await;
+        let total = acquire(&self.total_bytes, bytes.min(self.total_cap)).await;
+        Permits {
+            _slot: slot,
+            _conn_bytes: conn,
+            _total_bytes: total,
+        }
+    }
+}
+
+/// `n` permits of `sem` (`n` ≤ its capacity, at most 32 MiB).
+async fn acquire(sem: &Arc<Semaphore>, n: usize) -> OwnedSemaphorePermit {
+    sem.clone()
+        .acquire_many_owned(n as u32)
+        .await
+        .expect("admission semaphores are never closed")
+}
+
+/// How the transmission phase ended, which decides what happens to the
+/// requests in flight.
+enum End {
+    /// The client sent `NBD_CMD_DISC`: finish in-flight requests within
+    /// the shutdown grace.
+    Disconnect,
+    /// The server shuts down: the same.
+    Shutdown,
+    /// The client closed its side, its socket failed or it broke the
+    /// protocol (`Ok`: end of file): abort in-flight requests.
+    ClientGone(Result<()>),
+    /// A reply could not be written (the client is gone or stopped
+    /// reading): abort in-flight requests.
+    WriterFailed(Result<()>),
+}
 
 async fn transmission(
     inner: &Inner,
@@ -414,106 +511,248 @@ async fn transmission(
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let (r, w) = st.split();
-    let mut r = BufReader::with_capacity(256 * 1024, r);
-    let (tx, rx) = mpsc::channel::<Reply>(256);
-    let writer = tokio::spawn(write_loop(BufWriter::with_capacity(256 * 1024, w), rx));
-    let budget = inner.budget;
-    let sem = Arc::new(Semaphore::new(budget));
-    let sel = Arc::new(sel);
+    let r = BufReader::with_capacity(256 * 1024, r);
+    let w = BufWriter::with_capacity(256 * 1024, w);
+    let (tx, rx) = mpsc::channel::<Outgoing>(REPLY_QUEUE);
+    let mut writer = tokio::spawn(write_loop(w, rx, inner.limits.io_timeout));
     let mut tasks = JoinSet::new();
-    let result: Result<()> = loop {
-        while tasks.try_join_next().is_some() {}
-        let mut h = [0u8; REQUEST_LEN];
-        tokio::select! {
-            biased;
-            _ = stopped(&mut stop) => break Ok(()),
-            r = r.read_exact(&mut h) => match r {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-                Err(e) => break Err(e.into()),
-            },
-        }
-        let req = match Request::decode(&h) {
-            Ok(q) => q,
-            Err(e) => break Err(e),
-        };
-        if req.command == CMD_DISC {
-            break Ok(());
-        }
-        let oversize = matches!(req.command, CMD_READ | CMD_WRITE) && req.length > sel.max_payload;
-        if oversize {
-            if req.command == CMD_WRITE {
-                // stay in sync: skip the payload without buffering it
-                let mut take = (&mut r).take(req.length as u64);
-                if let Err(e) = tokio::io::copy(&mut take, &mut tokio::io::sink()).await {
-                    break Err(e.into());
-                }
-            }
-            let e = Error::invalid(format!(
-                "{} of {} bytes exceeds the maximum block size {}",
-                command_name(req.command),
-                req.length,
-                sel.max_payload
-            ));
-            if tx.send(error_reply(&sel, &req, &e)).await.is_err() {
-                break Ok(());
-            }
-            continue;
-        }
-        let cost = match req.command {
-            CMD_READ | CMD_WRITE => req.length.max(1) as usize,
-            _ => 1,
-        }
-        .min(budget) as u32;
-        let Ok(permit) = sem.clone().acquire_many_owned(cost).await else {
-            break Ok(());
-        };
-        let payload = if req.command == CMD_WRITE {
-            let mut b = BytesMut::zeroed(req.length as usize);
-            if let Err(e) = r.read_exact(&mut b).await {
-                break Err(Error::from(e));
-            }
-            Some(b.freeze())
-        } else {
-            None
-        };
-        let tx = tx.clone();
-        let sel = sel.clone();
-        tasks.spawn(async move {
-            let rep = handle(&sel, req, payload).await;
-            let _ = tx.send(rep).await;
-            drop(permit);
-        });
+    let admission = Arc::new(Admission::new(inner));
+    // the request loop owns the reader and the last sender: both go when
+    // it stops
+    let end = tokio::select! {
+        end = requests(inner, r, Arc::new(sel), admission, tx, &mut tasks) => end,
+        r = &mut writer => End::WriterFailed(joined(r)),
+        _ = stopped(&mut stop) => End::Shutdown,
     };
-    // graceful: let in-flight requests finish and their replies go out
-    while tasks.join_next().await.is_some() {}
-    drop(tx);
-    let _ = writer.await;
-    result
+    match end {
+        End::Disconnect | End::Shutdown => {
+            finish(&mut tasks, writer, inner.limits.shutdown_grace).await;
+            Ok(())
+        }
+        End::ClientGone(result) => {
+            abort_all(&mut tasks).await;
+            writer.abort();
+            let _ = writer.await;
+            result
+        }
+        End::WriterFailed(result) => {
+            abort_all(&mut tasks).await;
+            result
+        }
+    }
 }
 
-async fn write_loop(
-    mut w: BufWriter<Box<dyn tokio::io::AsyncWrite + Send + Unpin>>,
-    mut rx: mpsc::Receiver<Reply>,
-) {
-    let res: std::io::Result<()> = async {
-        while let Some(mut m) = rx.recv().await {
-            loop {
-                for part in &m {
-                    w.write_all(part).await?;
-                }
-                match rx.try_recv() {
-                    Ok(next) => m = next,
-                    Err(_) => break,
-                }
-            }
-            w.flush().await?;
+/// Read requests and start a task for each, until the client disconnects,
+/// goes away or breaks the protocol.
+async fn requests(
+    inner: &Inner,
+    mut r: BufReader<Box<dyn AsyncRead + Send + Unpin>>,
+    sel: Arc<Selected>,
+    admission: Arc<Admission>,
+    tx: mpsc::Sender<Outgoing>,
+    tasks: &mut JoinSet<()>,
+) -> End {
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let req = match read_request(&mut r).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return End::ClientGone(Ok(())),
+            Err(e) => return End::ClientGone(Err(e)),
+        };
+        if req.command == CMD_DISC {
+            return End::Disconnect;
         }
-        w.shutdown().await
+        if matches!(req.command, CMD_READ | CMD_WRITE) && req.length > sel.max_payload {
+            match refuse_oversize(&mut r, &sel, &req, &tx, inner.limits.io_timeout).await {
+                Ok(()) => continue,
+                Err(e) => return End::ClientGone(Err(e)),
+            }
+        }
+        // read the header first: a client that queued requests and left
+        // is noticed by the end of file after them
+        let slot = admission.slot().await;
+        if req.command == CMD_WRITE {
+            // the payload is buffered only once it is admitted
+            let permits = admission.charge(slot, &req).await;
+            let payload = within(
+                inner.limits.io_timeout,
+                "a WRITE payload",
+                read_payload(&mut r, req.length),
+            )
+            .await;
+            match payload {
+                Ok(p) => tasks.spawn(respond(sel.clone(), req, Some(p), permits, tx.clone())),
+                Err(e) => return End::ClientGone(Err(e)),
+            };
+        } else {
+            let (admission, sel, tx) = (admission.clone(), sel.clone(), tx.clone());
+            tasks.spawn(async move {
+                let permits = admission.charge(slot, &req).await;
+                respond(sel, req, None, permits, tx).await;
+            });
+        }
     }
+}
+
+/// The next request header; `None` at the end of the client's stream.
+async fn read_request(r: &mut (impl AsyncRead + Unpin)) -> Result<Option<Request>> {
+    let mut h = [0u8; REQUEST_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(_) => Request::decode(&h).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn read_payload(r: &mut (impl AsyncRead + Unpin), len: u32) -> Result<Bytes> {
+    let mut b = BytesMut::zeroed(len as usize);
+    r.read_exact(&mut b).await?;
+    Ok(b.freeze())
+}
+
+/// Answer a READ or WRITE larger than the maximum block size with an
+/// error; a WRITE's payload is skipped without buffering it, to stay in
+/// sync.
+async fn refuse_oversize(
+    r: &mut (impl AsyncRead + Unpin),
+    sel: &Selected,
+    req: &Request,
+    tx: &mpsc::Sender<Outgoing>,
+    limit: Option<Duration>,
+) -> Result<()> {
+    if req.command == CMD_WRITE {
+        let mut take = r.take(req.length as u64);
+        let mut sink = tokio::io::sink();
+        let skip = tokio::io::copy(&mut take, &mut sink);
+        within(limit, "an oversize WRITE payload", skip).await?;
+    }
+    let e = Error::invalid(format!(
+        "{} of {} bytes exceeds the maximum block size {}",
+        command_name(req.command),
+        req.length,
+        sel.max_payload
+    ));
+    let out = Outgoing {
+        reply: error_reply(sel, req, &e),
+        _permits: None,
+    };
+    tx.send(out)
+        .await
+        .map_err(|_| Error::new(ErrorKind::Disconnected("reply writer stopped".into())))
+}
+
+/// Run one admitted request and queue its reply, with its permits, for
+/// the writer.
+async fn respond(
+    sel: Arc<Selected>,
+    req: Request,
+    payload: Option<Bytes>,
+    permits: Permits,
+    tx: mpsc::Sender<Outgoing>,
+) {
+    let reply = handle(&sel, req, payload).await;
+    let out = Outgoing {
+        reply,
+        _permits: Some(permits),
+    };
+    // fails only when the connection is ending anyway
+    let _ = tx.send(out).await;
+}
+
+/// Give in-flight requests `grace` to finish and their replies to be
+/// written (the request loop dropped its sender, so the writer ends after
+/// the last reply); then abort what is left.
+async fn finish(tasks: &mut JoinSet<()>, mut writer: JoinHandle<Result<()>>, grace: Duration) {
+    let drained = tokio::time::timeout(grace, async {
+        while tasks.join_next().await.is_some() {}
+        joined((&mut writer).await)
+    })
     .await;
-    if let Err(e) = res {
-        tracing::debug!("NBD server write failed: {e}");
+    match drained {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!("NBD server could not write the last replies: {e}"),
+        Err(_) => {
+            tracing::debug!(
+                "NBD requests still in flight after {grace:?}: aborting {}",
+                tasks.len()
+            );
+            abort_all(tasks).await;
+            writer.abort();
+            let _ = writer.await;
+        }
+    }
+}
+
+/// Abort every request task and wait until their futures are dropped.
+async fn abort_all(tasks: &mut JoinSet<()>) {
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+/// The writer's result, a panic or abort included.
+fn joined(r: std::result::Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.unwrap_or_else(|e| Err(std::io::Error::other(e).into()))
+}
+
+/// Write replies as they come, batching those already queued into one
+/// flush; a reply's permits are released once it is written. Fails when
+/// the client is gone or a write makes no progress within `limit`.
+async fn write_loop(
+    mut w: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    limit: Option<Duration>,
+) -> Result<()> {
+    while let Some(mut out) = rx.recv().await {
+        loop {
+            for part in &out.reply {
+                write_all_within(&mut w, part, limit).await?;
+            }
+            match rx.try_recv() {
+                Ok(next) => out = next,
+                Err(_) => break,
+            }
+        }
+        drop(out);
+        within(limit, "a reply write", w.flush()).await?;
+    }
+    within(limit, "closing the connection", w.shutdown()).await?;
+    Ok(())
+}
+
+/// `write_all`, failing when one write makes no progress within `limit`
+/// (a slow reader is fine, one that stopped reading is not).
+async fn write_all_within(
+    w: &mut (impl AsyncWrite + Unpin),
+    mut buf: &[u8],
+    limit: Option<Duration>,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        let n = within(limit, "a reply write", w.write(buf)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Run `io`, failing with [`std::io::ErrorKind::TimedOut`] when `limit`
+/// passes first (`None`: no limit).
+async fn within<T, E: From<std::io::Error>>(
+    limit: Option<Duration>,
+    what: &str,
+    io: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let Some(limit) = limit else {
+        return io.await;
+    };
+    match tokio::time::timeout(limit, io).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} did not complete within {limit:?}"),
+        )
+        .into()),
     }
 }
 
