@@ -573,10 +573,7 @@ fn parse_nbd_uri(uri: &str, files: ClientTls<'_>) -> Result<NbdAccess> {
                     .cert
                     .map(|p| read_pem(p, "client certificate"))
                     .transpose()?,
-                client_key_pem: files
-                    .key
-                    .map(|p| read_pem(p, "client key"))
-                    .transpose()?,
+                client_key_pem: files.key.map(|p| read_pem(p, "client key")).transpose()?,
             })
         }
         (true, None) => bail!("{uri} uses TLS: pass --tls-ca with the CA that signs the server"),

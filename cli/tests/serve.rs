@@ -192,7 +192,11 @@ fn instant_restore_over_tls_admits_only_clients_with_a_certificate() {
     // Plain NBD is refused (TLS is required).
     let plain = uri.replacen("nbds://", "nbd://", 1);
     let out = Command::new("nbdinfo").arg(&plain).output().unwrap();
-    assert!(!out.status.success(), "plain NBD was served: {}", text(&out));
+    assert!(
+        !out.status.success(),
+        "plain NBD was served: {}",
+        text(&out)
+    );
 
     // vmbackup's own client: with its certificate it backs the served
     // snapshot up into a second datastore, restored byte for byte.
@@ -219,8 +223,7 @@ fn instant_restore_over_tls_admits_only_clients_with_a_certificate() {
     let out = backup(true);
     assert!(out.status.success(), "{}", text(&out));
     let list: serde_json::Value =
-        serde_json::from_str(&run(vmbackup().args(["--json", "list", "-d"]).arg(&store2)))
-            .unwrap();
+        serde_json::from_str(&run(vmbackup().args(["--json", "list", "-d"]).arg(&store2))).unwrap();
     let copied = list[0]["id"].as_str().unwrap().to_owned();
     let to = dir.path().join("restored");
     run(vmbackup()
