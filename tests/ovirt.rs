@@ -796,3 +796,45 @@ async fn passes_the_conformance_kit_in_both_modes_and_formats() {
             .unwrap_or_else(|e| panic!("{mode:?}/{format:?}: {e}"));
     }
 }
+
+/// The engine is reached over HTTPS only, its certificate checked against
+/// `tls_ca`: another CA (or none, the system's roots) is refused with an
+/// error naming the host, and plain HTTP is refused by the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_of_another_ca_is_refused_naming_the_host() {
+    let env = Env::start("up").await;
+    let ep = &env.mock.endpoints().platforms["ovirt"];
+    let base = ep["base_url"].as_str().unwrap().to_owned();
+    assert!(base.starts_with("https://"), "{base}");
+    let host = base
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let other = mock_hypervisor::tls::ensure(&env.dir.path().join("other-ca"), &[]).unwrap();
+    for ca in [Some(other.ca_cert.clone()), None] {
+        let mut o = env.options(BackupMode::Incremental, WireFormat::Xml);
+        o.tls_ca = ca.clone();
+        let p = OvirtProvider::new(o).unwrap();
+        let e = p
+            .job_init(&JobInfo::new("tls", 1_700_000_000))
+            .await
+            .unwrap_err();
+        let m = e.report();
+        assert!(
+            m.contains(&host) && m.contains("certificate"),
+            "{ca:?}: {m}"
+        );
+    }
+    // The right CA works.
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    p.job_init(&JobInfo::new("tls", 1_700_000_000))
+        .await
+        .unwrap();
+    p.job_cleanup().await.unwrap();
+    // Plain HTTP to the engine is refused.
+    let plain = format!("{}/ovirt-engine/api", env.mock.endpoints().http_url);
+    let r = reqwest::get(&plain).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::FORBIDDEN);
+}

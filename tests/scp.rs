@@ -990,10 +990,10 @@ async fn answers_missing_a_deciding_field_fail_the_guest_naming_call_and_field()
             "disks",
             "/janus/20250725/servers/",
         ),
-        ("/cbt/status", "/data/status", "status", "cbt/status"),
+        ("/cbt/status", "/data/enable", "enable", "cbt/status"),
         (
             "/janus/20180725/tasks/",
-            "/data/result/checkpoint_id",
+            "/data/entities/checkpoint_id",
             "checkpoint_id",
             "/snapshots",
         ),
@@ -1302,4 +1302,192 @@ async fn a_later_job_of_the_host_sweeps_what_a_dead_job_left() {
     assert_eq!(held_for(&env, &vm3).await, (0, 0, 0));
     b.job_cleanup().await.unwrap();
     assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// A task the platform fails (here the snapshot) fails the guest with the
+/// platform's own error text (task `description`), after polling it
+/// through `waiting` and `doing`; nothing is left behind and the next
+/// backup works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_task_fails_the_guest_with_the_platform_error() {
+    let env = Env::start(|c, _| c.scp.task_polls = 3).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    let message = "Insufficient space on datastore local-lvm to create the snapshot";
+    env.admin
+        .post(
+            "/scp/faults/tasks",
+            json!({"action": "create_snapshot", "message": message, "times": 1}),
+        )
+        .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let e = report.guests[0].result.as_ref().unwrap_err();
+    assert!(e.report().contains(message), "{}", e.report());
+    assert_eq!(
+        e.context().api_call.as_deref(),
+        Some(format!("POST /janus/20240725/servers/{}/snapshots", id(&vm)).as_str()),
+        "{}",
+        e.report()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    assert!(report.success());
+}
+
+/// Tokens expire: the provider logs in again (before `expires_in` runs
+/// out, and on a 401) instead of failing, within a job whose calls
+/// outlive several tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_renewed_by_logging_in_again() {
+    let env = Env::start(|c, _| {
+        c.scp.token_ttl = std::time::Duration::from_millis(300);
+        c.scp.task_polls = 4;
+    })
+    .await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let mut options = env.options(AccessMode::Nbd);
+    options.poll_interval = std::time::Duration::from_millis(100);
+    let scp = env.provider_with(options);
+    scp.client().login().await.unwrap();
+    let logins = env.mock.scp().logins();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let _: Value = scp
+        .client()
+        .call(
+            reqwest::Method::GET,
+            "/janus/20180725/system/version",
+            &[],
+            None,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(env.mock.scp().logins(), logins + 1);
+    // One backup job: each task takes 4 polls of 100 ms, longer than a
+    // token lives.
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(
+        env.mock.scp().logins() >= logins + 3,
+        "{} logins",
+        env.mock.scp().logins()
+    );
+}
+
+/// `6.11.3-beta` is 6.11.3 for the platform and the provider alike (the
+/// base image backed up separately from its CBT), and `SCP6.11.2-rc1` is
+/// below 6.11.3 for both (system disk merged): were they to disagree, the
+/// platform would refuse the base image CBT query or the provider would
+/// store the base image inside the system disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_strings_with_suffixes_are_judged_alike_by_platform_and_provider() {
+    let env = Env::start(|c, _| c.scp.version = "6.11.3-beta".into()).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.volumes[0].base_image_stored);
+    assert_eq!(b.snapshot.volumes[0].base.as_ref().unwrap().0, base);
+    assert!(env.mock.scp().version_at_least("6.11.3"));
+
+    env.admin
+        .put("/scp/version", json!({"version": "6.11.2-rc1"}))
+        .await;
+    assert!(!env.mock.scp().version_at_least("6.11.3"));
+    let vm2 = linked_vm(&env, "linked-2", &base, 20, false).await;
+    let report = env.backup(scp.clone(), &[&id(&vm2)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.snapshot.volumes[0].base.is_none());
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("r2".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(
+        digests_of(&env, &scp, &r.guest).await,
+        env.admin.server_digests(&vm2).await
+    );
+}
+
+/// Changed areas come in pages of 1 MiB here: a full and an incremental
+/// with changes spread over the disks read every page (the restore is
+/// byte-identical) and only the changed extents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_areas_over_several_pages_are_all_read() {
+    let env = Env::start(|c, _| c.scp.changed_areas_page = MIB).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    let first = env.backup(scp.clone(), &[&id(&vm)]).await;
+    assert!(first.success());
+    for (disk, offset) in [(0, 0), (0, 5 * MIB + 4096), (0, 23 * MIB), (1, 7 * MIB)] {
+        env.admin
+            .write(&disk_id(&vm, disk), offset, 65536, "random", offset + 99)
+            .await;
+    }
+    let after = env.admin.server_digests(&vm).await;
+    env.admin.reset_export_history().await;
+    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let n = next.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
+    let read = env.admin.bytes_read().await;
+    assert!(read <= 8 * 65536 * 2, "read {read} bytes");
+    let r = env
+        .restore(
+            scp.clone(),
+            &n.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+}
+
+/// With an access key the provider signs every request and never logs in
+/// with the password; a wrong secret key is an authentication error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_key_signing_backs_up_without_a_password_login() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let ep = env.mock.endpoints();
+    let keys = &ep.platforms["scp"];
+    let mut options = env.options(AccessMode::Nbd);
+    options.password = provider_scp::Secret::new("not-the-password");
+    options.access_key = keys["access_key"].as_str().map(str::to_owned);
+    options.secret_key = keys["secret_key"].as_str().map(provider_scp::Secret::new);
+    let scp = env.provider_with(options.clone());
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(env.mock.scp().logins(), 0);
+    options.secret_key = Some(provider_scp::Secret::new("wrong"));
+    let bad = env.provider_with(options);
+    let e = bad
+        .client()
+        .call::<Value>(reqwest::Method::GET, "/janus/20250725/servers", &[], None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Auth, "{}", e.report());
 }

@@ -20,6 +20,7 @@
 //! password_file = "/etc/vmbackup/ovirt.password"
 //! appliance = "backup-appliance"                 # VM the snapshot disks attach to
 //! mode = "auto"                                  # auto | incremental | snapshot-attach
+//! tls_ca = "/etc/pki/ovirt-engine/ca.pem"        # the engine's CA (always verified)
 //!
 //! [platforms.zs]
 //! kind = "zstack"
@@ -96,6 +97,9 @@ pub enum PlatformConfig {
         /// `auto`, `incremental` or `snapshot-attach`.
         #[serde(default)]
         mode: Option<String>,
+        /// CA certificate (PEM) of the engine and its image servers
+        /// (default: the system's roots; always verified).
+        tls_ca: Option<PathBuf>,
     },
     /// ZStack.
     Zstack {
@@ -229,9 +233,11 @@ pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupPro
             password_file,
             appliance,
             mode,
+            tls_ca,
         } => {
             let pw = secret(name, password, password_file)?;
             let mut options = provider_ovirt::OvirtOptions::new(endpoint, username, &pw, appliance);
+            options.tls_ca = tls_ca.clone();
             options.mode = match mode.as_deref().unwrap_or("auto") {
                 "auto" => provider_ovirt::BackupMode::Auto,
                 "incremental" => provider_ovirt::BackupMode::Incremental,

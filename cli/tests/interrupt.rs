@@ -112,10 +112,11 @@ fn config(dir: &Path, endpoints: &Value, platform: &str) -> std::path::PathBuf {
             s("password")
         ),
         "ovirt" => format!(
-            "kind = \"ovirt\"\nendpoint = {:?}\nusername = {:?}\npassword = {:?}\nappliance = \"backup-appliance\"\n",
+            "kind = \"ovirt\"\nendpoint = {:?}\nusername = {:?}\npassword = {:?}\nappliance = \"backup-appliance\"\ntls_ca = {:?}\n",
             s("base_url"),
             s("username"),
-            s("password")
+            s("password"),
+            s("ca_file")
         ),
         "zstack" => format!(
             "kind = \"zstack\"\nendpoint = {:?}\nusername = {:?}\npassword = {:?}\nwork_dir = {:?}\n",

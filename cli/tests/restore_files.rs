@@ -164,11 +164,12 @@ async fn a_two_disk_snapshot_restores_to_one_file_per_volume_with_the_exact_byte
         &config,
         format!(
             "datastore = {:?}\n\n[platforms.engine]\nkind = \"ovirt\"\nendpoint = {:?}\n\
-             username = {:?}\npassword = {:?}\nappliance = \"backup-appliance\"\n",
+             username = {:?}\npassword = {:?}\nappliance = \"backup-appliance\"\ntls_ca = {:?}\n",
             store,
             ovirt["base_url"].as_str().expect("ovirt base_url"),
             ovirt["username"].as_str().expect("ovirt username"),
             ovirt["password"].as_str().expect("ovirt password"),
+            ovirt["ca_file"].as_str().expect("ovirt ca_file (the engine is HTTPS only)"),
         ),
     )
     .unwrap();

@@ -118,6 +118,7 @@ pub struct RunningMock {
     nbd: nbd::server::Server,
     stop: watch::Sender<bool>,
     http: Option<JoinHandle<()>>,
+    https: Option<JoinHandle<()>>,
     ticker: JoinHandle<()>,
 }
 
@@ -197,6 +198,30 @@ impl MockHypervisor {
             }))
             .fallback(fallback);
 
+        // oVirt engines serve HTTPS only: a second listener with the
+        // mock CA's certificate (see crate::ovirt::https).
+        let (stop, mut stop_rx) = watch::channel(false);
+        let https = if config.ovirt.https {
+            let dir = config
+                .tls_dir
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("tls"));
+            let material = crate::tls::ensure(&dir, &[ip.to_string()])?;
+            let (addr, task) = crate::ovirt::https::serve(
+                SocketAddr::new(ip, 0),
+                &material,
+                app.clone(),
+                stop.subscribe(),
+            )
+            .await?;
+            ovirt.set_https(crate::ovirt::HttpsEndpoint {
+                base: format!("https://{addr}"),
+                ca_file: material.ca_cert.clone(),
+            });
+            Some(task)
+        } else {
+            None
+        };
         let endpoints = Endpoints {
             admin_url: format!("{http_url}/admin"),
             nbd: hv.nbd_endpoint(),
@@ -211,7 +236,6 @@ impl MockHypervisor {
         *crate::disk::write_lock(&endpoints_doc) =
             serde_json::to_value(&endpoints).unwrap_or_default();
 
-        let (stop, mut stop_rx) = watch::channel(false);
         let http = tokio::spawn(async move {
             let r = axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -239,6 +263,7 @@ impl MockHypervisor {
             nbd,
             stop,
             http: Some(http),
+            https,
             ticker,
         })
     }
@@ -278,6 +303,9 @@ impl RunningMock {
         if let Some(h) = self.http.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
         }
+        if let Some(h) = self.https.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nbd.shutdown()).await;
     }
 }
@@ -287,6 +315,9 @@ impl Drop for RunningMock {
         let _ = self.stop.send(true);
         self.ticker.abort();
         if let Some(h) = self.http.take() {
+            h.abort();
+        }
+        if let Some(h) = self.https.take() {
             h.abort();
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

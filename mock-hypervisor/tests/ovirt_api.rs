@@ -18,9 +18,12 @@ struct Api {
 
 async fn start() -> Api {
     let dir = tempfile::tempdir().unwrap();
-    let mock = MockHypervisor::start(MockConfig::new(dir.path().join("state")))
-        .await
-        .unwrap();
+    let mut config = MockConfig::new(dir.path().join("state"));
+    // The mock extension these tests read transfers through.
+    config.ovirt.transfer_nbd_url = true;
+    // Plain HTTP: these tests read the mock's own answers.
+    config.ovirt.https = false;
+    let mock = MockHypervisor::start(config).await.unwrap();
     let http = reqwest::Client::new();
     let ep = mock.endpoints().platforms["ovirt"].clone();
     let tok: Value = http
@@ -567,7 +570,8 @@ async fn create_vm_from_ovf_and_upload_with_ranged_put() {
         .ok(
             Method::POST,
             "/disks",
-            Some(json!({"alias": "up", "provisioned_size": "1048576", "format": "cow", "sparse": "true"})),
+            Some(json!({"alias": "up", "provisioned_size": "1048576", "format": "cow", "sparse": "true",
+                "storage_domains": {"storage_domain": [{"name": "data"}]}})),
         )
         .await;
     let did = d["id"].as_str().unwrap();
@@ -644,7 +648,8 @@ async fn faults_stuck_snapshot_failing_attachment_malformed_answer() {
         .ok(
             Method::POST,
             "/disks",
-            Some(json!({"provisioned_size": 65536, "format": "raw"})),
+            Some(json!({"provisioned_size": 65536, "format": "raw",
+                "storage_domains": {"storage_domain": [{"name": "data"}]}})),
         )
         .await;
     let (s, v) = api

@@ -24,6 +24,10 @@ async fn start() -> Api {
     config.ovirt.snapshot_polls = 0;
     config.ovirt.backup_polls = 0;
     config.ovirt.transfer_polls = 0;
+    // The mock extension these tests read transfers through.
+    config.ovirt.transfer_nbd_url = true;
+    // Plain HTTP: these tests read the mock's own answers.
+    config.ovirt.https = false;
     let mock = MockHypervisor::start(config).await.unwrap();
     let http = reqwest::Client::new();
     let ep = mock.endpoints().platforms["ovirt"].clone();

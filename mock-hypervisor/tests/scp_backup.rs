@@ -34,7 +34,7 @@ async fn linked_vm_full_then_incremental_over_nbd() {
     let images = scp
         .get(&format!("/janus/20180725/base-images?id={base}"))
         .await;
-    assert_eq!(images["total_count"], 1);
+    assert_eq!(images["total_size"], 1);
     assert_eq!(images["data"][0]["status"], "AVAILABLE");
     let srv = scp.get(&format!("/janus/20250725/servers/{server}")).await;
     assert_eq!(srv["application"], "");

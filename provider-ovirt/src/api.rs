@@ -305,9 +305,13 @@ pub struct StorageDomains {
     pub storage_domain: Vec<Named>,
 }
 
-/// An object given by name.
+/// An object given by id (`<storage_domain id="…" href="…"/>`, as the
+/// engine links objects) or by name.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Named {
+    /// Id.
+    #[serde(default, deserialize_with = "opt_text")]
+    pub id: Option<String>,
     /// Name.
     #[serde(default, deserialize_with = "opt_text")]
     pub name: Option<String>,
@@ -400,10 +404,6 @@ pub struct ImageTransfer {
     /// The image server URL through the engine's proxy.
     #[serde(default, deserialize_with = "opt_text")]
     pub proxy_url: Option<String>,
-    /// Local NBD access to the same data (imageio serves NBD to local
-    /// clients; the mock reports it as `nbd_url`).
-    #[serde(default, deserialize_with = "opt_text")]
-    pub nbd_url: Option<String>,
     /// The backup a download reads.
     #[serde(default)]
     pub backup: Option<Link>,

@@ -71,21 +71,45 @@ fn form_encode(s: &str) -> String {
     out
 }
 
+/// The HTTP transport: `timeout` per call; with `tls_ca`, that CA (PEM)
+/// is the only root trusted for the engine and its image servers.
+pub fn http_client(timeout: Duration, tls_ca: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(timeout);
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca).map_err(|e| {
+            Error::invalid(format!("reading the engine CA {}", ca.display())).with_source(e)
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            Error::invalid(format!("the engine CA {} is not PEM", ca.display())).with_source(e)
+        })?;
+        if certs.is_empty() {
+            return Err(Error::invalid(format!(
+                "the engine CA {} holds no certificate",
+                ca.display()
+            )));
+        }
+        builder = builder.tls_built_in_root_certs(false);
+        for c in certs {
+            builder = builder.add_root_certificate(c);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))
+}
+
 impl Client {
-    /// A client; `api` is the API root (`https://engine/ovirt-engine/api`).
+    /// A client; `api` is the API root (`https://engine/ovirt-engine/api`),
+    /// `http` the transport ([`http_client`]).
     pub fn new(
         api: &str,
         sso: &str,
         username: &str,
         password: &str,
         format: WireFormat,
-        timeout: Duration,
         retry: RetryPolicy,
+        http: reqwest::Client,
     ) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))?;
         Ok(Client {
             http,
             api: api.trim_end_matches('/').to_string(),
@@ -391,12 +415,44 @@ fn transport(call: &str, e: reqwest::Error) -> Error {
     } else {
         ErrorKind::Platform
     };
+    if let Some(cert) = certificate_problem(&e) {
+        let host = e
+            .url()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| format!("{h}:{}", u.port_or_known_default().unwrap_or(443)))
+            })
+            .unwrap_or_default();
+        // Never retried: another attempt meets the same certificate.
+        return Error::new(
+            ErrorKind::Platform,
+            format!("the TLS certificate of {host} was refused ({cert}): check tls_ca"),
+        )
+        .api_call(call)
+        .with_source(e.without_url());
+    }
     // reqwest errors carry the URL, never credentials (they are in bodies
     // and headers only).
     Error::new(kind, "the engine could not be reached")
         .api_call(call)
         .retryable(true)
         .with_source(e.without_url())
+}
+
+/// The certificate verification failure behind a transport error, if any.
+fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = src {
+        let text = s.to_string();
+        if text.contains("certificate")
+            || text.contains("UnknownIssuer")
+            || text.contains("NotValidForName")
+        {
+            return Some(text);
+        }
+        src = s.source();
+    }
+    None
 }
 
 fn status_kind(status: StatusCode) -> ErrorKind {

@@ -16,11 +16,10 @@
 //! - **Incremental** ([`BackupMode::Incremental`], oVirt 4.4+): `POST
 //!   /vms/{vm}/backups` (with `from_checkpoint_id` for an incremental),
 //!   poll `phase` until `ready`, one raw download image transfer per disk,
-//!   polled until `transferring`. The host reads each transfer through its
-//!   NBD URL when the transfer offers one (mechanism `nbd`; imageio serves
-//!   NBD to local clients, the mock hypervisor reports it as `nbd_url`);
-//!   otherwise the provider downloads, with ranged GETs, exactly the
-//!   regions the host will read into a sparse file under
+//!   polled until `transferring`. The API model offers no NBD access to a
+//!   transfer (only its image server URL), so the provider downloads, with
+//!   ranged GETs, exactly the regions the host will read into a sparse
+//!   file under
 //!   [`OvirtOptions::download_dir`] and exposes that file. Which regions
 //!   follows the host's rule ([`BackupVmRequest::host_mode`]), never the
 //!   provider's plan alone: the dirty extents when the host will read only
@@ -84,7 +83,9 @@
 //! ## Errors
 //!
 //! Errors name the guest, the volume, the offset where one applies and the
-//! API call (`POST /vms/{id}/snapshots`); credentials never appear in
+//! API call (`POST /vms/{id}/snapshots`); a certificate the engine CA
+//! ([`OvirtOptions::tls_ca`]) does not vouch for is refused, naming the
+//! host (`host:port`) it came from; credentials never appear in
 //! errors or logs ([`OvirtOptions`]' `Debug` hides the password). Answers
 //! are read into the typed shapes of [`api`]: a field the provider acts on
 //! that is missing or malformed is an [`ErrorKind::Platform`] error naming
@@ -169,6 +170,11 @@ pub struct OvirtOptions {
     /// Where image transfers without NBD access are downloaded (sparse
     /// files, removed by `backup_cleanup`).
     pub download_dir: PathBuf,
+    /// The engine's CA certificate (PEM, the engine's `ca.pem`): the only
+    /// root trusted for the engine and its image servers (their
+    /// certificates are always verified; absent: the system's roots).
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
     /// Retries of calls that are safe to repeat (not part of the
     /// configuration file: the default suits engines).
     #[serde(skip)]
@@ -206,6 +212,7 @@ impl OvirtOptions {
             operation_timeout: Duration::from_secs(600),
             http_timeout: Duration::from_secs(120),
             download_dir: std::env::temp_dir().join("provider-ovirt"),
+            tls_ca: None,
             retry: RetryPolicy::default(),
         }
     }
@@ -243,7 +250,8 @@ pub struct DiskRecord {
     pub interface: String,
     /// Bootable.
     pub bootable: bool,
-    /// Storage domain name.
+    /// Storage domain: its id as the engine gives it (`<storage_domain
+    /// id="…" href="…"/>`), or its name when only that was given.
     pub storage_domain: Option<String>,
 }
 
@@ -352,22 +360,19 @@ fn found<T>(r: Result<T>) -> Result<Option<T>> {
     }
 }
 
-fn vm_path(vm: &str) -> String {
-    format!("/vms/{vm}")
+fn looks_like_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.chars().enumerate().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
 }
 
-/// Parses `nbd://host:port/export`.
-fn parse_nbd_url(url: &str) -> Option<NbdAccess> {
-    let rest = url.strip_prefix("nbd://")?;
-    let (hostport, export) = rest.split_once('/')?;
-    let (host, port) = hostport.rsplit_once(':')?;
-    Some(NbdAccess::new(
-        NbdAddress::Tcp {
-            host: host.trim_matches(['[', ']']).to_string(),
-            port: port.parse().ok()?,
-        },
-        export,
-    ))
+fn vm_path(vm: &str) -> String {
+    format!("/vms/{vm}")
 }
 
 impl OvirtProvider {
@@ -379,8 +384,8 @@ impl OvirtProvider {
             &options.username,
             &options.password,
             options.format,
-            options.http_timeout,
             options.retry,
+            client::http_client(options.http_timeout, options.tls_ca.as_deref())?,
         )?;
         Ok(OvirtProvider {
             options,
@@ -531,7 +536,7 @@ impl OvirtProvider {
                     .storage_domains
                     .storage_domain
                     .into_iter()
-                    .find_map(|s| s.name),
+                    .find_map(|s| s.id.or(s.name)),
             });
         }
         // Device names: the alias when unique and safe, else the disk id.
@@ -854,28 +859,18 @@ impl OvirtProvider {
             } else {
                 None
             };
-            let (access, scope) = match &t.nbd_url {
-                // The backup's NBD export serves the whole disk.
-                Some(url) => (
-                    SnapshotAccess::Nbd(parse_nbd_url(url).ok_or_else(|| {
-                        platform(format!("unparsable nbd_url {url}")).volume(&d.device)
-                    })?),
-                    AccessScope::Whole,
-                ),
-                // No local NBD access: download what the host will read,
-                // and say when that is the changes only.
-                None => (
-                    SnapshotAccess::FileHandle(FileAccess::new(
-                        self.download(guest, &t, d, dirty_list.as_deref())
-                            .await
-                            .map_err(|e| e.volume(&d.device))?,
-                    )),
-                    if dirty_list.is_some() {
-                        AccessScope::DirtyOnly
-                    } else {
-                        AccessScope::Whole
-                    },
-                ),
+            // The API model has no NBD access to a transfer: download,
+            // through the image server, what the host will read, and say
+            // when that is the changes only.
+            let access = SnapshotAccess::FileHandle(FileAccess::new(
+                self.download(guest, &t, d, dirty_list.as_deref())
+                    .await
+                    .map_err(|e| e.volume(&d.device))?,
+            ));
+            let scope = if dirty_list.is_some() {
+                AccessScope::DirtyOnly
+            } else {
+                AccessScope::Whole
             };
             let dirty = match dirty_list {
                 Some(list) => DirtySource::Regions(Box::new(RegionList::new(list))),
@@ -1697,13 +1692,16 @@ impl BackupProvider for OvirtProvider {
                     "sparse": record.sparse,
                     "backup": record.backup,
                 });
-                if let Some(sd) = self
-                    .options
-                    .storage_domain
-                    .clone()
-                    .or(record.storage_domain.clone())
-                {
-                    body["storage_domains"] = json!({"storage_domain": [{"name": sd}]});
+                // The option names a domain; the metadata holds the id the
+                // engine reported (a name in older metadata).
+                let sd = match (&self.options.storage_domain, &record.storage_domain) {
+                    (Some(name), _) => Some(json!({"name": name})),
+                    (None, Some(id)) if looks_like_uuid(id) => Some(json!({"id": id})),
+                    (None, Some(name)) => Some(json!({"name": name})),
+                    (None, None) => None,
+                };
+                if let Some(sd) = sd {
+                    body["storage_domains"] = json!({"storage_domain": [sd]});
                 }
                 let d: api::Created = self.client.post_as("/disks", "disk", body).await?;
                 d.id
@@ -1819,13 +1817,6 @@ impl BackupProvider for OvirtProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nbd_urls() {
-        let a = parse_nbd_url("nbd://127.0.0.1:10809/ovirt-transfer-x").unwrap();
-        assert_eq!(a.uri(), "nbd://127.0.0.1:10809/ovirt-transfer-x");
-        assert!(parse_nbd_url("http://x/y").is_none());
-    }
 
     #[test]
     fn extents_must_cover_the_disk() {

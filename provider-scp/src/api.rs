@@ -26,6 +26,18 @@ pub struct Envelope {
     pub data: Value,
 }
 
+/// The platform's documented message when a VM's CBT expired (after a
+/// snapshot revert or a restore): "The VM CBT has expired. Please reset
+/// it." The provider recognises expiry by this text, whatever the code.
+pub const CBT_EXPIRED_MESSAGE: &str = "The VM CBT has expired";
+
+/// Whether an envelope message says that the VM's CBT expired.
+pub fn says_cbt_expired(message: &str) -> bool {
+    message
+        .to_ascii_lowercase()
+        .contains(&CBT_EXPIRED_MESSAGE.to_ascii_lowercase())
+}
+
 /// Envelope codes with a meaning for the provider.
 pub mod codes {
     /// Authentication (missing, unknown or expired token, bad password).
@@ -36,8 +48,6 @@ pub mod codes {
     pub const CONFLICT: i64 = 40900;
     /// Generic platform rule refusal.
     pub const REFUSED: i64 = 60000;
-    /// "The VM CBT has expired. Please reset it."
-    pub const CBT_EXPIRED: i64 = 60001;
     /// CBT is not enabled on the server.
     pub const CBT_DISABLED: i64 = 60002;
     /// Base image CBT not available in this version.
@@ -50,14 +60,32 @@ pub mod codes {
     pub const LEASE_EXPIRED: i64 = 60006;
 }
 
-/// A paged list: `{"total_count", "page_num", "page_size", "data": [...]}`.
+/// A paged list: `{"total_size", "page_num", "page_size",
+/// "next_page_num", "data": [...]}`; pages count from 0, `next_page_num`
+/// is `""` on the last page.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Page<T> {
-    /// Items over all pages (required: without it the end of the list is
-    /// unknown).
-    pub total_count: u64,
+    /// Items over all pages (required: a list that does not say how many
+    /// items it holds cannot be checked for completeness).
+    pub total_size: u64,
+    /// The next page, `""` (or `null`) on the last one (required: a
+    /// missing one would end the list early).
+    #[serde(deserialize_with = "required_nullable")]
+    pub next_page_num: Option<Value>,
     /// This page's items.
     pub data: Vec<T>,
+}
+
+impl<T> Page<T> {
+    /// The next page number, `None` on the last page.
+    pub fn next(&self) -> Option<u64> {
+        match self.next_page_num.as_ref()? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) if s.trim().is_empty() => None,
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
 }
 
 /// Deserializes a field that must be present but may be `null` (serde
@@ -80,17 +108,17 @@ pub struct TaskRef {
 /// `GET /janus/20180725/tasks/{id}`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Task {
-    /// `running`, `success` or `failure`.
+    /// `waiting`, `doing`, `finish`, `failure`, `canceling` or `canceled`.
     pub status: String,
-    /// The result once `success`.
+    /// -2 waiting, -1 failure, 0–99 doing, 100 finish.
     #[serde(default)]
-    pub result: Value,
-    /// Error code on failure.
+    pub progress: i64,
+    /// What the task created, once `finish`.
     #[serde(default)]
-    pub error_code: i64,
-    /// Error text on failure.
+    pub entities: Value,
+    /// The platform's error text on `failure`.
     #[serde(default)]
-    pub error_message: String,
+    pub description: String,
 }
 
 /// `POST /janus/authenticate` answer.
@@ -112,23 +140,26 @@ pub struct AuthAccess {
 pub struct AuthToken {
     /// Sent as `Authorization: Token <id>`.
     pub id: String,
+    /// Lifetime in seconds, when the platform says it.
+    #[serde(default)]
+    pub expires_in: Option<f64>,
 }
 
 /// `GET /janus/20180725/system/version`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VersionAnswer {
-    /// E.g. `6.11.3`.
-    pub version: String,
+    /// E.g. `SCP6.11.3 B-2025-07-25 10:00:00` (see
+    /// [`crate::rules::ScpVersion::parse`]).
+    pub build_version: String,
 }
 
-/// CBT state of a server (both fields required: they decide between an
-/// incremental and a full backup).
+/// CBT state of a server (required: it decides between an incremental
+/// and a full backup). Expiry is not a field: the platform says it in the
+/// CBT calls' answers ([`says_cbt_expired`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CbtStatus {
     /// 1 enabled, 0 disabled.
     pub enable: i64,
-    /// `normal` or `expired`.
-    pub status: String,
 }
 
 /// A disk as servers and snapshots (`vmconf.hardware_option.disks`) list it.
@@ -179,7 +210,7 @@ pub struct Server {
     pub storage_id: String,
     /// vCPUs.
     #[serde(default)]
-    pub cpu: Value,
+    pub cores: Value,
     /// Memory.
     #[serde(default)]
     pub memory_mb: Value,
@@ -482,7 +513,25 @@ mod tests {
         let e =
             serde_json::from_value::<VmConf>(serde_json::json!({"application": ""})).unwrap_err();
         assert!(e.to_string().contains("hardware_option"), "{e}");
-        let e = serde_json::from_value::<Page<Value>>(serde_json::json!({"data": []})).unwrap_err();
-        assert!(e.to_string().contains("total_count"), "{e}");
+        let e = serde_json::from_value::<Page<Value>>(
+            serde_json::json!({"data": [], "next_page_num": ""}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("total_size"), "{e}");
+        let e =
+            serde_json::from_value::<Page<Value>>(serde_json::json!({"data": [], "total_size": 0}))
+                .unwrap_err();
+        assert!(e.to_string().contains("next_page_num"), "{e}");
+        for (next, want) in [
+            (serde_json::json!(""), None),
+            (serde_json::json!(3), Some(3)),
+            (serde_json::json!("2"), Some(2)),
+        ] {
+            let p: Page<Value> = serde_json::from_value(
+                serde_json::json!({"data": [], "total_size": 9, "next_page_num": next}),
+            )
+            .unwrap();
+            assert_eq!(p.next(), want);
+        }
     }
 }

@@ -1,12 +1,31 @@
-//! The janus HTTP client: token auth, the `{code, message, data}`
-//! envelope, asynchronous tasks and paged lists.
+//! The janus HTTP client: auth, the `{code, message, data}` envelope,
+//! asynchronous tasks and paged lists, as the platform and its Open API
+//! clients (`sangfor-scp`) speak them.
+//!
+//! Auth: with an access key ([`ScpOptions::access_key`]) every request is
+//! signed (`AWS4-HMAC-SHA256` over method, path, `X-Amz-Date` and the
+//! body's SHA-256, as `sangfor_scp.auth.ec2` does). Otherwise the client
+//! logs in: `GET /janus/v2/public-key` (falling back to
+//! `/janus/public-key`) gives the RSA modulus in hex (exponent 65537), the
+//! password goes RSA-encrypted (PKCS#1 v1.5), hex-encoded, to
+//! `POST /janus/authenticate`, and the token is sent as
+//! `Authorization: Token <id>`; it is renewed before `expires_in` runs out
+//! and on any 401.
+//!
+//! Tasks go `waiting → doing → finish | failure` (or `canceled`); a
+//! failure carries the platform's error text in `description`. Lists page
+//! from `page_num=0` (`page_size` ≤ 100) until `next_page_num` is `""`.
 //!
 //! Retries: HTTP 502, 503, 504 and 429 and connection failures are
 //! retryable errors; idempotent calls (every `GET`, so task polling and
 //! paged lists too) go through [`provider_kit::retry`] with
 //! [`ScpOptions::retry`]. Calls that change something are sent once.
 
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rsa::traits::PublicKeyParts;
+use rsa::{BigUint, Pkcs1v15Encrypt, RsaPublicKey};
+use sha2::{Digest, Sha256};
 
 use provider_api::{Error, ErrorKind, Result};
 use reqwest::{Method, StatusCode};
@@ -14,7 +33,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
-use crate::api::{AuthAnswer, Envelope, Page, Task, TaskRef, codes};
+use crate::api::{AuthAnswer, Envelope, Page, Task, TaskRef, codes, says_cbt_expired};
 use crate::options::{ScpOptions, Secret};
 
 /// A logged-in janus client. Cheap to share behind an `Arc`.
@@ -23,7 +42,8 @@ pub struct ScpClient {
     base: String,
     username: String,
     password: Secret,
-    token: Mutex<Option<Secret>>,
+    /// The token and when to renew it.
+    token: Mutex<Option<(Secret, Option<Instant>)>>,
     options: ScpOptions,
 }
 
@@ -39,14 +59,13 @@ impl std::fmt::Debug for ScpClient {
 /// Turns an envelope error into the contract's error kind.
 pub fn scp_error(status: StatusCode, code: i64, message: &str, call: &str) -> Error {
     let kind = match code {
+        _ if says_cbt_expired(message) => ErrorKind::ChangeTrackingLost,
         codes::UNAUTHORIZED => ErrorKind::Auth,
         codes::NOT_FOUND => ErrorKind::NotFound,
         codes::CONFLICT | codes::REFUSED | codes::REVERT_MODE | codes::BASE_CBT_UNAVAILABLE => {
             ErrorKind::Refused
         }
-        codes::CBT_EXPIRED | codes::CBT_DISABLED | codes::CHECKPOINT_INVALID => {
-            ErrorKind::ChangeTrackingLost
-        }
+        codes::CBT_DISABLED | codes::CHECKPOINT_INVALID => ErrorKind::ChangeTrackingLost,
         codes::LEASE_EXPIRED => ErrorKind::LeaseLost,
         _ if status == StatusCode::UNAUTHORIZED => ErrorKind::Auth,
         _ if status == StatusCode::NOT_FOUND => ErrorKind::NotFound,
@@ -74,6 +93,11 @@ pub fn transient(status: StatusCode) -> bool {
             | StatusCode::GATEWAY_TIMEOUT
             | StatusCode::TOO_MANY_REQUESTS
     )
+}
+
+/// Whether an error is the platform's "The VM CBT has expired" answer.
+pub fn is_cbt_expired(e: &Error) -> bool {
+    e.kind() == ErrorKind::ChangeTrackingLost && says_cbt_expired(e.message())
 }
 
 /// The envelope code of an error built by [`scp_error`], if any.
@@ -104,16 +128,71 @@ impl ScpClient {
         &self.options
     }
 
-    /// Log in (`POST /janus/authenticate`). The password is sent as the
-    /// mock documents it (plain); a real SCP wants it RSA-encrypted with
-    /// `GET /janus/public-key` (not implemented here, see the crate docs).
+    /// The platform's RSA public key: `GET /janus/v2/public-key`, then
+    /// `GET /janus/public-key` (older platforms), each answering the
+    /// modulus in hex; the exponent is 65537.
+    pub async fn public_key(&self) -> Result<RsaPublicKey> {
+        #[derive(serde::Deserialize)]
+        struct Key {
+            public_key: String,
+        }
+        let key: Key = match self
+            .send(Method::GET, "/janus/v2/public-key", &[], None, None)
+            .await
+        {
+            Ok(k) => k,
+            Err(_) => {
+                self.send(Method::GET, "/janus/public-key", &[], None, None)
+                    .await?
+            }
+        };
+        let hex = key.public_key.trim().trim_end_matches("\\n").trim();
+        let n = BigUint::parse_bytes(hex.as_bytes(), 16).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Platform,
+                "the SCP public key is not a hex RSA modulus",
+            )
+            .api_call("GET /janus/public-key")
+        })?;
+        RsaPublicKey::new(n, BigUint::from(65537u32)).map_err(|e| {
+            Error::new(ErrorKind::Platform, "the SCP public key is not usable")
+                .api_call("GET /janus/public-key")
+                .with_source(e)
+        })
+    }
+
+    /// Log in (`POST /janus/authenticate`) with the password RSA-encrypted
+    /// (PKCS#1 v1.5) with [`Self::public_key`] and hex-encoded. Nothing to
+    /// do with an access key (requests are signed).
     pub async fn login(&self) -> Result<()> {
+        if self.signer().is_some() {
+            return Ok(());
+        }
+        let key = self.public_key().await?;
+        let mut rng = rsa::rand_core::OsRng;
+        let limit = key.size().saturating_sub(11);
+        if self.password.expose().len() > limit {
+            return Err(Error::new(
+                ErrorKind::Auth,
+                format!(
+                    "the password is longer than the platform's RSA key allows ({limit} bytes)"
+                ),
+            ));
+        }
+        let encrypted = key
+            .encrypt(&mut rng, Pkcs1v15Encrypt, self.password.expose().as_bytes())
+            .map_err(|e| Error::new(ErrorKind::Auth, "encrypting the password").with_source(e))?;
         let body = json!({"auth": {"passwordCredentials": {
-            "username": self.username, "password": self.password.expose()}}});
+            "username": self.username, "password": hex(&encrypted)}}});
         let answer: AuthAnswer = self
             .send(Method::POST, "/janus/authenticate", &[], Some(&body), None)
             .await?;
-        *self.token.lock().await = Some(Secret::new(answer.access.token.id));
+        // Renew a little before the platform's lifetime runs out.
+        let renew_at = answer.access.token.expires_in.map(|secs| {
+            let ttl = Duration::from_secs_f64(secs.max(0.0));
+            Instant::now() + ttl - (ttl / 10).min(Duration::from_secs(60))
+        });
+        *self.token.lock().await = Some((Secret::new(answer.access.token.id), renew_at));
         Ok(())
     }
 
@@ -122,15 +201,26 @@ impl ScpClient {
         *self.token.lock().await = None;
     }
 
+    fn signer(&self) -> Option<(&str, &Secret)> {
+        match (&self.options.access_key, &self.options.secret_key) {
+            (Some(ak), Some(sk)) if !ak.is_empty() => Some((ak.as_str(), sk)),
+            _ => None,
+        }
+    }
+
     async fn token(&self) -> Result<Secret> {
-        if let Some(t) = self.token.lock().await.clone() {
-            return Ok(t);
+        let current = self.token.lock().await.clone();
+        match current {
+            Some((t, None)) => return Ok(t),
+            Some((t, Some(at))) if Instant::now() < at => return Ok(t),
+            _ => {}
         }
         self.login().await?;
         self.token
             .lock()
             .await
             .clone()
+            .map(|(t, _)| t)
             .ok_or_else(|| Error::new(ErrorKind::Auth, "no token after login"))
     }
 
@@ -160,6 +250,9 @@ impl ScpClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> Result<T> {
+        if self.signer().is_some() {
+            return self.send(method, path, query, body, None).await;
+        }
         let token = self.token().await?;
         match self
             .send(method.clone(), path, query, body, Some(&token))
@@ -187,11 +280,29 @@ impl ScpClient {
             .http
             .request(method, format!("{}{path}", self.base))
             .query(query);
+        let bytes = body.map(|b| b.to_string().into_bytes());
         if let Some(t) = token {
             req = req.header("Authorization", format!("Token {}", t.expose()));
+        } else if let Some((ak, sk)) = self
+            .signer()
+            .filter(|_| !path.starts_with("/janus/authenticate"))
+        {
+            let (authorization, amz_date) = sign(
+                ak,
+                sk.expose(),
+                &self.options.region,
+                &self.options.service,
+                method_name(&call),
+                path,
+                bytes.as_deref().unwrap_or_default(),
+                SystemTime::now(),
+            );
+            req = req
+                .header("Authorization", authorization)
+                .header("X-Amz-Date", amz_date);
         }
-        if let Some(b) = body {
-            req = req.json(b);
+        if let Some(b) = bytes {
+            req = req.header("Content-Type", "application/json").body(b);
         }
         let resp = req.send().await.map_err(|e| {
             let kind = if e.is_timeout() {
@@ -240,8 +351,9 @@ impl ScpClient {
     }
 
     /// A call marked *task*: start it, poll `GET /janus/20180725/tasks/{id}`
-    /// until `success` (or `failure`, or the task timeout), return
-    /// `data.result`.
+    /// through `waiting` and `doing` until `finish` (its `entities` are
+    /// returned), `failure` (an error with the platform's `description`),
+    /// `canceled`, or the task timeout.
     pub async fn task<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -255,8 +367,8 @@ impl ScpClient {
         loop {
             let task: Task = self.call(Method::GET, &task_path, &[], None).await?;
             match task.status.as_str() {
-                "success" => {
-                    return serde_json::from_value(task.result).map_err(|e| {
+                "finish" => {
+                    return serde_json::from_value(task.entities).map_err(|e| {
                         Error::new(
                             ErrorKind::Platform,
                             format!("SCP task {} result does not parse: {e}", started.task_id),
@@ -265,21 +377,46 @@ impl ScpClient {
                     });
                 }
                 "failure" => {
-                    return Err(scp_error(
-                        StatusCode::OK,
-                        task.error_code,
-                        &format!("task {} failed: {}", started.task_id, task.error_message),
-                        &call,
-                    ));
+                    let why = if task.description.is_empty() {
+                        "no description".to_owned()
+                    } else {
+                        task.description.clone()
+                    };
+                    let e = Error::new(
+                        if says_cbt_expired(&why) {
+                            ErrorKind::ChangeTrackingLost
+                        } else {
+                            ErrorKind::Platform
+                        },
+                        format!("SCP task {} failed: {why}", started.task_id),
+                    );
+                    return Err(e.api_call(&call));
                 }
-                _ => {}
+                "canceled" | "canceling" => {
+                    return Err(Error::new(
+                        ErrorKind::Platform,
+                        format!("SCP task {} was canceled", started.task_id),
+                    )
+                    .api_call(&call));
+                }
+                "waiting" | "doing" => {}
+                other => {
+                    return Err(Error::new(
+                        ErrorKind::Platform,
+                        format!(
+                            "SCP task {} has an unknown status {other:?}",
+                            started.task_id
+                        ),
+                    )
+                    .api_call(&call));
+                }
             }
             if Instant::now() >= deadline {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!(
-                        "SCP task {} did not finish within {:?}",
-                        started.task_id, self.options.task_timeout
+                        "SCP task {} did not finish within {:?} (last status {}, progress {})",
+                        started.task_id, self.options.task_timeout, task.status, task.progress
                     ),
                 )
                 .api_call(&call));
@@ -295,20 +432,138 @@ impl ScpClient {
         filters: &[(&str, String)],
     ) -> Result<Vec<T>> {
         let mut out = Vec::new();
-        let mut page_num = 1u64;
+        let mut page_num = 0u64;
         loop {
             let mut query = filters.to_vec();
             query.push(("page_num", page_num.to_string()));
-            query.push(("page_size", "1000".into()));
+            query.push(("page_size", PAGE_SIZE.to_string()));
             let page: Page<T> = self.call(Method::GET, path, &query, None).await?;
-            let n = page.data.len();
+            let next = page.next();
+            let total = page.total_size;
             out.extend(page.data);
-            if n == 0 || out.len() as u64 >= page.total_count {
-                return Ok(out);
+            match next {
+                Some(n) if n > page_num => page_num = n,
+                Some(n) => {
+                    return Err(Error::new(
+                        ErrorKind::Platform,
+                        format!("the list did not advance (page {page_num}, next_page_num {n})"),
+                    )
+                    .api_call(format!("GET {path}")));
+                }
+                None if (out.len() as u64) < total => {
+                    return Err(Error::new(
+                        ErrorKind::Platform,
+                        format!(
+                            "the list ended after {} of {total} items (total_size)",
+                            out.len()
+                        ),
+                    )
+                    .api_call(format!("GET {path}")));
+                }
+                None => return Ok(out),
             }
-            page_num += 1;
         }
     }
+}
+
+/// Largest page the platform serves.
+pub const PAGE_SIZE: u64 = 100;
+
+fn method_name(call: &str) -> &str {
+    call.split(' ').next().unwrap_or_default()
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HMAC-SHA256.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// `YYYYMMDDTHHMMSSZ` of a time.
+pub fn amz_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The `Authorization` and `X-Amz-Date` headers of an access-key signed
+/// request, as `sangfor_scp.auth.ec2.EC2Signer` builds them (the query
+/// string is not signed).
+#[allow(clippy::too_many_arguments)]
+pub fn sign(
+    access_key: &str,
+    secret_key: &str,
+    region: &str,
+    service: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    now: SystemTime,
+) -> (String, String) {
+    let date_time = amz_date(now);
+    let date = &date_time[..8];
+    let canonical = [
+        method.to_ascii_uppercase(),
+        path.to_owned(),
+        String::new(),
+        format!("x-amz-date:{date_time}\n"),
+        "x-amz-date".to_owned(),
+        hex(&Sha256::digest(body)),
+    ]
+    .join("\n");
+    let scope = format!("{date}/{region}/{service}/aws4_request");
+    let to_sign = [
+        "AWS4-HMAC-SHA256".to_owned(),
+        date_time.clone(),
+        scope.clone(),
+        hex(&Sha256::digest(canonical.as_bytes())),
+    ]
+    .join("\n");
+    let k = hmac_sha256(format!("AWS4{secret_key}").as_bytes(), date.as_bytes());
+    let k = hmac_sha256(&k, region.as_bytes());
+    let k = hmac_sha256(&k, service.as_bytes());
+    let k = hmac_sha256(&k, b"aws4_request");
+    let signature = hex(&hmac_sha256(&k, to_sign.as_bytes()));
+    (
+        format!(
+            "AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders=x-amz-date, Signature={signature}"
+        ),
+        date_time,
+    )
 }
 
 #[cfg(test)]
@@ -316,15 +571,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn amz_dates_format() {
+        assert_eq!(amz_date(UNIX_EPOCH), "19700101T000000Z");
+        assert_eq!(
+            amz_date(UNIX_EPOCH + Duration::from_secs(1_709_208_000)),
+            "20240229T120000Z"
+        );
+    }
+
+    #[test]
+    fn hmac_matches_rfc4231_case_2() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn cbt_expiry_is_recognised_by_the_documented_message_whatever_the_code() {
+        for code in [60000, 1, 40900] {
+            let e = scp_error(
+                StatusCode::OK,
+                code,
+                "The VM CBT has expired. Please reset it.",
+                "GET /x",
+            );
+            assert!(is_cbt_expired(&e), "{code}");
+        }
+        let e = scp_error(StatusCode::OK, 60000, "refused", "GET /x");
+        assert!(!is_cbt_expired(&e));
+    }
+
+    #[test]
     fn codes_map_to_kinds_and_back() {
         let e = scp_error(
             StatusCode::OK,
-            codes::CBT_EXPIRED,
-            "The VM CBT has expired. Please reset it.",
+            codes::CHECKPOINT_INVALID,
+            "checkpoint gone",
             "GET /x",
         );
         assert_eq!(e.kind(), ErrorKind::ChangeTrackingLost);
-        assert_eq!(error_code(&e), Some(60001));
+        assert_eq!(error_code(&e), Some(codes::CHECKPOINT_INVALID));
         assert_eq!(e.context().api_call.as_deref(), Some("GET /x"));
         let e = scp_error(StatusCode::OK, codes::LEASE_EXPIRED, "gone", "PUT /y");
         assert_eq!(e.kind(), ErrorKind::LeaseLost);
@@ -339,7 +627,7 @@ mod tests {
             let e = scp_error(status, 50000, "busy", "GET /z");
             assert!(e.is_retryable(), "{status}");
         }
-        let e = scp_error(StatusCode::OK, codes::CBT_EXPIRED, "expired", "GET /z");
+        let e = scp_error(StatusCode::OK, 60000, "The VM CBT has expired.", "GET /z");
         assert!(!e.is_retryable());
     }
 }

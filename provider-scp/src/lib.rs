@@ -12,12 +12,14 @@
 //! `New` otherwise. `backup_vm` then
 //!
 //! 1. refuses desktop VMs in revert mode ([`ErrorKind::Refused`](provider_api::ErrorKind::Refused) naming the VM);
-//! 2. checks CBT (`GET …/cbt/status`): disabled or *"The VM CBT has
-//!    expired"* → `PUT …/cbt/status {"enable":1}` (reset), every volume
-//!    `New`, and a warning in [`VmBackup::warnings`](provider_api::VmBackup) (the host stores it
-//!    with the snapshot). An expiry noticed only by the changed-areas call
-//!    resets CBT, retakes the snapshot and goes full the same way; an
-//!    invalid checkpoint makes that volume full with a warning;
+//! 2. checks CBT (`GET …/cbt/status`): disabled → `PUT …/cbt/status
+//!    {"enable":1}`, every volume `New`, and a warning in
+//!    [`VmBackup::warnings`](provider_api::VmBackup) (the host stores it
+//!    with the snapshot). Expiry shows only as the platform's documented
+//!    message *"The VM CBT has expired. Please reset it."* in a CBT call's
+//!    answer (recognised by its text, whatever the code): the provider
+//!    resets CBT, retakes the snapshot and goes full the same way, with the
+//!    warning; an invalid checkpoint makes that volume full with a warning;
 //! 3. opens a *backup resource* (lease, `type: Backup`) and keeps it alive
 //!    with a background task (`PUT …/backup-resources/{id}` every
 //!    [`ScpOptions::renew_interval`]);
@@ -92,12 +94,22 @@
 //!
 //! Errors carry guest, volume, offset and the janus call
 //! (`Error::api_call`, e.g. `GET /janus/20240725/servers/{id}/cbt/changed-areas`).
-//! A non-zero envelope `code` is an error even with HTTP 200; codes map to
-//! kinds (60001/60004 → `ChangeTrackingLost`, 60005 → `Refused`, 60006 →
-//! `LeaseLost`, 401 → `Auth`, ...). The password is a [`Secret`] whose
-//! `Debug` prints `***`; tokens never appear in errors. The password is
-//! sent as the mock accepts it (plain); a real SCP expects it
-//! RSA-encrypted with `GET /janus/public-key`, which is not implemented.
+//! A non-zero envelope `code` is an error even with HTTP 200; the CBT
+//! expiry message maps to `ChangeTrackingLost`, codes to other kinds
+//! (60002/60004 → `ChangeTrackingLost`, 60005 → `Refused`, 60006 →
+//! `LeaseLost`, 401 → `Auth`, ...). Tasks are polled through `waiting` and
+//! `doing` to `finish`; a `failure` fails the call with the platform's
+//! text (`description`). The password is a [`Secret`] whose `Debug`
+//! prints `***`; tokens never appear in errors.
+//!
+//! Login ([`ScpClient`]): the RSA modulus from `GET /janus/v2/public-key`
+//! (or `/janus/public-key`), the password encrypted with it (PKCS#1 v1.5)
+//! and hex-encoded to `POST /janus/authenticate`; the token is renewed
+//! before `expires_in` runs out and on a 401. With
+//! [`ScpOptions::access_key`] and [`ScpOptions::secret_key`] every request
+//! is signed instead (`AWS4-HMAC-SHA256`, as the `sangfor-scp` client
+//! signs). The version is read from `build_version`
+//! (`SCP6.11.3 B-…`; [`ScpVersion::parse`]).
 //!
 //! ## Example
 //!

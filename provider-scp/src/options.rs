@@ -87,6 +87,27 @@ pub struct ScpOptions {
     /// 5 s) unless code sets it.
     #[serde(skip)]
     pub retry: RetryPolicy,
+    /// Access key: when set (with [`Self::secret_key`]), requests are
+    /// signed (`AWS4-HMAC-SHA256`) instead of logging in with the password.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    /// Secret key of [`Self::access_key`] (redacted in `Debug`).
+    #[serde(default)]
+    pub secret_key: Option<Secret>,
+    /// Region of the signature scope (`cn-south-1` by default).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Service of the signature scope (`open-api` by default).
+    #[serde(default = "default_service")]
+    pub service: String,
+}
+
+fn default_region() -> String {
+    "cn-south-1".into()
+}
+
+fn default_service() -> String {
+    "open-api".into()
 }
 
 impl ScpOptions {
@@ -110,6 +131,10 @@ impl ScpOptions {
             restore_storage_id: None,
             qemu_img: PathBuf::from("qemu-img"),
             retry: RetryPolicy::default(),
+            access_key: None,
+            secret_key: None,
+            region: default_region(),
+            service: default_service(),
         }
     }
 }

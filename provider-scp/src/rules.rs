@@ -11,11 +11,17 @@ use serde::{Deserialize, Serialize};
 pub struct ScpVersion(Vec<u64>);
 
 impl ScpVersion {
-    /// Parse `6.11.3` (non-numeric suffixes of a part are ignored:
-    /// `6.11.3-beta` is 6.11.3).
+    /// Parse a version as the platform reports it in `build_version`
+    /// (`SCP6.11.3 B-2025-07-25 10:00:00`) or bare (`6.11.3`): an optional
+    /// `SCP` prefix, the first word only, and non-numeric suffixes of a part
+    /// ignored (`6.11.3-beta` is 6.11.3, as the platform judges it).
     pub fn parse(text: &str) -> Result<Self> {
-        let parts: Option<Vec<u64>> = text
-            .trim()
+        let word = text.split_whitespace().next().unwrap_or_default();
+        let word = word
+            .strip_prefix("SCP")
+            .or_else(|| word.strip_prefix("scp"))
+            .unwrap_or(word);
+        let parts: Option<Vec<u64>> = word
             .split('.')
             .map(|p| {
                 let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
@@ -133,6 +139,9 @@ mod tests {
         assert!(v("6.12") > v("6.11.3"));
         assert!(v("7") > v("6.11.3"));
         assert_eq!(v("6.11.3-beta"), v("6.11.3"));
+        assert_eq!(v("SCP6.11.3 B-2025-07-25 10:00:00"), v("6.11.3"));
+        assert_eq!(v("SCP6.7.33 B-2022-06-07 19:45:13"), v("6.7.33"));
+        assert!(v("SCP6.11.2-rc1 B-2024") < ScpVersion::separate_base_images());
         assert!(ScpVersion::parse("x").is_err());
     }
 

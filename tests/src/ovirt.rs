@@ -21,6 +21,19 @@ use serde_json::{Value, json};
 
 pub const MIB: u64 = 1 << 20;
 
+/// An HTTP client for the mock (its admin API over plain HTTP, the engine
+/// over HTTPS) that trusts the mock's CA and only it.
+pub fn engine_http(mock: &RunningMock) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    if let Some(ca) = mock.endpoints().platforms["ovirt"]["ca_file"].as_str() {
+        let pem = std::fs::read(ca).unwrap();
+        b = b
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
 pub struct Env {
     pub mock: RunningMock,
     pub dir: tempfile::TempDir,
@@ -42,16 +55,19 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let mut config = MockConfig::new(dir.path().join("state"));
         config.ovirt.snapshot_polls = 2;
+        // As an engine: HTTPS only, certificates from the mock's CA.
+        config.ovirt.https = true;
         f(&mut config);
         let mock = MockHypervisor::start(config).await.unwrap();
         let store = Arc::new(
             Datastore::create(dir.path().join("store"), DatastoreOptions::default()).unwrap(),
         );
+        let http = engine_http(&mock);
         let mut env = Env {
             mock,
             dir,
             store,
-            http: reqwest::Client::new(),
+            http,
             vm: String::new(),
             disks: Vec::new(),
             time: 1_700_000_000.into(),
@@ -120,6 +136,7 @@ impl Env {
         o.poll_interval = Duration::from_millis(10);
         o.operation_timeout = Duration::from_secs(5);
         o.download_dir = self.dir.path().join("downloads");
+        o.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
         o.retry = RetryPolicy {
             attempts: 4,
             initial_delay: Duration::from_millis(5),
@@ -364,7 +381,7 @@ impl OvirtDriver {
     pub fn new(env: &Env) -> Self {
         let ep = &env.mock.endpoints().platforms["ovirt"];
         OvirtDriver {
-            http: reqwest::Client::new(),
+            http: engine_http(&env.mock),
             admin: env.mock.endpoints().http_url.clone(),
             api: ep["base_url"].as_str().unwrap_or_default().to_owned(),
             sso: ep["sso_url"].as_str().unwrap_or_default().to_owned(),

@@ -99,7 +99,7 @@ pub fn vm_view(p: &OvirtPlatform, vm: &Vm, all_content: bool) -> Result<Value, F
         "memory": vm.memory,
         "cpu": {"topology": {"cores": vm.cpu_cores, "sockets": 1, "threads": 1}},
         "cluster": {"name": vm.cluster},
-        "creation_time": vm.creation_time,
+        "creation_time": wire::date(vm.creation_time),
         "disk_attachments": {"href": format!("{API}/vms/{}/diskattachments", vm.id)},
     });
     if all_content {
@@ -135,7 +135,7 @@ pub fn disk_view(p: &OvirtPlatform, d: &Disk) -> Value {
         "status": d.status,
         "storage_type": "image",
         "content_type": "data",
-        "storage_domains": {"storage_domain": [{"name": d.storage_domain}]},
+        "storage_domains": {"storage_domain": [super::system::storage_domain_link(&d.storage_domain)]},
     })
 }
 
@@ -168,7 +168,7 @@ fn snapshot_view(s: &Snapshot) -> Value {
         "snapshot_status": s.status,
         "snapshot_type": "regular",
         "persist_memorystate": false,
-        "date": s.date,
+        "date": wire::date(s.date),
         "vm": {"id": s.vm_id, "href": format!("{API}/vms/{}", s.vm_id)},
     })
 }
@@ -430,12 +430,24 @@ pub async fn create_disk(State(p): P, headers: HeaderMap, body: Bytes) -> Respon
                 "incremental backup needs a cow (qcow2) disk",
             ));
         }
-        if let Some(sd) = wire::list(&req, "storage_domains", "storage_domain").first() {
-            let name = text(sd, "name")
-                .or_else(|| text(sd, "id"))
-                .unwrap_or_default();
-            if name != p.config().storage_domain {
-                return Err(Fault::not_found("Storage domain", &name));
+        // The engine needs the storage domain (by id or name).
+        let sd = wire::list(&req, "storage_domains", "storage_domain")
+            .first()
+            .map(|sd| (text(sd, "id"), text(sd, "name")))
+            .ok_or_else(|| {
+                Fault::bad_request(
+                    "Cannot add Virtual Disk: disk.storage_domains.storage_domain is required",
+                )
+            })?;
+        let ours = p.config().storage_domain.clone();
+        match sd {
+            (Some(id), _) if id == super::system::storage_domain_id(&ours) => {}
+            (None, Some(name)) if name == ours => {}
+            (id, name) => {
+                return Err(Fault::not_found(
+                    "Storage domain",
+                    &id.or(name).unwrap_or_default(),
+                ));
             }
         }
         let sparse = flag(&req, "sparse")?.unwrap_or(true);

@@ -49,7 +49,7 @@ fn backup_view(b: &Backup) -> Value {
         "description": b.description,
         "from_checkpoint_id": b.from_checkpoint_id,
         "to_checkpoint_id": b.to_checkpoint_id,
-        "creation_date": b.creation_date,
+        "creation_date": super::wire::date(b.creation_date),
         "vm": {"id": b.vm_id, "href": format!("{API}/vms/{}", b.vm_id)},
         "disks": {"disk": b.disk_ids.iter().map(|d| json!({"id": d})).collect::<Vec<_>>()},
     })
@@ -61,7 +61,7 @@ fn checkpoint_view(c: &Checkpoint) -> Value {
         "href": format!("{API}/vms/{}/checkpoints/{}", c.vm_id, c.id),
         "parent_id": c.parent_id,
         "state": c.state,
-        "creation_date": c.creation_date,
+        "creation_date": super::wire::date(c.creation_date),
         "vm": {"id": c.vm_id},
         "disks": {"disk": c.disks.keys().map(|d| json!({"id": d})).collect::<Vec<_>>()},
     })
@@ -86,19 +86,18 @@ fn transfer_view(p: &OvirtPlatform, t: &Transfer, base: &str) -> Value {
         "format": t.format,
         "transfer_url": url,
         "proxy_url": url,
+        // A mock extension outside the API model, only when configured.
         "nbd_url": (t.phase == "transferring" && p.config().transfer_nbd_url).then(|| format!("nbd://{}:{}/{}", nbd.host, nbd.port, t.export_name)),
         "inactivity_timeout": 60,
+        "timeout_policy": "legacy",
+        "shallow": false,
+        "active": t.phase == "transferring",
+        "transferred": t.bytes_transferred,
+        "host": super::system::host_link(),
+        "image": {"id": t.disk_id},
         "disk": {"id": t.disk_id, "href": format!("{API}/disks/{}", t.disk_id)},
         "backup": t.backup_id.as_ref().map(|b| json!({"id": b})),
     })
-}
-
-fn http_base(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1");
-    format!("http://{host}")
 }
 
 // -------------------------------------------------------------- backups
@@ -268,6 +267,54 @@ pub async fn get_backup(
     done(Format::of(&headers), r)
 }
 
+/// `GET /vms/{vm}/backups/{b}/disks`: the disks of the backup, each with
+/// its `backup_mode`: `incremental` when the backup starts from a
+/// checkpoint that has the disk, else `full`.
+pub async fn backup_disks(
+    State(p): P,
+    headers: HeaderMap,
+    Path((vm, bid)): Path<(String, String)>,
+) -> Response {
+    let r = require_44(&p).and_then(|_| {
+        let (b, modes) = p.inv.read(|doc| {
+            let b = doc
+                .backups
+                .get(&bid)
+                .filter(|b| b.vm_id == vm)
+                .cloned()
+                .ok_or_else(|| Fault::not_found("Backup", &bid))?;
+            let from = b
+                .from_checkpoint_id
+                .as_ref()
+                .and_then(|c| doc.checkpoints.get(c));
+            let modes: Vec<(super::model::Disk, &'static str)> = b
+                .disk_ids
+                .iter()
+                .filter_map(|d| doc.disks.get(d).cloned())
+                .map(|d| {
+                    let incremental = from.is_some_and(|c| c.disks.contains_key(&d.id));
+                    (d, if incremental { "incremental" } else { "full" })
+                })
+                .collect();
+            Ok::<_, Fault>((b, modes))
+        })?;
+        let list: Vec<Value> = modes
+            .iter()
+            .map(|(d, mode)| {
+                let mut v = super::api::disk_view(&p, d);
+                v["backup_mode"] = json!(mode);
+                v["href"] = json!(format!(
+                    "{API}/vms/{}/backups/{}/disks/{}",
+                    b.vm_id, b.id, d.id
+                ));
+                v
+            })
+            .collect();
+        Ok(ok("disks", json!({"disk": list})))
+    });
+    done(Format::of(&headers), r)
+}
+
 /// `POST /vms/{vm}/backups/{b}/finalize`: refused while one of its image
 /// transfers is not finalized; publishes the checkpoint.
 pub async fn finalize_backup(
@@ -431,7 +478,7 @@ pub fn invalidate_checkpoints(p: &OvirtPlatform, vm: &str) -> crate::error::Resu
 
 /// `GET /imagetransfers`.
 pub async fn list_transfers(State(p): P, headers: HeaderMap) -> Response {
-    let base = http_base(&headers);
+    let base = p.public_base(&headers);
     let list: Vec<Value> = p.inv.read(|doc| {
         doc.transfers
             .values()
@@ -448,7 +495,7 @@ pub async fn list_transfers(State(p): P, headers: HeaderMap) -> Response {
 /// download|upload, format: raw}`.
 pub async fn start_transfer(State(p): P, headers: HeaderMap, body: Bytes) -> Response {
     let format = Format::of(&headers);
-    let base = http_base(&headers);
+    let base = p.public_base(&headers);
     let r: Result<Reply, Fault> = async {
         let req = parse_body(&headers, &body)?;
         let disk_id = nested_id(&req, "disk")
@@ -560,7 +607,7 @@ pub async fn start_transfer(State(p): P, headers: HeaderMap, body: Bytes) -> Res
 
 /// `GET /imagetransfers/{t}`: each call is a phase poll.
 pub async fn get_transfer(State(p): P, headers: HeaderMap, Path(tid): Path<String>) -> Response {
-    let base = http_base(&headers);
+    let base = p.public_base(&headers);
     let r = p
         .inv
         .update(|doc| {
@@ -726,6 +773,36 @@ pub async fn image_get(State(p): P, headers: HeaderMap, Path(id): Path<String>) 
         Ok(Err(err)) => image_error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
         Err(err) => image_error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
     }
+}
+
+/// `OPTIONS /images/{ticket}`: the ticket's features, as imageio answers
+/// (`extents` for a download; `zero` and `flush` too for an upload) and
+/// how many connections it serves. Without it imageio clients take the
+/// server for one without extents and read every byte.
+pub async fn image_options(State(p): P, Path(id): Path<String>) -> Response {
+    let t = if id == "*" {
+        None
+    } else {
+        match ticket(&p, &id) {
+            Ok((t, _)) => Some(t),
+            Err((status, msg)) => return image_error(status, msg),
+        }
+    };
+    let write = t.as_ref().is_none_or(|t| t.direction == "upload");
+    let (features, allow) = if write {
+        (json!(["extents", "zero", "flush"]), "OPTIONS,GET,PUT,PATCH")
+    } else {
+        (json!(["extents"]), "OPTIONS,GET")
+    };
+    let mut body = json!({"features": features});
+    if t.is_some() {
+        body["max_readers"] = json!(8);
+        body["max_writers"] = json!(if write { 8 } else { 0 });
+    }
+    let mut r = axum::Json(body).into_response();
+    r.headers_mut()
+        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    r
 }
 
 /// `PUT /images/{ticket}` with `Content-Range: bytes a-b/*` (upload).

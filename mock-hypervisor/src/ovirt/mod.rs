@@ -15,18 +15,27 @@
 //!   the attachment's `logical_name`, removed on detach (writes to a live
 //!   disk attached this way are written back on detach);
 //! - incremental (4.4+): backups with checkpoints and image transfers; a
-//!   transfer serves ranged GET/PUT and extents on the image server and, as
-//!   a mock extension, the same data as an NBD export (`nbd_url`), like
-//!   imageio's local NBD access.
+//!   transfer serves ranged GET/PUT, `OPTIONS` (features) and extents on
+//!   the image server; only when configured (`transfer_nbd_url`, a mock
+//!   extension outside the API model) the same data as an NBD export.
+//!
+//! Wire details the official SDK and imageio check (see
+//! `tests/ovirt_sdk.rs`): dates are `xs:dateTime` in XML (milliseconds in
+//! JSON), errors are `<fault>` bodies (unknown paths and methods too),
+//! objects link by `id` and `href`, transfers name their `<host>`. With
+//! `https` on, the API, SSO and image server are served over HTTPS only
+//! ([`https`]).
 //!
 //! Locking: the inventory lock is never held across disk copies.
 
 pub mod admin;
 pub mod api;
 pub mod backups;
+pub mod https;
 pub mod model;
 pub mod ovf;
 pub mod seed;
+pub mod system;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -70,9 +79,14 @@ pub struct OvirtConfig {
     pub token_ttl: Duration,
     /// Storage domain name.
     pub storage_domain: String,
-    /// Whether transfers report `nbd_url` (mock extension; a real engine
-    /// does not).
+    /// Whether transfers report `nbd_url`: a mock extension outside the
+    /// API model (a real engine has no such field), off by default.
     pub transfer_nbd_url: bool,
+    /// Serve the API, SSO and the image server over HTTPS (a second
+    /// listener, certificates from the mock's CA) and refuse them over
+    /// plain HTTP, as an engine does (the default). Off: plain HTTP (tests
+    /// that ask for it).
+    pub https: bool,
 }
 
 impl std::fmt::Debug for OvirtConfig {
@@ -95,7 +109,8 @@ impl Default for OvirtConfig {
             transfer_polls: 1,
             token_ttl: Duration::from_secs(30 * 60),
             storage_domain: "data".into(),
-            transfer_nbd_url: true,
+            transfer_nbd_url: false,
+            https: true,
         }
     }
 }
@@ -163,7 +178,22 @@ pub struct OvirtPlatform {
     tokens: Mutex<HashMap<String, Instant>>,
     faults: Mutex<OvirtFaults>,
     appliance_dir: PathBuf,
+    events: Mutex<Vec<Value>>,
+    https: RwLock<Option<HttpsEndpoint>>,
 }
+
+/// Where the oVirt emulation serves HTTPS.
+#[derive(Debug, Clone)]
+pub struct HttpsEndpoint {
+    /// `https://127.0.0.1:PORT`.
+    pub base: String,
+    /// The CA that signed the server certificate (`ca-cert.pem`).
+    pub ca_file: PathBuf,
+}
+
+/// Request extension the HTTPS listener adds: the request came over TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct OverTls;
 
 /// API root.
 pub const API: &str = "/ovirt-engine/api";
@@ -192,7 +222,65 @@ impl OvirtPlatform {
             tokens: Mutex::new(HashMap::new()),
             faults: Mutex::new(OvirtFaults::default()),
             appliance_dir,
+            events: Mutex::new(Vec::new()),
+            https: RwLock::new(None),
         }))
+    }
+
+    /// Records where HTTPS is served (set by the mock at start).
+    pub fn set_https(&self, endpoint: HttpsEndpoint) {
+        *crate::disk::write_lock(&self.https) = Some(endpoint);
+    }
+
+    /// Where HTTPS is served, when it is.
+    pub fn https(&self) -> Option<HttpsEndpoint> {
+        crate::disk::read_lock(&self.https).clone()
+    }
+
+    /// The base URL clients reach the image server at: the HTTPS one when
+    /// HTTPS is on, else the plain one the request came to.
+    pub fn public_base(&self, headers: &axum::http::HeaderMap) -> String {
+        if let Some(h) = self.https() {
+            return h.base;
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        format!("http://{host}")
+    }
+
+    /// The audit log, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.events).clone()
+    }
+
+    /// Appends an event; returns it as the API shows it.
+    pub fn add_event(
+        &self,
+        description: &str,
+        origin: &str,
+        severity: &str,
+        custom_id: Option<u64>,
+        vm: Option<&str>,
+    ) -> Value {
+        let mut events = lock(&self.events);
+        let id = events.len() as u64 + 1;
+        let v = system::event_view(
+            id,
+            crate::ids::unix_now(),
+            description,
+            origin,
+            severity,
+            custom_id,
+            vm,
+        );
+        events.push(v.clone());
+        v
+    }
+
+    fn revoke_token(&self, token: &str) {
+        lock(&self.tokens).remove(token);
     }
 
     /// Current settings.
@@ -315,7 +403,7 @@ impl OvirtPlatform {
     }
 }
 
-fn form_decode(s: &str) -> String {
+pub(crate) fn form_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -418,6 +506,15 @@ async fn inject_faults(State(p): State<Arc<OvirtPlatform>>, req: Request, next: 
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let format = Format::of(req.headers());
+    if p.config().https && req.extensions().get::<OverTls>().is_none() {
+        return Fault::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "the engine and its image server are served over HTTPS only",
+        )
+        .in_format(format)
+        .into_response();
+    }
     let decision = p.hv.faults.http_call(&method, &path, &template);
     if !decision.latency.is_zero() {
         tokio::time::sleep(decision.latency).await;
@@ -502,6 +599,23 @@ impl Platform for OvirtPlatform {
             )
             .route(&a("/vms/{vm}/backups/{backup}"), get(backups::get_backup))
             .route(
+                &a("/vms/{vm}/backups/{backup}/disks"),
+                get(backups::backup_disks),
+            )
+            .route(&a("/hosts"), get(system::list_hosts))
+            .route(&a("/hosts/{id}"), get(system::get_host))
+            .route(&a("/datacenters"), get(system::list_data_centers))
+            .route(&a("/datacenters/{id}"), get(system::get_data_center))
+            .route(&a("/storagedomains"), get(system::list_storage_domains))
+            .route(&a("/storagedomains/{id}"), get(system::get_storage_domain))
+            .route(
+                &a("/events"),
+                get(system::list_events).post(system::add_event),
+            )
+            .route(&a("/jobs"), get(system::list_jobs))
+            .route(&a("/jobs/{id}"), get(system::get_job))
+            .route(&a("/{*rest}"), axum::routing::any(system::not_found))
+            .route(
                 &a("/vms/{vm}/backups/{backup}/finalize"),
                 post(backups::finalize_backup),
             )
@@ -532,11 +646,22 @@ impl Platform for OvirtPlatform {
         Router::new()
             .route("/ovirt-engine/sso/oauth/token", post(token))
             .route(
+                "/ovirt-engine/services/sso-logout",
+                post(system::sso_logout),
+            )
+            .route(
+                "/ovirt-engine/{*rest}",
+                axum::routing::any(system::not_found),
+            )
+            .route(
                 "/images/{ticket}",
-                get(backups::image_get).put(backups::image_put),
+                get(backups::image_get)
+                    .put(backups::image_put)
+                    .options(backups::image_options),
             )
             .route("/images/{ticket}/extents", get(backups::image_extents))
             .merge(protected)
+            .method_not_allowed_fallback(system::method_not_allowed)
             .route_layer(from_fn_with_state(self.clone(), inject_faults))
             .with_state(self)
     }
@@ -547,9 +672,13 @@ impl Platform for OvirtPlatform {
 
     fn endpoint(&self, http_base: &str) -> Value {
         let c = self.config();
+        let https = self.https();
+        let base = https.as_ref().map_or(http_base, |h| h.base.as_str());
         json!({
-            "base_url": format!("{http_base}{API}"),
-            "sso_url": format!("{http_base}/ovirt-engine/sso/oauth/token"),
+            "engine_url": base,
+            "ca_file": https.as_ref().map(|h| h.ca_file.display().to_string()),
+            "base_url": format!("{base}{API}"),
+            "sso_url": format!("{base}/ovirt-engine/sso/oauth/token"),
             "username": c.username,
             "password": c.password,
             "version": c.version,

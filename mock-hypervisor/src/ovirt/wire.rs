@@ -221,8 +221,48 @@ fn tamper_json(v: &mut Value, field: &str, value: Option<&str>) {
     }
 }
 
-/// Numbers and booleans as strings, recursively.
+/// A date field (`xs:dateTime` in XML, milliseconds since the epoch in
+/// JSON, as the engine renders them) from seconds since the epoch.
+pub fn date(secs: u64) -> Value {
+    serde_json::json!({ DATE_KEY: secs })
+}
+
+const DATE_KEY: &str = "$date";
+
+fn date_secs(v: &Value) -> Option<u64> {
+    match v {
+        Value::Object(m) if m.len() == 1 => m.get(DATE_KEY).and_then(Value::as_u64),
+        _ => None,
+    }
+}
+
+/// `2024-05-01T10:20:30.000+00:00` (the engine's `xs:dateTime`).
+pub fn xs_date_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.000+00:00",
+        rem / 3_600,
+        rem % 3_600 / 60,
+        rem % 60
+    )
+}
+
+/// Numbers and booleans as strings, recursively (dates as milliseconds).
 pub fn stringify(value: &Value) -> Value {
+    if let Some(secs) = date_secs(value) {
+        return Value::String((secs * 1000).to_string());
+    }
     match value {
         Value::Number(n) => Value::String(n.to_string()),
         Value::Bool(b) => Value::String(b.to_string()),
@@ -247,6 +287,10 @@ fn scalar_text(v: &Value) -> Option<String> {
 }
 
 fn write_xml(out: &mut String, name: &str, value: &Value) {
+    if let Some(secs) = date_secs(value) {
+        out.push_str(&format!("<{name}>{}</{name}>", xs_date_time(secs)));
+        return;
+    }
     match value {
         Value::Null => {}
         Value::Array(items) => items.iter().for_each(|i| write_xml(out, name, i)),
@@ -531,6 +575,27 @@ mod tests {
         assert!(xml_to_value("<vm><name>x</vm>").is_err());
         assert!(xml_to_value("<vm>").is_err());
         assert!(xml_to_value("").is_err());
+    }
+
+    #[test]
+    fn dates_are_xs_date_time_in_xml_and_milliseconds_in_json() {
+        assert_eq!(xs_date_time(0), "1970-01-01T00:00:00.000+00:00");
+        assert_eq!(xs_date_time(1_700_000_000), "2023-11-14T22:13:20.000+00:00");
+        assert_eq!(xs_date_time(951_782_400), "2000-02-29T00:00:00.000+00:00");
+        let mut out = String::new();
+        write_xml(
+            &mut out,
+            "vm",
+            &serde_json::json!({"creation_time": date(1)}),
+        );
+        assert_eq!(
+            out,
+            "<vm><creation_time>1970-01-01T00:00:01.000+00:00</creation_time></vm>"
+        );
+        assert_eq!(
+            stringify(&serde_json::json!({"date": date(2)})),
+            serde_json::json!({"date": "2000"})
+        );
     }
 
     #[test]

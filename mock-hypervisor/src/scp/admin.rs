@@ -2,7 +2,10 @@
 //! with guest data, revert snapshots, expire CBT or leases, change the
 //! platform version, list SCP objects, and the test-only answer fault
 //! (`POST /admin/scp/faults/answers {"method"?, "path", "remove": ["/data/areas"], "times"?}`
-//! removes fields from matching answers; `DELETE` disarms them).
+//! removes fields from matching answers; `DELETE` disarms them), failing
+//! tasks (`POST /admin/scp/faults/tasks {"action", "message", "times"?}`),
+//! the token lifetime (`PUT /admin/scp/token-ttl {"ttl_ms"}`) and the login
+//! count (`GET /admin/scp/logins`).
 
 use std::sync::Arc;
 
@@ -37,6 +40,12 @@ pub fn router(scp: Arc<ScpPlatform>) -> Router {
             "/faults/answers",
             post(add_answer_fault).delete(clear_answer_faults),
         )
+        .route(
+            "/faults/tasks",
+            post(add_task_fault).delete(clear_task_faults),
+        )
+        .route("/token-ttl", put(set_token_ttl))
+        .route("/logins", get(logins))
         .with_state(scp)
 }
 
@@ -306,6 +315,32 @@ async fn add_answer_fault(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> A
 
 async fn clear_answer_faults(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
     Ok(Json(json!({"cleared": scp.clear_answer_faults()})))
+}
+
+async fn add_task_fault(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let f: super::TaskFault = parse(&body)?;
+    scp.add_task_fault(f);
+    Ok(Json(json!({})))
+}
+
+async fn clear_task_faults(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
+    Ok(Json(json!({"cleared": scp.clear_task_faults()})))
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenTtl {
+    /// Milliseconds.
+    ttl_ms: u64,
+}
+
+async fn set_token_ttl(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> AdminResult {
+    let t: TokenTtl = parse(&body)?;
+    scp.set_token_ttl(std::time::Duration::from_millis(t.ttl_ms));
+    Ok(Json(json!({"ttl_ms": t.ttl_ms})))
+}
+
+async fn logins(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
+    Ok(Json(json!({"logins": scp.logins()})))
 }
 
 async fn list_objects(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {

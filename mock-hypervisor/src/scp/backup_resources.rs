@@ -18,7 +18,8 @@ use serde_json::{Value, json};
 
 use super::ScpPlatform;
 use super::envelope::{
-    RESOURCE_EXPIRED, REVERT_MODE_UNSUPPORTED, ScpError, ScpPath, ScpResult, ok, parse_body,
+    RESOURCE_EXPIRED, REVERT_MODE_UNSUPPORTED, ScpError, ScpPath, ScpQuery, ScpResult, ok, paged,
+    parse_body,
 };
 use crate::disk::View;
 use crate::exports::ExportTarget;
@@ -159,10 +160,10 @@ struct CreateLease {
 }
 
 /// `GET /janus/20240725/backup-resources`
-pub async fn list(State(scp): State<Arc<ScpPlatform>>) -> ScpResult {
+pub async fn list(State(scp): State<Arc<ScpPlatform>>, ScpQuery(q): ScpQuery) -> ScpResult {
     expire_due(&scp);
     let items: Vec<Value> = scp.leases_lock().active.values().map(Lease::view).collect();
-    ok(json!({"total_count": items.len(), "data": items}))
+    paged(&q, items)
 }
 
 /// `POST /janus/20240725/backup-resources`
@@ -441,6 +442,7 @@ pub async fn open_export(
 pub async fn list_exports(
     State(scp): State<Arc<ScpPlatform>>,
     ScpPath(id): ScpPath<String>,
+    ScpQuery(q): ScpQuery,
 ) -> ScpResult {
     let lease = active_lease(&scp, &id)?;
     let items: Vec<_> = lease
@@ -449,7 +451,7 @@ pub async fn list_exports(
         .filter_map(|n| scp.hv.exports.get(n))
         .map(|e| e.stats())
         .collect();
-    ok(json!({"total_count": items.len(), "data": items}))
+    paged(&q, items)
 }
 
 /// `DELETE /janus/20240725/backup-resources/{resource_id}/exports/{export_id}`

@@ -237,11 +237,12 @@ pub async fn delete(
 pub async fn list_replicas(
     State(scp): State<Arc<ScpPlatform>>,
     ScpPath(id): ScpPath<String>,
+    ScpQuery(q): ScpQuery,
 ) -> ScpResult {
     let reps = scp
         .inv
         .read(|doc| doc.base_image(&id).map(|b| b.replicas.clone()))?;
-    ok(json!({"total_count": reps.len(), "data": reps}))
+    paged(&q, reps)
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +257,9 @@ pub async fn sync_replica(
     body: Bytes,
 ) -> ScpResult {
     let req: SyncReplica = parse_body(&body)?;
+    if let Some(failed) = scp.failed_task("sync_base_image_replica", &id) {
+        return failed;
+    }
     scp.inv.update(|doc| {
         if !doc.has_storage(&req.storage_id) {
             return Err(Error::not_found("storage", &req.storage_id));

@@ -17,7 +17,7 @@ use serde_json::json;
 
 use super::ScpPlatform;
 use super::envelope::{
-    BASE_IMAGE_CBT_UNSUPPORTED, CBT_DISABLED, CBT_EXPIRED, CBT_EXPIRED_MESSAGE, CHECKPOINT_INVALID,
+    BASE_IMAGE_CBT_UNSUPPORTED, CBT_DISABLED, CBT_EXPIRED_MESSAGE, CHECKPOINT_INVALID, REFUSED,
     ScpError, ScpPath, ScpQuery, ScpResult, ok, parse_body, query_u64,
 };
 use crate::disk::bitmap::runs;
@@ -30,10 +30,8 @@ pub async fn get_status(
     ScpPath(id): ScpPath<String>,
 ) -> ScpResult {
     let cbt = scp.inv.read(|doc| doc.server(&id).map(|s| s.cbt))?;
-    ok(json!({
-        "enable": cbt.enable,
-        "status": if cbt.expired { "expired" } else { "normal" },
-    }))
+    // No expiry field: an expired CBT shows in the changed-areas answer.
+    ok(json!({"enable": cbt.enable}))
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,7 +69,7 @@ pub async fn put_status(
             scp.hv.store.disk(&d)?.invalidate_checkpoints()?;
         }
     }
-    ok(json!({"enable": req.enable, "status": "normal"}))
+    ok(json!({"enable": req.enable}))
 }
 
 /// `GET /janus/20240725/servers/{server_id}/cbt/changed-areas`
@@ -103,7 +101,8 @@ pub async fn changed_areas(
         ));
     }
     if server.cbt.expired {
-        return Err(ScpError::refused(CBT_EXPIRED, CBT_EXPIRED_MESSAGE));
+        // The documented signal is the message, not a code.
+        return Err(ScpError::refused(REFUSED, CBT_EXPIRED_MESSAGE));
     }
     let disks: Vec<super::model::ServerDisk> = snap
         .vmconf

@@ -31,8 +31,6 @@ pub const CONFLICT: i64 = 40900;
 pub const INTERNAL: i64 = 50000;
 /// Platform rule refusal (HTTP 200).
 pub const REFUSED: i64 = 60000;
-/// "The VM CBT has expired. Please reset it." (HTTP 200).
-pub const CBT_EXPIRED: i64 = 60001;
 /// CBT is not enabled on the server (HTTP 200).
 pub const CBT_DISABLED: i64 = 60002;
 /// Base image CBT not available in this platform version (HTTP 200).
@@ -44,7 +42,9 @@ pub const REVERT_MODE_UNSUPPORTED: i64 = 60005;
 /// The backup resource expired (HTTP 200).
 pub const RESOURCE_EXPIRED: i64 = 60006;
 
-/// The message of [`CBT_EXPIRED`].
+/// The platform's message when a VM's CBT expired (after a snapshot revert
+/// or a restore), answered with [`REFUSED`]: clients recognise the
+/// message, as the platform documents it.
 pub const CBT_EXPIRED_MESSAGE: &str = "The VM CBT has expired. Please reset it.";
 
 /// An SCP error answer.
@@ -183,16 +183,34 @@ pub fn query_u64(q: &QueryMap, name: &str) -> Result<Option<u64>, ScpError> {
         .transpose()
 }
 
-/// Applies `page_num` (1-based) and `page_size` to a list and wraps it as
-/// `{"total_count", "page_num", "page_size", "data": [...]}`.
+/// Largest `page_size` the platform accepts.
+pub const MAX_PAGE_SIZE: u64 = 100;
+
+/// Applies `page_num` (0-based) and `page_size` (1..=100, default 100) to a
+/// list and wraps it as `{"total_size", "page_num", "page_size",
+/// "next_page_num", "data": [...]}`; `next_page_num` is `""` on the last
+/// page.
 pub fn paged<T: Serialize>(q: &QueryMap, items: Vec<T>) -> ScpResult {
-    let page_num = query_u64(q, "page_num")?.unwrap_or(1).max(1);
-    let page_size = query_u64(q, "page_size")?.unwrap_or(100).clamp(1, 1000);
+    let page_num = query_u64(q, "page_num")?.unwrap_or(0);
+    let page_size = query_u64(q, "page_size")?.unwrap_or(MAX_PAGE_SIZE);
+    if page_size == 0 || page_size > MAX_PAGE_SIZE {
+        return Err(ScpError::invalid(format!(
+            "page_size must be 1..={MAX_PAGE_SIZE}"
+        )));
+    }
     let total = items.len() as u64;
     let page: Vec<T> = items
         .into_iter()
-        .skip(((page_num - 1) * page_size) as usize)
+        .skip(page_num.saturating_mul(page_size) as usize)
         .take(page_size as usize)
         .collect();
-    ok(json!({"total_count": total, "page_num": page_num, "page_size": page_size, "data": page}))
+    let next = if (page_num + 1).saturating_mul(page_size) < total {
+        json!(page_num + 1)
+    } else {
+        json!("")
+    };
+    ok(
+        json!({"total_size": total, "page_num": page_num, "page_size": page_size,
+        "next_page_num": next, "data": page}),
+    )
 }

@@ -19,6 +19,7 @@ pub mod base_images;
 pub mod cbt;
 pub mod custom_attributes;
 pub mod envelope;
+pub mod general;
 pub mod model;
 pub mod servers;
 pub mod snapshots;
@@ -53,12 +54,17 @@ pub struct ScpConfig {
     pub username: String,
     /// Account password.
     pub password: String,
-    /// Polls a task reports `running` before it finishes.
+    /// Polls a task answers unfinished (`waiting`, then `doing`) before
+    /// `finish` or `failure`.
     pub task_polls: u32,
     /// Largest range one changed-areas call covers (bytes).
     pub changed_areas_page: u64,
     /// Token lifetime.
     pub token_ttl: Duration,
+    /// Access key of the account (request signing); empty: none.
+    pub access_key: String,
+    /// Secret key of the account.
+    pub secret_key: String,
     /// Storages created on first start.
     pub storages: Vec<Storage>,
 }
@@ -69,9 +75,11 @@ impl Default for ScpConfig {
             version: "6.11.3".into(),
             username: "admin".into(),
             password: "admin-password".into(),
-            task_polls: 1,
+            task_polls: 2,
             changed_areas_page: 64 * 1024 * 1024,
             token_ttl: Duration::from_secs(30 * 60),
+            access_key: "mock-access-key".into(),
+            secret_key: "mock-secret-key".into(),
             storages: vec![
                 Storage {
                     id: "storage-local".into(),
@@ -96,6 +104,22 @@ pub struct ScpPlatform {
     tasks: tasks::TaskBoard,
     leases: Mutex<backup_resources::LeaseTable>,
     answer_faults: Mutex<Vec<AnswerFault>>,
+    task_faults: Mutex<Vec<TaskFault>>,
+    logins: std::sync::atomic::AtomicU64,
+}
+
+/// Admin fault (`POST /admin/scp/faults/tasks`): the next tasks of an
+/// action fail with the platform's error text, without doing their work
+/// (as a task the platform refuses midway).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TaskFault {
+    /// Task action (`create_snapshot`, `update_server`, ...).
+    pub action: String,
+    /// The error text the task reports in `description`.
+    pub message: String,
+    /// How many tasks it fails (unlimited when absent).
+    #[serde(default)]
+    pub times: Option<u32>,
 }
 
 /// Test-only fault (admin API `POST /admin/scp/faults/answers`): the call
@@ -157,11 +181,27 @@ fn remove_parts(v: &mut Value, parts: &[String]) -> usize {
     }
 }
 
-/// Parses `6.11.3` into comparable numbers.
+/// Parses a version into comparable numbers the way clients read
+/// `build_version`: an optional `SCP` prefix, the first word only, and the
+/// leading digits of each dotted part (`6.11.3-beta` is 6.11.3,
+/// `SCP6.11.3 B-2025-07-25` too).
 pub fn parse_version(v: &str) -> Vec<u32> {
-    v.split('.')
-        .map(|p| p.trim().parse().unwrap_or(0))
+    let word = v.split_whitespace().next().unwrap_or_default();
+    let word = word
+        .strip_prefix("SCP")
+        .or_else(|| word.strip_prefix("scp"))
+        .unwrap_or(word);
+    word.split('.')
+        .map(|p| {
+            let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().unwrap_or(0)
+        })
         .collect()
+}
+
+/// The `build_version` the platform reports for a version.
+pub fn build_version(version: &str) -> String {
+    format!("SCP{version} B-2025-07-25 10:00:00")
 }
 
 impl ScpPlatform {
@@ -185,6 +225,8 @@ impl ScpPlatform {
             tasks: tasks::TaskBoard::default(),
             leases: Mutex::new(Default::default()),
             answer_faults: Mutex::new(Vec::new()),
+            task_faults: Mutex::new(Vec::new()),
+            logins: Default::default(),
         }))
     }
 
@@ -200,7 +242,59 @@ impl ScpPlatform {
 
     /// Whether the platform version is at least `v`.
     pub fn version_at_least(&self, v: &str) -> bool {
-        parse_version(&self.config().version) >= parse_version(v)
+        let mine = parse_version(&self.config().version);
+        let other = parse_version(v);
+        let n = mine.len().max(other.len());
+        let pad = |p: &[u32]| {
+            let mut p = p.to_vec();
+            p.resize(n, 0);
+            p
+        };
+        pad(&mine) >= pad(&other)
+    }
+
+    /// Successful logins so far (`POST /janus/authenticate`).
+    pub fn logins(&self) -> u64 {
+        self.logins.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the token lifetime of new logins.
+    pub fn set_token_ttl(&self, ttl: Duration) {
+        crate::disk::write_lock(&self.config).token_ttl = ttl;
+    }
+
+    /// Arms a [`TaskFault`].
+    pub fn add_task_fault(&self, fault: TaskFault) {
+        self.task_faults_lock().push(fault);
+    }
+
+    /// Disarms every [`TaskFault`]; returns the ones still armed.
+    pub fn clear_task_faults(&self) -> Vec<TaskFault> {
+        std::mem::take(&mut *self.task_faults_lock())
+    }
+
+    fn task_faults_lock(&self) -> MutexGuard<'_, Vec<TaskFault>> {
+        self.task_faults.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When a [`TaskFault`] is armed for `action`: records the failing task
+    /// and gives the answer to send (the caller then does no work).
+    pub fn failed_task(&self, action: &str, object_id: &str) -> Option<envelope::ScpResult> {
+        let message = {
+            let mut faults = self.task_faults_lock();
+            let i = faults.iter().position(|f| f.action == action)?;
+            let message = faults[i].message.clone();
+            if let Some(t) = &mut faults[i].times {
+                *t = t.saturating_sub(1);
+                if *t == 0 {
+                    faults.remove(i);
+                }
+            }
+            message
+        };
+        let polls = self.config().task_polls;
+        let id = self.tasks.record(action, object_id, polls, Err(message));
+        Some(envelope::ok(json!({"task_id": id})))
     }
 
     /// The shared hypervisor resources.
@@ -255,19 +349,12 @@ impl ScpPlatform {
         Some(remove)
     }
 
-    /// Records a task and answers `{"task_id", ...extra}`.
+    /// Records a task whose `entities` are `result` once it finishes and
+    /// answers `{"task_id"}` only.
     fn task(&self, action: &str, object_id: &str, result: Value) -> envelope::ScpResult {
         let polls = self.config().task_polls;
-        let id = self
-            .tasks
-            .record(action, object_id, polls, Ok(result.clone()));
-        let mut data = json!({"task_id": id});
-        if let (Some(d), Some(r)) = (data.as_object_mut(), result.as_object()) {
-            for (k, v) in r {
-                d.insert(k.clone(), v.clone());
-            }
-        }
-        envelope::ok(data)
+        let id = self.tasks.record(action, object_id, polls, Ok(result));
+        envelope::ok(json!({"task_id": id}))
     }
 
     /// Marks a server's CBT expired (revert, restore) and invalidates its
@@ -341,9 +428,32 @@ impl Platform for ScpPlatform {
 
     fn api_router(self: Arc<Self>) -> Router {
         let protected = Router::new()
+            .route("/janus/20180725/tasks", get(general::list_tasks))
             .route("/janus/20180725/tasks/{task_id}", get(servers::get_task))
             .route("/janus/20180725/system/version", get(servers::get_version))
             .route("/janus/20180725/storages", get(servers::list_storages))
+            .route("/janus/20180725/azs", get(general::list_azs))
+            .route("/janus/20180725/azs/{az_id}", get(general::get_az))
+            .route("/janus/20180725/volumes", get(general::list_volumes))
+            .route(
+                "/janus/20180725/volumes/{volume_id}",
+                get(general::get_volume),
+            )
+            .route("/janus/20180725/images", get(general::list_images))
+            .route(
+                "/janus/20180725/servers",
+                get(servers::list_servers).post(servers::create_server),
+            )
+            .route(
+                "/janus/20180725/servers/{server_id}",
+                get(servers::get_server)
+                    .put(servers::update_server)
+                    .delete(servers::delete_server),
+            )
+            .route(
+                "/janus/20240725/servers/{server_id}",
+                get(servers::get_server),
+            )
             .route(
                 "/janus/20250725/servers",
                 get(servers::list_servers).post(servers::create_server),
@@ -429,6 +539,7 @@ impl Platform for ScpPlatform {
             .route_layer(from_fn_with_state(self.clone(), auth::require_token));
         Router::new()
             .route("/janus/public-key", get(auth::public_key))
+            .route("/janus/v2/public-key", get(auth::public_key))
             .route("/janus/authenticate", post(auth::authenticate))
             .merge(protected)
             .route_layer(from_fn_with_state(self.clone(), inject_faults))
@@ -445,6 +556,8 @@ impl Platform for ScpPlatform {
             "base_url": http_base,
             "username": c.username,
             "password": c.password,
+            "access_key": c.access_key,
+            "secret_key": c.secret_key,
             "version": c.version,
         })
     }

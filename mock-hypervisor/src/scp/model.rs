@@ -67,7 +67,8 @@ pub struct Server {
     pub revert_mode: u8,
     /// Storage of the system disk.
     pub storage_id: String,
-    /// vCPUs.
+    /// vCPUs (`cores` on the wire; `cpu` in older state files).
+    #[serde(rename = "cores", alias = "cpu")]
     pub cpu: u32,
     /// Memory in MiB.
     pub memory_mb: u64,

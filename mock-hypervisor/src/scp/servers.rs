@@ -28,15 +28,22 @@ pub async fn get_task(
     }
 }
 
-/// `GET /janus/20180725/system/version`
+/// `GET /janus/20180725/system/version`: `build_version` as the platform
+/// reports it (`SCP6.11.3 B-2025-07-25 10:00:00`).
 pub async fn get_version(State(scp): State<Arc<ScpPlatform>>) -> ScpResult {
-    ok(json!({"version": scp.config().version}))
+    ok(json!({
+        "build_version": super::build_version(&scp.config().version),
+        "custom_version": [],
+    }))
 }
 
-/// `GET /janus/20180725/storages`
-pub async fn list_storages(State(scp): State<Arc<ScpPlatform>>) -> ScpResult {
+/// `GET /janus/20180725/storages` (paged).
+pub async fn list_storages(
+    State(scp): State<Arc<ScpPlatform>>,
+    ScpQuery(q): ScpQuery,
+) -> ScpResult {
     let storages = scp.inv.read(|d| d.storages.clone());
-    ok(json!({"total_count": storages.len(), "data": storages}))
+    paged(&q, storages)
 }
 
 /// The wire form of a server: the record plus CBT status text and the disks
@@ -49,10 +56,17 @@ pub fn server_view(doc: &ScpInventory, s: &Server) -> Value {
         .filter(|h| h.proxy_server_id == s.id)
         .collect();
     if let Some(o) = v.as_object_mut() {
-        o.insert(
-            "cbt".into(),
-            json!({"enable": s.cbt.enable, "status": if s.cbt.expired { "expired" } else { "normal" }}),
-        );
+        // CBT expiry is not a field: the platform says it in the answer
+        // of the CBT calls ("The VM CBT has expired. Please reset it.").
+        o.insert("cbt".into(), json!({"enable": s.cbt.enable}));
+        o.insert("sockets".into(), json!(1));
+        o.insert("az_id".into(), json!(super::general::AZ_ID));
+        if let Some(disks) = o.get_mut("disks").and_then(Value::as_array_mut) {
+            for d in disks.iter_mut().filter_map(Value::as_object_mut) {
+                let size = d.get("size").and_then(Value::as_u64).unwrap_or(0);
+                d.insert("size_mb".into(), json!(size.div_ceil(1 << 20)));
+            }
+        }
         o.insert("hotadd_disks".into(), json!(hotadds));
         o.insert(
             "is_linked".into(),
@@ -114,8 +128,8 @@ pub struct CreateServer {
     /// 1 for revert mode.
     #[serde(default)]
     pub revert_mode: u8,
-    /// vCPUs.
-    #[serde(default = "default_cpu")]
+    /// vCPUs (`cores`; `cpu` accepted).
+    #[serde(default = "default_cpu", rename = "cores", alias = "cpu")]
     pub cpu: u32,
     /// Memory (MiB).
     #[serde(default = "default_memory")]
@@ -268,6 +282,9 @@ pub async fn create_server_record(
 /// `POST /janus/20250725/servers`
 pub async fn create_server(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> ScpResult {
     let req: CreateServer = parse_body(&body)?;
+    if let Some(failed) = scp.failed_task("create_server", "") {
+        return failed;
+    }
     let server = create_server_record(&scp, req).await?;
     let disk_ids: Vec<&str> = server.disks.iter().map(|d| d.id.as_str()).collect();
     scp.task(
@@ -334,6 +351,9 @@ pub async fn update_server(
 ) -> ScpResult {
     let req: UpdateServer = parse_body(&body)?;
     scp.inv.read(|d| d.server(&proxy_id).map(|_| ()))?;
+    if let Some(failed) = scp.failed_task("update_server", &proxy_id) {
+        return failed;
+    }
     if let Some(name) = &req.name {
         if name.trim().is_empty() {
             return Err(ScpError::invalid("name must not be empty"));
@@ -599,6 +619,9 @@ pub async fn delete_server(
     ScpPath(id): ScpPath<String>,
 ) -> ScpResult {
     scp.inv.read(|d| d.server(&id).map(|_| ()))?;
+    if let Some(failed) = scp.failed_task("delete_server", &id) {
+        return failed;
+    }
     if let Some(lease) = super::backup_resources::lease_of_server(&scp, &id) {
         return Err(ScpError::conflict(format!(
             "server {id} is locked by backup resource {lease}"
@@ -644,6 +667,9 @@ pub async fn recovery_base_image(
     body: Bytes,
 ) -> ScpResult {
     let req: RecoveryBaseImage = parse_body(&body)?;
+    if let Some(failed) = scp.failed_task("recovery_baseimage", &id) {
+        return failed;
+    }
     let (disk_id, base) = scp.inv.read(|doc| -> Result<_, ScpError> {
         let server = doc.server(&id)?;
         let disk = server

@@ -111,6 +111,10 @@ pub async fn create(
     body: Bytes,
 ) -> ScpResult {
     let req: CreateSnapshot = parse_body(&body)?;
+    scp.inv.read(|d| d.server(&server_id).map(|_| ()))?;
+    if let Some(failed) = scp.failed_task("create_snapshot", &server_id) {
+        return failed;
+    }
     let snap = take_snapshot(&scp, &server_id, req.name, req.description)?;
     scp.task(
         "create_snapshot",
@@ -137,6 +141,9 @@ pub async fn delete(
     ScpPath((server_id, id)): ScpPath<(String, String)>,
 ) -> ScpResult {
     let snap = scp.inv.read(|doc| doc.snapshot(&server_id, &id).cloned())?;
+    if let Some(failed) = scp.failed_task("delete_snapshot", &server_id) {
+        return failed;
+    }
     let users = exports_of(&scp, &id);
     if !users.is_empty() {
         return Err(ScpError::conflict(format!(
@@ -196,6 +203,9 @@ pub async fn revert(
     State(scp): State<Arc<ScpPlatform>>,
     ScpPath((server_id, id)): ScpPath<(String, String)>,
 ) -> ScpResult {
+    if let Some(failed) = scp.failed_task("revert_snapshot", &server_id) {
+        return failed;
+    }
     revert_server(&scp, &server_id, &id).await?;
     scp.task("revert_snapshot", &server_id, json!({"snapshot_id": id}))
 }

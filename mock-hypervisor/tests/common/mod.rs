@@ -49,7 +49,10 @@ impl Scp {
     pub async fn login(http: &reqwest::Client, base: &str) -> Scp {
         let r: Value = http
             .post(format!("{base}/janus/authenticate"))
-            .json(&json!({"auth": {"passwordCredentials": {"username": "admin", "password": "admin-password"}}}))
+            .json(
+                &json!({"auth": {"passwordCredentials": {"username": "admin",
+                "password": mock_hypervisor::scp::auth::encrypt_password("admin-password")}}}),
+            )
             .send()
             .await
             .expect("auth")
@@ -119,7 +122,7 @@ impl Scp {
         for _ in 0..100 {
             let t = self.get(&format!("/janus/20180725/tasks/{id}")).await;
             match t["status"].as_str() {
-                Some("success") => return t["result"].clone(),
+                Some("finish") => return t["entities"].clone(),
                 Some("failure") => panic!("task failed: {t}"),
                 _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }

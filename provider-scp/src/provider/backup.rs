@@ -120,12 +120,8 @@ impl ScpProvider {
             )
             .await?;
         let mut force_full = false;
-        if cbt.enable != 1 || cbt.status == "expired" {
-            let what = if cbt.enable != 1 {
-                "CBT was not enabled"
-            } else {
-                "The VM CBT has expired"
-            };
+        if cbt.enable != 1 {
+            let what = "CBT was not enabled";
             self.reset_cbt(id).await?;
             warnings.push(format!(
                 "{what} on VM {} ({id}): CBT reset, full backup instead of incremental",
@@ -207,7 +203,7 @@ impl ScpProvider {
                 .await
             {
                 Ok(r) => r,
-                Err(e) if error_code(&e) == Some(codes::CBT_EXPIRED) && !retried => {
+                Err(e) if is_cbt_expired(&e) && !retried => {
                     // Expired between the check and the snapshot: reset,
                     // take a new snapshot and read everything.
                     retried = true;
@@ -227,10 +223,9 @@ impl ScpProvider {
                 }
                 Err(e)
                     if mode == BitmapMode::Use
-                        && (matches!(
-                            error_code(&e),
-                            Some(codes::CHECKPOINT_INVALID | codes::CBT_EXPIRED)
-                        ) || e.kind() == ErrorKind::NotFound) =>
+                        && (error_code(&e) == Some(codes::CHECKPOINT_INVALID)
+                            || is_cbt_expired(&e)
+                            || e.kind() == ErrorKind::NotFound) =>
                 {
                     warnings.push(format!(
                         "volume {device}: checkpoint {} of the previous backup is no longer valid ({}): full backup",
@@ -333,7 +328,7 @@ impl ScpProvider {
                 application: server.application.clone(),
                 revert_mode: server.revert_mode,
                 storage_id: server.storage_id.clone(),
-                cpu: server.cpu.clone(),
+                cpu: server.cores.clone(),
                 memory_mb: server.memory_mb.clone(),
                 os_type: server.os_type.clone(),
             },

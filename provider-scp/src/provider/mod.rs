@@ -17,7 +17,7 @@ use crate::api::{
     HotAddResult, IdAnswer, Server, ServerCreated, Snapshot, SnapshotCreated, VersionAnswer,
     VmConf, codes,
 };
-use crate::client::{ScpClient, error_code};
+use crate::client::{ScpClient, error_code, is_cbt_expired};
 use crate::metadata::{BaseImageMeta, DiskMeta, FORMAT, ServerMeta, SnapshotMetadata};
 use crate::options::{AccessMode, ScpOptions};
 use crate::rules::{BasePolicy, ScpVersion, base_policy, check_backup_allowed};
@@ -171,7 +171,7 @@ impl ScpProvider {
             .client
             .call(Method::GET, "/janus/20180725/system/version", &[], None)
             .await?;
-        ScpVersion::parse(&v.version)
+        ScpVersion::parse(&v.build_version)
     }
 
     async fn server(&self, id: &str) -> Result<Server> {

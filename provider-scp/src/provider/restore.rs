@@ -166,7 +166,7 @@ impl ScpProvider {
         }
         let body = json!({"name": st.name, "storage_id": st.storage_id,
             "application": md.server.application, "revert_mode": 0,
-            "cpu": md.server.cpu, "memory_mb": md.server.memory_mb, "os_type": md.server.os_type,
+            "cores": md.server.cpu, "memory_mb": md.server.memory_mb, "os_type": md.server.os_type,
             "cbt_enable": 1, "disks": disks});
         let created: ServerCreated = self.client.task(Method::POST, SERVERS, Some(&body)).await?;
         st.created = true;
