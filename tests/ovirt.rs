@@ -12,8 +12,8 @@ use std::time::Duration;
 use engine::{BackupDriver, JobOptions, StandardMover};
 use provider_api::testing::{EmptyCatalog, check_all};
 use provider_api::{
-    AccessScope, BackupProvider, BackupVmRequest, BitmapMode, ErrorKind, Guest, JobInfo, Outcome,
-    PreviousBackup, RestoreTarget, SnapshotAccess, Target,
+    AccessScope, BackupProvider, BackupVmRequest, BitmapMode, DirtySource, ErrorKind, Guest,
+    JobInfo, Outcome, PreviousBackup, RestoreTarget, SnapshotAccess, Target,
 };
 use provider_ovirt::{BackupMode, OvirtProvider, WireFormat};
 use scenarios::ovirt::*;
@@ -142,7 +142,7 @@ async fn incremental_reads_only_dirty_extents_json_and_restores_byte_identical()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn incremental_without_nbd_access_downloads_ranges_over_http() {
+async fn incremental_streams_ranges_over_http_without_staging() {
     let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
     let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
     env.backup_ok(p.clone()).await;
@@ -161,10 +161,8 @@ async fn incremental_without_nbd_access_downloads_ranges_over_http() {
             .unwrap_or(0)
     });
     assert_eq!(moved, MIB);
-    let left: Vec<_> = std::fs::read_dir(env.dir.path().join("downloads"))
-        .unwrap()
-        .collect();
-    assert!(left.is_empty(), "downloads removed by backup_cleanup");
+    assert_eq!(env.staged_files(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(p.nbd_addresses(), vec![], "the NBD server stopped");
     assert_eq!(env.leftovers().await, Vec::<String>::new());
     let r = env
         .restore(
@@ -185,14 +183,189 @@ async fn incremental_without_nbd_access_downloads_ranges_over_http() {
     );
 }
 
+/// Issue 14: a disk is never staged. While a multi-disk VM is backed up
+/// (full, then incremental) nothing appears on the local disk outside the
+/// datastore, the job logs and the mock's own state; the backups restore
+/// byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_disk_incremental_stages_nothing_on_disk() {
+    let env = Env::start("up").await;
+    let vm = env
+        .admin_post(
+            "/admin/ovirt/vms",
+            json!({"name": "multi", "disks": [
+                {"size": 24 * MIB, "format": "cow", "alias": "m-os", "fill": [
+                    {"offset": 0, "length": 8 * MIB, "pattern": "random", "seed": 31}]},
+                {"size": 16 * MIB, "format": "cow", "alias": "m-db", "fill": [
+                    {"offset": 4 * MIB, "length": 6 * MIB, "pattern": "random", "seed": 32}]},
+                {"size": 8 * MIB, "format": "raw", "sparse": false, "alias": "m-raw", "fill": [
+                    {"offset": 0, "length": 3 * MIB, "pattern": "random", "seed": 33}]}
+            ]}),
+        )
+        .await;
+    let vm_id = vm["id"].as_str().unwrap().to_owned();
+    let disks: Vec<String> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap().to_owned())
+        .collect();
+    let p = env.provider(BackupMode::Incremental, WireFormat::Json);
+    // Backs up `multi`, watching the directory while the job runs.
+    async fn watched(env: &Env, p: Arc<OvirtProvider>, vm: &str) -> engine::GuestBackup {
+        let job = env.backup_of(p.clone(), vm);
+        tokio::pin!(job);
+        let mut served = false;
+        let mut report = loop {
+            tokio::select! {
+                r = &mut job => break r,
+                () = tokio::time::sleep(Duration::from_millis(2)) => {
+                    assert_eq!(env.staged_files(), Vec::<std::path::PathBuf>::new(), "during the backup");
+                    served |= !p.nbd_addresses().is_empty();
+                }
+            }
+        };
+        assert!(served, "the disks were served over loopback NBD");
+        match report.guests.remove(0).result {
+            Ok(b) => b,
+            Err(e) => panic!("backup failed: {}", e.report()),
+        }
+    }
+    let full = watched(&env, p.clone(), &vm_id).await;
+    assert_eq!(full.volumes.len(), 3);
+    env.guest_write(&disks[0], 20 * MIB, MIB, 41).await;
+    env.guest_write(&disks[1], 0, 2 * MIB, 42).await;
+    let expected = env.shas(&disks).await;
+    let inc = watched(&env, p.clone(), &vm_id).await;
+    let modes: Vec<_> = inc.volumes.iter().map(|v| v.bitmap_mode).collect();
+    assert_eq!(modes, [BitmapMode::Use, BitmapMode::Use, BitmapMode::None]);
+    let read: Vec<_> = inc.volumes.iter().map(|v| v.stats.bytes_read).collect();
+    assert_eq!(read, [MIB, 2 * MIB, 3 * MIB], "dirty extents only");
+    assert_eq!(env.staged_files(), Vec::<std::path::PathBuf>::new());
+    assert_eq!(p.nbd_addresses(), vec![]);
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+
+    let r = env
+        .restore(
+            p.clone(),
+            &inc.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {}", e.report()));
+    // Sorted by alias: m-db, m-os, m-raw.
+    let ids: Vec<String> = env
+        .disks_of(&r.guest.id.0)
+        .into_iter()
+        .map(|d| d.1)
+        .collect();
+    assert_eq!(
+        env.shas(&ids).await,
+        vec![
+            expected[1].clone(),
+            expected[0].clone(),
+            expected[2].clone()
+        ]
+    );
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+}
+
+/// Issue 14: the image server goes away in the middle of a disk (its
+/// transfer stops serving after some bytes). The backup fails naming the
+/// disk; the provider's NBD server is closed and every transfer and the
+/// backup are finalized.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_server_dying_mid_read_fails_naming_the_disk_and_leaves_nothing() {
+    let env = Env::start("up").await;
+    let vm = env
+        .admin_post(
+            "/admin/ovirt/vms",
+            json!({"name": "doomed", "disks": [
+                {"size": 48 * MIB, "format": "cow", "alias": "doomed-os", "fill": [
+                    {"offset": 0, "length": 40 * MIB, "pattern": "random", "seed": 51}]},
+                {"size": 4 * MIB, "format": "cow", "alias": "doomed-data", "fill": [
+                    {"offset": 0, "length": MIB, "pattern": "random", "seed": 52}]}
+            ]}),
+        )
+        .await;
+    let vm_id = vm["id"].as_str().unwrap().to_owned();
+    env.arm_nbd(json!({"export": "ovirt-transfer-", "kind": "disconnect", "after_bytes": 8 * MIB}))
+        .await;
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    let job = env.backup_of(p.clone(), &vm_id);
+    tokio::pin!(job);
+    let mut addresses = Vec::new();
+    let mut report = loop {
+        tokio::select! {
+            r = &mut job => break r,
+            () = tokio::time::sleep(Duration::from_millis(2)) => {
+                for a in p.nbd_addresses() {
+                    if !addresses.contains(&a) {
+                        addresses.push(a);
+                    }
+                }
+            }
+        }
+    };
+    let e = match report.guests.remove(0).result {
+        Ok(_) => panic!("the backup succeeded"),
+        Err(e) => e,
+    };
+    let msg = e.report();
+    assert!(msg.contains("doomed-os"), "names the disk: {msg}");
+    assert!(msg.contains("image server"), "says what failed: {msg}");
+    assert!(!addresses.is_empty(), "the disks were served");
+    assert_eq!(p.nbd_addresses(), vec![]);
+    for a in addresses {
+        assert!(
+            tokio::net::TcpStream::connect(a).await.is_err(),
+            "{a} still accepts connections"
+        );
+    }
+    env.disarm().await;
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    let o = env.admin_get("/admin/ovirt/objects").await;
+    assert_eq!(o["active_transfers"], json!([]));
+    assert_eq!(o["active_backups"], json!([]));
+}
+
+/// An image server whose `OPTIONS` offers no `extents`: an incremental
+/// that needs the dirty extents fails naming the transfer URL; a full
+/// backup reads every byte and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_server_without_extents_fails_an_incremental_naming_the_url() {
+    let env = Env::start("up").await;
+    let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
+    env.arm(json!({"tamper": [{"method": "OPTIONS", "path": "/images/", "body": "{\"features\": []}"}]}))
+        .await;
+    let full = env.backup_ok(p.clone()).await;
+    let read: Vec<_> = full.volumes.iter().map(|v| v.stats.bytes_read).collect();
+    assert_eq!(read, [16 * MIB, 8 * MIB], "no extents: every byte read");
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    env.guest_write(&env.disks[0], 0, MIB, 61).await;
+    let e = env.backup_err(p.clone()).await;
+    let msg = e.report();
+    assert!(
+        msg.contains("does not offer extents")
+            && msg.contains("/images/")
+            && msg.contains("volume system"),
+        "{msg}"
+    );
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    assert_eq!(p.nbd_addresses(), vec![]);
+    env.disarm().await;
+    let inc = env.backup_ok(p.clone()).await;
+    assert_eq!(inc.volumes[0].bitmap_mode, BitmapMode::Use);
+}
+
 /// Regression (issue 12): the host turns the provider's `Use` into a full
 /// read when the previous backup holds the disk at another size (a resize
-/// since). Without NBD access the provider used to stage only the dirty
-/// extents into its download file, so the host stored zeroes for the rest
-/// of the disk. The previous backup is handed to the provider as a host
-/// sees it after a resize: the system disk recorded at another size.
+/// since). The export serves the whole point-in-time image, so a full
+/// read gets every byte. The previous backup is handed to the provider as
+/// a host sees it after a resize: the system disk recorded at another
+/// size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_disk_the_host_reads_in_full_is_downloaded_in_full() {
+async fn a_disk_the_host_reads_in_full_is_served_in_full() {
     let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
     let p = env.provider(BackupMode::Incremental, WireFormat::Xml);
     let full = env.backup_ok(p.clone()).await;
@@ -233,15 +406,17 @@ async fn a_disk_the_host_reads_in_full_is_downloaded_in_full() {
     assert_eq!(v.volume.device, "system");
     assert_eq!(v.bitmap_mode, BitmapMode::New, "the host reads it in full");
     assert_eq!(v.scope, AccessScope::Whole);
-    let SnapshotAccess::FileHandle(f) = &v.access else {
-        panic!("expected a download file, got {:?}", v.access)
+    assert!(matches!(v.dirty, DirtySource::All), "{:?}", v.dirty);
+    let SnapshotAccess::Nbd(n) = &v.access else {
+        panic!("expected NBD access, got {:?}", v.access)
     };
-    let staged = std::fs::read(&f.path).unwrap();
-    let staged: String = Sha256::digest(&staged)
+    assert_eq!(n.dirty_bitmap_context, None);
+    let served = read_export(n, 16 * MIB).await;
+    let served: String = Sha256::digest(&served)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    assert_eq!(staged, expected, "the staged file holds the whole disk");
+    assert_eq!(served, expected, "the export serves the whole disk");
     assert!(
         b.warnings
             .iter()
@@ -254,11 +429,46 @@ async fn a_disk_the_host_reads_in_full_is_downloaded_in_full() {
     assert_eq!(env.leftovers().await, Vec::<String>::new());
 }
 
-/// The other half: when the host reads only the changes, the download
-/// holds only them and says so, so that the host can never read it in
-/// full.
+/// Every byte of an NBD export, read in 4 MiB pieces.
+async fn read_export(n: &provider_api::NbdAccess, size: u64) -> Vec<u8> {
+    let c = nbd::client::Client::connect(&options_of(n, &[]))
+        .await
+        .unwrap();
+    assert_eq!(c.size(), size);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let len = (size - pos).min(4 * MIB);
+        out.extend_from_slice(&c.read(pos, len as usize).await.unwrap());
+        pos += len;
+    }
+    out
+}
+
+fn options_of(n: &provider_api::NbdAccess, contexts: &[&str]) -> nbd::client::ConnectOptions {
+    let provider_api::NbdAddress::Tcp { host, port } = &n.address else {
+        panic!("expected TCP, got {:?}", n.address)
+    };
+    assert_eq!(host, "127.0.0.1", "loopback only");
+    let mut o = nbd::client::ConnectOptions::new(
+        nbd::client::Address::Tcp {
+            host: host.clone(),
+            port: *port,
+        },
+        n.export.clone(),
+    );
+    for c in contexts {
+        o = o.meta_context(*c);
+    }
+    o
+}
+
+/// When the host reads only the changes, the export offers them as a
+/// qemu dirty bitmap (from the image server's dirty extents) next to
+/// `base:allocation`, and the access still holds the whole disk. After
+/// `backup_cleanup` nothing listens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dirty_only_download_is_marked_as_such() {
+async fn incremental_access_is_loopback_nbd_with_the_dirty_bitmap() {
     let env = Env::start_with("up", |c| c.ovirt.transfer_nbd_url = false).await;
     let p = env.provider(BackupMode::Incremental, WireFormat::Json);
     let full = env.backup_ok(p.clone()).await;
@@ -285,11 +495,45 @@ async fn a_dirty_only_download_is_marked_as_such() {
     assert_eq!(
         scopes,
         [
-            (BitmapMode::Use, AccessScope::DirtyOnly),
+            (BitmapMode::Use, AccessScope::Whole),
             (BitmapMode::None, AccessScope::Whole)
         ]
     );
+    assert!(matches!(b.volumes[0].dirty, DirtySource::NbdBitmap));
+    assert!(matches!(b.volumes[1].dirty, DirtySource::All));
+    let SnapshotAccess::Nbd(n) = &b.volumes[0].access else {
+        panic!("expected NBD access, got {:?}", b.volumes[0].access)
+    };
+    let bitmap = n.dirty_bitmap_context.clone().expect("a dirty bitmap");
+    assert!(bitmap.starts_with("qemu:dirty-bitmap:"), "{bitmap}");
+    let c = nbd::client::Client::connect(&options_of(n, &["base:allocation", &bitmap]))
+        .await
+        .unwrap();
+    let dirty: Vec<_> = c
+        .block_status(0, 16 * MIB, &bitmap)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.is_dirty())
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(dirty, [(5 * MIB, MIB)]);
+    // The last 2 MiB were never written: no data there.
+    let alloc = c
+        .block_status(14 * MIB, 2 * MIB, "base:allocation")
+        .await
+        .unwrap();
+    assert!(alloc.iter().all(|e| e.is_zero()), "{alloc:?}");
+    drop(c);
+    let SnapshotAccess::Nbd(raw) = &b.volumes[1].access else {
+        panic!("expected NBD access, got {:?}", b.volumes[1].access)
+    };
+    assert_eq!(raw.dirty_bitmap_context, None);
+    let addresses = p.nbd_addresses();
+    assert_eq!(addresses.len(), 1);
     p.backup_cleanup(&guest, &Outcome::ok()).await.unwrap();
+    assert_eq!(p.nbd_addresses(), vec![]);
+    assert!(tokio::net::TcpStream::connect(addresses[0]).await.is_err());
     p.job_cleanup().await.unwrap();
     assert_eq!(env.leftovers().await, Vec::<String>::new());
 }

@@ -165,7 +165,6 @@ pub async fn ovirt(
         "backup-appliance",
     );
     options.poll_interval = std::time::Duration::from_millis(50);
-    options.download_dir = work.join("ovirt-downloads");
     // The engine is HTTPS only, with the mock's CA.
     options.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
     let provider = Arc::new(provider_ovirt::OvirtProvider::new(options)?);

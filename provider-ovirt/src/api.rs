@@ -483,6 +483,17 @@ pub struct ZeroExtent {
     /// Reads as zeroes.
     #[serde(deserialize_with = "boolean")]
     pub zero: bool,
+    /// Unallocated (newer imageio; absent: allocated).
+    #[serde(default, deserialize_with = "boolean")]
+    pub hole: bool,
+}
+
+/// The answer to `OPTIONS /images/{ticket}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ImageOptions {
+    /// What the ticket offers: `extents`, `zero`, `flush`.
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 #[cfg(test)]

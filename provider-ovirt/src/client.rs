@@ -10,7 +10,7 @@
 //! Retries: a 502, 503 or 504 answer and a connection failure are
 //! retryable; calls that are safe to repeat (every `GET`, the login,
 //! `DELETE`s, ranged reads and extents of the image server) go through
-//! [`provider_kit::retry`] with [`Client`]'s policy. Other `POST`s run
+//! [`provider_kit::retry()`] with [`Client`]'s policy. Other `POST`s run
 //! once: repeating one whose answer was lost could create a second object.
 
 use std::sync::Mutex;
@@ -348,6 +348,45 @@ impl Client {
             .api_call(name));
         }
         Ok(data)
+    }
+
+    /// `OPTIONS <url>` on the image server, retried: the features the
+    /// ticket offers (`extents`, `zero`, `flush`). A server that does not
+    /// know `OPTIONS` (405, 501: an old imageio) offers none.
+    pub async fn image_features(&self, url: &str) -> Result<Vec<String>> {
+        let name = format!("OPTIONS {url}");
+        provider_kit::retry(&self.retry, &name, |_| self.image_features_once(&name, url)).await
+    }
+
+    async fn image_features_once(&self, name: &str, url: &str) -> Result<Vec<String>> {
+        let resp = self
+            .http
+            .request(Method::OPTIONS, url)
+            .send()
+            .await
+            .map_err(|e| transport(name, e))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| transport(name, e))?;
+        if matches!(status.as_u16(), 405 | 501) {
+            return Ok(Vec::new());
+        }
+        if !status.is_success() {
+            return Err(Error::new(
+                status_kind(status),
+                format!(
+                    "image server answered {status}: {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                ),
+            )
+            .api_call(name)
+            .retryable(is_transient(status)));
+        }
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| {
+            Error::new(ErrorKind::Platform, "malformed JSON from the image server")
+                .api_call(name)
+                .with_source(e)
+        })?;
+        Ok(crate::api::decode::<crate::api::ImageOptions>(name, v)?.features)
     }
 
     /// `GET` on the image server (no bearer token: the ticket is the

@@ -69,6 +69,8 @@ async fn conformance_kit_on_the_demo_seed() {
         o.mode = mode;
         o.format = format;
         o.poll_interval = Duration::from_millis(10);
+        // The engine is HTTPS only, with the mock's CA.
+        o.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
         let p = OvirtProvider::new(o).unwrap();
         check_all(&p, &Guest::vm(vm.clone()), &Probe(mock.ovirt().clone()))
             .await

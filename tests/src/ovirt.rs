@@ -135,7 +135,6 @@ impl Env {
         o.format = format;
         o.poll_interval = Duration::from_millis(10);
         o.operation_timeout = Duration::from_secs(5);
-        o.download_dir = self.dir.path().join("downloads");
         o.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
         o.retry = RetryPolicy {
             attempts: 4,
@@ -270,6 +269,47 @@ impl Env {
 
     pub async fn arm(&self, faults: Value) {
         self.admin_post("/admin/ovirt/faults", faults).await;
+    }
+
+    /// Arms a generic NBD fault (`/admin/faults/nbd`); it also applies to
+    /// the image server's reads of a transfer (export `ovirt-transfer-…`).
+    pub async fn arm_nbd(&self, fault: Value) {
+        self.admin_post("/admin/faults/nbd", fault).await;
+    }
+
+    /// Files under the test's directory outside the mock's state, the
+    /// datastore and the job logs: what a provider staged (none expected).
+    pub fn staged_files(&self) -> Vec<std::path::PathBuf> {
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if ["state", "store", "logs"].iter().any(|n| name == *n) {
+                continue;
+            }
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, &mut out);
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     /// Arms a generic HTTP fault (`/admin/faults/http`).
