@@ -28,6 +28,8 @@
 //! username = "admin"
 //! password_file = "/etc/vmbackup/zstack.password"
 //! # backup_storage_uuid = "..."; work_dir = "/var/tmp/vmbackup-zstack"
+//! restore_listen = "0.0.0.0:8099"                # restores: ZStack's backup storage fetches from here
+//! advertise_url = "http://10.0.0.5:8099"         # ... by this URL (default http://<restore_listen>)
 //! ```
 //!
 //! Passwords are read from the file or the value and never printed: the
@@ -115,7 +117,31 @@ pub enum PlatformConfig {
         backup_storage_uuid: Option<String>,
         /// Work directory for downloaded exports.
         work_dir: Option<PathBuf>,
+        /// Where restores serve their sources over HTTP for ZStack's
+        /// backup storage to fetch (default: loopback, any port, which
+        /// only a ZStack on this host reaches).
+        #[serde(default)]
+        restore_listen: Option<std::net::SocketAddr>,
+        /// The base URL the backup storage reaches `restore_listen` by
+        /// (default `http://<restore_listen>`; used with `restore_listen`).
+        #[serde(default)]
+        advertise_url: Option<String>,
     },
+}
+
+impl PlatformConfig {
+    /// Where restores of this platform serve their sources over HTTP:
+    /// `(restore_listen, advertise_url)`, when configured.
+    pub fn http_restore(&self) -> Option<(std::net::SocketAddr, Option<String>)> {
+        match self {
+            PlatformConfig::Zstack {
+                restore_listen,
+                advertise_url,
+                ..
+            } => restore_listen.map(|l| (l, advertise_url.clone())),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for PlatformConfig {
@@ -255,6 +281,7 @@ pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupPro
             password_file,
             backup_storage_uuid,
             work_dir,
+            ..
         } => {
             let pw = secret(name, password, password_file)?;
             let work = work_dir

@@ -320,7 +320,7 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
     }
     let platforms = vec![
         crate::demo_mock::scp(&admin, &endpoints).await?,
-        crate::demo_mock::ovirt(&admin, &endpoints, &root).await?,
+        crate::demo_mock::ovirt(&admin, &endpoints).await?,
         crate::demo_mock::zstack(&admin, &endpoints, &root).await?,
     ];
     for platform in &platforms {

@@ -152,11 +152,7 @@ fn guests_of(objects: &Value, collection: &str, skip: impl Fn(&Value) -> bool) -
 
 /// oVirt: every demo VM but the backup appliance, in the mode the engine
 /// supports (incremental on 4.4+).
-pub async fn ovirt(
-    admin: &Admin,
-    endpoints: &Value,
-    work: &std::path::Path,
-) -> Result<PlatformRun> {
+pub async fn ovirt(admin: &Admin, endpoints: &Value) -> Result<PlatformRun> {
     let ep = &endpoints["ovirt"];
     let mut options = provider_ovirt::OvirtOptions::new(
         ep["base_url"].as_str().unwrap_or_default(),

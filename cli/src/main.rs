@@ -704,9 +704,16 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
     };
     let exposer = Arc::new(NbdExposer::start("127.0.0.1:0".parse()?).await?);
     let job = jobs::register(config, "restore", now())?;
-    let driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer)
+    let mut driver = RestoreDriver::new(provider, ds, Arc::new(StandardMover::default()), exposer)
         .with_progress(Arc::new(progress::Reporter::new(json)))
         .with_job(job.info.clone());
+    // Sources a platform fetches over HTTP (ZStack), where it reaches them.
+    if let Some(name) = &args.platform
+        && let Some((listen, advertise)) = config.platform(name)?.http_restore()
+    {
+        let http = engine::HttpExposer::start(listen, advertise.as_deref()).await?;
+        driver = driver.with_http_exposer(Arc::new(http));
+    }
     let (interrupt, cancel) = jobs::Interrupt::install()?;
     let result = driver
         .restore_vm_cancellable(&id, destination, cancel)

@@ -162,6 +162,10 @@ fn prune_and_list_of_an_unknown_guest_say_so() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("no snapshots of guest nosuchguest"), "{err}");
     // Without a guest filter an empty datastore is simply empty.
-    let out = vmbackup().args(["list", "-d"]).arg(&store).output().unwrap();
+    let out = vmbackup()
+        .args(["list", "-d"])
+        .arg(&store)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }

@@ -169,7 +169,9 @@ async fn a_two_disk_snapshot_restores_to_one_file_per_volume_with_the_exact_byte
             ovirt["base_url"].as_str().expect("ovirt base_url"),
             ovirt["username"].as_str().expect("ovirt username"),
             ovirt["password"].as_str().expect("ovirt password"),
-            ovirt["ca_file"].as_str().expect("ovirt ca_file (the engine is HTTPS only)"),
+            ovirt["ca_file"]
+                .as_str()
+                .expect("ovirt ca_file (the engine is HTTPS only)"),
         ),
     )
     .unwrap();

@@ -187,6 +187,10 @@ impl BackupProvider for Recorder {
         self.inner.restore_get_mechanism(kind).await
     }
 
+    fn restore_source_kind(&self) -> provider_api::RestoreSourceKind {
+        self.inner.restore_source_kind()
+    }
+
     async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
         self.inner.archive_get_guest_config(archive).await
     }

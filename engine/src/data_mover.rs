@@ -905,8 +905,14 @@ impl Destination {
                     } else {
                         let n = (offset + length - pos).min(4 << 20);
                         let zeroes = Bytes::from(vec![0; n as usize]);
-                        answered(*io_timeout, uri, what, pos, c.write_bytes(pos, zeroes, false))
-                            .await?;
+                        answered(
+                            *io_timeout,
+                            uri,
+                            what,
+                            pos,
+                            c.write_bytes(pos, zeroes, false),
+                        )
+                        .await?;
                         n
                     };
                     pos += n;
@@ -914,9 +920,16 @@ impl Destination {
                 Ok(())
             }
             Destination::File(f) => {
-                // Keep fresh sparse files sparse: only overwrite data.
+                // Zeroes become holes: nothing is read or written, and the
+                // file stays sparse (a fresh file already reads as zeroes
+                // there; an old one is deallocated).
                 let f = f.clone();
                 tokio::task::spawn_blocking(move || {
+                    if punch_hole(&f, offset, length)? {
+                        return Ok(());
+                    }
+                    // The filesystem cannot punch holes: overwrite only the
+                    // parts that are not zero already.
                     let chunk = 1 << 20;
                     let mut buf = vec![0u8; chunk];
                     let zero = vec![0u8; chunk];
@@ -960,6 +973,22 @@ impl Destination {
                     .map_err(|e| data_path("syncing the restore file", 0, e))
             }
         }
+    }
+}
+
+/// Deallocate `length` bytes at `offset` (they read as zeroes after);
+/// `Ok(false)` when the filesystem does not support it.
+fn punch_hole(file: &std::fs::File, offset: u64, length: u64) -> std::io::Result<bool> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    match fallocate(
+        file,
+        FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+        offset,
+        length,
+    ) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1204,6 +1233,74 @@ mod tests {
         assert!(e.to_string().contains("did not answer"), "{e}");
         assert_eq!(e.context().volume.as_deref(), Some("vda"), "{}", e.report());
         drop(server);
+    }
+
+    /// A volume whose first half is `0x5a` data and second half zeroes.
+    struct HalfData(u64);
+
+    #[async_trait]
+    impl VolumeReader for HalfData {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        async fn read_at(&self, offset: u64, length: u64) -> Result<Bytes> {
+            let half = self.0 / 2;
+            Ok(Bytes::from(
+                (offset..offset + length)
+                    .map(|o| if o < half { 0x5a } else { 0 })
+                    .collect::<Vec<u8>>(),
+            ))
+        }
+        async fn regions(&self, offset: u64, length: u64) -> Result<Vec<provider_api::Region>> {
+            let half = self.0 / 2;
+            let mut out = Vec::new();
+            let end = offset + length;
+            if offset < half {
+                out.push(provider_api::Region {
+                    extent: Extent::new(offset, half.min(end) - offset),
+                    kind: RegionKind::Data,
+                });
+            }
+            if end > half {
+                let start = offset.max(half);
+                out.push(provider_api::Region {
+                    extent: Extent::new(start, end - start),
+                    kind: RegionKind::Zero,
+                });
+            }
+            Ok(out)
+        }
+    }
+
+    #[tokio::test]
+    async fn zero_regions_of_a_file_restore_become_holes_over_old_data() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.raw");
+        std::fs::write(&path, vec![0xff_u8; (8 * MIB) as usize]).unwrap();
+        let mover = StandardMover::default();
+        let destination = SnapshotAccess::FileHandle(provider_api::FileAccess::new(path.clone()));
+        mover
+            .restore_volume(
+                "vda",
+                Arc::new(HalfData(8 * MIB)),
+                &destination,
+                &crate::mover::NoProgress,
+            )
+            .await
+            .unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert!(data[..(4 * MIB) as usize].iter().all(|b| *b == 0x5a));
+        assert!(data[(4 * MIB) as usize..].iter().all(|b| *b == 0));
+        // The zeroes are holes, not written blocks (unless the filesystem
+        // cannot punch holes, where they are written zeroes).
+        let allocated = std::fs::metadata(&path).unwrap().blocks() * 512;
+        let probe = dir.path().join("probe");
+        std::fs::write(&probe, [1u8; 8192]).unwrap();
+        let probe = std::fs::File::options().write(true).open(&probe).unwrap();
+        if punch_hole(&probe, 0, 4096).unwrap() {
+            assert!(allocated <= 5 * MIB, "{allocated} bytes allocated");
+        }
     }
 
     fn fast(attempts: u32) -> RetryPolicy {

@@ -10,6 +10,10 @@
 //! - [`cancel`]: interrupting a job so that its cleanups still run;
 //! - [`jobs::JobRegistry`]: which jobs of this host are running (for the
 //!   providers' sweeps of what dead jobs left behind);
+//! - [`expose::NbdExposer`] and [`http_expose::HttpExposer`] serve stored
+//!   volumes to providers that pull a restore's data: NBD URIs by default,
+//!   HTTP URLs on an address the platform reaches when the provider asks
+//!   for them (`BackupProvider::restore_source_kind`);
 //! - [`mover::DataMover`] is the data path's interface: the driver says
 //!   which regions go where, a mover copies them with several reads in
 //!   flight and bounded memory.
@@ -23,6 +27,7 @@ pub mod cancel;
 pub mod data_mover;
 pub mod expose;
 pub mod guest_log;
+pub mod http_expose;
 pub mod jobs;
 pub mod mover;
 pub mod restore;
@@ -31,6 +36,7 @@ pub use backup::{BackupDriver, GuestBackup, GuestOutcome, JobOptions, JobReport,
 pub use cancel::{CancelToken, Canceller, cancel_pair};
 pub use data_mover::{MoverOptions, StandardMover};
 pub use expose::{NbdExposer, VolumeExport};
+pub use http_expose::HttpExposer;
 pub use jobs::{JobLease, JobRegistry};
 pub use mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress, SourceExposer};
 pub use provider_kit::RetryPolicy;

@@ -73,7 +73,8 @@ pub trait DataMover: Send + Sync {
 }
 
 /// Serves stored volumes to providers as qemu-img-readable sources (an NBD
-/// URI), for as long as the returned guard lives.
+/// URI, or an HTTP URL for [`HttpExposer`](crate::HttpExposer)), for as
+/// long as the returned guard lives.
 #[async_trait]
 pub trait SourceExposer: Send + Sync {
     /// Expose `reader` under a name; returns the URI and a guard that

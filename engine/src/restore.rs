@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use provider_api::{
     ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, JobInfo, Layer,
-    Outcome, RestoreMechanism, RestoreSources, RestoreTarget, RestoreVmRequest,
+    Outcome, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget, RestoreVmRequest,
     RestoreVolumeRequest, Result, SnapshotId, SnapshotReader, StoredVolume, Target,
 };
 use tracing::Instrument;
@@ -41,6 +41,7 @@ pub struct RestoreDriver {
     target: Arc<dyn Target>,
     mover: Arc<dyn DataMover>,
     exposer: Arc<dyn SourceExposer>,
+    http_exposer: tokio::sync::OnceCell<Arc<dyn SourceExposer>>,
     progress: Arc<dyn Progress>,
     job: Option<JobInfo>,
 }
@@ -59,6 +60,7 @@ impl RestoreDriver {
             target,
             mover,
             exposer,
+            http_exposer: tokio::sync::OnceCell::new(),
             progress: Arc::new(NoProgress),
             job: None,
         }
@@ -71,6 +73,41 @@ impl RestoreDriver {
     pub fn with_job(mut self, job: JobInfo) -> Self {
         self.job = Some(job);
         self
+    }
+
+    /// Serve restore sources over HTTP with `exposer` (usually an
+    /// [`HttpExposer`](crate::HttpExposer) on the configured
+    /// `restore_listen` / `advertise_url`) to providers that ask for them.
+    pub fn with_http_exposer(self, exposer: Arc<dyn SourceExposer>) -> Self {
+        let _ = self.http_exposer.set(exposer);
+        self
+    }
+
+    /// The exposer for the kind of source the provider asks for.
+    async fn exposer_for(&self, kind: RestoreSourceKind) -> Result<Arc<dyn SourceExposer>> {
+        match kind {
+            RestoreSourceKind::Nbd => Ok(self.exposer.clone()),
+            RestoreSourceKind::Http => self
+                .http_exposer
+                .get_or_try_init(|| async {
+                    let e = crate::HttpExposer::start(
+                        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                        None,
+                    )
+                    .await?;
+                    tracing::warn!(
+                        address = %e.address(),
+                        "provider {} needs restore sources over HTTP and no restore_listen is configured: serving them on loopback, which only a platform on this host can reach",
+                        self.provider.provider_name()
+                    );
+                    Ok::<_, Error>(Arc::new(e) as Arc<dyn SourceExposer>)
+                })
+                .await
+                .cloned(),
+            other => Err(Error::unsupported(format!(
+                "restore sources of kind {other:?}"
+            ))),
+        }
     }
 
     /// Report copy progress to `progress`.
@@ -130,6 +167,9 @@ impl RestoreDriver {
                     format!("restore mechanism {mechanism:?} is not valid for a VM"),
                 ));
             }
+            let exposer = self
+                .exposer_for(self.provider.restore_source_kind())
+                .await?;
             let info = reader.info().clone();
             let archive = ArchiveView::new(
                 info.clone(),
@@ -158,7 +198,10 @@ impl RestoreDriver {
             let mut written = Vec::new();
             let mut result = Ok(());
             for volume in &info.volumes {
-                match self.restore_volume(&reader, &guest, volume, &cancel).await {
+                match self
+                    .restore_volume(&*exposer, &reader, &guest, volume, &cancel)
+                    .await
+                {
                     Ok(n) => written.push((volume.volume.device.clone(), n)),
                     Err(e) => {
                         result = Err(e);
@@ -189,6 +232,7 @@ impl RestoreDriver {
 
     async fn restore_volume(
         &self,
+        exposer: &dyn SourceExposer,
         reader: &Arc<dyn SnapshotReader>,
         guest: &Guest,
         volume: &StoredVolume,
@@ -196,13 +240,13 @@ impl RestoreDriver {
     ) -> Result<u64> {
         let device = volume.volume.device.as_str();
         let merged = reader.open_volume(device, Layer::Merged).await?;
-        let (merged_uri, _merged_guard) = self.exposer.expose(device, merged.clone()).await?;
+        let (merged_uri, _merged_guard) = exposer.expose(device, merged.clone()).await?;
         let mut base_guard = None;
         let mut sources = RestoreSources::new(merged_uri);
         if volume.base.is_some() {
             let base = reader.open_volume(device, Layer::Base).await?;
             let size = base.size();
-            let (uri, guard) = self.exposer.expose(&format!("{device}.base"), base).await?;
+            let (uri, guard) = exposer.expose(&format!("{device}.base"), base).await?;
             sources = sources.with_base(uri, size);
             base_guard = Some(guard);
         }

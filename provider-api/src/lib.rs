@@ -148,12 +148,15 @@ pub use access::{
     AccessScope, BaseLayer, DirtyRegions, DirtySource, FileAccess, NbdAccess, NbdAddress,
     RegionList, SnapshotAccess, TlsSettings, VmBackup, VolumeAccess, WholeVolume,
 };
+/// The buffer type of [`VolumeReader::read_at`], re-exported so that an
+/// implementor (a test double wrapping a reader) needs no `bytes` of its own.
+pub use bytes::Bytes;
 pub use error::{Context, Error, ErrorKind, Result};
 pub use provider::{
     ArchiveView, BackupMechanism, BackupProvider, BackupVmRequest, Capabilities, ContainerBackup,
     IncrementalPlan, LayerWrite, Outcome, PreviousBackup, RestoreContainerRequest,
-    RestoreMechanism, RestoreSources, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest,
-    VolumeImport,
+    RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget, RestoreVmRequest,
+    RestoreVolumeRequest, VolumeImport,
 };
 pub use target::{
     BaseImageCatalog, ConfigKind, Layer, Region, RegionKind, SnapshotId, SnapshotInfo,

@@ -99,6 +99,28 @@ pub enum RestoreMechanism {
     Tar,
 }
 
+/// Which kind of URL the host's restore sources ([`RestoreSources`]) are
+/// for a [`RestoreMechanism::QemuImg`] restore, as the provider asks with
+/// [`BackupProvider::restore_source_kind`].
+///
+/// `Nbd` (the default) suits a provider that reads the sources itself or
+/// hands them to a `qemu-img` on the backup host. `Http` suits a platform
+/// that pulls the data over the network from somewhere else (ZStack's
+/// AddImage is fetched by its backup storage host): the host then serves
+/// each source over HTTP (ranged `GET`, `HEAD` with `Content-Length`) on
+/// an address the platform can reach, under an unguessable one-time path
+/// withdrawn when the volume's restore ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum RestoreSourceKind {
+    /// `nbd://HOST:PORT/EXPORT` URIs.
+    #[default]
+    Nbd,
+    /// `http(s)://…` URLs.
+    Http,
+}
+
 /// The previous backup of a guest, as the host's target holds it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -362,7 +384,9 @@ impl RestoreVmRequest {
     }
 }
 
-/// The host's sources for one volume, all readable by `qemu-img`.
+/// The host's sources for one volume, all readable by `qemu-img`: NBD
+/// URIs, or HTTP URLs when the provider asks for them
+/// ([`BackupProvider::restore_source_kind`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct RestoreSources {
@@ -545,6 +569,15 @@ pub trait BackupProvider: Send + Sync {
 
     /// How restored data is consumed for this kind of guest.
     async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism>;
+
+    /// Which kind of URL this provider needs in [`RestoreSources`] (for
+    /// [`RestoreMechanism::QemuImg`]): NBD unless the provider says
+    /// otherwise. A host that cannot serve the kind asked for refuses the
+    /// restore before `restore_vm_init`. A provider that wraps another
+    /// (recording, fault injection) must forward this call.
+    fn restore_source_kind(&self) -> RestoreSourceKind {
+        RestoreSourceKind::Nbd
+    }
 
     /// The guest configuration to restore with.
     async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob>;

@@ -3,6 +3,6 @@
 //! between them.
 
 pub mod ovirt;
+pub mod python;
 pub mod scp;
 pub mod zstack;
-pub mod python;
