@@ -651,6 +651,58 @@ async fn snapshot_stuck_locked_times_out_with_a_clear_error_and_no_leftovers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attached_disk_never_appearing_by_id_times_out_naming_disk_and_directory() {
+    // The appliance never sees the attached disk under /dev/disk/by-id.
+    let env = Env::start_with("up", |c| c.ovirt.device_links = false).await;
+    let mut o = env.options(BackupMode::SnapshotAttach, WireFormat::Xml);
+    o.operation_timeout = Duration::from_millis(400);
+    let root = o.device_root.clone();
+    let started = std::time::Instant::now();
+    let e = env
+        .backup_err(Arc::new(OvirtProvider::new(o).unwrap()))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{}", e.report());
+    let msg = e.report();
+    let first = &env.disks[0];
+    assert!(msg.contains(&format!("disk {first}")), "{msg}");
+    assert!(msg.contains(&root.display().to_string()), "{msg}");
+    assert!(msg.contains(&format!("virtio-{}", &first[..20])), "{msg}");
+    assert!(msg.contains(&format!("guest {}", env.vm)), "{msg}");
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    let o = env.admin_get("/admin/ovirt/objects").await;
+    assert!(
+        o["backup_attachments"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "{o}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_attach_finds_disks_by_id_not_by_logical_name() {
+    // logical_name is the guest's /dev/vdX (reported late), which does not
+    // exist here: the backup reads the disks through their by-id links.
+    let env = Env::start("up").await;
+    let ep = &env.mock.endpoints().platforms["ovirt"];
+    let root = std::path::PathBuf::from(ep["device_root"].as_str().unwrap());
+    let p = env.provider(BackupMode::SnapshotAttach, WireFormat::Json);
+    env.backup_ok(p).await;
+    // Detached: no link left.
+    assert_eq!(
+        std::fs::read_dir(&root).unwrap().count(),
+        0,
+        "{}",
+        root.display()
+    );
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attachment_failing_half_way_detaches_the_disks_already_attached() {
     let env = Env::start("up").await;
     env.arm(json!({"attach_fail_after": 1})).await;

@@ -186,7 +186,10 @@ async fn shared_cached_base_image_is_stored_once() {
 async fn restore_reuses_an_image_with_the_same_md5_and_size() {
     let zs = Zs::start().await;
     let vm = uuid(&zs.vm("reuse", 50, true).await);
-    let provider = zs.provider();
+    // Keeping restored images is opt-in (each takes a quota slot).
+    let mut o = zs.options();
+    o.keep_restore_images = true;
+    let provider = zs.provider_with(o);
     let report = zs.backup(provider.clone(), &[&vm]).await;
     assert_ok(&report);
     let snap = snapshot_of(&report, 0);
@@ -389,8 +392,9 @@ async fn disabled_image_gives_clear_errors() {
     let ok = zs.backup(provider.clone(), &[&vm]).await;
     assert_ok(&ok);
 
-    // The cached base image is disabled: a backup that must read it fails
-    // clearly (fresh datastore: the base is not stored yet).
+    // The cached base image is disabled: a backup that must read it
+    // (fresh datastore: the base is not stored yet) stores the flattened
+    // root volume in full and says so.
     let client = provider.client();
     client.ensure_session().await.unwrap();
     client
@@ -418,14 +422,54 @@ async fn disabled_image_gives_clear_errors() {
             vec![Guest::vm(&vm)],
         )
         .await;
-    let err = report.guests[0].result.as_ref().expect_err("disabled base");
-    assert!(err.report().contains("Disabled"), "{}", err.report());
-    assert!(err.report().contains(&zs.image), "{}", err.report());
+    let flat = report.guests[0]
+        .result
+        .as_ref()
+        .expect("disabled base: the flattened volume is backed up");
+    let warning = flat.snapshot.warnings.join("\n");
+    assert!(warning.contains("Disabled"), "{warning}");
+    assert!(warning.contains(&zs.image), "{warning}");
+    assert!(
+        flat.snapshot.volumes.iter().all(|v| v.base.is_none()),
+        "no base layer: {:?}",
+        flat.snapshot.volumes
+    );
     assert!(
         zs.leftovers().await.is_empty(),
         "{:?}",
         zs.leftovers().await
     );
+    // And it restores byte for byte (into the first mock, from the other
+    // datastore).
+    let flat_snap = flat.snapshot.id.clone();
+    let restored = engine::RestoreDriver::new(
+        provider.clone() as Arc<dyn BackupProvider>,
+        other.store.clone() as Arc<dyn Target>,
+        Arc::new(StandardMover::default()),
+        Arc::new(
+            engine::NbdExposer::start("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+        ),
+    )
+    .restore_vm(
+        &flat_snap,
+        provider_api::RestoreTarget::NewGuest {
+            name: Some("flat".into()),
+        },
+    )
+    .await
+    .expect("restore of the flattened backup");
+    assert_eq!(
+        zs.digests(&restored.guest.id.0).await,
+        zs.digests(&vm).await
+    );
+    // The restores below keep their images (to disable one).
+    let mut o = zs.options();
+    o.keep_restore_images = true;
+    let provider = zs.provider_with(o);
+    let client = provider.client();
+    client.ensure_session().await.unwrap();
 
     // A restored image that is disabled is not reused, and creating a VM
     // from a disabled image is refused by the platform.
@@ -453,11 +497,13 @@ async fn disabled_image_gives_clear_errors() {
         )
         .await
         .unwrap();
+    let (offering, l3) = zs.default_offering_and_l3().await;
     let err = client
         .call(
             reqwest::Method::POST,
             "/vm-instances",
-            Some(json!({"params": {"name": "x", "imageUuid": root_img}})),
+            Some(json!({"params": {"name": "x", "imageUuid": root_img,
+                "instanceOfferingUuid": offering, "l3NetworkUuids": [l3]}})),
             "CreateVmInstance",
         )
         .await
@@ -762,12 +808,14 @@ async fn a_finished_restore_is_never_swept_and_an_interrupted_one_is() {
     let p = zs.provider();
     p.client().login().await.unwrap();
     let image = zs.image.clone();
+    let (offering, l3) = zs.default_offering_and_l3().await;
     let created: Value = p
         .client()
         .call(
             reqwest::Method::POST,
             "/vm-instances",
             Some(json!({"params": {"name": "half-restored", "imageUuid": image,
+                "instanceOfferingUuid": offering, "l3NetworkUuids": [l3],
                 "description": "restored from x: vmbackup restore in progress (vmbackup.host-a.job-3.r0-x)"}})),
             "CreateVmInstance",
         )
@@ -788,4 +836,779 @@ async fn a_finished_restore_is_never_swept_and_an_interrupted_one_is() {
     assert!(!vms.contains(&half.as_str()), "interrupted restore kept");
     assert!(vms.contains(&restored.guest.id.0.as_str()));
     assert_eq!(zs.digests(&restored.guest.id.0).await, want);
+}
+
+/// A VM with a root volume on the shared image and two data volumes.
+async fn three_volume_vm(zs: &Zs, name: &str) -> String {
+    let v = zs
+        .admin()
+        .post(
+            "/zstack/vms",
+            json!({"name": name, "image_uuid": zs.image,
+                "root_fill": [{"offset": 5 * MIB, "length": MIB, "pattern": "random", "seed": 3}],
+                "data": [
+                    {"size": 8 * MIB, "fill": [{"offset": MIB, "length": 2 * MIB, "pattern": "random", "seed": 4}]},
+                    {"size": 6 * MIB, "fill": [{"offset": 0, "length": MIB, "pattern": "text", "seed": 5},
+                                               {"offset": 5 * MIB, "length": MIB, "pattern": "random", "seed": 6}]}]}),
+        )
+        .await;
+    uuid(&v)
+}
+
+fn vm_names(o: &Value) -> Vec<String> {
+    o["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_goes_through_one_time_http_urls_byte_for_byte() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "http-3").await;
+    let provider = zs.provider();
+    assert_eq!(
+        provider.restore_source_kind(),
+        provider_api::RestoreSourceKind::Http
+    );
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    let want = zs.digests(&vm).await;
+    assert_eq!(want.len(), 3);
+    let images_before = zs.image_count().await;
+    let exposer = Arc::new(RecordingExposer::start(None, std::time::Duration::ZERO).await);
+    let r = zs
+        .restore_with(
+            provider.clone(),
+            &snapshot_of(&report, 0),
+            "http-3-restored",
+            exposer.clone(),
+            engine::CancelToken::never(),
+        )
+        .await
+        .expect("restore over HTTP");
+    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    // http URLs with a 128-bit one-time token: one per volume (given to
+    // AddImage) and the root volume's base layer.
+    let urls = exposer.urls.lock().unwrap().clone();
+    assert_eq!(urls.len(), 4, "{urls:?}");
+    let base = exposer.inner.base_url().to_owned();
+    for u in &urls {
+        let token = u
+            .strip_prefix(&format!("{base}/"))
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_else(|| panic!("{u} is not under {base}"));
+        assert_eq!(token.len(), 32, "{u}");
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()), "{u}");
+    }
+    // Withdrawn once the restore ended: the URLs answer 404.
+    assert_eq!(exposer.inner.exposed(), 0);
+    let http = reqwest::Client::new();
+    for u in &urls {
+        let status = http.get(u).send().await.unwrap().status();
+        assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{u}");
+    }
+    // Restored images are removed by default: the image count is unchanged.
+    assert_eq!(zs.image_count().await, images_before);
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_exposer_serves_ranges_and_head() {
+    use provider_api::{Layer, SnapshotReader};
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("ranges", 7, false).await);
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    assert_ok(&report);
+    let reader: Box<dyn SnapshotReader> = zs
+        .env
+        .store
+        .open_snapshot(&snapshot_of(&report, 0))
+        .await
+        .unwrap();
+    let volume = reader.open_volume("root", Layer::Merged).await.unwrap();
+    let size = volume.size();
+    let whole = volume.read_at(0, size).await.unwrap();
+    let exposer = engine::HttpExposer::start("127.0.0.1:0".parse().unwrap(), None)
+        .await
+        .unwrap();
+    let (url, guard) = engine::SourceExposer::expose(&exposer, "root", volume)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let head = http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), reqwest::StatusCode::OK);
+    assert_eq!(
+        head.headers()["content-length"].to_str().unwrap(),
+        size.to_string()
+    );
+    assert_eq!(head.headers()["accept-ranges"], "bytes");
+    let part = http
+        .get(&url)
+        .header("Range", format!("bytes={}-{}", 5 * MIB - 10, 5 * MIB + 9))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), reqwest::StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        part.headers()["content-range"].to_str().unwrap(),
+        format!("bytes {}-{}/{size}", 5 * MIB - 10, 5 * MIB + 9)
+    );
+    let body = part.bytes().await.unwrap();
+    assert_eq!(
+        &body[..],
+        &whole[5 * MIB as usize - 10..5 * MIB as usize + 10]
+    );
+    let full = http.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(full, whole);
+    let bad = http
+        .get(&url)
+        .header("Range", format!("bytes={size}-"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::RANGE_NOT_SATISFIABLE);
+    // Another token, or the right token with another name: 404.
+    let wrong = format!("{}/{}/root.raw", exposer.base_url(), "0".repeat(32));
+    assert_eq!(
+        http.get(&wrong).send().await.unwrap().status(),
+        reqwest::StatusCode::NOT_FOUND
+    );
+    drop(guard);
+    assert_eq!(
+        http.get(&url).send().await.unwrap().status(),
+        reqwest::StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_image_refuses_nbd_urls_like_zstack() {
+    let zs = Zs::start().await;
+    let provider = zs.provider();
+    provider.client().login().await.unwrap();
+    let bs: Vec<provider_zstack::api::BackupStorageInventory> = provider
+        .client()
+        .query("/backup-storage", &[])
+        .await
+        .unwrap();
+    let bs = bs[0].uuid.clone();
+    let e = provider
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/images",
+            Some(
+                json!({"params": {"name": "x", "url": "nbd://127.0.0.1:10809/root",
+                "mediaType": "RootVolumeTemplate", "format": "raw",
+                "backupStorageUuids": [bs]}, "systemTags": [], "userTags": []}),
+            ),
+            "AddImage",
+        )
+        .await
+        .expect_err("nbd:// refused");
+    let text = e.report();
+    assert!(text.contains("SYS.1007"), "{text}");
+    assert!(text.contains("http:// or https://"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_advertised_address_fails_clearly_and_leaves_nothing() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("wrong-addr", 8, true).await);
+    let provider = zs.provider();
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    let images_before = zs.image_count().await;
+    let vms_before = vm_names(&zs.objects().await);
+    // Nothing listens there (the backup storage cannot reach the host).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let advertised = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let exposer =
+        Arc::new(RecordingExposer::start(Some(&advertised), std::time::Duration::ZERO).await);
+    let e = zs
+        .restore_with(
+            provider.clone(),
+            &snapshot_of(&report, 0),
+            "wrong-addr-restored",
+            exposer,
+            engine::CancelToken::never(),
+        )
+        .await
+        .expect_err("unreachable advertised address");
+    let text = e.report();
+    assert!(text.contains(&advertised), "{text}");
+    assert!(text.contains("advertise_url"), "{text}");
+    assert_eq!(zs.image_count().await, images_before);
+    assert_eq!(vm_names(&zs.objects().await), vms_before);
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_interrupted_mid_fetch_leaves_nothing() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("interrupted", 9, false).await);
+    let provider = zs.provider();
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    let images_before = zs.image_count().await;
+    let vms_before = vm_names(&zs.objects().await);
+    // 16 MiB read 1 MiB at a time, 200 ms each: the fetch takes seconds.
+    let exposer =
+        Arc::new(RecordingExposer::start(None, std::time::Duration::from_millis(200)).await);
+    let (canceller, cancel) = engine::cancel_pair();
+    let first_read = exposer.first_read.clone();
+    let admin = zs.admin().clone();
+    let watcher = tokio::spawn(async move {
+        first_read.notified().await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The image is being fetched when the restore is interrupted.
+        let o = admin.get("/zstack/objects").await;
+        let downloading = o["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["status"] == "Downloading");
+        canceller.cancel();
+        downloading
+    });
+    let e = zs
+        .restore_with(
+            provider.clone(),
+            &snapshot_of(&report, 0),
+            "interrupted-restored",
+            exposer.clone(),
+            cancel,
+        )
+        .await
+        .expect_err("interrupted");
+    assert!(
+        watcher.await.unwrap(),
+        "the image was Downloading when interrupted"
+    );
+    assert!(e.report().contains("interrupted"), "{}", e.report());
+    assert_eq!(exposer.inner.exposed(), 0, "the URL is withdrawn");
+    // The mock's fetch ends (its source was withdrawn); nothing is left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let left = zs.leftovers().await;
+        if left.is_empty() && zs.image_count().await == images_before {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {left:?}, images {} (before {images_before})",
+            zs.image_count().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(vm_names(&zs.objects().await), vms_before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_renewed_by_logging_in_again() {
+    let zs = Zs::start_with(|c| c.session_timeout_secs = 1.0).await;
+    let vm = uuid(&zs.vm("session", 12, false).await);
+    let provider = zs.provider();
+    provider.client().login().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    // Reads and API jobs after the session expired: 401, login, retried.
+    let v: Vec<provider_zstack::api::BackupStorageInventory> = provider
+        .client()
+        .query("/backup-storage", &[])
+        .await
+        .expect("query after expiry");
+    assert!(!v.is_empty());
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+    let r = zs
+        .restore(
+            provider.clone(),
+            &snapshot_of(&report, 0),
+            "session-restored",
+        )
+        .await
+        .expect("restore after expiry");
+    assert_eq!(zs.digests(&r.guest.id.0).await, zs.digests(&vm).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_named_by_x_job_uuid_runs_once() {
+    let zs = Zs::start().await;
+    let vm = zs.vm("jobname", 13, false).await;
+    let root = vm["rootVolumeUuid"].as_str().unwrap().to_owned();
+    let provider = zs.provider();
+    provider.client().login().await.unwrap();
+    let base = zs.options().base_url;
+    // The session id, as the provider's client would send it.
+    let login: Value = reqwest::Client::new()
+        .put(format!("{base}/v1/accounts/login"))
+        .json(&json!({"logInByAccount": {"accountName": "admin", "password": sha512_hex("password")}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = login["inventory"]["uuid"].as_str().unwrap().to_owned();
+    let expires = login["inventory"]["expiredDate"].as_str().unwrap();
+    assert!(
+        provider_zstack::api::parse_date(expires).is_some(),
+        "{expires}"
+    );
+    let job = "0123456789abcdef0123456789abcdef";
+    let send = || {
+        reqwest::Client::new()
+            .post(format!("{base}/v1/volumes/{root}/volume-snapshots"))
+            .header("Authorization", format!("OAuth {session}"))
+            .header("X-Job-UUID", job)
+            .json(&json!({"params": {"name": "named-job"}}))
+            .send()
+    };
+    let a: Value = send().await.unwrap().json().await.unwrap();
+    let b: Value = send().await.unwrap().json().await.unwrap();
+    assert!(a["location"].as_str().unwrap().ends_with(job), "{a}");
+    assert_eq!(a, b);
+    assert_eq!(snapshot_names(&zs).await, ["named-job"]);
+    // Inventories print ZStack's dates.
+    let snaps: Vec<Value> = provider
+        .client()
+        .query("/volume-snapshots", &[])
+        .await
+        .unwrap();
+    let date = snaps[0]["createDate"].as_str().unwrap();
+    assert!(provider_zstack::api::parse_date(date).is_some(), "{date}");
+    // A bad job name is refused.
+    let bad = reqwest::Client::new()
+        .post(format!("{base}/v1/volumes/{root}/volume-snapshots"))
+        .header("Authorization", format!("OAuth {session}"))
+        .header("X-Job-UUID", "not-a-uuid")
+        .json(&json!({"params": {"name": "bad"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+}
+
+fn sha512_hex(s: &str) -> String {
+    use sha2::{Digest, Sha512};
+    Sha512::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_and_restore_cycles_leave_the_image_count_unchanged() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("cycles", 14, true).await);
+    let provider = zs.provider();
+    let before = zs.image_count().await;
+    // A quota with two slots free (a restore of two volumes holds both
+    // images until the VM exists): enough for any number of cycles.
+    zs.admin()
+        .put("/zstack/quota", json!({"image_num": before + 2}))
+        .await;
+    for i in 0..4 {
+        let report = zs.backup(provider.clone(), &[&vm]).await;
+        assert_ok(&report);
+        let r = zs
+            .restore(
+                provider.clone(),
+                &snapshot_of(&report, 0),
+                &format!("cycle-{i}"),
+            )
+            .await
+            .expect("restore");
+        assert_eq!(zs.digests(&r.guest.id.0).await, zs.digests(&vm).await);
+        assert_eq!(zs.image_count().await, before, "cycle {i}");
+    }
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+    // A full quota is reported with what uses it.
+    zs.admin()
+        .put("/zstack/quota", json!({"image_num": before}))
+        .await;
+    let report = zs.backup(provider, &[&vm]).await;
+    let err = report.guests[0].result.as_ref().expect_err("quota full");
+    let text = err.report();
+    assert!(
+        text.contains(&format!("{before} of {before} slots are used")),
+        "{text}"
+    );
+    assert!(text.contains("other images"), "{text}");
+}
+
+/// The restored VM's inventory as the API gives it.
+async fn vm_inventory(zs: &Zs, vm: &str) -> Value {
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let hits: Vec<Value> = p
+        .client()
+        .query("/vm-instances", &[format!("uuid={vm}")])
+        .await
+        .unwrap();
+    hits.into_iter().next().expect("VM listed")
+}
+
+fn nic_networks(vm: &Value) -> Vec<String> {
+    let mut nics: Vec<&Value> = vm["vmNics"].as_array().unwrap().iter().collect();
+    nics.sort_by_key(|n| n["deviceId"].as_u64());
+    nics.iter()
+        .map(|n| n["l3NetworkUuid"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_vm_requires_an_offering_networks_and_an_image() {
+    let zs = Zs::start().await;
+    let (offering, l3) = zs.default_offering_and_l3().await;
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let create = |params: Value| {
+        let p = p.clone();
+        async move {
+            p.client()
+                .call(
+                    reqwest::Method::POST,
+                    "/vm-instances",
+                    Some(json!({"params": params})),
+                    "CreateVmInstance",
+                )
+                .await
+        }
+    };
+    let image = zs.image.clone();
+    let e = create(json!({"name": "a", "imageUuid": image, "l3NetworkUuids": [l3]}))
+        .await
+        .expect_err("no offering");
+    assert!(
+        e.report().contains("instanceOfferingUuid"),
+        "{}",
+        e.report()
+    );
+    let e = create(json!({"name": "a", "imageUuid": image, "instanceOfferingUuid": offering}))
+        .await
+        .expect_err("no network");
+    assert!(e.report().contains("l3NetworkUuids"), "{}", e.report());
+    let e = create(
+        json!({"name": "a", "imageUuid": image, "instanceOfferingUuid": offering,
+                          "l3NetworkUuids": []}),
+    )
+    .await
+    .expect_err("empty networks");
+    assert!(e.report().contains("l3NetworkUuids"), "{}", e.report());
+    let e = create(json!({"name": "a", "instanceOfferingUuid": offering, "l3NetworkUuids": [l3]}))
+        .await
+        .expect_err("no image");
+    assert!(e.report().contains("imageUuid"), "{}", e.report());
+    let e = create(
+        json!({"name": "a", "imageUuid": image, "instanceOfferingUuid": "f".repeat(32),
+                          "l3NetworkUuids": [l3]}),
+    )
+    .await
+    .expect_err("unknown offering");
+    assert!(e.report().contains("InstanceOfferingVO"), "{}", e.report());
+    // CPU and memory instead of an offering.
+    let v = create(json!({"name": "b", "imageUuid": image, "cpuNum": 3,
+                          "memorySize": 3u64 << 30, "l3NetworkUuids": [l3]}))
+    .await
+    .expect("cpu and memory");
+    let vm = v["inventory"]["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(v["inventory"]["cpuNum"], 3);
+    // Destroyed: still listed, still holding its volumes, until expunged.
+    p.client()
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/vm-instances/{vm}"),
+            None,
+            "DestroyVmInstance",
+        )
+        .await
+        .unwrap();
+    let inv = vm_inventory(&zs, &vm).await;
+    assert_eq!(inv["state"], "Destroyed");
+    assert_eq!(inv["allVolumes"].as_array().unwrap().len(), 1);
+    p.client()
+        .call(
+            reqwest::Method::PUT,
+            &format!("/vm-instances/{vm}/actions"),
+            Some(json!({"expungeVmInstance": {}})),
+            "ExpungeVmInstance",
+        )
+        .await
+        .unwrap();
+    let o = zs.objects().await;
+    assert!(!o["vms"].as_array().unwrap().iter().any(|v| v["uuid"] == vm));
+    assert!(
+        !o["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vmInstanceUuid"] == vm)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_vm_has_the_cpu_memory_and_networks_of_the_original() {
+    let zs = Zs::start().await;
+    let big = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/instance-offerings",
+                json!({"name": "big", "cpu_num": 4, "memory_size": 8u64 << 30}),
+            )
+            .await,
+    );
+    let net_a = uuid(
+        &zs.admin()
+            .post("/zstack/l3-networks", json!({"name": "net-a"}))
+            .await,
+    );
+    let net_b = uuid(
+        &zs.admin()
+            .post("/zstack/l3-networks", json!({"name": "net-b"}))
+            .await,
+    );
+    let fill = json!([{"offset": 5 * MIB, "length": MIB, "pattern": "random", "seed": 71}]);
+    let with_offering = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/vms",
+                json!({"name": "shaped-1",
+        "image_uuid": zs.image, "root_fill": fill, "instance_offering_uuid": big,
+        "l3_network_uuids": [net_b, net_a]}),
+            )
+            .await,
+    );
+    let with_cpu = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/vms",
+                json!({"name": "shaped-2",
+        "image_uuid": zs.image, "root_fill": fill, "cpu_num": 3, "memory_size": 3u64 << 30,
+        "l3_network_uuids": [net_a]}),
+            )
+            .await,
+    );
+    let provider = zs.provider();
+    let report = zs
+        .backup(provider.clone(), &[&with_offering, &with_cpu])
+        .await;
+    assert_ok(&report);
+    for (i, original) in [&with_offering, &with_cpu].into_iter().enumerate() {
+        let restored = zs
+            .restore(
+                provider.clone(),
+                &snapshot_of(&report, i),
+                &format!("shaped-r{i}"),
+            )
+            .await
+            .expect("restore");
+        let new = restored.guest.id.0.clone();
+        let (a, b) = (
+            vm_inventory(&zs, original).await,
+            vm_inventory(&zs, &new).await,
+        );
+        assert_eq!(b["cpuNum"], a["cpuNum"]);
+        assert_eq!(b["memorySize"], a["memorySize"]);
+        assert_eq!(b["instanceOfferingUuid"], a["instanceOfferingUuid"]);
+        assert_eq!(nic_networks(&b), nic_networks(&a));
+        assert_eq!(b["defaultL3NetworkUuid"], a["defaultL3NetworkUuid"]);
+        assert_eq!(zs.digests(&new).await, zs.digests(original).await);
+    }
+    let a = vm_inventory(&zs, &with_offering).await;
+    assert_eq!(
+        (a["cpuNum"].as_u64(), nic_networks(&a)),
+        (Some(4), vec![net_b, net_a])
+    );
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_whose_offering_or_network_is_gone_fails_clearly_and_leaves_nothing() {
+    let zs = Zs::start().await;
+    let (default_offering, default_l3) = zs.default_offering_and_l3().await;
+    let gone = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/instance-offerings",
+                json!({"name": "gone", "cpu_num": 1, "memory_size": 1u64 << 30}),
+            )
+            .await,
+    );
+    let net = uuid(
+        &zs.admin()
+            .post("/zstack/l3-networks", json!({"name": "net-gone"}))
+            .await,
+    );
+    let vm = uuid(&zs.admin().post("/zstack/vms", json!({"name": "orphan", "image_uuid": zs.image,
+        "data": [{"size": 4 * MIB, "fill": [{"offset": 0, "length": MIB, "pattern": "random", "seed": 5}]}],
+        "instance_offering_uuid": gone, "l3_network_uuids": [net]})).await);
+    let provider = zs.provider();
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    zs.admin()
+        .delete(&format!("/zstack/instance-offerings/{gone}"))
+        .await;
+    zs.admin()
+        .delete(&format!("/zstack/l3-networks/{net}"))
+        .await;
+    let images_before = zs.image_count().await;
+    let before = zs.objects().await;
+    let snap = snapshot_of(&report, 0);
+    let e = zs
+        .restore(provider.clone(), &snap, "orphan-r")
+        .await
+        .expect_err("offering gone");
+    let text = e.report();
+    assert!(
+        text.contains(&gone) && text.contains("instance_offering_uuid"),
+        "{text}"
+    );
+    // Overriding the offering: the network is next.
+    let mut o = zs.options();
+    o.instance_offering_uuid = Some(default_offering.clone());
+    let e = zs
+        .restore(zs.provider_with(o.clone()), &snap, "orphan-r")
+        .await
+        .expect_err("network gone");
+    let text = e.report();
+    assert!(
+        text.contains(&net) && text.contains("l3_network_uuids"),
+        "{text}"
+    );
+    let after = zs.objects().await;
+    assert_eq!(zs.image_count().await, images_before);
+    assert_eq!(vm_names(&after), vm_names(&before));
+    assert_eq!(
+        after["volumes"].as_array().unwrap().len(),
+        before["volumes"].as_array().unwrap().len()
+    );
+    assert!(
+        zs.leftovers().await.is_empty(),
+        "{:?}",
+        zs.leftovers().await
+    );
+    // Both overridden: the restore works on this target.
+    o.l3_network_uuids = vec![default_l3.clone()];
+    let restored = zs
+        .restore(zs.provider_with(o), &snap, "orphan-r")
+        .await
+        .expect("restore with overrides");
+    let inv = vm_inventory(&zs, &restored.guest.id.0).await;
+    assert_eq!(inv["instanceOfferingUuid"], default_offering.as_str());
+    assert_eq!(nic_networks(&inv), vec![default_l3]);
+    assert_eq!(
+        zs.digests(&restored.guest.id.0).await,
+        zs.digests(&vm).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_restore_and_the_sweep_destroy_and_expunge_vms() {
+    let zs = Zs::start().await;
+    let vm = uuid(&zs.vm("expunge", 180, true).await);
+    let provider = zs.provider();
+    let report = zs
+        .backup_job(provider.clone(), &[&vm], 1, job("host-a", "job-1", &[]))
+        .await;
+    assert_ok(&report);
+    let before = zs.objects().await;
+    // The data volume cannot be created: the VM exists already and the
+    // failed restore destroys and expunges it (its root volume with it).
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "POST", "path": "/zstack/v1/volumes/data/from/", "status": 400, "times": 50}),
+        )
+        .await;
+    zs.restore(provider.clone(), &snapshot_of(&report, 0), "expunge-r")
+        .await
+        .expect_err("data volume refused");
+    zs.admin().delete("/faults").await;
+    let after = zs.objects().await;
+    assert_eq!(vm_names(&after), vm_names(&before));
+    assert_eq!(after["volumes"], before["volumes"]);
+
+    // An interrupted restore's VM destroyed but not expunged: the next
+    // job's sweep expunges it.
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let (offering, l3) = zs.default_offering_and_l3().await;
+    let created: Value = p
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/vm-instances",
+            Some(json!({"params": {"name": "half-destroyed", "imageUuid": zs.image,
+                "instanceOfferingUuid": offering, "l3NetworkUuids": [l3],
+                "description": "restored from x: vmbackup restore in progress (vmbackup.host-a.job-3.r0-x)"}})),
+            "CreateVmInstance",
+        )
+        .await
+        .unwrap();
+    let half = created["inventory"]["uuid"].as_str().unwrap().to_owned();
+    p.client()
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/vm-instances/{half}"),
+            None,
+            "DestroyVmInstance",
+        )
+        .await
+        .unwrap();
+    let o = zs.objects().await;
+    let listed = o["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["uuid"] == half.as_str())
+        .cloned();
+    assert_eq!(listed.expect("destroyed VM listed")["state"], "Destroyed");
+    assert!(
+        o["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vmInstanceUuid"] == half.as_str())
+    );
+    let next = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-4", &[]))
+        .await;
+    assert_ok(&next);
+    let o = zs.objects().await;
+    assert!(
+        !o["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["uuid"] == half.as_str()),
+        "not expunged"
+    );
+    assert!(
+        !o["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["vmInstanceUuid"] == half.as_str())
+    );
 }

@@ -102,6 +102,9 @@ pub enum PlatformConfig {
         /// CA certificate (PEM) of the engine and its image servers
         /// (default: the system's roots; always verified).
         tls_ca: Option<PathBuf>,
+        /// Where attached disks appear on this appliance, by disk id
+        /// (default `/dev/disk/by-id`).
+        device_root: Option<PathBuf>,
     },
     /// ZStack.
     Zstack {
@@ -260,10 +263,14 @@ pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupPro
             appliance,
             mode,
             tls_ca,
+            device_root,
         } => {
             let pw = secret(name, password, password_file)?;
             let mut options = provider_ovirt::OvirtOptions::new(endpoint, username, &pw, appliance);
             options.tls_ca = tls_ca.clone();
+            if let Some(root) = device_root {
+                options.device_root = root.clone();
+            }
             options.mode = match mode.as_deref().unwrap_or("auto") {
                 "auto" => provider_ovirt::BackupMode::Auto,
                 "incremental" => provider_ovirt::BackupMode::Incremental,

@@ -163,6 +163,10 @@ pub async fn ovirt(admin: &Admin, endpoints: &Value) -> Result<PlatformRun> {
     options.poll_interval = std::time::Duration::from_millis(50);
     // The engine is HTTPS only, with the mock's CA.
     options.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
+    // Where the mock's "appliance" shows attached disks (its /dev/disk/by-id).
+    if let Some(root) = ep["device_root"].as_str() {
+        options.device_root = std::path::PathBuf::from(root);
+    }
     let provider = Arc::new(provider_ovirt::OvirtProvider::new(options)?);
     let objects = admin.get("/ovirt/objects").await?;
     Ok(PlatformRun {

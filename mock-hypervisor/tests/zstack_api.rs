@@ -322,15 +322,26 @@ async fn image_lifecycle_export_range_and_add_from_url() {
         )
         .await;
     assert_eq!(dis["inventory"]["state"], "Disabled");
+    // Everything else a VM needs is there: the image is what is refused.
+    let l3 = api.get("/l3-networks").await["inventories"][0]["uuid"].clone();
     let (s, v) = api
         .job(
             Method::POST,
             "/vm-instances",
-            Some(json!({"params": {"name": "x", "imageUuid": uuid}})),
+            Some(json!({"params": {
+                "name": "x",
+                "imageUuid": uuid,
+                "cpuNum": 1,
+                "memorySize": 1u64 << 30,
+                "l3NetworkUuids": [l3],
+            }})),
         )
         .await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(v["error"]["details"].as_str().unwrap().contains("Disabled"));
+    assert!(
+        v["error"]["details"].as_str().unwrap().contains("Disabled"),
+        "{v}"
+    );
     api.ok(Method::DELETE, &path, None).await;
     api.ok(
         Method::PUT,

@@ -71,6 +71,8 @@ async fn conformance_kit_on_the_demo_seed() {
         o.poll_interval = Duration::from_millis(10);
         // The engine is HTTPS only, with the mock's CA.
         o.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
+        // The mock's appliance sees its disks by id there.
+        o.device_root = ep["device_root"].as_str().unwrap().into();
         let p = OvirtProvider::new(o).unwrap();
         check_all(&p, &Guest::vm(vm.clone()), &Probe(mock.ovirt().clone()))
             .await

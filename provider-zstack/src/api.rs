@@ -54,6 +54,15 @@ pub struct Inventories<T> {
     pub inventories: Vec<T>,
 }
 
+/// `{"inventories": [T], "total": n}`: a query with `replyWithCount=true`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InventoriesWithTotal<T> {
+    /// The matching objects (up to the query's `limit`).
+    pub inventories: Vec<T>,
+    /// How many match in all.
+    pub total: u64,
+}
+
 /// `{"total": n}`: a query with `count=true`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Total {
@@ -113,6 +122,43 @@ pub struct VmInventory {
     pub description: Option<String>,
     /// Every volume of the VM: required, a VM always has a root volume.
     pub all_volumes: Vec<VolumeInventory>,
+    /// `Running`, `Stopped`, `Destroyed`, … (nullable).
+    #[serde(default)]
+    pub state: Option<String>,
+    /// Instance offering the VM was created with (nullable: a VM created
+    /// with `cpuNum` and `memorySize` has none).
+    #[serde(default)]
+    pub instance_offering_uuid: Option<String>,
+    /// CPUs.
+    #[serde(default)]
+    pub cpu_num: Option<u32>,
+    /// Memory in bytes.
+    #[serde(default)]
+    pub memory_size: Option<u64>,
+    /// Default L3 network.
+    #[serde(default)]
+    pub default_l3_network_uuid: Option<String>,
+    /// NICs, one per L3 network.
+    #[serde(default)]
+    pub vm_nics: Vec<VmNicInventory>,
+}
+
+/// `VmNicInventory` (the fields the provider reads).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmNicInventory {
+    /// L3 network of the NIC.
+    pub l3_network_uuid: String,
+    /// Device id (order of the NICs).
+    #[serde(default)]
+    pub device_id: Option<u32>,
+}
+
+/// Any inventory, by UUID only (existence checks).
+#[derive(Debug, Clone, Deserialize)]
+pub struct UuidInventory {
+    /// UUID.
+    pub uuid: String,
 }
 
 /// `VolumeInventory`.
@@ -165,6 +211,48 @@ pub struct ImageInventory {
     pub media_type: String,
     /// Backup storages holding it (required: an empty list means on none).
     pub backup_storage_refs: Vec<ImageBackupStorageRef>,
+    /// When it was created, as ZStack prints dates (`Jun 7, 2017 9:20:31
+    /// PM`, see [`parse_date`]); nullable.
+    #[serde(default)]
+    pub create_date: Option<String>,
+}
+
+/// A ZStack date (`Jun 7, 2017 9:20:31 PM`, Java's
+/// `MMM d, yyyy h:mm:ss a`) as seconds since the Unix epoch, reading the
+/// wall time as UTC (ZStack prints the management node's local time
+/// without a zone). `None` when it does not parse.
+pub fn parse_date(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mut it = text.split_whitespace();
+    let name = it.next()?;
+    let month = MONTHS.iter().position(|m| *m == name)? as i64 + 1;
+    let day: i64 = it.next()?.strip_suffix(',')?.parse().ok()?;
+    let year: i64 = it.next()?.parse().ok()?;
+    let mut hms = it.next()?.split(':');
+    let h: i64 = hms.next()?.parse().ok()?;
+    let m: i64 = hms.next()?.parse().ok()?;
+    let s: i64 = hms.next()?.parse().ok()?;
+    let h = match (it.next()?, h) {
+        ("AM", 12) => 0,
+        ("AM", h @ 0..=11) => h,
+        ("PM", 12) => 12,
+        ("PM", h @ 1..=11) => h + 12,
+        _ => return None,
+    };
+    if it.next().is_some() || !(1..=31).contains(&day) || m > 59 || s > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + m * 60 + s).ok()
 }
 
 /// `ImageBackupStorageRefInventory`.
@@ -234,6 +322,15 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn zstack_dates_parse() {
+        assert_eq!(parse_date("Jun 7, 2017 9:20:31 PM"), Some(1_496_870_431));
+        assert_eq!(parse_date("Jan 1, 1970 12:00:00 AM"), Some(0));
+        assert_eq!(parse_date("Feb 29, 2024 12:05:09 PM"), Some(1_709_208_309));
+        assert_eq!(parse_date("1496870431"), None);
+        assert_eq!(parse_date("Jun 7, 2017 13:20:31 PM"), None);
+    }
 
     #[test]
     fn like_values_escape_the_wildcards() {

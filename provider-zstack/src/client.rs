@@ -233,17 +233,19 @@ impl ZStackClient {
     }
 
     /// `GET` with query pairs; the JSON answer. Retried when the
-    /// transport fails.
+    /// transport fails; a `401` (expired session) logs in again once.
     pub async fn get(&self, path: &str, query: &[(&str, String)]) -> Result<Value> {
         let call = &format!("GET /zstack/v1{path}");
-        retry(&self.conn.retry, call, |_| async move {
-            let resp = self
-                .request(Method::GET, &self.url(path))
-                .query(query)
-                .send()
-                .await
-                .map_err(|e| transport(call, e))?;
-            read_answer(call, resp).await
+        self.with_relogin(call, || {
+            retry(&self.conn.retry, call, |_| async move {
+                let resp = self
+                    .request(Method::GET, &self.url(path))
+                    .query(query)
+                    .send()
+                    .await
+                    .map_err(|e| transport(call, e))?;
+                read_answer(call, resp).await
+            })
         })
         .await
     }
@@ -260,6 +262,24 @@ impl ZStackClient {
         let v = self.get(resource, &q).await?;
         let a: Inventories<T> = api::parse(&format!("GET /zstack/v1{resource}"), v)?;
         Ok(a.inventories)
+    }
+
+    /// Matching objects and how many there are in all
+    /// (`replyWithCount=true`: `{"inventories": […], "total": n}`; the
+    /// inventories stop at `limit`).
+    pub async fn query_with_total<T: DeserializeOwned>(
+        &self,
+        resource: &str,
+        conds: &[String],
+        limit: u32,
+    ) -> Result<(Vec<T>, u64)> {
+        let mut q: Vec<(&str, String)> = conds.iter().map(|c| ("q", c.clone())).collect();
+        q.push(("replyWithCount", "true".into()));
+        q.push(("limit", limit.to_string()));
+        let v = self.get(resource, &q).await?;
+        let a: api::InventoriesWithTotal<T> =
+            api::parse(&format!("GET /zstack/v1{resource} (replyWithCount)"), v)?;
+        Ok((a.inventories, a.total))
     }
 
     /// How many objects match.
@@ -294,6 +314,22 @@ impl ZStackClient {
         api::parse(&call, v)
     }
 
+    /// [`ZStackClient::call_within`] whose job result is read as `T`.
+    pub async fn call_as_within<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        action: &str,
+        timeout: Duration,
+    ) -> Result<T> {
+        let call = format!("{method} /zstack/v1{path} ({action})");
+        let v = self
+            .call_within(method, path, body, action, timeout)
+            .await?;
+        api::parse(&call, v)
+    }
+
     /// A non-GET call: expects `202 {"location"}` and polls the API job
     /// until 200 (result) or 503 (error), within the job timeout.
     pub async fn call(
@@ -303,56 +339,160 @@ impl ZStackClient {
         body: Option<Value>,
         action: &str,
     ) -> Result<Value> {
+        self.call_within(method, path, body, action, self.conn.job_timeout)
+            .await
+    }
+
+    /// [`ZStackClient::call`] with its own job timeout (long transfers).
+    ///
+    /// The job is named by the client (`X-Job-UUID`): when the answer to
+    /// the call is lost on the way back, the job is looked up by that
+    /// name instead of failing (a job ZStack never saw answers 404, and
+    /// the transport error is reported). A `401` (the session expired)
+    /// logs in again and sends the call once more: ZStack refused it
+    /// before running anything.
+    pub async fn call_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        action: &str,
+        timeout: Duration,
+    ) -> Result<Value> {
         let call = format!("{method} /zstack/v1{path} ({action})");
-        let mut req = self.request(method, &self.url(path));
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.map_err(|e| transport(&call, e))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| transport(&call, e))?;
-        match status {
-            StatusCode::ACCEPTED => {}
-            s if s.is_success() => return json_body(&call, s, &bytes),
-            s => return Err(platform_error(&call, s, &bytes)),
-        }
-        let location: JobLocation = api::parse(&call, json_body(&call, status, &bytes)?)?;
-        let location = location.location;
+        let job_uuid = job_uuid();
+        let send = || {
+            let mut req = self
+                .request(method.clone(), &self.url(path))
+                .header("X-Job-UUID", job_uuid.as_str());
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            req.send()
+        };
+        let mut relogged = false;
+        let location = loop {
+            let resp = match send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    // The answer may be lost while the job runs.
+                    let location = self.url(&format!("/api-jobs/{job_uuid}"));
+                    let err = transport(&call, e);
+                    match self.request(Method::GET, &location).send().await {
+                        Ok(r) if r.status() != StatusCode::NOT_FOUND => {
+                            tracing::info!(
+                                call,
+                                "the call's answer was lost; following its job by X-Job-UUID"
+                            );
+                            break location;
+                        }
+                        _ => return Err(err),
+                    }
+                }
+            };
+            let status = resp.status();
+            let bytes = resp.bytes().await.map_err(|e| transport(&call, e))?;
+            match status {
+                StatusCode::ACCEPTED => {}
+                StatusCode::UNAUTHORIZED if !relogged => {
+                    relogged = true;
+                    self.relogin(&call).await?;
+                    continue;
+                }
+                s if s.is_success() => return json_body(&call, s, &bytes),
+                s => return Err(platform_error(&call, s, &bytes)),
+            }
+            let location: JobLocation = api::parse(&call, json_body(&call, status, &bytes)?)?;
+            break location.location;
+        };
         let polling = &format!("{call}, polling its API job");
         let location = &location;
         let started = Instant::now();
         loop {
-            if started.elapsed() > self.conn.job_timeout {
+            if started.elapsed() > timeout {
                 return Err(Error::new(
                     ErrorKind::Timeout,
                     format!(
-                        "ZStack job did not finish within {:?} (the object may be stuck, e.g. an image in Downloading)",
-                        self.conn.job_timeout
+                        "ZStack job did not finish within {timeout:?} (the object may be stuck, e.g. an image in Downloading)"
                     ),
                 )
                 .api_call(&call));
             }
             tokio::time::sleep(self.conn.poll_interval).await;
             // 202: running; 200: the result; a ZStack error: the job failed.
-            let poll = retry(&self.conn.retry, polling, |_| async move {
-                let resp = self
-                    .request(Method::GET, location)
-                    .send()
-                    .await
-                    .map_err(|e| transport(polling, e))?;
-                let status = resp.status();
-                let bytes = resp.bytes().await.map_err(|e| transport(polling, e))?;
-                match status {
-                    StatusCode::ACCEPTED => Ok(None),
-                    StatusCode::OK => json_body(polling, status, &bytes).map(Some),
-                    s => Err(platform_error(polling, s, &bytes)),
-                }
-            })
-            .await?;
+            let poll = self
+                .with_relogin(polling, || {
+                    retry(&self.conn.retry, polling, |_| async move {
+                        let resp = self
+                            .request(Method::GET, location)
+                            .send()
+                            .await
+                            .map_err(|e| transport(polling, e))?;
+                        let status = resp.status();
+                        let bytes = resp.bytes().await.map_err(|e| transport(polling, e))?;
+                        match status {
+                            StatusCode::ACCEPTED => Ok(None),
+                            StatusCode::OK => json_body(polling, status, &bytes).map(Some),
+                            s => Err(platform_error(polling, s, &bytes)),
+                        }
+                    })
+                })
+                .await?;
             if let Some(v) = poll {
                 return Ok(v);
             }
         }
+    }
+
+    /// Logs in again after a `401` (the session expired).
+    async fn relogin(&self, call: &str) -> Result<()> {
+        tracing::info!(call, "the ZStack session expired; logging in again");
+        *self.session.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.login().await
+    }
+
+    /// Runs `f`; when it fails with a `401` while a session was held,
+    /// logs in again and runs it once more.
+    async fn with_relogin<T, F, Fut>(&self, call: &str, f: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        match f().await {
+            Err(e) if e.is_session_expired() && self.session().is_some() => {
+                self.relogin(call).await?;
+                f().await
+            }
+            r => r,
+        }
+    }
+}
+
+/// A fresh job name for `X-Job-UUID` (32 hex digits, like a ZStack UUID).
+fn job_uuid() -> String {
+    use sha2::Sha256;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let d = Sha256::digest(format!(
+        "{nanos}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether an error is ZStack's answer to an expired or unknown session.
+trait SessionExpired {
+    fn is_session_expired(&self) -> bool;
+}
+
+impl SessionExpired for Error {
+    fn is_session_expired(&self) -> bool {
+        self.kind() == ErrorKind::Auth && self.report().contains("HTTP 401")
     }
 }
 

@@ -8,7 +8,10 @@
 //! ## Backup flow (per VM, volumes one at a time)
 //!
 //! 1. `job_init` logs in (`PUT /v1/accounts/login`, SHA-512 of the
-//!    password) and checks a `Connected` backup storage exists.
+//!    password) and checks a `Connected` backup storage exists. A `401`
+//!    later (the session expired) logs in again and repeats the call once;
+//!    every API job is named by the client (`X-Job-UUID`), so a call whose
+//!    answer was lost is followed by that name.
 //! 2. `backup_vm` reads the VM (`GET /v1/vm-instances/{uuid}`) and checks
 //!    the private-image quota `image.num` **before any work**: a backup
 //!    needs one free image slot (volumes are processed one at a time) and
@@ -36,17 +39,38 @@
 //!    `work_dir/base-digests/`; without the cache the base is downloaded
 //!    once more to compute them, and not stored). The template ZStack
 //!    exports is always the *flattened* volume, so the transfer includes the
-//!    base's data; only storage is saved, not the download.
+//!    base's data; only storage is saved, not the download. A base image
+//!    that cannot be exported (Disabled, not Ready, gone, or an export
+//!    that fails) is not an error: the flattened volume is stored in full
+//!    and the snapshot carries a warning.
 //!
 //! ## Restore flow
 //!
 //! `restore_vm_init` checks the quota (one slot per volume that has no
-//! reusable image) and picks the new VM's UUID (`resourceUuid`). Per volume,
+//! reusable image), resolves what the VM is created with (the backed-up
+//! inventory's instance offering, or its `cpuNum`/`memorySize` when it had
+//! none, and its NICs' L3 networks, default first; the options
+//! `instance_offering_uuid` and `l3_network_uuids` override them for a
+//! target that lacks the originals; a missing one is a `NotFound` error
+//! naming it and the option, before anything is created) and picks the new
+//! VM's UUID (`resourceUuid`). Per volume,
 //! an image already on the platform with the same md5, size and media type
 //! (`Ready`, `Enabled`) is reused; otherwise AddImage with the host's
-//! `nbd://` URL ([`RestoreSources::merged`](provider_api::RestoreSources))
+//! HTTP URL ([`RestoreSources::merged`](provider_api::RestoreSources))
 //! onto the backup storage (the platform pulls the data; the import's
-//! write list is empty). `restore_vm_cleanup` then creates the VM from the
+//! write list is empty). **Why HTTP:** ZStack's backup storage host
+//! fetches AddImage URLs over http(s) from the network, never from the
+//! backup host's loopback, so the provider asks for HTTP sources
+//! ([`BackupProvider::restore_source_kind`](provider_api::BackupProvider::restore_source_kind)
+//! = `Http`) and the host serves each volume under a one-time URL on the
+//! address it advertises (`engine::HttpExposer`, `restore_listen` /
+//! `advertise_url`); any other scheme is refused before AddImage, and a
+//! fetch that fails names the advertised address. AddImage and template
+//! jobs wait `job_timeout_secs` plus `job_timeout_secs_per_gib` per GiB.
+//! Restored images are deleted and expunged once the VM exists unless
+//! `keep_restore_images` (opt-in: each kept image takes an `image.num`
+//! slot); a full quota is reported with how many slots are used and by
+//! what. `restore_vm_cleanup` then creates the VM from the
 //! root image and data volumes from the data volume templates, attached in
 //! device order.
 //!

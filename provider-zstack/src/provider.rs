@@ -11,8 +11,9 @@ use provider_api::{
     ArchiveName, ArchiveView, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest,
     BaseImageId, BaseLayer, BitmapMode, Capabilities, ConfigBlob, DirtySource, Error, ErrorKind,
     FileAccess, Guest, GuestKind, IncrementalPlan, JobInfo, JobMarker, Outcome, PreviousBackup,
-    RegionList, RestoreMechanism, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result,
-    SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat, VolumeImport, marker_safe,
+    RegionList, RestoreMechanism, RestoreSourceKind, RestoreTarget, RestoreVmRequest,
+    RestoreVolumeRequest, Result, SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat,
+    VolumeImport, marker_safe,
 };
 use provider_kit::RetryPolicy;
 use reqwest::Method;
@@ -21,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::api::{
     BackupStorageInventory, ExportResult, ImageInventory, InventoryAnswer, QuotaInventory,
-    VmInventory, VolumeInventory, VolumeSnapshotInventory, like_escape,
+    UuidInventory, VmInventory, VolumeInventory, VolumeSnapshotInventory, like_escape,
 };
 use crate::client::{Connection, ZStackClient};
 use crate::download::{self, Downloaded};
@@ -45,9 +46,15 @@ pub struct ZStackOptions {
     /// Pause between API job polls, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_interval_ms: u64,
-    /// Longest wait for one API job, in seconds.
+    /// Longest wait for one API job, in seconds; jobs that move an
+    /// image's data (templates, AddImage) get `job_timeout_secs_per_gib`
+    /// more per GiB of the image.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_secs: f64,
+    /// Extra wait per GiB of image for the jobs that copy data, in
+    /// seconds (default 120: a backup storage fetching 8.5 MiB/s).
+    #[serde(default = "default_job_timeout_per_gib")]
+    pub job_timeout_secs_per_gib: f64,
     /// Longest silence of the management node or of a download, in
     /// seconds (each read; a long download that keeps flowing is fine).
     #[serde(default = "default_io_timeout")]
@@ -56,9 +63,11 @@ pub struct ZStackOptions {
     #[serde(default = "default_retries")]
     pub download_retries: u32,
     /// Keep the images a restore uploaded (so that a later restore of the
-    /// same data reuses them); otherwise they are deleted once the VM
-    /// exists (its volumes stay in the primary storage image cache).
-    #[serde(default = "yes")]
+    /// same data reuses them), each taking one slot of the `image.num`
+    /// quota; by default (false) they are deleted and expunged once the
+    /// VM exists (its volumes stay in the primary storage image cache),
+    /// so that backups and restores leave the image count unchanged.
+    #[serde(default)]
     pub keep_restore_images: bool,
     /// Attempts of an idempotent API call (login, queries, job polls)
     /// whose transport failed (1 = no retry).
@@ -68,6 +77,15 @@ pub struct ZStackOptions {
     /// with jitter).
     #[serde(default = "default_retry_ms")]
     pub retry_initial_ms: u64,
+    /// Instance offering of restored VMs (default: the backed-up VM's, or
+    /// its CPU and memory when it had none). For a target that lacks the
+    /// original offering.
+    #[serde(default)]
+    pub instance_offering_uuid: Option<String>,
+    /// L3 networks of restored VMs, the first the default (default: the
+    /// backed-up VM's NICs' networks). For a target that lacks them.
+    #[serde(default)]
+    pub l3_network_uuids: Vec<String>,
 }
 
 fn default_poll_ms() -> u64 {
@@ -82,8 +100,8 @@ fn default_io_timeout() -> u64 {
 fn default_retries() -> u32 {
     5
 }
-fn yes() -> bool {
-    true
+fn default_job_timeout_per_gib() -> f64 {
+    120.0
 }
 fn default_retry_ms() -> u64 {
     200
@@ -116,14 +134,20 @@ impl ZStackOptions {
             work_dir: work_dir.into(),
             poll_interval_ms: default_poll_ms(),
             job_timeout_secs: default_job_timeout(),
+            job_timeout_secs_per_gib: default_job_timeout_per_gib(),
             io_timeout_secs: default_io_timeout(),
             download_retries: default_retries(),
-            keep_restore_images: true,
+            keep_restore_images: false,
             retry_attempts: default_retries(),
             retry_initial_ms: default_retry_ms(),
+            instance_offering_uuid: None,
+            l3_network_uuids: Vec::new(),
         }
     }
 }
+
+/// Name prefix of the restore images kept for reuse.
+const KEPT_PREFIX: &str = "vmbackup-restore-";
 
 /// Per-volume record stored in the snapshot metadata.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +190,22 @@ struct RestoreState {
     /// device → (image uuid, uploaded by this restore)
     images: BTreeMap<String, (String, bool)>,
     bs: String,
+    shape: VmShape,
+}
+
+/// What a restored VM is created with besides its volumes.
+#[derive(Debug, Clone)]
+struct VmShape {
+    /// Instance offering, or (without one) CPUs and memory in bytes.
+    compute: Compute,
+    /// L3 networks, the first the default.
+    l3_network_uuids: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+enum Compute {
+    Offering(String),
+    CpuMemory(u32, u64),
 }
 
 /// The ZStack backup provider. See the crate docs for the flows.
@@ -345,6 +385,16 @@ impl ZStackProvider {
         &self.client
     }
 
+    /// The job timeout of a job that copies an image of `size` bytes:
+    /// `job_timeout_secs` plus `job_timeout_secs_per_gib` per GiB.
+    pub fn job_timeout_for(&self, size: u64) -> Duration {
+        let gib = size as f64 / f64::from(1u32 << 30);
+        Duration::from_secs_f64(
+            (self.options.job_timeout_secs + self.options.job_timeout_secs_per_gib.max(0.0) * gib)
+                .max(0.01),
+        )
+    }
+
     async fn vm(&self, guest: &Guest) -> Result<(VmInventory, Value)> {
         self.client.ensure_session().await?;
         // The raw inventory is kept as the guest configuration.
@@ -410,15 +460,28 @@ impl ZStackProvider {
         else {
             return Ok(());
         };
-        let used = self
+        let (images, used) = self
             .client
-            .count("/images", &["system=false".into()])
+            .query_with_total::<ImageInventory>("/images", &["system=false".into()], 1000)
             .await?;
         if used + needed > limit {
+            // By what: this tool's kept restore images and temporary
+            // images (a dead job's, until the next job_init sweeps them),
+            // and the rest.
+            let kept = images
+                .iter()
+                .filter(|i| i.name.starts_with(KEPT_PREFIX))
+                .count();
+            let temporary = images
+                .iter()
+                .filter(|i| i.name.starts_with(JobMarker::PREFIX))
+                .count();
+            let deleted = images.iter().filter(|i| i.status == "Deleted").count();
+            let others = images.len().saturating_sub(kept + temporary);
             return Err(Error::new(
                 ErrorKind::Refused,
                 format!(
-                    "ZStack private image quota image.num is reached: {used} of {limit} images exist and {what} needs {needed} more; delete or expunge images, or raise the quota"
+                    "ZStack private image quota image.num is reached: {used} of {limit} slots are used ({kept} restore images kept by vmbackup (keep_restore_images), {temporary} temporary vmbackup images, {others} other images; {deleted} of them deleted but not expunged) and {what} needs {needed} more; delete and expunge images, or raise the quota"
                 ),
             )
             .api_call("GET /zstack/v1/accounts/quotas"));
@@ -716,7 +779,7 @@ impl ZStackProvider {
         };
         let image: InventoryAnswer<ImageInventory> = self
             .client
-            .call_as(
+            .call_as_within(
                 Method::POST,
                 &format!("/images/{route}/from/volume-snapshots/{snap_uuid}"),
                 Some(json!({"params": {"name": name, "backupStorageUuids": [bs], "description": format!("vmbackup temporary template ({})", tag.marker)}, "systemTags": [], "userTags": []})),
@@ -725,6 +788,7 @@ impl ZStackProvider {
                 } else {
                     "CreateDataVolumeTemplateFromVolumeSnapshot"
                 },
+                self.job_timeout_for(vol.size),
             )
             .await?;
         let image_uuid = image.inventory.uuid;
@@ -810,13 +874,20 @@ impl ZStackProvider {
             ));
             return Ok(None);
         }
+        if img.state != "Enabled" {
+            warnings.push(format!(
+                "base image {image_uuid} is {} and cannot be exported: the root volume is stored in full (flattened)",
+                img.state
+            ));
+            return Ok(None);
+        }
         let from = if refs.iter().any(|r| r == bs) {
             bs.to_string()
         } else {
             refs[0].clone()
         };
         let path = dir.join(format!("base-{}.raw", safe(image_uuid)));
-        let dl = self
+        let dl = match self
             .export_and_download(
                 &from,
                 image_uuid,
@@ -826,13 +897,19 @@ impl ZStackProvider {
                 key,
             )
             .await
-            .map_err(|e| {
-                Error::new(
-                    e.kind(),
-                    format!("reading base image {image_uuid} (rootImageUuid)"),
-                )
-                .with_source(e)
-            })?;
+        {
+            Ok(dl) => dl,
+            // The flattened volume is in hand: it is stored in full
+            // instead of failing the guest.
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                warnings.push(format!(
+                    "base image {image_uuid} (rootImageUuid) could not be exported ({}): the root volume is stored in full (flattened)",
+                    e.report()
+                ));
+                return Ok(None);
+            }
+        };
         let digests = dl.digests.clone().unwrap_or_default();
         self.save_digests(image_uuid, &digests);
         let access = if has_base {
@@ -999,6 +1076,8 @@ impl ZStackProvider {
             .map(|i| i.uuid))
     }
 
+    /// Destroys then expunges a VM (a destroyed VM keeps its volumes
+    /// until expunged; gone already is fine).
     async fn destroy_vm(&self, uuid: &str) -> Result<()> {
         match self
             .client
@@ -1010,9 +1089,108 @@ impl ZStackProvider {
             )
             .await
         {
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+        match self
+            .client
+            .call(
+                Method::PUT,
+                &format!("/vm-instances/{uuid}/actions"),
+                Some(json!({"expungeVmInstance": {}})),
+                "ExpungeVmInstance",
+            )
+            .await
+        {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// The instance offering (or CPU and memory) and L3 networks of the
+    /// restored VM: the provider options', else the backed-up VM's; each
+    /// must exist on the target, checked before anything is created.
+    async fn vm_shape(&self, backed: Option<&VmInventory>) -> Result<VmShape> {
+        let exists = |resource: &'static str, uuid: String| async move {
+            let hits: Vec<UuidInventory> = self
+                .client
+                .query(resource, &[format!("uuid={uuid}")])
+                .await?;
+            Ok::<bool, Error>(hits.iter().any(|h| h.uuid == uuid))
+        };
+        let nonempty = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
+        let compute = match (
+            nonempty(&self.options.instance_offering_uuid),
+            backed.and_then(|v| nonempty(&v.instance_offering_uuid)),
+        ) {
+            (Some(o), _) => {
+                if !exists("/instance-offerings", o.clone()).await? {
+                    return Err(Error::not_found(format!(
+                        "instance offering {o} (provider option instance_offering_uuid) does not exist on the target"
+                    )));
+                }
+                Compute::Offering(o)
+            }
+            (None, Some(o)) => {
+                if !exists("/instance-offerings", o.clone()).await? {
+                    return Err(Error::not_found(format!(
+                        "instance offering {o} of the backed-up VM does not exist on the target; \
+                         set the provider option instance_offering_uuid to one that does"
+                    )));
+                }
+                Compute::Offering(o)
+            }
+            (None, None) => match backed.map(|v| (v.cpu_num, v.memory_size)) {
+                Some((Some(c), Some(m))) if c > 0 && m > 0 => Compute::CpuMemory(c, m),
+                _ => {
+                    return Err(Error::invalid(
+                        "the backup records neither an instance offering nor CPU and memory of the VM; \
+                         set the provider option instance_offering_uuid",
+                    ));
+                }
+            },
+        };
+        let from_options = !self.options.l3_network_uuids.is_empty();
+        let l3: Vec<String> = if from_options {
+            self.options.l3_network_uuids.clone()
+        } else {
+            let mut nics: Vec<_> = backed.map(|v| v.vm_nics.clone()).unwrap_or_default();
+            nics.sort_by_key(|n| n.device_id.unwrap_or(u32::MAX));
+            let mut l3: Vec<String> = Vec::new();
+            if let Some(d) = backed.and_then(|v| nonempty(&v.default_l3_network_uuid)) {
+                l3.push(d);
+            }
+            for n in nics {
+                if !n.l3_network_uuid.is_empty() && !l3.contains(&n.l3_network_uuid) {
+                    l3.push(n.l3_network_uuid);
+                }
+            }
+            l3
+        };
+        if l3.is_empty() {
+            return Err(Error::invalid(
+                "the backup records no L3 network of the VM; set the provider option l3_network_uuids",
+            ));
+        }
+        for n in &l3 {
+            if !exists("/l3-networks", n.clone()).await? {
+                return Err(Error::not_found(if from_options {
+                    format!(
+                        "L3 network {n} (provider option l3_network_uuids) does not exist on the target"
+                    )
+                } else {
+                    format!(
+                        "L3 network {n} of the backed-up VM does not exist on the target; \
+                         set the provider option l3_network_uuids to networks that do"
+                    )
+                }));
+            }
+        }
+        Ok(VmShape {
+            compute,
+            l3_network_uuids: l3,
+        })
     }
 
     /// Creates the VM and its data volumes. While this runs, the VM's and
@@ -1032,13 +1210,22 @@ impl ZStackProvider {
                 Error::invalid("the backup has no root volume image to create the VM from")
             })?;
         let in_progress = format!("vmbackup restore in progress ({})", st.tag.prefix());
+        let mut params = json!({"name": st.name, "imageUuid": root.0, "resourceUuid": st.vm_uuid,
+                                "l3NetworkUuids": st.shape.l3_network_uuids,
+                                "defaultL3NetworkUuid": st.shape.l3_network_uuids.first(),
+                                "description": format!("restored from {}: {in_progress}", st.meta.vm_uuid)});
+        match &st.shape.compute {
+            Compute::Offering(o) => params["instanceOfferingUuid"] = json!(o),
+            Compute::CpuMemory(c, m) => {
+                params["cpuNum"] = json!(c);
+                params["memorySize"] = json!(m);
+            }
+        }
         self.client
             .call(
                 Method::POST,
                 "/vm-instances",
-                Some(json!({"params": {"name": st.name, "imageUuid": root.0, "resourceUuid": st.vm_uuid,
-                                        "description": format!("restored from {}: {in_progress}", st.meta.vm_uuid)},
-                            "systemTags": [], "userTags": []})),
+                Some(json!({"params": params, "systemTags": [], "userTags": []})),
                 "CreateVmInstance",
             )
             .await?;
@@ -1149,7 +1336,7 @@ impl ZStackProvider {
                 Method::PUT,
                 &format!("/images/{image}/actions"),
                 Some(json!({"updateImage": {
-                    "name": format!("vmbackup-restore-{}-{device}", short(&marker_safe(&st.meta.vm_uuid))),
+                    "name": format!("{KEPT_PREFIX}{}-{device}", short(&marker_safe(&st.meta.vm_uuid))),
                     "description": format!("vmbackup: volume {device} of VM {} (kept for later restores)", st.meta.vm_uuid)}})),
                 "UpdateImage",
             )
@@ -1292,6 +1479,12 @@ impl BackupProvider for ZStackProvider {
         }
     }
 
+    /// ZStack's backup storage host fetches AddImage URLs over http(s):
+    /// the host serves the restore sources on an address it can reach.
+    fn restore_source_kind(&self) -> RestoreSourceKind {
+        RestoreSourceKind::Http
+    }
+
     async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
         archive.guest_config.clone().ok_or_else(|| {
             Error::not_found(format!(
@@ -1322,6 +1515,13 @@ impl BackupProvider for ZStackProvider {
                 .with_source(e)
             })?;
         self.client.ensure_session().await?;
+        // The guest configuration is the backed-up VM's inventory.
+        let backed: Option<VmInventory> = request
+            .archive
+            .guest_config
+            .as_ref()
+            .and_then(|c| serde_json::from_slice(&c.data).ok());
+        let shape = self.vm_shape(backed.as_ref()).await?;
         let bs = match &self.options.backup_storage_uuid {
             Some(b) => b.clone(),
             None => self.backup_storage().await?,
@@ -1347,6 +1547,7 @@ impl BackupProvider for ZStackProvider {
                 meta,
                 images: BTreeMap::new(),
                 bs,
+                shape,
             },
         );
         Ok(Guest {
@@ -1386,14 +1587,28 @@ impl BackupProvider for ZStackProvider {
         } else {
             platform
         };
+        let url = &request.sources.merged;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let scheme = url.split("://").next().unwrap_or(url);
+            return Err(Error::invalid(format!(
+                "ZStack's backup storage fetches images over http(s), the host offered a {scheme}:// source: serve restore sources over HTTP (restore_listen, advertise_url)"
+            ))
+            .volume(&device));
+        }
+        // What the error names: where the backup storage was sent (the
+        // one-time path is left out).
+        let site = url
+            .split_once("://")
+            .map(|(scheme, rest)| format!("{scheme}://{}", rest.split('/').next().unwrap_or("")))
+            .unwrap_or_default();
         let inv: InventoryAnswer<ImageInventory> = self
             .client
-            .call_as(
+            .call_as_within(
                 Method::POST,
                 "/images",
                 Some(json!({"params": {
                     "name": tag.name(&device),
-                    "url": request.sources.merged,
+                    "url": url,
                     "mediaType": media,
                     "format": "raw",
                     "platform": platform,
@@ -1402,9 +1617,19 @@ impl BackupProvider for ZStackProvider {
                     "description": format!("vmbackup restore of volume {} of VM {}", meta.uuid, request.volume.volume.device),
                 }, "systemTags": [], "userTags": []})),
                 "AddImage",
+                self.job_timeout_for(meta.size),
             )
             .await
-            .map_err(|e| e.volume(&device))?;
+            .map_err(|e| {
+                Error::new(
+                    e.kind(),
+                    format!(
+                        "ZStack's backup storage could not fetch the restore source from {site} (the advertised restore address; check advertise_url and that the backup storage host reaches it)"
+                    ),
+                )
+                .with_source(e)
+                .volume(&device)
+            })?;
         let img = inv.inventory;
         let uuid = img.uuid;
         self.restore_state(&request.guest, |st| {

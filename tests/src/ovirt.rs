@@ -57,6 +57,9 @@ impl Env {
         config.ovirt.snapshot_polls = 2;
         // As an engine: HTTPS only, certificates from the mock's CA.
         config.ovirt.https = true;
+        // As an engine: `logical_name` is the guest's `/dev/vdX`, reported
+        // late; the provider finds attached disks by id in `device_root`.
+        config.ovirt.guest_agent_names = true;
         f(&mut config);
         let mock = MockHypervisor::start(config).await.unwrap();
         let store = Arc::new(
@@ -136,6 +139,7 @@ impl Env {
         o.poll_interval = Duration::from_millis(10);
         o.operation_timeout = Duration::from_secs(5);
         o.tls_ca = ep["ca_file"].as_str().map(std::path::PathBuf::from);
+        o.device_root = ep["device_root"].as_str().unwrap().into();
         o.retry = RetryPolicy {
             attempts: 4,
             initial_delay: Duration::from_millis(5),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datastore::{Datastore, DatastoreOptions};
 use engine::{
-    BackupDriver, JobOptions, JobReport, MoverOptions, NbdExposer, RestoreDriver, RestoreReport,
-    StandardMover,
+    BackupDriver, CancelToken, HttpExposer, JobOptions, JobReport, MoverOptions, NbdExposer,
+    RestoreDriver, RestoreReport, SourceExposer, StandardMover,
 };
 use mock_hypervisor::{MockConfig, MockHypervisor, RunningMock};
 use provider_api::testing::PlatformProbe;
@@ -117,7 +117,18 @@ pub struct Zs {
 
 impl Zs {
     pub async fn start() -> Zs {
-        let env = Env::start(|c, _| c.zstack.job_polls = 1).await;
+        Zs::start_with(|_| {}).await
+    }
+
+    /// With the mock's ZStack settings changed by `configure`.
+    pub async fn start_with(
+        configure: impl FnOnce(&mut mock_hypervisor::zstack::ZStackConfig),
+    ) -> Zs {
+        let env = Env::start(|c, _| {
+            c.zstack.job_polls = 1;
+            configure(&mut c.zstack);
+        })
+        .await;
         let image = env
             .admin
             .post(
@@ -221,20 +232,61 @@ impl Zs {
         snapshot: &SnapshotId,
         name: &str,
     ) -> provider_api::Result<RestoreReport> {
-        let exposer = NbdExposer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let http = HttpExposer::start(SocketAddr::from(([127, 0, 0, 1], 0)), None).await?;
+        self.restore_with(
+            provider,
+            snapshot,
+            name,
+            Arc::new(http),
+            CancelToken::never(),
+        )
+        .await
+    }
+
+    /// A restore whose sources are served by `http` (the host's HTTP
+    /// exposer, as `restore_listen` / `advertise_url` configure it),
+    /// interrupted when `cancel` fires.
+    pub async fn restore_with(
+        &self,
+        provider: Arc<ZStackProvider>,
+        snapshot: &SnapshotId,
+        name: &str,
+        http: Arc<dyn SourceExposer>,
+        cancel: CancelToken,
+    ) -> provider_api::Result<RestoreReport> {
+        let nbd = NbdExposer::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         RestoreDriver::new(
             provider as Arc<dyn BackupProvider>,
             self.env.store.clone() as Arc<dyn Target>,
             Arc::new(StandardMover::default()),
-            Arc::new(exposer),
+            Arc::new(nbd),
         )
-        .restore_vm(
+        .with_http_exposer(http)
+        .restore_vm_cancellable(
             snapshot,
             RestoreTarget::NewGuest {
                 name: Some(name.into()),
             },
+            cancel,
         )
         .await
+    }
+
+    /// How many private (non-system) images exist.
+    pub async fn image_count(&self) -> usize {
+        self.objects().await["private_images"]
+            .as_u64()
+            .expect("private_images") as usize
+    }
+
+    /// The first instance offering and L3 network of the mock (what the
+    /// admin's VMs get unless told otherwise).
+    pub async fn default_offering_and_l3(&self) -> (String, String) {
+        let o = self.objects().await;
+        (
+            uuid(&o["instance_offerings"][0]),
+            uuid(&o["l3_networks"][0]),
+        )
     }
 
     pub async fn objects(&self) -> Value {
@@ -551,5 +603,80 @@ impl conformance::PlatformDriver for ZsDriver {
     fn tracking_granularity(&self) -> u64 {
         // No change tracking: provider-zstack compares 64 KiB block digests.
         provider_zstack::download::BLOCK
+    }
+}
+
+/// An HTTP exposer that records the URLs it hands out and can slow every
+/// read of the sources down (to interrupt a restore mid-fetch).
+pub struct RecordingExposer {
+    pub inner: HttpExposer,
+    pub urls: std::sync::Mutex<Vec<String>>,
+    pub read_delay: std::time::Duration,
+    /// Fires at the first read of a source.
+    pub first_read: Arc<tokio::sync::Notify>,
+}
+
+impl RecordingExposer {
+    pub async fn start(advertise: Option<&str>, read_delay: std::time::Duration) -> Self {
+        RecordingExposer {
+            inner: HttpExposer::start(SocketAddr::from(([127, 0, 0, 1], 0)), advertise)
+                .await
+                .expect("http exposer"),
+            urls: Default::default(),
+            read_delay,
+            first_read: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+}
+
+struct SlowReader {
+    inner: Arc<dyn provider_api::VolumeReader>,
+    delay: std::time::Duration,
+    first_read: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl provider_api::VolumeReader for SlowReader {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    async fn read_at(&self, offset: u64, length: u64) -> provider_api::Result<provider_api::Bytes> {
+        self.first_read.notify_one();
+        tokio::time::sleep(self.delay).await;
+        self.inner.read_at(offset, length).await
+    }
+    async fn regions(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> provider_api::Result<Vec<provider_api::Region>> {
+        // Every region as data: each chunk goes through `read_at`.
+        let _ = self.inner.regions(offset, length).await?;
+        Ok(vec![provider_api::Region {
+            extent: provider_api::Extent { offset, length },
+            kind: provider_api::RegionKind::Data,
+        }])
+    }
+}
+
+#[async_trait]
+impl SourceExposer for RecordingExposer {
+    async fn expose(
+        &self,
+        name: &str,
+        reader: Arc<dyn provider_api::VolumeReader>,
+    ) -> provider_api::Result<(String, Box<dyn Send + Sync>)> {
+        let reader: Arc<dyn provider_api::VolumeReader> = if self.read_delay.is_zero() {
+            reader
+        } else {
+            Arc::new(SlowReader {
+                inner: reader,
+                delay: self.read_delay,
+                first_read: self.first_read.clone(),
+            })
+        };
+        let (url, guard) = self.inner.expose(name, reader).await?;
+        self.urls.lock().unwrap().push(url.clone());
+        Ok((url, guard))
     }
 }

@@ -160,6 +160,93 @@ pub fn attachment_view(a: &Attachment) -> Value {
     })
 }
 
+/// An attachment as the API shows it after `polls` polls of it: with
+/// `guest_agent_names`, an appliance disk's `logical_name` is its `/dev/vdX`
+/// and shows only from the second poll on (the engine learns it from the
+/// guest agent).
+pub fn attachment_shown(p: &OvirtPlatform, a: &Attachment, polls: u32) -> Value {
+    let mut v = attachment_view(a);
+    if p.config().guest_agent_names
+        && let Some(o) = v.as_object_mut()
+    {
+        match &a.device {
+            Some(dev) if a.local_path.is_some() && polls >= 2 => {
+                o.insert("logical_name".into(), json!(dev));
+            }
+            _ => {
+                o.remove("logical_name");
+            }
+        }
+    }
+    v
+}
+
+/// The names a disk attached to an appliance has under `/dev/disk/by-id`:
+/// virtio disks carry the first 20 characters of the disk id as serial,
+/// SCSI disks the whole id.
+pub fn device_link_names(disk_id: &str, interface: &str) -> Vec<String> {
+    if interface == "virtio" {
+        let short: String = disk_id.chars().take(20).collect();
+        vec![format!("virtio-{short}")]
+    } else {
+        vec![format!("scsi-0QEMU_QEMU_HARDDISK_{disk_id}")]
+    }
+}
+
+fn remove_device_links(p: &OvirtPlatform, a: &Attachment) {
+    for n in device_link_names(&a.disk_id, &a.interface) {
+        let link = p.device_root().join(n);
+        // Only a link that points at this attachment's file.
+        if a.local_path
+            .as_deref()
+            .is_some_and(|f| std::fs::read_link(&link).is_ok_and(|t| t == std::path::Path::new(f)))
+        {
+            let _ = std::fs::remove_file(&link);
+        }
+    }
+}
+
+/// Creates the by-id links of an appliance attachment after the configured
+/// delay, unless it was detached meanwhile.
+fn spawn_device_links(p: &Arc<OvirtPlatform>, a: &Attachment) {
+    let (links, delay) = {
+        let c = p.config();
+        (c.device_links, c.device_link_delay)
+    };
+    let Some(file) = a.local_path.clone() else {
+        return;
+    };
+    if !links {
+        return;
+    }
+    let (p, a) = (p.clone(), a.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let key = attachment_key(&a.vm_id, &a.disk_id);
+        let still = |p: &OvirtPlatform| {
+            p.inv.read(|doc| {
+                doc.attachments
+                    .get(&key)
+                    .is_some_and(|x| x.local_path.as_deref() == Some(file.as_str()))
+            })
+        };
+        if !still(&p) {
+            return;
+        }
+        for n in device_link_names(&a.disk_id, &a.interface) {
+            let link = p.device_root().join(n);
+            let _ = std::fs::remove_file(&link);
+            if let Err(e) = std::os::unix::fs::symlink(&file, &link) {
+                tracing::warn!(link = %link.display(), error = %e, "creating a device link failed");
+            }
+        }
+        // Detached while the links were made: take them away again.
+        if !still(&p) {
+            remove_device_links(&p, &a);
+        }
+    });
+}
+
 fn snapshot_view(s: &Snapshot) -> Value {
     json!({
         "id": s.id,
@@ -513,7 +600,9 @@ pub async fn list_attachments(State(p): P, headers: HeaderMap, Path(vm): Path<St
         let list: Vec<Value> = p.inv.read(|doc| {
             doc.attachments_of(&vm)
                 .into_iter()
-                .map(attachment_view)
+                .map(|a| {
+                    attachment_shown(&p, a, p.attachment_polls(&attachment_key(&vm, &a.disk_id)))
+                })
                 .collect()
         });
         ok("disk_attachments", json!({"disk_attachment": list}))
@@ -531,7 +620,10 @@ pub async fn get_attachment(
         .inv
         .read(|doc| doc.attachments.get(&attachment_key(&vm, &disk)).cloned())
         .ok_or_else(|| Fault::not_found("Disk attachment", &disk))
-        .map(|a| ok("disk_attachment", attachment_view(&a)));
+        .map(|a| {
+            let polls = p.poll_attachment(&attachment_key(&vm, &disk));
+            ok("disk_attachment", attachment_shown(&p, &a, polls))
+        });
     done(Format::of(&headers), r)
 }
 
@@ -661,6 +753,7 @@ pub async fn attach_disk(p: &Arc<OvirtPlatform>, req: AttachRequest) -> Result<A
         active: req.active,
         read_only: req.read_only,
         local_path: local_path.clone(),
+        device: None,
         seq: 0,
     };
     let r = p.inv.update(|doc| {
@@ -673,11 +766,27 @@ pub async fn attach_disk(p: &Arc<OvirtPlatform>, req: AttachRequest) -> Result<A
         }
         let mut a = a.clone();
         a.seq = doc.next_seq();
+        if a.local_path.is_some() {
+            // The next free /dev/vdX of the appliance (vda is its own).
+            let used: Vec<String> = doc
+                .attachments
+                .values()
+                .filter(|x| x.vm_id == a.vm_id)
+                .filter_map(|x| x.device.clone())
+                .collect();
+            a.device = (b'b'..=b'z')
+                .map(|c| format!("/dev/vd{}", c as char))
+                .find(|d| !used.contains(d));
+        }
         doc.attachments.insert(key, a.clone());
         Ok(a)
     });
     match r {
-        Ok(a) => Ok(a),
+        Ok(a) => {
+            p.forget_attachment(&attachment_key(&a.vm_id, &a.disk_id));
+            spawn_device_links(p, &a);
+            Ok(a)
+        }
         Err(e) => {
             if let Some(path) = &local_path {
                 let _ = std::fs::remove_file(path);
@@ -723,7 +832,7 @@ pub async fn attach(
             },
         )
         .await?;
-        Ok(created("disk_attachment", attachment_view(&a)))
+        Ok(created("disk_attachment", attachment_shown(&p, &a, 0)))
     }
     .await;
     done(format, r)
@@ -757,10 +866,12 @@ pub async fn detach_disk(
         })
         .await?;
     }
+    remove_device_links(p, &a);
     p.inv.update(|doc| {
         doc.attachments.remove(&attachment_key(vm, disk));
         Ok(())
     })?;
+    p.forget_attachment(&attachment_key(vm, disk));
     Ok(a)
 }
 
@@ -883,7 +994,14 @@ pub async fn update_attachment(
             }
             Ok(a.clone())
         })?;
-        Ok(ok("disk_attachment", attachment_view(&a)))
+        Ok(ok(
+            "disk_attachment",
+            attachment_shown(
+                &p,
+                &a,
+                p.attachment_polls(&attachment_key(&a.vm_id, &a.disk_id)),
+            ),
+        ))
     })();
     done(format, r)
 }

@@ -11,9 +11,15 @@
 //! Two backup flows:
 //! - snapshot-attach (the backup API seed): a snapshot's disks are attached
 //!   to a backup appliance VM; an attached disk appears to the appliance
-//!   as a sparse raw file under `<state-dir>/ovirt-appliance/` reported as
-//!   the attachment's `logical_name`, removed on detach (writes to a live
-//!   disk attached this way are written back on detach);
+//!   as a sparse raw file under `<state-dir>/ovirt-appliance/`, removed
+//!   on detach (writes to a live disk attached this way are written back
+//!   on detach). Shortly after the attachment, links named after the
+//!   disk's serial (`virtio-<id[..20]>`, `scsi-0QEMU_QEMU_HARDDISK_<id>`)
+//!   appear in the appliance's `/dev/disk/by-id`,
+//!   `<state-dir>/ovirt-appliance/by-id` (`device_root` in the endpoints),
+//!   and go on detach. The attachment's `logical_name` is the file's path
+//!   at once, or with `guest_agent_names` what an engine reports: `/dev/vdX`
+//!   from the second poll on;
 //! - incremental (4.4+): backups with checkpoints and image transfers; a
 //!   transfer serves ranged GET/PUT, `OPTIONS` (features) and extents on
 //!   the image server; only when configured (`transfer_nbd_url`, a mock
@@ -87,6 +93,18 @@ pub struct OvirtConfig {
     /// plain HTTP, as an engine does (the default). Off: plain HTTP (tests
     /// that ask for it).
     pub https: bool,
+    /// Report an appliance attachment's `logical_name` as a real engine
+    /// does: `/dev/vdX`, and only from the second poll of the attachment
+    /// on (once "the guest agent" has reported it). Off (the default): the
+    /// path of the file the mock serves the disk from, at once (a mock
+    /// convenience for tests that read that file).
+    pub guest_agent_names: bool,
+    /// Create the `/dev/disk/by-id`-like links of disks attached to an
+    /// appliance in [`OvirtPlatform::device_root`] (on by default); off:
+    /// the device never appears to the appliance.
+    pub device_links: bool,
+    /// How long after an attachment its by-id links appear.
+    pub device_link_delay: Duration,
 }
 
 impl std::fmt::Debug for OvirtConfig {
@@ -111,6 +129,9 @@ impl Default for OvirtConfig {
             storage_domain: "data".into(),
             transfer_nbd_url: false,
             https: true,
+            guest_agent_names: false,
+            device_links: true,
+            device_link_delay: Duration::from_millis(30),
         }
     }
 }
@@ -178,6 +199,9 @@ pub struct OvirtPlatform {
     tokens: Mutex<HashMap<String, Instant>>,
     faults: Mutex<OvirtFaults>,
     appliance_dir: PathBuf,
+    device_root: PathBuf,
+    /// Polls of each appliance attachment (for `guest_agent_names`).
+    attachment_polls: Mutex<HashMap<String, u32>>,
     events: Mutex<Vec<Value>>,
     https: RwLock<Option<HttpsEndpoint>>,
 }
@@ -215,6 +239,8 @@ impl OvirtPlatform {
         let inv = Inventory::<OvirtInventory>::load(&state_dir.join("ovirt.json"))?;
         let appliance_dir = state_dir.join("ovirt-appliance");
         std::fs::create_dir_all(&appliance_dir).map_err(Error::io(&appliance_dir))?;
+        let device_root = appliance_dir.join("by-id");
+        std::fs::create_dir_all(&device_root).map_err(Error::io(&device_root))?;
         Ok(Arc::new(OvirtPlatform {
             hv,
             config: RwLock::new(config),
@@ -222,6 +248,8 @@ impl OvirtPlatform {
             tokens: Mutex::new(HashMap::new()),
             faults: Mutex::new(OvirtFaults::default()),
             appliance_dir,
+            device_root,
+            attachment_polls: Mutex::new(HashMap::new()),
             events: Mutex::new(Vec::new()),
             https: RwLock::new(None),
         }))
@@ -311,6 +339,32 @@ impl OvirtPlatform {
     /// Where appliance-attached disks are materialised.
     pub fn appliance_dir(&self) -> &Path {
         &self.appliance_dir
+    }
+
+    /// The appliance's `/dev/disk/by-id`: links named after the serial of
+    /// each disk attached to an appliance (`virtio-<id[..20]>` on virtio,
+    /// `scsi-0QEMU_QEMU_HARDDISK_<id>` otherwise) pointing at the file the
+    /// disk is served from; listed as `device_root` in the endpoints.
+    pub fn device_root(&self) -> &Path {
+        &self.device_root
+    }
+
+    /// Counts one poll of an attachment; returns the count.
+    pub(crate) fn poll_attachment(&self, key: &str) -> u32 {
+        let mut m = lock(&self.attachment_polls);
+        let n = m.entry(key.to_string()).or_default();
+        *n += 1;
+        *n
+    }
+
+    /// Polls of an attachment so far.
+    pub(crate) fn attachment_polls(&self, key: &str) -> u32 {
+        lock(&self.attachment_polls).get(key).copied().unwrap_or(0)
+    }
+
+    /// Forgets the polls of a detached attachment.
+    pub(crate) fn forget_attachment(&self, key: &str) {
+        lock(&self.attachment_polls).remove(key);
     }
 
     /// Arms oVirt faults (merged with those armed).
@@ -682,6 +736,7 @@ impl Platform for OvirtPlatform {
             "username": c.username,
             "password": c.password,
             "version": c.version,
+            "device_root": self.device_root.display().to_string(),
         })
     }
 

@@ -73,6 +73,10 @@ pub struct Attachment {
     /// For disks attached to an appliance: the file the appliance sees
     /// (reported as `logical_name`).
     pub local_path: Option<String>,
+    /// For disks attached to an appliance: the device the guest sees
+    /// (`/dev/vdX`), reported as `logical_name` with `guest_agent_names`.
+    #[serde(default)]
+    pub device: Option<String>,
     /// Attachment order (lists show attachments in this order).
     #[serde(default)]
     pub seq: u64,

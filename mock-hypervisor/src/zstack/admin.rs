@@ -12,8 +12,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::create_vm_record;
-use super::model::{BsRef, Image, Volume, zs_uuid};
+use super::api::{VmSpec, create_vm_record};
+use super::model::{BsRef, Image, InstanceOffering, L3Network, Volume, zs_uuid};
 use super::{ZStackPlatform, ZsError, ZsFault, transfer};
 use crate::admin::{AdminError, AdminResult, Fill, FillTarget, parse, run_blocking, write_fill};
 use crate::disk::View;
@@ -33,6 +33,13 @@ pub fn router(zs: Arc<ZStackPlatform>) -> Router {
         .route("/images", post(create_image))
         .route("/images/{uuid}/sha256", get(image_sha256))
         .route("/vms", post(create_vm))
+        .route("/instance-offerings", post(create_offering))
+        .route(
+            "/instance-offerings/{uuid}",
+            axum::routing::delete(delete_offering),
+        )
+        .route("/l3-networks", post(create_l3))
+        .route("/l3-networks/{uuid}", axum::routing::delete(delete_l3))
         .route("/vms/{uuid}", axum::routing::delete(delete_vm))
         .route("/volumes/{uuid}/write", post(write_volume))
         .route("/volumes/{uuid}/sha256", get(volume_sha256))
@@ -65,7 +72,7 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
                     .iter()
                     .map(|vol| json!({"id": vol.disk_id, "size": vol.size, "volume_uuid": vol.uuid}))
                     .collect();
-                json!({"uuid": v.uuid, "id": v.uuid, "name": v.name, "disks": disks})
+                json!({"uuid": v.uuid, "id": v.uuid, "name": v.name, "state": v.state, "disks": disks})
             }).collect::<Vec<_>>(),
             "volumes": d.volumes.values().map(|v| json!({"uuid": v.uuid, "name": v.name, "type": v.kind,
                 "vmInstanceUuid": v.vm_instance_uuid, "rootImageUuid": v.root_image_uuid, "diskId": v.disk_id,
@@ -79,6 +86,8 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
             "running_jobs": running,
             "private_images": d.private_images(),
             "image_quota": d.image_quota,
+            "instance_offerings": d.instance_offerings.values().map(|o| o.inventory()).collect::<Vec<_>>(),
+            "l3_networks": d.l3_networks.values().map(|n| n.inventory()).collect::<Vec<_>>(),
         })
     })
 }
@@ -212,6 +221,17 @@ struct NewVm {
     image_uuid: String,
     #[serde(default)]
     root_fill: Vec<Fill>,
+    /// Instance offering (default: the first one).
+    #[serde(default)]
+    instance_offering_uuid: Option<String>,
+    /// CPUs and memory instead of an offering.
+    #[serde(default)]
+    cpu_num: Option<u32>,
+    #[serde(default)]
+    memory_size: Option<u64>,
+    /// L3 networks (default: the first one).
+    #[serde(default)]
+    l3_network_uuids: Vec<String>,
     #[serde(default)]
     data: Vec<NewDataVolume>,
 }
@@ -224,8 +244,9 @@ pub async fn create_vm_admin(
     image_uuid: &str,
     root_fill: Vec<Fill>,
     data: Vec<(u64, Vec<Fill>)>,
+    spec: Option<VmSpec>,
 ) -> Result<Value, AdminError> {
-    let inv = create_vm_record(zs, name, image_uuid, None)?;
+    let inv = create_vm_record(zs, name, image_uuid, None, spec)?;
     let vm_uuid = inv["inventory"]["uuid"]
         .as_str()
         .unwrap_or_default()
@@ -289,9 +310,94 @@ pub async fn create_vm_admin(
 async fn create_vm(State(zs): Zs, body: Bytes) -> AdminResult {
     let r: NewVm = parse(&body)?;
     let data = r.data.into_iter().map(|d| (d.size, d.fill)).collect();
+    let custom = r.instance_offering_uuid.is_some()
+        || r.cpu_num.is_some()
+        || r.memory_size.is_some()
+        || !r.l3_network_uuids.is_empty();
+    let spec = custom.then(|| {
+        let mut l3 = r.l3_network_uuids;
+        if l3.is_empty() {
+            l3 = zs
+                .inv
+                .read(|d| d.l3_networks.keys().take(1).cloned().collect());
+        }
+        VmSpec {
+            instance_offering_uuid: r.instance_offering_uuid,
+            cpu_num: r.cpu_num,
+            memory_size: r.memory_size,
+            l3_network_uuids: l3,
+        }
+    });
     Ok(Json(
-        create_vm_admin(&zs, &r.name, &r.image_uuid, r.root_fill, data).await?,
+        create_vm_admin(&zs, &r.name, &r.image_uuid, r.root_fill, data, spec).await?,
     ))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewOffering {
+    name: String,
+    cpu_num: u32,
+    memory_size: u64,
+}
+
+/// `POST /admin/zstack/instance-offerings`.
+async fn create_offering(State(zs): Zs, body: Bytes) -> AdminResult {
+    let r: NewOffering = parse(&body)?;
+    let o = InstanceOffering {
+        uuid: zs_uuid(),
+        name: r.name,
+        cpu_num: r.cpu_num,
+        memory_size: r.memory_size,
+    };
+    let inv = o.inventory();
+    zs.inv.update(|d| {
+        d.instance_offerings.insert(o.uuid.clone(), o);
+        Ok(())
+    })?;
+    Ok(Json(inv))
+}
+
+/// `DELETE /admin/zstack/instance-offerings/{uuid}` (VMs keep their
+/// CPU and memory).
+async fn delete_offering(State(zs): Zs, Path(uuid): Path<String>) -> AdminResult {
+    zs.inv.update(|d| {
+        d.instance_offerings
+            .remove(&uuid)
+            .map(|_| ())
+            .ok_or_else(|| crate::error::Error::not_found("instance offering", uuid.clone()))
+    })?;
+    Ok(Json(json!({"uuid": uuid})))
+}
+
+#[derive(Debug, Deserialize)]
+struct NewL3 {
+    name: String,
+}
+
+/// `POST /admin/zstack/l3-networks`.
+async fn create_l3(State(zs): Zs, body: Bytes) -> AdminResult {
+    let r: NewL3 = parse(&body)?;
+    let n = L3Network {
+        uuid: zs_uuid(),
+        name: r.name,
+    };
+    let inv = n.inventory();
+    zs.inv.update(|d| {
+        d.l3_networks.insert(n.uuid.clone(), n);
+        Ok(())
+    })?;
+    Ok(Json(inv))
+}
+
+/// `DELETE /admin/zstack/l3-networks/{uuid}`.
+async fn delete_l3(State(zs): Zs, Path(uuid): Path<String>) -> AdminResult {
+    zs.inv.update(|d| {
+        d.l3_networks
+            .remove(&uuid)
+            .map(|_| ())
+            .ok_or_else(|| crate::error::Error::not_found("L3 network", uuid.clone()))
+    })?;
+    Ok(Json(json!({"uuid": uuid})))
 }
 
 /// `DELETE /admin/zstack/vms/{uuid}`: the operator destroys and expunges

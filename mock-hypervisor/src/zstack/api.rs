@@ -36,6 +36,7 @@ pub struct Query {
     limit: Option<usize>,
     start: usize,
     count: bool,
+    reply_with_count: bool,
 }
 
 fn pct_decode(s: &str) -> String {
@@ -102,6 +103,7 @@ pub fn parse_query(raw: Option<&str>) -> ZsResult<Query> {
                     .map_err(|_| ZsError::invalid(format!("start {v:?}")))?
             }
             "count" => q.count = v == "true",
+            "replyWithCount" => q.reply_with_count = v == "true",
             _ => {}
         }
     }
@@ -181,17 +183,23 @@ impl Query {
         })
     }
 
-    /// `{"inventories": [...]}` or, with `count=true`, `{"total": n}`.
+    /// `{"inventories": [...]}`; with `count=true`, `{"total": n}`; with
+    /// `replyWithCount=true`, both (`total` counts every match, the
+    /// inventories are the `start`/`limit` page).
     pub fn answer(&self, items: Vec<Value>) -> Value {
         let hits: Vec<Value> = items.into_iter().filter(|i| self.matches(i)).collect();
+        let total = hits.len();
         if self.count {
-            return json!({"total": hits.len()});
+            return json!({"total": total});
         }
         let page: Vec<Value> = hits
             .into_iter()
             .skip(self.start)
             .take(self.limit.unwrap_or(usize::MAX))
             .collect();
+        if self.reply_with_count {
+            return json!({"inventories": page, "total": total});
+        }
         json!({"inventories": page})
     }
 }
@@ -312,8 +320,10 @@ pub async fn login(State(zs): Zs, body: Bytes) -> Response {
             ));
         }
         let id = zs.new_session();
+        let expires = unix_now() + c.session_timeout_secs.max(0.0).ceil() as u64;
         Ok(
-            json!({"inventory": {"uuid": id, "accountUuid": "admin", "userUuid": "admin", "expiredDate": "never"}}),
+            json!({"inventory": {"uuid": id, "accountUuid": "admin", "userUuid": "admin",
+                "expiredDate": super::model::fmt_date(expires)}}),
         )
     })();
     match r {
@@ -479,17 +489,19 @@ pub async fn query_image_one(State(zs): Zs, Path(id): Path<String>) -> Response 
     )
 }
 
-/// `POST /zstack/v1/images` (AddImage): fetches `url` (`http(s)://` or
-/// `nbd://`) in the background; the image is `Downloading` meanwhile.
+/// `POST /zstack/v1/images` (AddImage): fetches `url` (`http(s)://` only)
+/// in the background; the image is `Downloading` meanwhile.
 pub async fn add_image(State(zs): Zs, body: Bytes) -> Response {
     let prepared = (|| {
         let p = params(&body)?;
         let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
         let url = s(&p, "url").ok_or_else(|| ZsError::invalid("missing url"))?;
-        if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("nbd://"))
-        {
+        // The backup storage host downloads http(s) URLs; `volume://`
+        // and `volumeSnapshot://` are not emulated.
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ZsError::invalid(format!(
-                "url {url:?}: http://, https:// or nbd:// expected"
+                "url {:?}: the backup storage can only download http:// or https:// URLs",
+                transfer::redact(&url)
             )));
         }
         let bss = string_list(&p, "backupStorageUuids");
@@ -1033,12 +1045,71 @@ pub fn clone_volume_from_image(
     Ok(vol)
 }
 
+/// What a VM is created with: an instance offering or CPU and memory, and
+/// its L3 networks (one NIC each).
+#[derive(Debug, Clone, Default)]
+pub struct VmSpec {
+    /// Instance offering.
+    pub instance_offering_uuid: Option<String>,
+    /// CPUs (without an offering).
+    pub cpu_num: Option<u32>,
+    /// Memory in bytes (without an offering).
+    pub memory_size: Option<u64>,
+    /// L3 networks (at least one).
+    pub l3_network_uuids: Vec<String>,
+}
+
+/// Checks a spec against the inventory as CreateVmInstance does; `None`
+/// takes the first instance offering and L3 network (admin and demo VMs).
+fn resolve_spec(
+    doc: &mut ZsInventory,
+    spec: Option<VmSpec>,
+) -> ZsResult<(Option<String>, u32, u64, Vec<String>)> {
+    let spec = match spec {
+        Some(s) => s,
+        None => {
+            doc.ensure_defaults();
+            VmSpec {
+                instance_offering_uuid: doc.instance_offerings.keys().next().cloned(),
+                l3_network_uuids: doc.l3_networks.keys().next().cloned().into_iter().collect(),
+                ..VmSpec::default()
+            }
+        }
+    };
+    let (cpu, mem) = match (&spec.instance_offering_uuid, spec.cpu_num, spec.memory_size) {
+        (Some(o), _, _) => {
+            let o = doc
+                .instance_offerings
+                .get(o)
+                .ok_or_else(|| ZsError::not_found("InstanceOfferingVO", o))?;
+            (o.cpu_num, o.memory_size)
+        }
+        (None, Some(c), Some(m)) if c > 0 && m > 0 => (c, m),
+        _ => {
+            return Err(ZsError::invalid(
+                "instanceOfferingUuid is required (or both cpuNum and memorySize)",
+            ));
+        }
+    };
+    if spec.l3_network_uuids.is_empty() {
+        return Err(ZsError::invalid(
+            "l3NetworkUuids is required: a VM needs at least one L3 network",
+        ));
+    }
+    for l3 in &spec.l3_network_uuids {
+        if !doc.l3_networks.contains_key(l3) {
+            return Err(ZsError::not_found("L3NetworkVO", l3));
+        }
+    }
+    Ok((spec.instance_offering_uuid, cpu, mem, spec.l3_network_uuids))
+}
 /// Creates a VM (root volume thin-cloned from `image_uuid`).
 pub fn create_vm_record(
     zs: &ZStackPlatform,
     name: &str,
     image_uuid: &str,
     uuid: Option<String>,
+    spec: Option<VmSpec>,
 ) -> ZsResult<Value> {
     let uuid = uuid.unwrap_or_else(zs_uuid);
     zs.inv
@@ -1046,6 +1117,10 @@ pub fn create_vm_record(
             if doc.vms.contains_key(&uuid) {
                 return Ok(Err(ZsError::refused(format!("VM[uuid:{uuid}] exists"))));
             }
+            let (offering, cpu_num, memory_size, l3) = match resolve_spec(doc, spec.clone()) {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(e)),
+            };
             let platform = doc
                 .images
                 .get(image_uuid)
@@ -1074,6 +1149,11 @@ pub fn create_vm_record(
                 platform,
                 created: unix_now(),
                 description: String::new(),
+                instance_offering_uuid: offering,
+                cpu_num,
+                memory_size,
+                l3_network_uuids: l3,
+                state: "Running".into(),
             };
             let inv = doc.vm_inventory(&vm);
             doc.vms.insert(uuid.clone(), vm);
@@ -1107,7 +1187,20 @@ pub async fn create_vm(State(zs): Zs, body: Bytes) -> Response {
     let r = params(&body).and_then(|p| {
         let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
         let image = s(&p, "imageUuid").ok_or_else(|| ZsError::invalid("missing imageUuid"))?;
-        let created = create_vm_record(&zs, &name, &image, s(&p, "resourceUuid"))?;
+        let spec = VmSpec {
+            instance_offering_uuid: s(&p, "instanceOfferingUuid"),
+            cpu_num: p["cpuNum"].as_u64().map(|c| c as u32),
+            memory_size: p["memorySize"].as_u64(),
+            l3_network_uuids: p["l3NetworkUuids"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        let created = create_vm_record(&zs, &name, &image, s(&p, "resourceUuid"), Some(spec))?;
         let uuid = created["inventory"]["uuid"]
             .as_str()
             .unwrap_or_default()
@@ -1136,29 +1229,74 @@ fn drop_volume(zs: &ZStackPlatform, doc: &mut ZsInventory, volume_uuid: &str) {
     }
 }
 
-/// `DELETE /zstack/v1/vm-instances/{uuid}`: destroys and expunges the VM
-/// with its volumes.
+/// `DELETE /zstack/v1/vm-instances/{uuid}` (DestroyVmInstance): the VM
+/// becomes `Destroyed`, still listed and still holding its volumes, until
+/// `expungeVmInstance` (destroying it again is a no-op).
 pub async fn destroy_vm(State(zs): Zs, Path(id): Path<String>) -> Response {
     let r = zs
         .inv
         .update(|doc| {
-            if doc.vms.remove(&id).is_none() {
+            let Some(vm) = doc.vms.get_mut(&id) else {
                 return Ok(Err(ZsError::not_found("VmInstanceVO", &id)));
-            }
-            let vols: Vec<String> = doc
-                .volumes
-                .values()
-                .filter(|v| v.vm_instance_uuid.as_deref() == Some(&id))
-                .map(|v| v.uuid.clone())
-                .collect();
-            for v in vols {
-                drop_volume(&zs, doc, &v);
-            }
+            };
+            vm.state = "Destroyed".into();
             Ok(Ok(json!({})))
         })
         .map_err(ZsError::from)
         .and_then(|x| x);
     zs.submit("DestroyVmInstance", r)
+}
+
+/// ExpungeVmInstance: removes a `Destroyed` VM with its volumes.
+fn expunge_vm(zs: &ZStackPlatform, id: &str) -> ZsResult {
+    zs.inv
+        .update(|doc| {
+            match doc.vms.get(id) {
+                None => return Ok(Err(ZsError::not_found("VmInstanceVO", id))),
+                Some(vm) if vm.state != "Destroyed" => {
+                    return Ok(Err(ZsError::refused(format!(
+                        "vm[uuid:{id}] is {}: only a Destroyed VM can be expunged",
+                        vm.state
+                    ))));
+                }
+                _ => {}
+            }
+            doc.vms.remove(id);
+            let vols: Vec<String> = doc
+                .volumes
+                .values()
+                .filter(|v| v.vm_instance_uuid.as_deref() == Some(id))
+                .map(|v| v.uuid.clone())
+                .collect();
+            for v in vols {
+                drop_volume(zs, doc, &v);
+            }
+            Ok(Ok(json!({})))
+        })
+        .map_err(ZsError::from)
+        .and_then(|x| x)
+}
+
+/// `GET /zstack/v1/instance-offerings`.
+pub async fn query_offerings(State(zs): Zs, RawQuery(q): RawQuery) -> Response {
+    query_answer(
+        q,
+        zs.inv.read(|d| {
+            d.instance_offerings
+                .values()
+                .map(|o| o.inventory())
+                .collect()
+        }),
+    )
+}
+
+/// `GET /zstack/v1/l3-networks`.
+pub async fn query_l3_networks(State(zs): Zs, RawQuery(q): RawQuery) -> Response {
+    query_answer(
+        q,
+        zs.inv
+            .read(|d| d.l3_networks.values().map(|n| n.inventory()).collect()),
+    )
 }
 
 fn volume_inventories(d: &ZsInventory) -> Vec<Value> {
@@ -1241,8 +1379,14 @@ pub async fn attach_volume(State(zs): Zs, Path((id, vm)): Path<(String, String)>
     let r = zs
         .inv
         .update(|doc| {
-            if !doc.vms.contains_key(&vm) {
-                return Ok(Err(ZsError::not_found("VmInstanceVO", &vm)));
+            match doc.vms.get(&vm) {
+                None => return Ok(Err(ZsError::not_found("VmInstanceVO", &vm))),
+                Some(v) if v.state == "Destroyed" => {
+                    return Ok(Err(ZsError::refused(format!(
+                        "vm[uuid:{vm}] is Destroyed: volumes cannot be attached"
+                    ))));
+                }
+                _ => {}
             }
             let next = doc
                 .volumes
@@ -1344,13 +1488,15 @@ pub async fn delete_snapshot(State(zs): Zs, Path(id): Path<String>) -> Response 
 }
 
 /// `PUT /zstack/v1/vm-instances/{uuid}/actions`: `updateVmInstance`
-/// (name, description).
+/// (name, description), `expungeVmInstance`.
 pub async fn vm_action(State(zs): Zs, Path(id): Path<String>, body: Bytes) -> Response {
+    if body_json(&body).is_ok_and(|v| v.get("expungeVmInstance").is_some()) {
+        return zs.submit("ExpungeVmInstance", expunge_vm(&zs, &id));
+    }
     let r = body_json(&body).and_then(|v| {
-        let a = v
-            .get("updateVmInstance")
-            .cloned()
-            .ok_or_else(|| ZsError::invalid("unknown VM action (supported: updateVmInstance)"))?;
+        let a = v.get("updateVmInstance").cloned().ok_or_else(|| {
+            ZsError::invalid("unknown VM action (supported: updateVmInstance, expungeVmInstance)")
+        })?;
         zs.inv
             .update(|doc| {
                 let Some(vm) = doc.vms.get_mut(&id) else {

@@ -6,7 +6,7 @@
 //!
 //! Modules: [`model`] (persisted objects), [`api`] (REST handlers),
 //! [`transfer`] (export downloads with `Range`, AddImage fetches from
-//! `http://` and `nbd://` URLs), [`admin`] (test-only extensions),
+//! `http(s)://` URLs only, as a backup storage host), [`admin`] (test-only extensions),
 //! [`seed`] (demo content).
 //!
 //! Locking: the inventory lock is never held across a copy; long work
@@ -27,7 +27,7 @@ pub mod model;
 pub mod seed;
 pub mod transfer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -59,6 +59,9 @@ pub struct ZStackConfig {
     pub image_quota: u64,
     /// Backup storage names created on first start.
     pub backup_storages: Vec<String>,
+    /// Lifetime of a session from its login, in seconds (ZStack's
+    /// `session.timeout`, default 7200); then the session answers 401.
+    pub session_timeout_secs: f64,
 }
 
 impl Default for ZStackConfig {
@@ -69,6 +72,7 @@ impl Default for ZStackConfig {
             job_polls: 1,
             image_quota: 50,
             backup_storages: vec!["imagestore-1".into(), "imagestore-2".into()],
+            session_timeout_secs: 7200.0,
         }
     }
 }
@@ -219,7 +223,7 @@ pub struct ZStackPlatform {
     hv: Arc<Hypervisor>,
     config: RwLock<ZStackConfig>,
     inv: Inventory<ZsInventory>,
-    sessions: Mutex<HashSet<String>>,
+    sessions: Mutex<HashMap<String, std::time::Instant>>,
     jobs: Mutex<HashMap<String, Job>>,
     faults: Mutex<Vec<ZsFault>>,
     http_base: RwLock<String>,
@@ -246,13 +250,14 @@ impl ZStackPlatform {
                 doc.primary_storage_uuid = zs_uuid();
                 doc.image_quota = c.image_quota;
             }
+            doc.ensure_defaults();
             Ok(())
         })?;
         Ok(Arc::new(ZStackPlatform {
             hv,
             config: RwLock::new(config),
             inv,
-            sessions: Mutex::new(HashSet::new()),
+            sessions: Mutex::new(HashMap::new()),
             jobs: Mutex::new(HashMap::new()),
             faults: Mutex::new(Vec::new()),
             http_base: RwLock::new(String::new()),
@@ -312,9 +317,14 @@ impl ZStackPlatform {
         self.accepted(&id)
     }
 
-    /// Registers a running job; returns its UUID.
+    /// Registers a running job; returns its UUID: the one the client
+    /// named with `X-Job-UUID`, or a new one.
     pub fn submit_pending(&self, action: &str) -> String {
-        let id = zs_uuid();
+        let id = REQUESTED_JOB
+            .try_with(|j| j.clone())
+            .ok()
+            .flatten()
+            .unwrap_or_else(zs_uuid);
         let polls = self.config().job_polls;
         lock(&self.jobs).insert(
             id.clone(),
@@ -392,17 +402,33 @@ impl ZStackPlatform {
     /// A new session id.
     pub fn new_session(&self) -> String {
         let id = zs_uuid();
-        lock(&self.sessions).insert(id.clone());
+        lock(&self.sessions).insert(id.clone(), std::time::Instant::now());
         id
     }
 
     /// Ends a session.
     pub fn end_session(&self, id: &str) -> bool {
-        lock(&self.sessions).remove(id)
+        lock(&self.sessions).remove(id).is_some()
     }
 
+    /// Whether `id` is a live session (an expired one is forgotten).
     fn has_session(&self, id: &str) -> bool {
-        lock(&self.sessions).contains(id)
+        let lifetime =
+            std::time::Duration::from_secs_f64(self.config().session_timeout_secs.max(0.0));
+        let mut sessions = lock(&self.sessions);
+        match sessions.get(id) {
+            Some(t) if t.elapsed() < lifetime => true,
+            Some(_) => {
+                sessions.remove(id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a job of this UUID exists.
+    fn has_job(&self, id: &str) -> bool {
+        lock(&self.jobs).contains_key(id)
     }
 }
 
@@ -468,6 +494,38 @@ async fn inject_faults(
     }
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(v.to_string()))
+}
+
+tokio::task_local! {
+    /// The job UUID the client asked for (`X-Job-UUID`) while its call is
+    /// handled.
+    static REQUESTED_JOB: Option<String>;
+}
+
+/// Middleware: `X-Job-UUID`. A client may name the API job of its call
+/// (32 hex digits); a name already used answers `202` with that job's
+/// location without running the call again (the client lost the first
+/// answer). Any other value is refused as ZStack does.
+async fn job_uuid_header(
+    State(zs): State<Arc<ZStackPlatform>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(v) = req.headers().get("X-Job-UUID") else {
+        return REQUESTED_JOB.scope(None, next.run(req)).await;
+    };
+    let id = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    if id.len() != 32 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return ZsError::invalid(format!(
+            "X-Job-UUID {:?} is not a UUID (32 hex digits)",
+            v.to_str().unwrap_or("")
+        ))
+        .into_response();
+    }
+    if req.method() != axum::http::Method::GET && zs.has_job(&id) {
+        return zs.accepted(&id);
+    }
+    REQUESTED_JOB.scope(Some(id), next.run(req)).await
 }
 
 /// Middleware: `Authorization: OAuth <session>`.
@@ -547,6 +605,8 @@ impl Platform for ZStackPlatform {
                 "/zstack/v1/images/data-volume-templates/from/volumes/{uuid}",
                 post(api::data_template_from_volume),
             )
+            .route("/zstack/v1/instance-offerings", get(api::query_offerings))
+            .route("/zstack/v1/l3-networks", get(api::query_l3_networks))
             .route(
                 "/zstack/v1/vm-instances",
                 get(api::query_vms).post(api::create_vm),
@@ -582,6 +642,7 @@ impl Platform for ZStackPlatform {
                 "/zstack/v1/volume-snapshots/{uuid}",
                 get(api::query_snapshot_one).delete(api::delete_snapshot),
             )
+            .route_layer(from_fn_with_state(self.clone(), job_uuid_header))
             .route_layer(from_fn_with_state(self.clone(), require_session));
         Router::new()
             .route("/zstack/v1/accounts/login", put(api::login))

@@ -186,6 +186,85 @@ pub struct Vm {
     /// Description.
     #[serde(default)]
     pub description: String,
+    /// Instance offering it was created with (none: `cpuNum` and
+    /// `memorySize` were given instead).
+    #[serde(default)]
+    pub instance_offering_uuid: Option<String>,
+    /// CPUs.
+    #[serde(default = "default_cpu_num")]
+    pub cpu_num: u32,
+    /// Memory in bytes.
+    #[serde(default = "default_memory_size")]
+    pub memory_size: u64,
+    /// One NIC per L3 network, in order (the first is the default).
+    #[serde(default)]
+    pub l3_network_uuids: Vec<String>,
+    /// `Running`, or `Destroyed` (DestroyVmInstance: still listed, still
+    /// holding its volumes, until ExpungeVmInstance).
+    #[serde(default = "default_vm_state")]
+    pub state: String,
+}
+
+fn default_cpu_num() -> u32 {
+    2
+}
+fn default_memory_size() -> u64 {
+    2 << 30
+}
+fn default_vm_state() -> String {
+    "Running".into()
+}
+
+/// An instance offering (CPU and memory of a VM).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceOffering {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name: String,
+    /// CPUs.
+    pub cpu_num: u32,
+    /// Memory in bytes.
+    pub memory_size: u64,
+}
+
+impl InstanceOffering {
+    /// The API inventory.
+    pub fn inventory(&self) -> Value {
+        json!({
+            "uuid": self.uuid,
+            "name": self.name,
+            "cpuNum": self.cpu_num,
+            "cpuSpeed": 0,
+            "memorySize": self.memory_size,
+            "type": "UserVm",
+            "allocatorStrategy": "LeastVmPreferredHostAllocatorStrategy",
+            "state": "Enabled",
+        })
+    }
+}
+
+/// An L3 network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct L3Network {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name: String,
+}
+
+impl L3Network {
+    /// The API inventory.
+    pub fn inventory(&self) -> Value {
+        json!({
+            "uuid": self.uuid,
+            "name": self.name,
+            "type": "L3BasicNetwork",
+            "state": "Enabled",
+            "system": false,
+            "category": "Private",
+        })
+    }
 }
 
 /// A volume snapshot.
@@ -258,6 +337,12 @@ pub struct ZsInventory {
     pub exports: BTreeMap<String, Export>,
     /// Private-image quota (`image.num`).
     pub image_quota: u64,
+    /// Instance offerings.
+    #[serde(default)]
+    pub instance_offerings: BTreeMap<String, InstanceOffering>,
+    /// L3 networks.
+    #[serde(default)]
+    pub l3_networks: BTreeMap<String, L3Network>,
 }
 
 impl ZsInventory {
@@ -265,6 +350,33 @@ impl ZsInventory {
     /// yet expunged (soft-deleted ones still count).
     pub fn private_images(&self) -> u64 {
         self.images.values().filter(|i| !i.system).count() as u64
+    }
+
+    /// Adds a default instance offering and L3 network when there are
+    /// none (what the admin-created and demo VMs use).
+    pub fn ensure_defaults(&mut self) {
+        if self.instance_offerings.is_empty() {
+            let uuid = zs_uuid();
+            self.instance_offerings.insert(
+                uuid.clone(),
+                InstanceOffering {
+                    uuid,
+                    name: "small-2c2g".into(),
+                    cpu_num: default_cpu_num(),
+                    memory_size: default_memory_size(),
+                },
+            );
+        }
+        if self.l3_networks.is_empty() {
+            let uuid = zs_uuid();
+            self.l3_networks.insert(
+                uuid.clone(),
+                L3Network {
+                    uuid,
+                    name: "l3-default".into(),
+                },
+            );
+        }
     }
 
     /// VM inventory with its volumes.
@@ -279,14 +391,23 @@ impl ZsInventory {
             "uuid": vm.uuid,
             "name": vm.name,
             "description": vm.description,
-            "state": "Running",
+            "state": vm.state,
             "type": "UserVm",
             "hypervisorType": "KVM",
             "imageUuid": vm.image_uuid,
             "rootVolumeUuid": vm.root_volume_uuid,
             "platform": vm.platform,
-            "cpuNum": 2,
-            "memorySize": 2147483648u64,
+            "instanceOfferingUuid": vm.instance_offering_uuid,
+            "cpuNum": vm.cpu_num,
+            "memorySize": vm.memory_size,
+            "defaultL3NetworkUuid": vm.l3_network_uuids.first(),
+            "vmNics": vm.l3_network_uuids.iter().enumerate().map(|(i, l3)| json!({
+                "uuid": format!("{}{i:02x}", vm.uuid.get(..30).unwrap_or(&vm.uuid)),
+                "vmInstanceUuid": vm.uuid,
+                "l3NetworkUuid": l3,
+                "deviceId": i,
+                "mac": format!("fa:16:3e:00:00:{:02x}", i),
+            })).collect::<Vec<_>>(),
             "allVolumes": vols.iter().map(|v| v.inventory(&self.primary_storage_uuid)).collect::<Vec<_>>(),
             "createDate": fmt_date(vm.created),
             "lastOpDate": fmt_date(vm.created),
@@ -294,13 +415,52 @@ impl ZsInventory {
     }
 }
 
-/// `Jun 1, 2015 6:17:48 PM`-style date (the mock prints seconds since the
-/// epoch in that slot's place, which clients must treat as opaque text).
+/// A date as ZStack's inventories print it: `Jun 1, 2015 6:17:48 PM`
+/// (Java's `MMM d, yyyy h:mm:ss a`; UTC here).
 pub fn fmt_date(secs: u64) -> String {
-    format!("{secs}")
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let (h, m, s) = (rem / 3600, rem / 60 % 60, rem % 60);
+    let (h12, ampm) = match h {
+        0 => (12, "AM"),
+        1..=11 => (h, "AM"),
+        12 => (12, "PM"),
+        _ => (h - 12, "PM"),
+    };
+    format!(
+        "{} {day}, {year} {h12}:{m:02}:{s:02} {ampm}",
+        MONTHS[(month - 1) as usize]
+    )
 }
 
 /// A ZStack UUID: 32 lower-case hex digits.
 pub fn zs_uuid() -> String {
     crate::ids::new_uuid().replace('-', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fmt_date;
+
+    #[test]
+    fn dates_print_like_zstack() {
+        assert_eq!(fmt_date(0), "Jan 1, 1970 12:00:00 AM");
+        // 2017-06-07 21:20:31 UTC
+        assert_eq!(fmt_date(1_496_870_431), "Jun 7, 2017 9:20:31 PM");
+        // 2024-02-29 12:05:09 UTC
+        assert_eq!(fmt_date(1_709_208_309), "Feb 29, 2024 12:05:09 PM");
+    }
 }

@@ -53,6 +53,7 @@ pub async fn demo(zs: &Arc<ZStackPlatform>) -> Result<()> {
         &uuid,
         vec![fill(MIB, MIB, Pattern::Random, 11)],
         Vec::new(),
+        None,
     )
     .await
     .map_err(err)?;
@@ -62,6 +63,7 @@ pub async fn demo(zs: &Arc<ZStackPlatform>) -> Result<()> {
         &uuid,
         vec![fill(10 * MIB, 2 * MIB, Pattern::Text, 21)],
         vec![(32 * MIB, vec![fill(0, 4 * MIB, Pattern::Random, 22)])],
+        None,
     )
     .await
     .map_err(err)?;

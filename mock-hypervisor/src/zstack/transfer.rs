@@ -1,6 +1,8 @@
 //! Image data in and out of the ZStack backup storage: the export download
-//! URL (plain HTTP with `Range`), AddImage fetches from `http(s)://` and
-//! `nbd://` URLs, and template creation from a volume or snapshot.
+//! URL (plain HTTP with `Range`), AddImage fetches from `http(s)://` URLs
+//! (as a backup storage host does: from the network, so the URL must name
+//! an address that host reaches; `nbd://` is refused), and template
+//! creation from a volume or snapshot.
 
 use std::sync::Arc;
 
@@ -147,6 +149,17 @@ fn write_sparse(image: &BaseImage, offset: u64, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// An error with its causes (`a: b: c`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(&format!(": {c}"));
+        cur = c.source();
+    }
+    out
+}
+
 /// Fetches `url` into a new sealed disk-store image; returns it and the md5
 /// of its content. On failure nothing is left behind.
 pub async fn fetch_into_image(
@@ -157,32 +170,11 @@ pub async fn fetch_into_image(
     let mut created: Option<Arc<BaseImage>> = None;
     let r = async {
         let mut md5 = Md5::new();
-        if url.starts_with("nbd://") {
-            let client = nbd::client::Client::connect_uri(url)
-                .await
-                .map_err(|e| format!("NBD connect: {e}"))?;
-            let size = client.size();
-            let image = store.create_image(size).map_err(|e| e.to_string())?;
-            created = Some(image.clone());
-            let mut pos = 0;
-            while pos < size {
-                let n = CHUNK.min(size - pos);
-                let data = client
-                    .read(pos, n as usize)
-                    .await
-                    .map_err(|e| format!("NBD read at {pos}: {e}"))?;
-                md5.update(&data);
-                write_sparse(&image, pos, &data).map_err(|e| e.to_string())?;
-                pos += n;
-            }
-            let _ = client.disconnect().await;
-            image.seal().map_err(|e| e.to_string())?;
-            Ok((image, crate::disk::hex(&md5.finalize())))
-        } else {
+        {
             let resp = reqwest::get(url)
                 .await
                 .and_then(|r| r.error_for_status())
-                .map_err(|e| format!("HTTP GET: {}", e.without_url()))?;
+                .map_err(|e| format!("HTTP GET: {}", chain(&e.without_url())))?;
             let size = resp
                 .content_length()
                 .ok_or("the server sent no Content-Length")?;
@@ -194,7 +186,7 @@ pub async fn fetch_into_image(
             while let Some(chunk) = resp
                 .chunk()
                 .await
-                .map_err(|e| format!("HTTP body at {pos}: {}", e.without_url()))?
+                .map_err(|e| format!("HTTP body at {pos}: {}", chain(&e.without_url())))?
             {
                 md5.update(&chunk);
                 buf.extend_from_slice(&chunk);
