@@ -8,21 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required when CI is set (install qemu-utils)"
-        );
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
+mod common;
+use common::have;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

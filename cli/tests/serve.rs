@@ -11,23 +11,10 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const MIB: u64 = 1 << 20;
+mod common;
+use common::have;
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required when CI is set (install qemu-utils and libnbd-bin)"
-        );
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
+const MIB: u64 = 1 << 20;
 
 fn vmbackup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbackup"))
