@@ -20,11 +20,7 @@ async fn full_and_repeated_backups_restore_byte_identical() {
 
     let first = zs.backup(provider.clone(), &[&vm1, &vm2_id]).await;
     assert_ok(&first);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
     let before = zs.digests(&vm2_id).await;
     assert_eq!(before.len(), 2);
 
@@ -73,11 +69,7 @@ async fn full_and_repeated_backups_restore_byte_identical() {
         .await
         .expect("restore vm-1");
     assert_eq!(zs.digests(&r3.guest.id.0).await, zs.digests(&vm1).await);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,11 +167,7 @@ async fn shared_cached_base_image_is_stored_once() {
         .await
         .expect("restore");
     assert_eq!(zs.digests(&r.guest.id.0).await, want);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +220,7 @@ async fn full_quota_is_refused_before_any_work() {
         o["snapshots"].as_array().unwrap().is_empty(),
         "no work started"
     );
-    assert!(zs.leftovers().await.is_empty());
+    zs.assert_no_leftovers().await;
 
     // With one free slot a backup works (temporary images one at a time).
     zs.admin()
@@ -271,11 +259,7 @@ async fn job_polling_503_fails_clearly_and_cleans_up() {
         "{text}"
     );
     assert_eq!(err.context().volume.as_deref(), Some("data-1"), "{text}");
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
     assert!(
         zs.objects().await["temporary_images"]
             .as_array()
@@ -324,11 +308,7 @@ async fn image_stuck_downloading_times_out_and_is_removed() {
             .iter()
             .any(|v| v["name"] == "stuck-restored")
     );
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,11 +356,7 @@ async fn export_breaking_mid_transfer_is_resumed_or_fails_clearly() {
     );
     assert!(err.context().offset.is_some());
     zs.admin().delete("/zstack/faults").await;
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,11 +410,7 @@ async fn disabled_image_gives_clear_errors() {
         "no base layer: {:?}",
         flat.snapshot.volumes
     );
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
     // And it restores byte for byte (into the first mock, from the other
     // datastore).
     let flat_snap = flat.snapshot.id.clone();
@@ -570,11 +542,7 @@ async fn vm_answer_without_all_volumes_is_an_error_naming_the_call_and_field() {
     let published = zs.env.store.list_snapshots(None, None).await.unwrap();
     assert!(published.is_empty(), "{published:?}");
     zs.admin().delete("/zstack/faults").await;
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 // ------------------------------------------------------- issue 12: retries
@@ -618,11 +586,7 @@ async fn transient_gateway_errors_are_retried_and_persistent_ones_reported() {
         "{text}"
     );
     zs.admin().delete("/faults").await;
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 // ------------------------------------------------------- issue 12: markers and sweeps
@@ -710,11 +674,7 @@ async fn objects_of_an_interrupted_job_carry_its_marker_and_the_next_job_sweeps_
         .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-3", &[]))
         .await;
     assert_ok(&next);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -912,11 +872,7 @@ async fn restore_goes_through_one_time_http_urls_byte_for_byte() {
     }
     // Restored images are removed by default: the image count is unchanged.
     assert_eq!(zs.image_count().await, images_before);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1047,11 +1003,7 @@ async fn a_wrong_advertised_address_fails_clearly_and_leaves_nothing() {
     assert!(text.contains("advertise_url"), "{text}");
     assert_eq!(zs.image_count().await, images_before);
     assert_eq!(vm_names(&zs.objects().await), vms_before);
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1234,11 +1186,7 @@ async fn backup_and_restore_cycles_leave_the_image_count_unchanged() {
         assert_eq!(zs.digests(&r.guest.id.0).await, zs.digests(&vm).await);
         assert_eq!(zs.image_count().await, before, "cycle {i}");
     }
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
     // A full quota is reported with what uses it.
     zs.admin()
         .put("/zstack/quota", json!({"image_num": before}))
@@ -1436,11 +1384,7 @@ async fn a_restored_vm_has_the_cpu_memory_and_networks_of_the_original() {
         (a["cpuNum"].as_u64(), nic_networks(&a)),
         (Some(4), vec![net_b, net_a])
     );
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1503,11 +1447,7 @@ async fn a_restore_whose_offering_or_network_is_gone_fails_clearly_and_leaves_no
         after["volumes"].as_array().unwrap().len(),
         before["volumes"].as_array().unwrap().len()
     );
-    assert!(
-        zs.leftovers().await.is_empty(),
-        "{:?}",
-        zs.leftovers().await
-    );
+    zs.assert_no_leftovers().await;
     // Both overridden: the restore works on this target.
     o.l3_network_uuids = vec![default_l3.clone()];
     let restored = zs

@@ -323,6 +323,13 @@ impl Zs {
         out
     }
 
+    /// Fails the test, listing them, when anything of ours is left on
+    /// the platform.
+    pub async fn assert_no_leftovers(&self) {
+        let left = self.leftovers().await;
+        assert!(left.is_empty(), "left on the platform: {left:?}");
+    }
+
     pub async fn leftovers(&self) -> Vec<String> {
         ZsProbe {
             admin: self.admin().clone(),
