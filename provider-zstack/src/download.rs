@@ -54,9 +54,12 @@ impl Sink {
                 d.push(Sha256::digest(block).into());
             }
             if block.iter().any(|b| *b != 0) {
+                // A local write failure (a full disk) is not a broken
+                // transfer: resuming would not help, so it is final.
                 self.file.write_all_at(block, self.pos).map_err(|e| {
                     Error::new(ErrorKind::Io, format!("writing {}", path.display()))
                         .offset(self.pos)
+                        .retryable(false)
                         .with_source(e)
                 })?;
             }
@@ -64,6 +67,17 @@ impl Sink {
         }
         self.buf.drain(..n);
         Ok(())
+    }
+
+    fn set_len(&self, size: u64, path: &Path) -> Result<()> {
+        self.file.set_len(size).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("sizing {} to {size} bytes", path.display()),
+            )
+            .retryable(false)
+            .with_source(e)
+        })
     }
 
     fn received(&self) -> u64 {
@@ -134,7 +148,7 @@ pub async fn download(
                     size = Some(resp.content_length().ok_or_else(|| {
                         Error::new(ErrorKind::Platform, "the export sent no Content-Length")
                     })?);
-                    sink.file.set_len(size.unwrap_or(0))?;
+                    sink.set_len(size.unwrap_or(0), path)?;
                 }
                 (_, StatusCode::PARTIAL_CONTENT) => {
                     let range = resp
@@ -156,7 +170,7 @@ pub async fn download(
                     if size.is_none() {
                         let total = range.rsplit('/').next().and_then(|t| t.parse::<u64>().ok());
                         size = total;
-                        sink.file.set_len(total.unwrap_or(0))?;
+                        sink.set_len(total.unwrap_or(0), path)?;
                     }
                 }
                 (_, s) => {
@@ -276,6 +290,67 @@ pub fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full disk (here /dev/full) ends the download at once with the
+    /// path in the error: resuming would re-fetch the image for nothing
+    /// and, worse, count bytes that never reached the disk.
+    #[test]
+    fn a_local_write_failure_is_final() {
+        let path = Path::new("/dev/full");
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        let mut sink = Sink {
+            file,
+            pos: 0,
+            buf: Vec::new(),
+            md5: Md5::new(),
+            digests: None,
+        };
+        let e = sink
+            .push(&vec![7u8; 32 * BLOCK as usize], path)
+            .unwrap_err();
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("/dev/full"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_download_that_cannot_be_stored_is_not_retried() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicU32::new(0));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let mut req = [0u8; 4096];
+                let _ = s.read(&mut req).await;
+                let body = vec![9u8; 4 << 20];
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            }
+        });
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/image.raw");
+        let e = download(
+            &http,
+            &url,
+            Path::new("/dev/full"),
+            None,
+            false,
+            5,
+            "volume root",
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("/dev/full"), "{}", e.report());
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "{}", e.report());
+    }
 
     #[test]
     fn regions_merge_and_clip() {
