@@ -222,15 +222,30 @@ async fn full_quota_is_refused_before_any_work() {
     );
     zs.assert_no_leftovers().await;
 
-    // With one free slot a backup works (temporary images one at a time).
+    // One free slot is not enough for two volumes: the volumes are
+    // streamed to the data mover, so every volume's template lives until
+    // the backup's cleanup.
     zs.admin()
         .put("/zstack/quota", json!({"image_num": used + 1}))
+        .await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    let err = report.guests[0].result.as_ref().expect_err("quota full");
+    assert_eq!(err.kind(), ErrorKind::Refused);
+    assert!(err.report().contains("needs 2 more"), "{}", err.report());
+    zs.assert_no_leftovers().await;
+
+    // With one free slot per volume a backup works.
+    zs.admin()
+        .put("/zstack/quota", json!({"image_num": used + 2}))
         .await;
     let report = zs.backup(zs.provider(), &[&vm]).await;
     assert_ok(&report);
     assert_eq!(zs.objects().await["private_images"].as_u64().unwrap(), used);
 
     // A restore needing two new images is refused with one free slot.
+    zs.admin()
+        .put("/zstack/quota", json!({"image_num": used + 1}))
+        .await;
     let err = zs
         .restore(zs.provider(), &snapshot_of(&report, 0), "quota-restored")
         .await
@@ -319,7 +334,9 @@ async fn export_breaking_mid_transfer_is_resumed_or_fails_clearly() {
     zs.admin()
         .post(
             "/zstack/faults",
-            json!({"kind": "export_break", "after_bytes": 3 * MIB, "times": 2}),
+            // A ranged read (at least 1 MiB) breaks after 256 KiB, its
+            // resume once more; both are resumed.
+            json!({"kind": "export_break", "after_bytes": 256 * 1024, "times": 2}),
         )
         .await;
     let provider = zs.provider();
@@ -341,7 +358,7 @@ async fn export_breaking_mid_transfer_is_resumed_or_fails_clearly() {
     zs.admin()
         .post(
             "/zstack/faults",
-            json!({"kind": "export_break", "after_bytes": MIB}),
+            json!({"kind": "export_break", "after_bytes": 256 * 1024}),
         )
         .await;
     let mut o = zs.options();
@@ -1551,4 +1568,131 @@ async fn a_failed_restore_and_the_sweep_destroy_and_expunge_vms() {
             .iter()
             .any(|v| v["vmInstanceUuid"] == half.as_str())
     );
+}
+
+/// The largest file under `dir` (recursively), in bytes.
+fn largest_file(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => largest_file(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_stream_exports_without_staging_and_restore_byte_for_byte() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "stream-3").await;
+    let want = zs.digests(&vm).await;
+    assert_eq!(want.len(), 3);
+    let options = zs.options();
+    let work = options.work_dir.clone();
+    let provider = zs.provider_with(options);
+    // Watch the work directory while the backup runs.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stop, work) = (stop.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut max = 0u64;
+            let mut looks = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                max = max.max(largest_file(&work));
+                looks += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            (max, looks)
+        })
+    };
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (max, looks) = watcher.await.unwrap();
+    assert_ok(&report);
+    assert!(looks > 0);
+    // Only the base image's digest cache (32 bytes per 64 KiB block) is
+    // written: nothing close to one 4 MiB chunk, let alone a volume.
+    assert!(max < MIB, "a {max}-byte file was written to the work dir");
+    assert!(largest_file(&work) < MIB);
+    let g = report.guests[0].result.as_ref().unwrap();
+    assert_eq!(g.snapshot.volumes.len(), 3);
+    zs.assert_no_leftovers().await;
+
+    let r = zs
+        .restore(
+            provider.clone(),
+            &snapshot_of(&report, 0),
+            "stream-3-restored",
+        )
+        .await
+        .expect("restore");
+    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+
+    // Again with the base image now stored and its digests cached: the
+    // linked root volume's regions come from the sequential pass.
+    let report = zs.backup(provider.clone(), &[&vm]).await;
+    assert_ok(&report);
+    let r = zs
+        .restore(provider, &snapshot_of(&report, 0), "stream-3-again")
+        .await
+        .expect("restore");
+    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    zs.assert_no_leftovers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_export_byte_fails_the_backup_naming_volume_md5_and_call() {
+    let zs = Zs::start().await;
+    // A byte flipped in every export (the volumes' and the base
+    // image's): the base image's digest pass fails (the root volume is
+    // then read in full), and the volumes read in full have their md5
+    // checked as the data mover reads them.
+    let vm = uuid(&zs.vm("corrupt", 9, true).await);
+    zs.admin()
+        .post(
+            "/zstack/faults",
+            json!({"kind": "export_corrupt", "after_bytes": MIB + 7}),
+        )
+        .await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    let err = report.guests[0].result.as_ref().expect_err("md5 mismatch");
+    let text = err.report();
+    assert!(
+        text.contains("volume root") || text.contains("volume data-1"),
+        "{text}"
+    );
+    for want in [
+        "md5",
+        "exportMd5Sum",
+        "ExportImageFromBackupStorage",
+        "GET ",
+    ] {
+        assert!(text.contains(want), "{want:?} missing: {text}");
+    }
+    zs.admin().delete("/zstack/faults").await;
+    zs.assert_no_leftovers().await;
+
+    // A linked root volume: the sequential pass that finds its regions
+    // checks the md5 too.
+    let linked = uuid(&zs.vm("corrupt-linked", 31, false).await);
+    let provider = zs.provider();
+    assert_ok(&zs.backup(provider.clone(), &[&linked]).await);
+    zs.admin()
+        .post(
+            "/zstack/faults",
+            json!({"kind": "export_corrupt", "after_bytes": 15 * MIB}),
+        )
+        .await;
+    let report = zs.backup(provider, &[&linked]).await;
+    let err = report.guests[0].result.as_ref().expect_err("md5 mismatch");
+    let text = err.report();
+    assert!(text.contains("exportMd5Sum"), "{text}");
+    assert!(text.contains("root"), "{text}");
+    zs.admin().delete("/zstack/faults").await;
+    zs.assert_no_leftovers().await;
 }

@@ -6,10 +6,14 @@
 //! - [`retry`]: retrying an operation whose error is marked retryable
 //!   ([`provider_api::Error::is_retryable`]), with capped exponential
 //!   backoff and jitter, a bounded number of times, each attempt logged.
+//! - [`http_export`]: an image behind an HTTP URL (ranged, resumed
+//!   `GET`s) served as a loopback NBD export, with an optional in-order
+//!   check (an md5) over every byte the data mover reads.
 //!
 //! Providers may use it; nothing in the contract requires it.
 #![warn(missing_docs)]
 
+pub mod http_export;
 pub mod retry;
 
 pub use retry::{RetryPolicy, retry};

@@ -2,6 +2,12 @@
 //! resumable GETs, checking its md5 and (optionally) recording a digest of
 //! every 64 KiB block so that a linked root volume can be compared with
 //! its base image.
+//!
+//! The provider no longer stages backups here: it streams exports to the
+//! data mover ([`provider_kit::http_export`], see `provider/backup.rs`)
+//! and uses only [`BLOCK`]. This whole-image download (and its resume,
+//! md5 and final local write failure) stays for tools that want an
+//! export as a local file.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;

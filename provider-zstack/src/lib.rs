@@ -14,35 +14,46 @@
 //!    answer was lost is followed by that name.
 //! 2. `backup_vm` reads the VM (`GET /v1/vm-instances/{uuid}`) and checks
 //!    the private-image quota `image.num` **before any work**: a backup
-//!    needs one free image slot (volumes are processed one at a time) and
-//!    a full quota is an [`ErrorKind::Refused`](provider_api::ErrorKind)
-//!    error naming `image.num`.
+//!    holds one temporary template per volume until its cleanup (the
+//!    volumes are streamed to the data mover after `backup_vm` returns),
+//!    so it needs one free image slot per volume; a full quota is an
+//!    [`ErrorKind::Refused`](provider_api::ErrorKind) error naming
+//!    `image.num`.
 //! 3. Per volume: `CreateVolumeSnapshot` → root or data volume template
 //!    from the snapshot on the chosen backup storage →
-//!    `exportImageFromBackupStorage` → download of the `imageUrl` with
-//!    ranged, resumable GETs into a sparse file in the work directory
-//!    (md5 checked against `exportMd5Sum`) → delete the export → delete and
-//!    expunge the template → delete the snapshot. Every non-GET call is an
-//!    API job polled until 200/503, with a timeout.
-//! 4. Volumes are exposed as [`SnapshotAccess::FileHandle`](provider_api::SnapshotAccess)
-//!    on the downloaded file. **Why a file and not NBD:** the real platform
-//!    offers only an HTTP URL on the backup storage; the host's data mover
-//!    reads NBD or files, and a local file gives it random access, lets a
-//!    broken transfer resume at its last offset, and lets the md5 be
-//!    checked before anything is stored.
+//!    `exportImageFromBackupStorage`. Every non-GET call is an API job
+//!    polled until 200/503, with a timeout. The export, template and
+//!    snapshot are deleted (templates also expunged) by `backup_cleanup`,
+//!    once the data mover has read the volume.
+//! 4. Volumes are exposed as [`SnapshotAccess::Nbd`](provider_api::SnapshotAccess)
+//!    on a loopback NBD server of this backup
+//!    ([`provider_kit::http_export`]): every NBD read is one ranged `GET`
+//!    of the export's `imageUrl`, resumed at the first missing byte when
+//!    the transfer breaks (`download_retries` times per read). **Why:** the
+//!    platform offers only an HTTP URL on the backup storage, the host's
+//!    data mover reads NBD or files, and staging a whole disk in the work
+//!    directory costs its size in local disk and a second pass; streamed,
+//!    memory is bounded by the mover's window and the NBD server's
+//!    budgets and nothing is written locally. The md5 (`exportMd5Sum`) is
+//!    computed over the bytes in order as the mover reads them (a bounded
+//!    reorder buffer, else a sequential verification pass): a mismatch
+//!    fails the backup, naming the volume, both md5s and the API call.
 //! 5. A root volume thin-cloned from a cached image (`rootImageUuid`) gets a
 //!    [`BaseLayer`](provider_api::BaseLayer) with id = `rootImageUuid`:
 //!    when the target lacks it (`has_base_image` false) the provider exports
-//!    the image itself and exposes it; otherwise nothing of it is read. The
-//!    root volume's dirty regions are the 64 KiB blocks that differ from the
-//!    base (block SHA-256 digests of the base are cached in
-//!    `work_dir/base-digests/`; without the cache the base is downloaded
-//!    once more to compute them, and not stored). The template ZStack
-//!    exports is always the *flattened* volume, so the transfer includes the
-//!    base's data; only storage is saved, not the download. A base image
-//!    that cannot be exported (Disabled, not Ready, gone, or an export
-//!    that fails) is not an error: the flattened volume is stored in full
-//!    and the snapshot carries a warning.
+//!    the image itself and exposes it the same way; otherwise nothing of
+//!    it is read. The root volume's dirty regions are the 64 KiB blocks
+//!    that differ from the base: a sequential pass over the volume's
+//!    export (which also checks its md5) compares each block's SHA-256
+//!    with the base's digests, cached in `work_dir/base-digests/` (without
+//!    the cache the base is read once more to compute them). The regions
+//!    are read again through NBD by the mover: the transfer is the volume
+//!    plus its differing blocks. The template ZStack exports is always
+//!    the *flattened* volume, so the transfer includes the base's data;
+//!    only storage is saved. A base image that cannot be exported
+//!    (Disabled, not Ready, gone, or an export that fails) is not an
+//!    error: the flattened volume is stored in full and the snapshot
+//!    carries a warning.
 //!
 //! ## Restore flow
 //!
@@ -79,13 +90,15 @@
 //! Every temporary object is named `<job marker>.<scope>.<device>` (the
 //! marker is [`provider_api::JobMarker`], `vmbackup.<host>.<job>`; the
 //! scope is `b<n>-<vm>` for a backup, `r<n>-<vm>` for a restore);
-//! `backup_cleanup` (on every path) deletes the exports it knows of, then
+//! `backup_cleanup` (on every path) stops the backup's NBD server, deletes
+//! the exports it knows of (a base image's export shared by guests backed
+//! up in parallel: by its last user), then
 //! finds images and volume snapshots with a `~=` query on that name (`%`,
 //! `_` and `\` escaped: ZStack's `~=` is MySQL's `LIKE`, case-insensitive)
 //! and deletes and expunges exactly those whose name matches on the client
 //! (so that one whose job result was lost, e.g. a 503 while polling, is
-//! found too, and scope `b1` never takes `b10`'s), and removes the local
-//! files. While a restore creates its VM and data volumes their
+//! found too, and scope `b1` never takes `b10`'s), and removes the work
+//! directory. While a restore creates its VM and data volumes their
 //! descriptions carry the tag; once everything is attached the
 //! descriptions are replaced (VM last), and kept restore images are
 //! renamed. `job_init` sweeps every object whose marker names this host
@@ -115,6 +128,8 @@
 pub mod api;
 pub mod client;
 pub mod download;
+pub mod options;
 mod provider;
 
-pub use provider::{ZStackOptions, ZStackProvider};
+pub use options::ZStackOptions;
+pub use provider::ZStackProvider;

@@ -180,6 +180,10 @@ pub enum ZsFaultKind {
     StuckDownloading,
     /// An export download stops after `after_bytes` bytes of a response.
     ExportBreak,
+    /// Every export response covering byte `after_bytes` (an offset in
+    /// the image) serves it flipped; `exportMd5Sum` stays the image's.
+    /// Not consumed by responses (`times` is ignored).
+    ExportCorrupt,
     /// Test-only malformed answer: `field` is removed from the JSON answer
     /// of requests whose path contains `path` (from the answer itself,
     /// from `inventory` and from each of `inventories`).
@@ -292,6 +296,14 @@ impl ZStackPlatform {
     /// Disarms every fault.
     pub fn clear_faults(&self) {
         lock(&self.faults).clear();
+    }
+
+    /// The first armed fault of `kind`, left armed.
+    pub fn peek_fault(&self, kind: ZsFaultKind) -> Option<ZsFault> {
+        lock(&self.faults)
+            .iter()
+            .find(|f| f.kind == kind && f.times != Some(0))
+            .cloned()
     }
 
     /// Consumes one firing of a fault of `kind` matching `action`; returns

@@ -95,6 +95,9 @@ pub async fn download_export(
     let break_after = zs
         .take_fault(ZsFaultKind::ExportBreak, "")
         .map(|f| f.after_bytes);
+    let corrupt = zs
+        .peek_fault(ZsFaultKind::ExportCorrupt)
+        .map(|f| f.after_bytes);
     let stream = futures::stream::unfold((start, 0u64), move |(pos, served)| {
         let image = image.clone();
         async move {
@@ -115,7 +118,14 @@ pub async fn download_export(
             }
             let r = tokio::task::spawn_blocking(move || image.read(pos, n)).await;
             match r {
-                Ok(Ok(data)) => Some((Ok(bytes::Bytes::from(data)), (pos + n, served + n))),
+                Ok(Ok(mut data)) => {
+                    if let Some(at) = corrupt
+                        && (pos..pos + n).contains(&at)
+                    {
+                        data[(at - pos) as usize] ^= 0xff;
+                    }
+                    Some((Ok(bytes::Bytes::from(data)), (pos + n, served + n)))
+                }
                 Ok(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), (end, served))),
                 Err(e) => Some((Err(std::io::Error::other(e.to_string())), (end, served))),
             }
@@ -266,4 +276,30 @@ pub fn image_md5(image: &BaseImage) -> Result<String> {
         pos += n;
     }
     Ok(crate::disk::hex(&md5.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str, size: u64) -> std::result::Result<Option<(u64, u64)>, ()> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, v.parse().unwrap());
+        parse_range(&h, size)
+    }
+
+    #[test]
+    fn export_ranges_are_parsed_like_http_servers_do() {
+        assert_eq!(parse_range(&HeaderMap::new(), 100), Ok(None));
+        assert_eq!(range("bytes=0-9", 100), Ok(Some((0, 10))));
+        assert_eq!(range("bytes=90-", 100), Ok(Some((90, 100))));
+        // An end past the size is clipped; a suffix is the last n bytes.
+        assert_eq!(range("bytes=50-1000", 100), Ok(Some((50, 100))));
+        assert_eq!(range("bytes=-10", 100), Ok(Some((90, 100))));
+        // Unsatisfiable or malformed: 416.
+        assert_eq!(range("bytes=100-", 100), Err(()));
+        assert_eq!(range("bytes=9-3", 100), Err(()));
+        assert_eq!(range("items=0-1", 100), Err(()));
+        assert_eq!(range("bytes=a-b", 100), Err(()));
+    }
 }
