@@ -65,17 +65,19 @@ async fn snapshot_attach_full_backup_restores_a_new_vm_byte_identical_xml() {
         env.shas(&ids).await,
         vec![before[1].clone(), before[0].clone()]
     );
-    // The restored VM's configuration is the saved OVF.
+    // The restored VM's configuration is its own: from the saved OVF, with
+    // its id and its disks, none of the source's.
     let vm = env
         .api_get(&format!("/vms/{}?all_content=true", r.guest.id))
         .await;
-    assert_eq!(
-        vm["initialization"]["configuration"]["data"]
-            .as_str()
-            .unwrap()
-            .as_bytes(),
-        ovf.as_slice()
-    );
+    let data = vm["initialization"]["configuration"]["data"]
+        .as_str()
+        .unwrap();
+    assert!(data.contains(&r.guest.id.0), "{data}");
+    for d in &env.disks {
+        assert!(!data.contains(d.as_str()), "{d} in {data}");
+    }
+    assert!(String::from_utf8_lossy(&ovf).contains(&env.disks[0]));
     assert_eq!(env.leftovers().await, Vec::<String>::new());
 }
 
@@ -1133,4 +1135,206 @@ async fn a_certificate_of_another_ca_is_refused_naming_the_host() {
     let plain = format!("{}/ovirt-engine/api", env.mock.endpoints().http_url);
     let r = reqwest::get(&plain).await.unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::FORBIDDEN);
+}
+
+// ------------------------------------------- restore to a new VM (issue 14)
+
+/// VM ids and disk ids in the mock's inventory.
+fn objects(env: &Env) -> (Vec<String>, Vec<String>) {
+    env.mock.ovirt().inventory().read(|doc| {
+        (
+            doc.vms.keys().cloned().collect(),
+            doc.disks.keys().cloned().collect(),
+        )
+    })
+}
+
+/// `(memory, cpus)` of a VM.
+fn hardware(env: &Env, vm: &str) -> (u64, u32) {
+    env.mock
+        .ovirt()
+        .inventory()
+        .read(|doc| doc.vms.get(vm).map(|v| (v.memory, v.cpu_cores)))
+        .unwrap_or_else(|| panic!("no VM {vm}"))
+}
+
+/// Restores `snapshot` to a new VM `name` and checks it against the
+/// source: exactly new disks, with the source's alias, format, interface,
+/// bootable flag and bytes, the source's memory and CPUs.
+async fn restore_new_and_check(
+    env: &Env,
+    p: Arc<OvirtProvider>,
+    snapshot: &provider_api::SnapshotId,
+    name: &str,
+    source: &[(String, String, String, String, bool)],
+    shas: &[String],
+    not_ids: &[String],
+) -> String {
+    let r = env
+        .restore(
+            p,
+            snapshot,
+            RestoreTarget::NewGuest {
+                name: Some(name.into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("restore failed: {}", e.report()));
+    let id = r.guest.id.0.clone();
+    let vm = env.api_get(&format!("/vms/{id}")).await;
+    assert_eq!(vm["name"], json!(name), "{vm}");
+    let restored = env.disks_of(&id);
+    assert_eq!(restored.len(), source.len(), "{restored:?}");
+    for (a, b) in restored.iter().zip(source) {
+        assert_eq!(
+            (&a.0, &a.2, &a.3, a.4),
+            (&b.0, &b.2, &b.3, b.4),
+            "alias, format, interface, bootable"
+        );
+        assert!(!not_ids.contains(&a.1), "disk {} is not a new disk", a.1);
+    }
+    let ids: Vec<String> = restored.iter().map(|d| d.1.clone()).collect();
+    assert_eq!(env.shas(&ids).await, shas);
+    assert_eq!(hardware(env, &id), hardware(env, &env.vm), "memory, CPUs");
+    // Its configuration names it and its disks, none of the source's.
+    let full = env.api_get(&format!("/vms/{id}?all_content=true")).await;
+    let ovf = full["initialization"]["configuration"]["data"]
+        .as_str()
+        .unwrap();
+    assert!(ovf.contains(&id), "{ovf}");
+    for d in not_ids {
+        assert!(!ovf.contains(d.as_str()), "{d} in {ovf}");
+    }
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vm_restore_gets_new_disks_whether_the_source_keeps_its_disks_or_not() {
+    let env = Env::start("down").await;
+    let before = env.shas(&env.disks).await;
+    let source = env.disks_of(&env.vm);
+    let source_hw = hardware(&env, &env.vm);
+    let p = env.provider(BackupMode::SnapshotAttach, WireFormat::Xml);
+    let b = env.backup_ok(p.clone()).await;
+    // Sorted by alias: data, system.
+    let shas = vec![before[1].clone(), before[0].clone()];
+
+    // 1. The source VM still has its disks.
+    let r1 = restore_new_and_check(
+        &env,
+        p.clone(),
+        &b.snapshot.id,
+        "r1",
+        &source,
+        &shas,
+        &env.disks,
+    )
+    .await;
+    assert_ne!(r1, env.vm);
+    assert_eq!(env.disks_of(&env.vm), source, "the source VM is untouched");
+    assert_eq!(env.shas(&env.disks).await, before);
+    assert_eq!(hardware(&env, &env.vm), source_hw);
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+
+    // 2. The source's disks detached (an operator did): the engine would
+    // attach every disk the OVF names; the restored VM still gets only
+    // new disks and the source's stay detached.
+    env.mock
+        .ovirt()
+        .inventory()
+        .update(|doc| {
+            doc.attachments.retain(|_, a| a.vm_id != env.vm);
+            Ok(())
+        })
+        .unwrap();
+    let mut not = env.disks.clone();
+    not.extend(env.disks_of(&r1).into_iter().map(|d| d.1));
+    let r2 =
+        restore_new_and_check(&env, p.clone(), &b.snapshot.id, "r2", &source, &shas, &not).await;
+    assert_ne!(r2, r1);
+    let (_, disks) = objects(&env);
+    for d in &env.disks {
+        assert!(disks.contains(d), "source disk {d} still exists");
+        let owner = env
+            .mock
+            .ovirt()
+            .inventory()
+            .read(|doc| doc.owner_of(d).map(|a| a.vm_id.clone()));
+        assert_eq!(owner, None, "source disk {d} stays detached");
+    }
+    assert_eq!(env.shas(&env.disks).await, before);
+    let events = env.api_get("/events").await.to_string();
+    assert!(!events.contains("Failed to attach"), "{events}");
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_vm_restore_that_fails_leaves_no_vm_and_no_new_disk() {
+    let env = Env::start("up").await;
+    let p = env.provider(BackupMode::SnapshotAttach, WireFormat::Json);
+    let b = env.backup_ok(p.clone()).await;
+    let source = env.disks_of(&env.vm);
+    let start = objects(&env);
+    let target = |name: &str| RestoreTarget::NewGuest {
+        name: Some(name.into()),
+    };
+
+    // A name in use: refused before anything is created.
+    let e = env
+        .restore(p.clone(), &b.snapshot.id, target("vm1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{}", e.report());
+    assert!(
+        e.report().contains("a VM named vm1 exists"),
+        "{}",
+        e.report()
+    );
+    assert_eq!(objects(&env), start);
+
+    // The second disk's attachment to the appliance fails.
+    env.arm(json!({"attach_fail_after": 1})).await;
+    let e = env
+        .restore(p.clone(), &b.snapshot.id, target("r-attach"))
+        .await
+        .unwrap_err();
+    assert!(e.report().contains("hot plugging"), "{}", e.report());
+    env.disarm().await;
+    assert_eq!(objects(&env), start);
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+
+    // The disks written, the VM created, then attaching them fails (the
+    // engine's import and the provider's attachments alike).
+    env.arm(json!({"attach_fail_after": 2})).await;
+    let e = env
+        .restore(p.clone(), &b.snapshot.id, target("r-late"))
+        .await
+        .unwrap_err();
+    assert!(e.report().contains("hot plugging"), "{}", e.report());
+    env.disarm().await;
+    assert_eq!(objects(&env), start);
+    let events = env.api_get("/events").await.to_string();
+    assert!(
+        events.contains("Failed to attach Disk(s) system, data to VM r-late"),
+        "{events}"
+    );
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+
+    // The engine answers another VM id than the OVF gives (the two
+    // attachments to the appliance match the path too; their answers are
+    // not read).
+    env.arm(
+        json!({"tamper": [{"method": "POST", "path": "api/vms", "field": "id",
+        "value": "00000000-0000-4000-8000-000000000000", "times": 3}]}),
+    )
+    .await;
+    let e = env
+        .restore(p.clone(), &b.snapshot.id, target("r-id"))
+        .await
+        .unwrap_err();
+    assert!(e.report().contains("the engine created"), "{}", e.report());
+    env.disarm().await;
+    assert_eq!(objects(&env), start);
+    assert_eq!(env.leftovers().await, Vec::<String>::new());
+    assert_eq!(env.disks_of(&env.vm), source, "the source VM is untouched");
 }

@@ -292,6 +292,10 @@ pub struct Disk {
     /// Storage domains.
     #[serde(default, deserialize_with = "object")]
     pub storage_domains: StorageDomains,
+    /// Image (volume) id of the active layer (absent on engines that do
+    /// not show it).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub image_id: Option<String>,
     /// Description (carries the job marker of a disk being restored).
     #[serde(default, deserialize_with = "opt_text")]
     pub description: Option<String>,

@@ -116,10 +116,19 @@
 //!
 //! ## Restore
 //!
-//! A new VM is created from the saved OVF; each disk is created with its
-//! saved size, format and sparseness, attached to the appliance, written
-//! by the host through the attachment's file, detached and attached to the
-//! new VM. In place, each original disk (the VM must be down) is detached
+//! To a new VM: `restore_vm_init` checks that the name is free and picks
+//! the new VM's id, creating nothing; each disk is created on the storage
+//! domain with its saved size, format and sparseness, attached to the
+//! appliance, written by the host through the attachment's file and
+//! detached. The VM comes last, once every disk is written: from the saved
+//! OVF rewritten ([`ovf::rewrite`]) with the new VM id, the new disk ids in
+//! place of the source's, and the disks not restored left out, because the
+//! engine attaches every disk an OVF's `DiskSection` names (a detached
+//! source disk would go to the restored VM). The disks the engine did not
+//! attach are attached with their saved interface and bootable flag, and
+//! the attachments are checked. A failure at any step detaches whatever is
+//! not the restore's from the new VM, and deletes the VM and every disk
+//! created. In place, each original disk (the VM must be down) is detached
 //! from the VM, attached to the appliance, overwritten and re-attached with
 //! its saved interface and bootable flag, on every path.
 //!
@@ -157,6 +166,7 @@ pub mod client;
 pub mod imageio;
 pub mod metadata;
 pub mod options;
+pub mod ovf;
 pub mod provider;
 
 pub use client::WireFormat;

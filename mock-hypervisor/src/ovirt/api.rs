@@ -304,34 +304,33 @@ pub async fn get_vm(
     done(Format::of(&headers), r)
 }
 
-/// `POST /vms`: a new VM, optionally from an OVF configuration
-/// (`initialization.configuration {type: ovf, data}`).
+/// `POST /vms`: a new VM; with an OVF configuration
+/// (`initialization.configuration {type: ovf, data}`) an import the way
+/// the engine does it ([`super::import`]).
 pub async fn create_vm(State(p): P, headers: HeaderMap, body: Bytes) -> Response {
     let format = Format::of(&headers);
-    let r = (|| {
+    let r = async {
         let req = parse_body(&headers, &body)?;
-        let name = text(&req, "name").ok_or_else(|| Fault::bad_request("vm.name is required"))?;
+        let name = text(&req, "name");
         let cluster = req
             .get("cluster")
             .and_then(|c| text(c, "name").or_else(|| text(c, "id")))
             .ok_or_else(|| Fault::bad_request("vm.cluster is required"))?;
-        let ovf = match req
-            .get("initialization")
-            .and_then(|i| i.get("configuration"))
-        {
-            Some(c) => {
-                if text(c, "type").as_deref() != Some("ovf") {
-                    return Err(Fault::bad_request("configuration.type must be ovf"));
-                }
-                let data = text(c, "data")
-                    .ok_or_else(|| Fault::bad_request("configuration.data is required"))?;
-                super::ovf::check(&data).map_err(|e| {
-                    Fault::bad_request(format!("configuration.data is not a valid OVF: {e}"))
-                })?;
-                Some(data)
+        let init = req.get("initialization");
+        if let Some(c) = init.and_then(|i| i.get("configuration")) {
+            if text(c, "type").as_deref() != Some("ovf") {
+                return Err(Fault::bad_request("configuration.type must be ovf"));
             }
-            None => None,
-        };
+            let data = text(c, "data")
+                .ok_or_else(|| Fault::bad_request("configuration.data is required"))?;
+            let regenerate = match init {
+                Some(i) => flag(i, "regenerate_ids")?.unwrap_or(false),
+                None => false,
+            };
+            let vm = super::import::import_vm(&p, &data, name, cluster, regenerate).await?;
+            return Ok(created("vm", vm_view(&p, &vm, false)?));
+        }
+        let name = name.ok_or_else(|| Fault::bad_request("vm.name is required"))?;
         let memory = number(&req, "memory")?.unwrap_or(1 << 30);
         let cores = req
             .get("cpu")
@@ -348,7 +347,7 @@ pub async fn create_vm(State(p): P, headers: HeaderMap, body: Bytes) -> Response
             cpu_cores: cores,
             cluster,
             appliance: false,
-            ovf,
+            ovf: None,
             creation_time: unix_now(),
         };
         p.inv.update(|doc| {
@@ -362,7 +361,8 @@ pub async fn create_vm(State(p): P, headers: HeaderMap, body: Bytes) -> Response
             Ok(())
         })?;
         Ok(created("vm", vm_view(&p, &vm, false)?))
-    })();
+    }
+    .await;
     done(format, r)
 }
 

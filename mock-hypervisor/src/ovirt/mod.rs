@@ -6,7 +6,7 @@
 //! Modules: [`wire`] (formats, faults, lenient readers), [`model`]
 //! (persisted objects), [`api`] (VMs, disks, attachments, snapshots),
 //! [`backups`] (4.4 backups, checkpoints, image transfers, image server),
-//! [`ovf`] (VM configuration), [`admin`] (test extensions), [`seed`].
+//! [`ovf`] (VM configuration), [`import`] (a VM from an OVF), [`admin`] (test extensions), [`seed`].
 //!
 //! Two backup flows:
 //! - snapshot-attach (the backup API seed): a snapshot's disks are attached
@@ -38,6 +38,7 @@ pub mod admin;
 pub mod api;
 pub mod backups;
 pub mod https;
+pub mod import;
 pub mod model;
 pub mod ovf;
 pub mod seed;

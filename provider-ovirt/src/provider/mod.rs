@@ -45,10 +45,25 @@ struct RestoreDisk {
 
 #[derive(Debug, Default)]
 struct RestoreState {
+    /// The VM restored to: the original (in place), or the id the new VM
+    /// gets (chosen in `restore_vm_init`, written into the OVF).
     vm_id: String,
     new_vm: bool,
     metadata: Option<OvirtMetadata>,
+    /// Volumes being written (between their init and their cleanup).
     disks: BTreeMap<String, RestoreDisk>,
+    /// New VM: its name.
+    name: String,
+    /// New VM: the saved OVF.
+    ovf: String,
+    /// New VM: every disk created (deleted when the restore fails).
+    created: Vec<String>,
+    /// New VM: the volumes written, by device.
+    restored: BTreeMap<String, RestoreDisk>,
+    /// New VM: `POST /vms` was sent (the VM may exist).
+    vm_posted: bool,
+    /// New VM: an id the engine answered other than `vm_id`.
+    answered_vm: Option<String>,
 }
 
 /// The provider.

@@ -1,5 +1,20 @@
 //! Restore: a new VM from the saved OVF, or in place; each disk written
 //! through the appliance.
+//!
+//! A new VM is created last. `restore_vm_init` checks that the name is
+//! free, reads the saved OVF and picks the new VM's id, creating nothing;
+//! each volume is a new disk (`POST /disks` on the storage domain),
+//! attached to the appliance, written and detached. On success
+//! `restore_vm_cleanup` rewrites the OVF ([`crate::ovf::rewrite`]: the new
+//! VM id, the new disk ids, the disks not restored left out, so that the
+//! engine, which attaches every disk the OVF names, never takes one of the
+//! source's), adds the VM from it, attaches what the engine did not and
+//! checks the attachments. The id is chosen here rather than with
+//! `initialization.regenerate_ids`: the `Guest` returned before the VM
+//! exists names it, a lost answer to `POST /vms` still leaves a VM the
+//! cleanup can find, and the answer is checked against it. A failure at
+//! any step detaches what is not the restore's from the new VM, deletes
+//! the VM and every disk created.
 
 use super::*;
 
@@ -76,7 +91,7 @@ impl OvirtProvider {
                         vm_id: meta.vm_id.clone(),
                         new_vm: false,
                         metadata: Some(meta.clone()),
-                        disks: BTreeMap::new(),
+                        ..RestoreState::default()
                     },
                 );
                 Ok(Guest {
@@ -91,27 +106,29 @@ impl OvirtProvider {
                     .unwrap_or_else(|| format!("{}-restored", meta.vm_name));
                 let ovf = String::from_utf8(request.guest_config.data.clone())
                     .map_err(|_| Error::invalid("the saved OVF is not UTF-8"))?;
-                let vm: api::Created = self
-                    .client
-                    .post_as(
-                        "/vms",
-                        "vm",
-                        json!({
-                            "name": name,
-                            "cluster": {"name": self.options.cluster},
-                            "template": {"name": "Blank"},
-                            "initialization": {"configuration": {"type": "ovf", "data": ovf}},
-                        }),
-                    )
-                    .await?;
-                let id = vm.id;
+                crate::ovf::ids(&ovf).map_err(|e| {
+                    Error::invalid(format!("the saved OVF cannot be restored from: {e}"))
+                })?;
+                let q = format!("/vms?search=name%3D{}", search_value(&name));
+                let list: api::Vms = self.client.get_as(&q).await?;
+                if let Some(vm) = list.vm.iter().find(|v| v.name == name) {
+                    return Err(Error::invalid(format!(
+                        "a VM named {name} exists already (id {}): choose another name for the \
+                         restored VM",
+                        vm.id
+                    ))
+                    .api_call(format!("GET {q}")));
+                }
+                let id = crate::ovf::new_uuid();
                 lock(&self.restores).insert(
                     id.clone(),
                     RestoreState {
                         vm_id: id.clone(),
                         new_vm: true,
                         metadata: Some(meta),
-                        disks: BTreeMap::new(),
+                        name: name.clone(),
+                        ovf,
+                        ..RestoreState::default()
                     },
                 );
                 Ok(Guest {
@@ -162,6 +179,7 @@ impl OvirtProvider {
                     body["storage_domains"] = json!({"storage_domain": [sd]});
                 }
                 let d: api::Created = self.client.post_as("/disks", "disk", body).await?;
+                self.restore_state(guest, |s| s.created.push(d.id.clone()))?;
                 d.id
             } else {
                 self.client
@@ -201,8 +219,9 @@ impl OvirtProvider {
         device: &str,
         outcome: &Outcome,
     ) -> Result<()> {
-        let (vm_id, disk) =
-            self.restore_state(guest, |s| (s.vm_id.clone(), s.disks.get(device).cloned()))?;
+        let (vm_id, new_vm, disk) = self.restore_state(guest, |s| {
+            (s.vm_id.clone(), s.new_vm, s.disks.get(device).cloned())
+        })?;
         let Some(disk) = disk else {
             return Ok(());
         };
@@ -222,25 +241,41 @@ impl OvirtProvider {
                 Err(e) => first = Some(e),
             }
         }
-        // The disk goes to the VM: restored, or back where it was.
-        if first.is_none()
-            && let Err(e) = self
-                .attach_to(
-                    &vm_id,
-                    &disk.disk_id,
-                    disk.record.bootable,
-                    &disk.record.interface,
-                )
-                .await
-        {
-            first = Some(e);
-        }
         if !outcome.is_success() {
             tracing::warn!(guest = %guest.id, device, "volume restore failed");
         }
-        self.restore_state(guest, |s| {
-            s.disks.remove(device);
-        })?;
+        if new_vm {
+            // The VM does not exist yet: the disk waits for it (and is
+            // deleted if the restore fails).
+            let detached = first.is_none();
+            self.restore_state(guest, |s| {
+                if detached {
+                    s.disks.remove(device);
+                    if outcome.is_success() {
+                        let mut d = disk.clone();
+                        d.attached_to_appliance = false;
+                        s.restored.insert(device.to_string(), d);
+                    }
+                }
+            })?;
+        } else {
+            // The disk goes back where it was.
+            if first.is_none()
+                && let Err(e) = self
+                    .attach_to(
+                        &vm_id,
+                        &disk.disk_id,
+                        disk.record.bootable,
+                        &disk.record.interface,
+                    )
+                    .await
+            {
+                first = Some(e);
+            }
+            self.restore_state(guest, |s| {
+                s.disks.remove(device);
+            })?;
+        }
         match first {
             None => Ok(()),
             Some(e) => Err(e.volume(device).guest(&guest.id)),
@@ -248,28 +283,208 @@ impl OvirtProvider {
     }
 
     pub(super) async fn cleanup_restore(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
-        let Some(st) = lock(&self.restores).remove(&guest.id.0) else {
+        let Some(mut st) = lock(&self.restores).remove(&guest.id.0) else {
             return Ok(());
         };
-        if outcome.is_success() || !st.new_vm {
+        if !st.new_vm {
             return Ok(());
         }
-        // A failed restore to a new VM leaves no half-restored VM.
-        let appliance = self.appliance().await?;
-        for d in st.disks.values() {
-            if d.attached_to_appliance {
-                let _ = self
-                    .client
-                    .delete(&format!("/vms/{appliance}/diskattachments/{}", d.disk_id))
-                    .await;
+        if outcome.is_success() {
+            let r = self.create_restored_vm(&mut st).await;
+            let Err(e) = r else {
+                return Ok(());
+            };
+            tracing::warn!(guest = %guest.id, error = %e.report(), "creating the restored VM failed; removing what the restore created");
+            if let Err(u) = self.undo_new_vm(&st).await {
+                tracing::warn!(guest = %guest.id, error = %u.report(), "removing what the restore created failed");
             }
-            let _ = self.client.delete(&format!("/disks/{}", d.disk_id)).await;
+            return Err(e.guest(&guest.id));
         }
-        self.client
-            .delete(&vm_path(&st.vm_id))
-            .await
-            .map_err(|e| e.guest(&guest.id))
+        // A failed restore to a new VM leaves no half-restored VM.
+        self.undo_new_vm(&st).await.map_err(|e| e.guest(&guest.id))
     }
+
+    /// The new VM from the rewritten OVF, with exactly the restored disks.
+    async fn create_restored_vm(&self, st: &mut RestoreState) -> Result<()> {
+        if let Some(device) = st.disks.keys().next() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("volume {device} was not cleaned up: its disk is still on the appliance"),
+            )
+            .volume(device));
+        }
+        let mut swaps = Vec::new();
+        for d in st.restored.values() {
+            let disk: Option<api::Disk> =
+                found(self.client.get_as(&format!("/disks/{}", d.disk_id)).await)?;
+            swaps.push(crate::ovf::Swap {
+                original: d.record.disk_id.clone(),
+                new: d.disk_id.clone(),
+                new_image: disk.and_then(|x| x.image_id),
+            });
+        }
+        let source = st.metadata.as_ref().map(|m| m.vm_id.as_str()).unwrap_or("");
+        let ovf = crate::ovf::rewrite(&st.ovf, &st.vm_id, &swaps, &[source])
+            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("rewriting the saved OVF: {e}")))?;
+        st.vm_posted = true;
+        let vm: api::Created = self
+            .client
+            .post_as(
+                "/vms",
+                "vm",
+                json!({
+                    "name": st.name,
+                    "cluster": {"name": self.options.cluster},
+                    "initialization": {"configuration": {"type": "ovf", "data": ovf}},
+                }),
+            )
+            .await?;
+        if vm.id != st.vm_id {
+            let call = "POST /vms";
+            let e = bad_answer(
+                call,
+                format!(
+                    "the OVF gives the VM the id {}, the engine created {}",
+                    st.vm_id, vm.id
+                ),
+            );
+            st.answered_vm = Some(vm.id);
+            return Err(e);
+        }
+        let id = st.vm_id.clone();
+        let path = format!("/vms/{id}/diskattachments");
+        let ours = |disk: &str| st.restored.values().any(|d| d.disk_id == disk);
+        let list: api::DiskAttachments = self.client.get_as(&path).await?;
+        // Only the restored disks: anything else the engine attached is
+        // detached (never deleted: it is not the restore's).
+        for a in &list.disk_attachment {
+            if !ours(&a.disk.id) {
+                tracing::warn!(vm = %id, disk = %a.disk.id, "the engine attached a disk that is not a restored one; detaching it");
+                self.client.delete(&format!("{path}/{}", a.disk.id)).await?;
+            }
+        }
+        for d in st.restored.values() {
+            let now = list.disk_attachment.iter().find(|a| a.disk.id == d.disk_id);
+            let right = now.is_some_and(|a| {
+                a.interface == d.record.interface && a.bootable == d.record.bootable
+            });
+            if right {
+                continue;
+            }
+            if now.is_some() {
+                self.client.delete(&format!("{path}/{}", d.disk_id)).await?;
+            }
+            self.attach_to(&id, &d.disk_id, d.record.bootable, &d.record.interface)
+                .await
+                .map_err(|e| e.volume(&d.record.device))?;
+        }
+        let list: api::DiskAttachments = self.client.get_as(&path).await?;
+        for d in st.restored.values() {
+            let ok = list.disk_attachment.iter().any(|a| {
+                a.disk.id == d.disk_id
+                    && a.interface == d.record.interface
+                    && a.bootable == d.record.bootable
+            });
+            if !ok {
+                return Err(platform(format!(
+                    "disk {} is not attached to the restored VM as {} (bootable {})",
+                    d.disk_id, d.record.interface, d.record.bootable
+                ))
+                .volume(&d.record.device)
+                .api_call(format!("GET {path}")));
+            }
+        }
+        if let Some(a) = list.disk_attachment.iter().find(|a| !ours(&a.disk.id)) {
+            return Err(platform(format!(
+                "disk {} that is not a restored disk is attached to the restored VM",
+                a.disk.id
+            ))
+            .api_call(format!("GET {path}")));
+        }
+        Ok(())
+    }
+
+    /// Removes what a restore to a new VM created: its disks off the
+    /// appliance, the VM (once what is not the restore's is detached from
+    /// it: deleting a VM deletes its disks), every disk created.
+    async fn undo_new_vm(&self, st: &RestoreState) -> Result<()> {
+        let mut first: Option<Error> = None;
+        let mut keep = |r: Result<()>| {
+            if let Err(e) = r
+                && e.kind() != ErrorKind::NotFound
+                && first.is_none()
+            {
+                first = Some(e);
+            }
+        };
+        if st.disks.values().any(|d| d.attached_to_appliance) {
+            match self.appliance().await {
+                Ok(appliance) => {
+                    for d in st.disks.values().filter(|d| d.attached_to_appliance) {
+                        keep(
+                            self.client
+                                .delete(&format!("/vms/{appliance}/diskattachments/{}", d.disk_id))
+                                .await,
+                        );
+                    }
+                }
+                Err(e) => keep(Err(e)),
+            }
+        }
+        let mut vms: Vec<&str> = Vec::new();
+        if st.vm_posted {
+            vms.push(&st.vm_id);
+        }
+        if let Some(v) = &st.answered_vm {
+            vms.push(v);
+        }
+        for vm in vms {
+            let path = format!("/vms/{vm}/diskattachments");
+            let list = match found(self.client.get_as::<api::DiskAttachments>(&path).await) {
+                Ok(Some(l)) => l,
+                Ok(None) => continue,
+                Err(e) => {
+                    // Not knowing what is attached, the VM is not deleted.
+                    keep(Err(e));
+                    continue;
+                }
+            };
+            let mut foreign_left = false;
+            for a in &list.disk_attachment {
+                if !st.created.contains(&a.disk.id) {
+                    let r = self.client.delete(&format!("{path}/{}", a.disk.id)).await;
+                    if r.as_ref().is_err_and(|e| e.kind() != ErrorKind::NotFound) {
+                        foreign_left = true;
+                    }
+                    keep(r);
+                }
+            }
+            if !foreign_left {
+                keep(self.client.delete(&vm_path(vm)).await);
+            }
+        }
+        for d in &st.created {
+            keep(self.client.delete(&format!("/disks/{d}")).await);
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// A value for `search=name=…`: characters other than letters, digits and
+/// `-_.` percent-encoded.
+fn search_value(v: &str) -> String {
+    let mut out = String::new();
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub(super) fn metadata_of(archive: &ArchiveView) -> Result<OvirtMetadata> {

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 
 import ovirtsdk4 as sdk
 import ovirtsdk4.types as types
@@ -244,15 +245,45 @@ def main():
                     types.Disk(name="sdk-restore", format=types.DiskFormat.COW,
                                provisioned_size=1 << 20, sparse=True,
                                storage_domains=[types.StorageDomain(id=sd.id)]))
-    new_vm = call("POST /vms (from OVF)", vms_service.add,
-                  types.Vm(name="sdk-restored",
-                           cluster=types.Cluster(name="Default"),
-                           initialization=types.Initialization(
-                               configuration=types.Configuration(
-                                   type=types.ConfigurationType.OVF,
-                                   data=ovf))))
+    def from_ovf(data, name="sdk-restored"):
+        return types.Vm(name=name, cluster=types.Cluster(name="Default"),
+                        initialization=types.Initialization(
+                            configuration=types.Configuration(
+                                type=types.ConfigurationType.OVF,
+                                data=data)))
+
+    # The engine's rules (ImportVmFromConfigurationCommand): the VM gets
+    # the OVF's VM id, so the unchanged OVF of an existing VM is a
+    # conflict...
+    e = expect_error("POST /vms (from OVF, id in use)", sdk.Error,
+                     vms_service.add, from_ovf(ovf))
+    assert e.code == 409 and "same identifier" in str(e), (e.code, str(e))
+    # ... and the disks of its DiskSection are attached, not created: with
+    # a new VM id and the first disk's id replaced by the new disk's, the
+    # new disk is attached with the first disk's interface and boot flag;
+    # the other disk, attached to the source VM, is left out and the audit
+    # log says so.
+    new_id = str(uuid.uuid4())
+    data = ovf.replace(vm.id, new_id).replace(disks[0].id, new_disk.id)
+    new_vm = call("POST /vms (from OVF)", vms_service.add, from_ovf(data))
+    assert new_vm.id == new_id, (new_vm.id, new_id)
+    assert new_vm.name == "sdk-restored", new_vm.name
     new_vm_service = vms_service.vm_service(new_vm.id)
     new_attachments = new_vm_service.disk_attachments_service()
+    got = call("GET /vms/{vm}/diskattachments (restored)",
+               new_attachments.list)
+    assert [a.disk.id for a in got] == [new_disk.id], [a.disk.id for a in got]
+    assert got[0].interface == attachments[0].interface, got[0].interface
+    assert got[0].bootable == attachments[0].bootable, got[0].bootable
+    assert got[0].active, got[0].active
+    source = vm_service.disk_attachments_service().list()
+    assert sorted(a.disk.id for a in source) == sorted(d.id for d in disks)
+    failed = system.events_service().list(search="Failed to attach")
+    assert any(ev.description == "Failed to attach Disk(s) %s to VM "
+               "sdk-restored." % disks[1].alias for ev in failed), \
+        [ev.description for ev in failed]
+    call("DELETE /vms/{vm}/diskattachments/{disk} (restored)",
+         new_attachments.attachment_service(new_disk.id).remove)
     call("POST /vms/{vm}/diskattachments", new_attachments.add,
          types.DiskAttachment(disk=types.Disk(id=new_disk.id), active=True,
                               bootable=True,
