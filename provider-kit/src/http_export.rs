@@ -502,7 +502,9 @@ impl LoopbackNbd {
         self.server.add_export(name, export);
     }
 
-    /// Stops listening, removes every export and closes every connection.
+    /// Stops listening (the port is closed when this returns), removes
+    /// every export and closes every connection (in-flight requests get
+    /// the server's grace, then are aborted).
     pub async fn close(&mut self) {
         if let Some(accept) = self.accept.take() {
             accept.abort();
@@ -515,6 +517,9 @@ impl LoopbackNbd {
     }
 }
 
+/// A server dropped without [`LoopbackNbd::close`] (a job cleanup that
+/// forgot its backups, a panic) still stops: the listener at once, the
+/// connections in the background.
 impl Drop for LoopbackNbd {
     fn drop(&mut self) {
         if let Some(accept) = self.accept.take() {

@@ -3,8 +3,9 @@
 //!
 //! The API model offers no NBD access to an image transfer, only its image
 //! server URL (imageio: ranged `GET`, `GET …/extents?context=zero|dirty`).
-//! Rather than staging the disk, the provider runs one [`Serving`] (an
-//! [`nbd::server::Server`] on `127.0.0.1`, any free port) per backup and
+//! Rather than staging the disk, the provider runs one
+//! [`provider_kit::http_export::LoopbackNbd`] (an NBD server on
+//! `127.0.0.1`, any free port) per backup and
 //! adds one [`ImageioExport`] per disk:
 //!
 //! - `read(offset, len)` is one ranged `GET` on the transfer URL
@@ -21,13 +22,12 @@
 //! in-flight budgets (32 MiB of payloads per connection, 128 MiB in
 //! total) whatever the disk size; nothing is written to disk.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use nbd::proto::{STATE_DIRTY, STATE_HOLE, STATE_ZERO};
-use nbd::server::{Export, Server, ServerConfig};
+use nbd::server::Export;
 use provider_api::{Error, ErrorKind, Result};
 
 use crate::client::Client;
@@ -206,107 +206,6 @@ pub fn allocation_flags(zero: bool, hole: bool) -> u32 {
 /// `qemu:dirty-bitmap` flags of an imageio dirty extent.
 pub fn dirty_flags(dirty: bool) -> u32 {
     if dirty { STATE_DIRTY } else { 0 }
-}
-
-/// One backup's loopback NBD server: its own listener (closed
-/// deterministically on [`Serving::close`]) and the server's connections.
-pub struct Serving {
-    server: Server,
-    address: SocketAddr,
-    accept: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl std::fmt::Debug for Serving {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Serving")
-            .field("address", &self.address)
-            .field("exports", &self.server.export_names())
-            .finish()
-    }
-}
-
-impl Serving {
-    /// A server without exports listening on `127.0.0.1`, any free port.
-    pub async fn start() -> Result<Serving> {
-        let server = Server::new(ServerConfig::default()).map_err(|e| {
-            Error::new(ErrorKind::Other, "starting the loopback NBD server").with_source(e)
-        })?;
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .map_err(|e| {
-                Error::new(ErrorKind::DataPath, "listening for NBD on 127.0.0.1").with_source(e)
-            })?;
-        let address = listener.local_addr().map_err(|e| {
-            Error::new(ErrorKind::DataPath, "listening for NBD on 127.0.0.1").with_source(e)
-        })?;
-        let srv = server.clone();
-        let accept = tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        let _ = stream.set_nodelay(true);
-                        let srv = srv.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = srv.serve_stream(stream).await {
-                                tracing::debug!("NBD connection ended: {e}");
-                            }
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!("NBD accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        });
-        Ok(Serving {
-            server,
-            address,
-            accept: Some(accept),
-        })
-    }
-
-    /// Where it listens.
-    pub fn address(&self) -> SocketAddr {
-        self.address
-    }
-
-    /// Adds an export.
-    pub fn add(&self, name: &str, export: Arc<dyn Export>) {
-        self.server.add_export(name, export);
-    }
-
-    /// Stops listening (the port is closed when this returns), removes
-    /// every export and closes every connection (in-flight requests get
-    /// the server's grace, then are aborted).
-    pub async fn close(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-            let _ = accept.await;
-        }
-        for name in self.server.export_names() {
-            self.server.remove_export(&name);
-        }
-        self.server.shutdown().await;
-    }
-}
-
-impl Drop for Serving {
-    /// A server dropped without [`Serving::close`] (a job cleanup that
-    /// forgot its backups, a panic) still stops: the listener at once, the
-    /// connections in the background.
-    fn drop(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-            for name in self.server.export_names() {
-                self.server.remove_export(&name);
-            }
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let server = self.server.clone();
-                rt.spawn(async move { server.shutdown().await });
-            }
-        }
-    }
 }
 
 #[cfg(test)]

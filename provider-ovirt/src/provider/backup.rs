@@ -344,7 +344,7 @@ impl OvirtProvider {
         if let Some(a) = self.state(guest, |s| s.serving.as_ref().map(|sv| sv.address()))? {
             return Ok(a);
         }
-        let sv = imageio::Serving::start().await?;
+        let sv = provider_kit::http_export::LoopbackNbd::start().await?;
         let address = sv.address();
         // Recorded before any export is added: `backup_cleanup` closes it.
         self.state(guest, |s| s.serving = Some(sv))?;

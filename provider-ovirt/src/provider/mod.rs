@@ -33,7 +33,7 @@ struct BackupState {
     backup_id: Option<String>,
     transfers: Vec<String>,
     /// The loopback NBD server exporting the transfers (incremental mode).
-    serving: Option<imageio::Serving>,
+    serving: Option<provider_kit::http_export::LoopbackNbd>,
 }
 
 #[derive(Debug, Clone)]
