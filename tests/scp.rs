@@ -1491,3 +1491,544 @@ async fn access_key_signing_backs_up_without_a_password_login() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Auth, "{}", e.report());
 }
+
+/// SHA-256 of a base image's own data.
+async fn image_sha256(env: &Env, image: &str) -> String {
+    env.admin.get(&format!("/images/{image}/sha256")).await["sha256"]
+        .as_str()
+        .expect("sha256")
+        .to_owned()
+}
+
+/// Seed 4.5.2: a missing base image is created, set `AVAILABLE`, and only
+/// then written, through the restored VM's system disk opened with the
+/// base-image flag; the platform refuses the old order (writing a base
+/// image by its own id). Over NBD, NBDSSL and hot-add, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_image_restore_writes_through_the_vm_system_disk_after_available() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "centos-base").await;
+    let base_digest = image_sha256(&env, &base).await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let report = env.backup(env.provider(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+
+    for mode in ["nbd", "nbdssl", "hotadd"] {
+        let other = Env::start(|c, dir| {
+            if mode == "nbdssl" {
+                c.tls_dir = Some(dir.join("tls"));
+                c.nbd_tls_required = true;
+            }
+        })
+        .await;
+        let access = match mode {
+            "nbd" => AccessMode::Nbd,
+            "nbdssl" => AccessMode::NbdSsl {
+                ca_pem: other.ca_pem(),
+                server_name: None,
+            },
+            _ => AccessMode::HotAdd {
+                proxy_server_id: id(&other
+                    .admin
+                    .server(json!({"name": "proxy", "disks": [{"size": 16 * MIB}]}))
+                    .await),
+            },
+        };
+        let scp2 = other.provider_with(other.options(access));
+        // The old order is refused by the platform: a base image cannot be
+        // written by its own id, neither over NBD nor hot-added.
+        let img: Value = scp2
+            .client()
+            .call(
+                reqwest::Method::POST,
+                "/janus/20180725/base-images",
+                &[],
+                Some(&json!({"name": "probe", "size": MIB})),
+            )
+            .await
+            .unwrap();
+        let lease: Value = scp2
+            .client()
+            .call(
+                reqwest::Method::POST,
+                "/janus/20240725/backup-resources",
+                &[],
+                Some(&json!({"type": "Recovery", "remain_time": 60})),
+            )
+            .await
+            .unwrap();
+        let e = scp2
+            .client()
+            .call::<Value>(
+                reqwest::Method::POST,
+                &format!("/janus/20240725/backup-resources/{}/exports", id(&lease)),
+                &[],
+                Some(&json!({"base_image_id": id(&img),
+                    "transport": if mode == "nbdssl" { "nbdssl" } else { "nbd" }})),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.report().contains("open_base_image"), "{}", e.report());
+        let _: Value = scp2
+            .client()
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/janus/20240725/backup-resources/{}", id(&lease)),
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+        let _: Value = scp2
+            .client()
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/janus/20180725/base-images/{}", id(&img)),
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+
+        let r = restore_from(
+            &env.store,
+            scp2.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some(format!("moved-{mode}")),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
+        assert_eq!(digests_of(&other, &scp2, &r.guest).await, before, "{mode}");
+        let images = other.admin.scp_objects().await["base_images"].clone();
+        let images = images.as_array().unwrap();
+        assert_eq!(images.len(), 1, "{mode}: {images:?}");
+        assert_eq!(images[0]["status"], "AVAILABLE");
+        let restored = images[0]["id"].as_str().unwrap();
+        assert_eq!(image_sha256(&other, restored).await, base_digest, "{mode}");
+        // No job marker left on a complete image.
+        assert!(
+            provider_api::JobMarker::find_in(images[0]["description"].as_str().unwrap()).is_none(),
+            "{images:?}"
+        );
+        assert_eq!(
+            leftovers(&other.admin).await,
+            Vec::<String>::new(),
+            "{mode}"
+        );
+    }
+}
+
+/// Seed 4.5.2 steps 1 and 4: the base image exists but has no replica on
+/// the storage restored to: a replica is synced there (the platform links
+/// a VM only to a replica on its own storage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_replica_is_synced_to_the_restore_storage() {
+    let env = Env::start(|_, _| {}).await;
+    // A base image with a replica on storage-local only.
+    let base = env
+        .admin
+        .post(
+            "/scp/base-images",
+            json!({"name": "base", "size": 16 * MIB, "storage_ids": ["storage-local"],
+                "fill": [{"offset": 0, "length": 5 * MIB, "pattern": "random", "seed": 4}]}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let report = env.backup(env.provider(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let replicas = |o: &Value| -> Vec<String> {
+        o["base_images"][0]["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["storage_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        replicas(&env.admin.scp_objects().await),
+        vec!["storage-local"]
+    );
+    let mut options = env.options(AccessMode::Nbd);
+    options.restore_storage_id = Some("storage-vs".into());
+    let scp = env.provider_with(options);
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("on-vs".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    let objects = env.admin.scp_objects().await;
+    assert_eq!(objects["base_images"].as_array().unwrap().len(), 1);
+    assert_eq!(replicas(&objects), vec!["storage-local", "storage-vs"]);
+    let restored = env.admin.server_by_name(&scp, "on-vs").await.unwrap();
+    assert_eq!(restored["disks"][0]["base_image_id"], base.as_str());
+    assert_eq!(restored["storage_id"], "storage-vs");
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// Seed 4.5.2 step 5: a custom attribute that exists but is not bound to
+/// the base image is bound (not created a second time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_unbound_custom_attribute_is_bound() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let before = env.admin.server_digests(&vm).await;
+    let scp = env.provider();
+    let call = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let scp = scp.clone();
+        async move {
+            scp.client()
+                .call::<Value>(method, &path, &[], body.as_ref())
+                .await
+                .unwrap()
+        }
+    };
+    let attr = call(
+        reqwest::Method::POST,
+        "/janus/20190725/custom-attributes".into(),
+        Some(json!({"name": "os-family", "description": "OS", "resource_type": "base_image"})),
+    )
+    .await;
+    let binding = call(
+        reqwest::Method::POST,
+        "/janus/20190725/custom-attributes/bindings".into(),
+        Some(
+            json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
+            "resource_id": base, "value": "centos"}),
+        ),
+    )
+    .await;
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    // After the backup the binding is removed; the attribute stays.
+    env.admin
+        .delete(&format!("/scp/bindings/{}", id(&binding)))
+        .await;
+    assert_eq!(
+        env.admin.scp_objects().await["bindings"],
+        json!([]),
+        "binding removed"
+    );
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("bound".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    let objects = env.admin.scp_objects().await;
+    let attrs = objects["custom_attributes"].as_array().unwrap();
+    assert_eq!(attrs.len(), 1, "not created twice: {attrs:?}");
+    let bindings = objects["bindings"].as_array().unwrap();
+    assert_eq!(bindings.len(), 1, "{bindings:?}");
+    assert_eq!(bindings[0]["resource_id"], base.as_str());
+    assert_eq!(bindings[0]["custom_attribute_id"], attr["id"]);
+    assert_eq!(bindings[0]["value"], "centos");
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// Seed 4.5.3 rule 8: a base image restore killed while its data is
+/// written leaves an incomplete (marker-tagged, already `AVAILABLE`) base
+/// image and the VM created on it; the next job of the host deletes both
+/// (and the restore's resource), while a base image an earlier restore
+/// finished is kept. Both VMs then restore byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_image_restore_killed_midway_is_swept_by_the_next_job() {
+    let env = Env::start(|_, _| {}).await;
+    let base_a = base_image(&env, "base-a").await;
+    let base_b = env
+        .admin
+        .base_image(
+            "base-b",
+            16 * MIB,
+            json!([{"offset": 0, "length": 12 * MIB, "pattern": "random", "seed": 7}]),
+        )
+        .await;
+    let digest_b = image_sha256(&env, &base_b).await;
+    let vm_a = linked_vm(&env, "vm-a", &base_a, 10, true).await;
+    let vm_b = linked_vm(&env, "vm-b", &base_b, 20, false).await;
+    let before_a = env.admin.server_digests(&vm_a).await;
+    let before_b = env.admin.server_digests(&vm_b).await;
+    let report = env.backup(env.provider(), &[&id(&vm_a), &id(&vm_b)]).await;
+    let snap = |i: usize| {
+        report.guests[i]
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{}", e.report()))
+            .snapshot
+            .id
+            .clone()
+    };
+    let (snap_a, snap_b) = (snap(0), snap(1));
+
+    let other = Env::start(|_, _| {}).await;
+    // A finished base image restore (job-0 of host-a).
+    let job = |name: &str| {
+        provider_api::JobInfo::new(name, scenarios::scp::now()).on_host("host-a", Vec::new())
+    };
+    let driver = |job: provider_api::JobInfo| async {
+        let exposer = engine::NbdExposer::start(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        engine::RestoreDriver::new(
+            other.provider() as Arc<dyn BackupProvider>,
+            env.store.clone() as Arc<dyn provider_api::Target>,
+            Arc::new(engine::StandardMover::default()),
+            Arc::new(exposer),
+        )
+        .with_job(job)
+    };
+    let done = driver(job("job-0"))
+        .await
+        .restore_vm(
+            &snap_a,
+            RestoreTarget::NewGuest {
+                name: Some("done".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let finished = other.admin.scp_objects().await["base_images"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // job-1 dies while it writes base-b: closing its export after the
+    // data is slow, and the job is killed meanwhile (no cleanup runs).
+    other
+        .admin
+        .post(
+            "/faults/http",
+            json!({"method": "DELETE", "path": "/exports/", "latency_ms": 3000, "times": 1}),
+        )
+        .await;
+    let killed = driver(job("job-1")).await;
+    let snap_k = snap_b.clone();
+    let task = tokio::spawn(async move {
+        killed
+            .restore_vm(
+                &snap_k,
+                RestoreTarget::NewGuest {
+                    name: Some("killed".into()),
+                },
+            )
+            .await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let o = other.admin.scp_objects().await;
+        let written = o["exports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["bytes_written"].as_u64().unwrap_or(0) > 0);
+        if written {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no base image write seen: {o}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    task.abort();
+    let _ = task.await;
+    let o = other.admin.scp_objects().await;
+    let images = o["base_images"].as_array().unwrap().clone();
+    assert_eq!(images.len(), 2, "{images:?}");
+    let half = images
+        .iter()
+        .find(|i| i["id"] != finished.as_str())
+        .unwrap();
+    assert_eq!(
+        half["status"], "AVAILABLE",
+        "the seed's order: AVAILABLE first"
+    );
+    assert!(
+        half["description"]
+            .as_str()
+            .unwrap()
+            .contains("vmbackup.host-a.job-1"),
+        "{half}"
+    );
+    assert!(
+        o["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "killed")
+    );
+    assert!(!leftovers(&other.admin).await.is_empty());
+
+    // The next job of host-a sweeps what job-1 left, and only that.
+    let sweeper = other.provider();
+    sweeper.job_init(&job("job-2")).await.unwrap();
+    let swept = sweeper.swept();
+    eprintln!("swept: {swept:#?}");
+    assert!(
+        swept.iter().all(|l| l.contains("vmbackup.host-a.job-1")),
+        "{swept:?}"
+    );
+    assert!(
+        swept.iter().any(|l| l.contains("incomplete base image")),
+        "{swept:?}"
+    );
+    sweeper.job_cleanup().await.unwrap();
+    let o = other.admin.scp_objects().await;
+    let images = o["base_images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{images:?}");
+    assert_eq!(
+        images[0]["id"],
+        finished.as_str(),
+        "the finished one is kept"
+    );
+    let names: Vec<&str> = o["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, vec!["done"]);
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    let scp2 = other.provider();
+    let _ = done;
+    let restored_a = other.admin.server_by_name(&scp2, "done").await.unwrap();
+    assert_eq!(other.admin.server_digests(&restored_a).await, before_a);
+
+    // Restoring vm-b again now works, byte for byte.
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &snap_b,
+        RestoreTarget::NewGuest {
+            name: Some("again".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before_b);
+    let o = other.admin.scp_objects().await;
+    let again = o["base_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] != finished.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(image_sha256(&other, &again).await, digest_b);
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+}
+
+/// HotAdd as on a real proxy: the platform hands out no path; the
+/// provider finds each hot-added disk by its serial under the proxy's
+/// by-id directory (the mock makes the links there). A backup and its
+/// restore to a platform without the base image, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_add_finds_disks_by_serial_under_the_by_id_root() {
+    let by_id = |c: &mut mock_hypervisor::MockConfig, dir: &std::path::Path| {
+        c.scp.disk_by_id_dir = Some(dir.join("by-id"));
+    };
+    let env = Env::start(by_id).await;
+    let proxy = env
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let options = |env: &Env, proxy: &Value| {
+        let mut o = env.options(AccessMode::HotAdd {
+            proxy_server_id: id(proxy),
+        });
+        o.hotadd_device_root = Some(env.dir.path().join("by-id"));
+        o.hotadd_device_wait = std::time::Duration::from_secs(5);
+        o
+    };
+    // Without the root the provider has no path to read.
+    let e = env
+        .backup(
+            env.provider_with(env.options(AccessMode::HotAdd {
+                proxy_server_id: id(&proxy),
+            })),
+            &[&id(&vm)],
+        )
+        .await;
+    let err = e.guests[0].result.as_ref().unwrap_err();
+    assert!(
+        err.report().contains("hotadd_device_root"),
+        "{}",
+        err.report()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    let scp = env.provider_with(options(&env, &proxy));
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.volumes[0].base_image_stored);
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let links: Vec<_> = std::fs::read_dir(env.dir.path().join("by-id"))
+        .unwrap()
+        .collect();
+    assert!(links.is_empty(), "links removed with the hot-adds");
+
+    let other = Env::start(by_id).await;
+    let proxy2 = other
+        .admin
+        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+        .await;
+    let scp2 = other.provider_with(options(&other, &proxy2));
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("by-id".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        image_sha256(
+            &other,
+            other.admin.scp_objects().await["base_images"][0]["id"]
+                .as_str()
+                .unwrap()
+        )
+        .await,
+        image_sha256(&env, &base).await
+    );
+    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+}

@@ -404,11 +404,17 @@ pub struct Export {
 pub struct HotAddDisk {
     /// Hot-add id (for detaching).
     pub id: String,
-    /// Where the proxy sees the disk as a raw file.
+    /// Where the proxy sees the disk as a raw file (absent when the proxy
+    /// finds it by serial, see [`crate::ScpOptions::hotadd_device_root`]).
+    #[serde(default)]
     pub local_path: String,
     /// Size.
     #[serde(default)]
     pub size: u64,
+    /// The disk's serial as the proxy's guest sees it (virtio: at most 20
+    /// characters).
+    #[serde(default)]
+    pub serial: String,
 }
 
 /// Result of `PUT /janus/20250725/servers/{proxy}`.
@@ -436,6 +442,12 @@ pub struct ServerListed {
     /// Disks hot-added to it (a backup proxy). Absent: none to sweep.
     #[serde(default)]
     pub hotadd_disks: Vec<HotAddListed>,
+    /// Description (a restore's job marker while its base image is written).
+    #[serde(default)]
+    pub description: String,
+    /// Its disks (a linked one names its base image).
+    #[serde(default)]
+    pub disks: Vec<Disk>,
 }
 
 /// A disk hot-added to a server, as the server lists it.

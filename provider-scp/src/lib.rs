@@ -67,6 +67,10 @@
 //!   (`PUT /janus/20250725/servers/{proxy}`, `open_base_image` for the base
 //!   image) and read as a local file with the changed areas as dirty
 //!   regions ([`provider_api::SnapshotAccess::FileHandle`]); detached in `backup_cleanup`.
+//!   With [`ScpOptions::hotadd_device_root`] (the proxy's
+//!   `/dev/disk/by-id`) the disk is found as `<root>/virtio-<serial>`
+//!   (waited for up to [`ScpOptions::hotadd_device_wait`]) instead of the
+//!   `local_path` the platform answers.
 //!
 //! ## Restore
 //!
@@ -78,14 +82,24 @@
 //! cannot be created yet (SCP links only to an `AVAILABLE` image), so the
 //! guest returned is provisional ([`ScpProvider::restored_server_id`] gives
 //! the real id) and the system disk's `restore_vm_volume_init` restores the
-//! base image first: create it (`CREATING`), import the host's base source
-//! with `qemu-img convert` into a writable export (or rw hot-add), set it
-//! `AVAILABLE`, sync the replica, restore attributes, then create (or
-//! relink) the VM. A failure before `AVAILABLE` deletes the incomplete
-//! base image. The disks are then written by the host: the linked system
-//! disk as [`Layer::Overlay`](provider_api::Layer::Overlay), other disks as
-//! [`Layer::Merged`](provider_api::Layer::Merged). A failed restore to a new
-//! VM deletes that VM.
+//! base image first, in the seed's order (4.5.2): create it (`POST`,
+//! tagged with the job marker), set it `AVAILABLE` (`PUT`), sync the
+//! replica, restore attributes, create (or relink) the VM, then write the
+//! base image's data *through the VM's system disk opened with the
+//! base-image flag* (an export with `open_base_image: 1` under the
+//! `Recovery` resource, as sfvddk's `SFDISKLIB_FLAG_OPEN_BASE_IMAGE`, or a
+//! rw hot-add with `open_base_image: 1`). The data goes through the
+//! provider's own data path: the host's base source is read with the
+//! `nbd` client and written in bounded 4 MiB pieces, zero ranges skipped
+//! (no `qemu-img` child process, no CA file on disk). The job marker is
+//! removed once the data is complete. A failed restore deletes the VM it
+//! created, then the incomplete base image (seed 4.5.3 rule 8); a job that
+//! dies meanwhile leaves both marker-tagged and the next job of the host
+//! sweeps them (`provider/sweep.rs`). The disks are then written by the
+//! host: the linked system disk as
+//! [`Layer::Overlay`](provider_api::Layer::Overlay), other disks as
+//! [`Layer::Merged`](provider_api::Layer::Merged). A failed restore to a
+//! new VM deletes that VM.
 //!
 //! Quick recovery of linked VMs is refused: [`ScpProvider::quick_recovery`]
 //! answers [`ErrorKind::Refused`](provider_api::ErrorKind::Refused).

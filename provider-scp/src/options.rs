@@ -78,9 +78,6 @@ pub struct ScpOptions {
     /// Storage restored VMs (and base image replicas) go to; default: the
     /// original VM's storage.
     pub restore_storage_id: Option<String>,
-    /// `qemu-img` binary used to import a base image from the host's
-    /// restore source.
-    pub qemu_img: PathBuf,
     /// Retries of idempotent calls (`GET`s, task polls) on retryable
     /// errors (HTTP 502/503/504/429, connection failures). Not part of the
     /// configuration file: the default (5 attempts, 200 ms doubling up to
@@ -100,6 +97,20 @@ pub struct ScpOptions {
     /// Service of the signature scope (`open-api` by default).
     #[serde(default = "default_service")]
     pub service: String,
+    /// HotAdd: where the proxy's guest lists its disks by serial (the
+    /// proxy's `/dev/disk/by-id`). When set, a hot-added disk is the device
+    /// `<root>/virtio-<serial>` (waited for up to
+    /// [`Self::hotadd_device_wait`]), not a path the platform hands out.
+    #[serde(default)]
+    pub hotadd_device_root: Option<PathBuf>,
+    /// How long a hot-added disk may take to appear under
+    /// [`Self::hotadd_device_root`].
+    #[serde(default = "default_device_wait")]
+    pub hotadd_device_wait: Duration,
+}
+
+fn default_device_wait() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_region() -> String {
@@ -129,12 +140,13 @@ impl ScpOptions {
             poll_interval: Duration::from_millis(200),
             request_timeout: Duration::from_secs(60),
             restore_storage_id: None,
-            qemu_img: PathBuf::from("qemu-img"),
             retry: RetryPolicy::default(),
             access_key: None,
             secret_key: None,
             region: default_region(),
             service: default_service(),
+            hotadd_device_root: None,
+            hotadd_device_wait: default_device_wait(),
         }
     }
 }

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ScpPlatform;
-use super::base_images::{CreateBaseImage, create_record, make_available};
+use super::base_images::{CreateBaseImage, create_record, make_available, restoring, settle};
 use super::servers::{CreateServer, NewDisk, create_server_record};
 use crate::admin::{AdminResult, Fill, FillTarget, parse, run_blocking, write_fill};
 use crate::error::Error;
@@ -44,6 +44,10 @@ pub fn router(scp: Arc<ScpPlatform>) -> Router {
             "/faults/tasks",
             post(add_task_fault).delete(clear_task_faults),
         )
+        .route(
+            "/bindings/{binding_id}",
+            axum::routing::delete(delete_binding),
+        )
         .route("/token-ttl", put(set_token_ttl))
         .route("/logins", get(logins))
         .with_state(scp)
@@ -62,7 +66,7 @@ pub fn objects(scp: &ScpPlatform) -> Value {
             "snapshots": doc.snapshots.values().collect::<Vec<_>>(),
             "hotadds": doc.hotadds.values().collect::<Vec<_>>(),
             "base_images": doc.base_images.values().collect::<Vec<_>>(),
-            "temporary_base_images": doc.base_images.values().filter(|b| b.status != "AVAILABLE").map(|b| &b.id).collect::<Vec<_>>(),
+            "temporary_base_images": doc.base_images.values().filter(|b| b.status != "AVAILABLE" || restoring(scp, &b.id)).map(|b| &b.id).collect::<Vec<_>>(),
             "custom_attributes": doc.custom_attributes.values().collect::<Vec<_>>(),
             "bindings": doc.bindings.values().collect::<Vec<_>>(),
             "backup_resources": leases,
@@ -172,6 +176,7 @@ async fn create_base_image(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> 
     })
     .await?;
     make_available(&scp, &rec.id)?;
+    settle(&scp, &rec.id)?;
     for s in req.storage_ids.iter().skip(1) {
         scp.inv.update(|doc| {
             if !doc.has_storage(s) {
@@ -345,4 +350,19 @@ async fn logins(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
 
 async fn list_objects(State(scp): State<Arc<ScpPlatform>>) -> AdminResult {
     Ok(Json(objects(&scp)))
+}
+
+/// The operator unbinds a custom attribute (test-only: the attribute
+/// stays, the binding goes).
+async fn delete_binding(
+    State(scp): State<Arc<ScpPlatform>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> AdminResult {
+    scp.inv.update(|doc| {
+        doc.bindings
+            .remove(&id)
+            .map(|_| ())
+            .ok_or_else(|| Error::not_found("binding", &id))
+    })?;
+    Ok(Json(json!({"id": id})))
 }

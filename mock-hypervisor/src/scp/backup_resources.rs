@@ -99,7 +99,31 @@ pub fn expire_due(scp: &ScpPlatform) {
     };
     for l in due {
         tracing::info!(lease = %l.id, "backup resource expired");
+        let written = written_base_images(scp, &l.exports);
         scp.hv.exports.remove_owned_by(&l.owner());
+        settle_all(scp, &written);
+    }
+}
+
+/// Base images that writable exports among `names` write.
+fn written_base_images(scp: &ScpPlatform, names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter_map(|n| scp.hv.exports.get(n))
+        .filter(|e| !e.read_only())
+        .filter_map(|e| match e.target() {
+            ExportTarget::BaseImage(i) => Some(i.id().to_string()),
+            ExportTarget::Disk { .. } => None,
+        })
+        .collect()
+}
+
+/// Settles base images whose writer closed (see [`super::base_images::settle`]).
+fn settle_all(scp: &ScpPlatform, ids: &[String]) {
+    for id in ids {
+        if let Err(e) = super::base_images::settle(scp, id) {
+            tracing::warn!(base_image = %id, error = ?e, "settling a restored base image failed");
+        }
     }
 }
 
@@ -250,7 +274,9 @@ pub async fn release(
 ) -> ScpResult {
     let lease = active_lease(&scp, &id)?;
     scp.leases_lock().active.remove(&id);
+    let written = written_base_images(&scp, &lease.exports);
     let closed = scp.hv.exports.remove_owned_by(&lease.owner());
+    settle_all(&scp, &written);
     ok(json!({"id": id, "closed_exports": closed.iter().map(|s| &s.name).collect::<Vec<_>>()}))
 }
 
@@ -349,14 +375,12 @@ pub async fn open_export(
             ));
         }
         if let Some(b) = &req.base_image_id {
-            let rec = doc.base_image(b)?;
-            if rec.status != "CREATING" {
-                return Err(ScpError::conflict(format!(
-                    "base image {b} is {}: only CREATING base images can be written",
-                    rec.status
-                )));
-            }
-            return Ok((ExportTarget::BaseImage(store.image(b)?), true, None));
+            doc.base_image(b)?;
+            return Err(ScpError::invalid(format!(
+                "base image {b} cannot be opened by its id: its data is written through \
+                 the restored VM's system disk (server_id, open_base_image=1; sfdisklib_open \
+                 with SFDISKLIB_FLAG_OPEN_BASE_IMAGE)"
+            )));
         }
         let server_id = req
             .server_id
@@ -382,8 +406,21 @@ pub async fn open_export(
                 .base_image_id
                 .as_deref()
                 .ok_or_else(|| ScpError::conflict(format!("disk {} has no base image", disk.id)))?;
-            let creating = doc.base_image(b)?.status == "CREATING";
-            return Ok((ExportTarget::BaseImage(store.image(b)?), creating, None));
+            let status = doc.base_image(b)?.status.clone();
+            if status != "AVAILABLE" {
+                return Err(ScpError::conflict(format!(
+                    "base image {b} is {status}: set it AVAILABLE first"
+                )));
+            }
+            let writable = super::base_images::restoring(&scp, b);
+            return Ok((ExportTarget::BaseImage(store.image(b)?), writable, None));
+        }
+        if super::base_images::disk_waits_for_base(&scp, disk) {
+            return Err(ScpError::conflict(format!(
+                "the base image of disk {} is being restored: write its data first \
+                 (open_base_image=1)",
+                disk.id
+            )));
         }
         Ok((
             ExportTarget::Disk {
@@ -466,6 +503,8 @@ pub async fn close_export(
     if let Some(l) = scp.leases_lock().active.get_mut(&id) {
         l.exports.retain(|e| e != &export_id);
     }
+    let written = written_base_images(&scp, std::slice::from_ref(&export_id));
     let stats = scp.hv.exports.remove(&export_id)?;
+    settle_all(&scp, &written);
     ok(stats)
 }

@@ -1,5 +1,17 @@
 //! Base images: list (with filters), create (status `CREATING`), update
-//! (status `AVAILABLE` seals the data), delete, replicas and replica sync.
+//! (status `AVAILABLE`), delete, replicas and replica sync.
+//!
+//! Restoring a base image follows the seed (4.5.2): create it, set it
+//! `AVAILABLE`, create the VM linked to it, then write its data through that
+//! VM's system disk opened with the base-image flag (an export with
+//! `open_base_image: 1`, as sfvddk's `sfdisklib_open` with
+//! `SFDISKLIB_FLAG_OPEN_BASE_IMAGE`, or a rw hot-add with
+//! `open_base_image: 1`). Writing a base image by its own id is refused.
+//! The image's data is *being restored* from `AVAILABLE` until the first
+//! such writer closes ([`settle`]): only then is it sealed and the VMs
+//! created on it linked to it; until then their own disks cannot be opened
+//! (the base is incomplete, seed 4.5.3 rule 8). Images made by the admin
+//! API are sealed at once.
 
 use std::sync::Arc;
 
@@ -141,7 +153,64 @@ fn writers_of(scp: &ScpPlatform, id: &str) -> Vec<String> {
     out
 }
 
-/// Makes a base image `AVAILABLE` (seals its data, marks its replicas).
+/// Whether a base image's data is still being restored: `AVAILABLE`
+/// (or `CREATING`) but not sealed yet.
+pub fn restoring(scp: &ScpPlatform, id: &str) -> bool {
+    scp.hv.store.image(id).is_ok_and(|i| !i.is_sealed())
+}
+
+/// Whether a server disk is linked to a base image whose data is still
+/// being restored (the disk store links it once the data is complete).
+pub fn disk_waits_for_base(scp: &ScpPlatform, disk: &super::model::ServerDisk) -> bool {
+    let Some(b) = &disk.base_image_id else {
+        return false;
+    };
+    let linked = scp
+        .hv
+        .store
+        .disk(&disk.id)
+        .ok()
+        .and_then(|d| d.base_image())
+        .is_some_and(|i| i.id() == b);
+    !linked && restoring(scp, b)
+}
+
+/// The base image data written through a VM's system disk is complete
+/// (its writer closed): seal it and link the disks created on it.
+pub fn settle(scp: &ScpPlatform, id: &str) -> Result<(), ScpError> {
+    let Ok(image) = scp.hv.store.image(id) else {
+        return Ok(());
+    };
+    let available = scp.inv.read(|doc| {
+        doc.base_images
+            .get(id)
+            .is_some_and(|b| b.status == "AVAILABLE")
+    });
+    if !available || !writers_of(scp, id).is_empty() {
+        return Ok(());
+    }
+    if !image.is_sealed() {
+        image.seal()?;
+    }
+    let waiting: Vec<String> = scp.inv.read(|doc| {
+        doc.servers
+            .values()
+            .flat_map(|s| s.disks.iter())
+            .filter(|d| d.base_image_id.as_deref() == Some(id))
+            .map(|d| d.id.clone())
+            .collect()
+    });
+    for d in waiting {
+        let disk = scp.hv.store.disk(&d)?;
+        if disk.base_image().is_none_or(|b| b.id() != id) {
+            disk.reset_to_base(Some(image.clone()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a base image `AVAILABLE` (marks its replicas). Its data stays
+/// writable through a linked VM's system disk until [`settle`]d.
 pub fn make_available(scp: &ScpPlatform, id: &str) -> Result<(), ScpError> {
     let status = scp
         .inv
@@ -159,7 +228,6 @@ pub fn make_available(scp: &ScpPlatform, id: &str) -> Result<(), ScpError> {
             users.join(", ")
         )));
     }
-    scp.hv.store.image(id)?.seal()?;
     scp.inv.update(|doc| {
         if let Some(b) = doc.base_images.get_mut(id) {
             b.status = "AVAILABLE".into();
@@ -210,7 +278,17 @@ pub async fn delete(
     ScpPath(id): ScpPath<String>,
 ) -> ScpResult {
     scp.inv.read(|doc| doc.base_image(&id).map(|_| ()))?;
-    let users = scp.hv.store.disks_using(&id);
+    let mut users = scp.hv.store.disks_using(&id);
+    users.extend(scp.inv.read(|doc| {
+        doc.servers
+            .values()
+            .flat_map(|s| s.disks.iter())
+            .filter(|d| d.base_image_id.as_deref() == Some(id.as_str()))
+            .map(|d| d.id.clone())
+            .collect::<Vec<_>>()
+    }));
+    users.sort();
+    users.dedup();
     if !users.is_empty() {
         return Err(ScpError::conflict(format!(
             "base image {id} is used by {} linked disk(s)",

@@ -67,6 +67,10 @@ pub struct ScpConfig {
     pub secret_key: String,
     /// Storages created on first start.
     pub storages: Vec<Storage>,
+    /// When set, a hot-added disk appears to the proxy as a link
+    /// `<dir>/virtio-<serial>` (the proxy's `/dev/disk/by-id`), and hot-add
+    /// answers carry its `serial` but no `local_path`.
+    pub disk_by_id_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ScpConfig {
@@ -90,6 +94,7 @@ impl Default for ScpConfig {
                     name: "virtual-storage".into(),
                 },
             ],
+            disk_by_id_dir: None,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct Server {
     pub id: String,
     /// Name.
     pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
     /// `running` or `stopped`.
     pub status: String,
     /// `"desk"` for desktop-cloud VMs, empty otherwise.
@@ -201,6 +204,10 @@ pub struct HotAdd {
     pub mode: String,
     /// What it shows.
     pub source: HotAddSource,
+    /// Disk serial the proxy's guest sees (`/dev/disk/by-id/virtio-<serial>`,
+    /// at most 20 characters as virtio-blk reports it).
+    #[serde(default)]
+    pub serial: String,
 }
 
 /// Everything SCP persists.

@@ -144,6 +144,13 @@ pub struct CreateServer {
     pub cbt_enable: Option<u8>,
 }
 
+/// The `description` of a `POST /janus/20250725/servers` body.
+#[derive(Debug, Deserialize)]
+struct Described {
+    #[serde(default)]
+    description: String,
+}
+
 /// One disk of a new server.
 #[derive(Debug, Deserialize)]
 pub struct NewDisk {
@@ -221,10 +228,24 @@ pub async fn create_server_record(
         }
         Ok(())
     })?;
+    if let Some(b) = req
+        .disks
+        .iter()
+        .find(|d| !d.linked && d.base_image_id.is_some())
+        .and_then(|d| d.base_image_id.as_deref())
+        .filter(|b| super::base_images::restoring(scp, b))
+    {
+        return Err(ScpError::conflict(format!(
+            "base image {b} has no data yet: a full copy cannot be made of it"
+        )));
+    }
     let mut disks = Vec::new();
     for (i, d) in req.disks.iter().enumerate() {
         let linked_base = d.base_image_id.as_deref().filter(|_| d.linked);
-        let disk = scp.hv.store.create_disk(d.size, linked_base)?;
+        // A base image whose data is still being restored (through this
+        // VM's system disk, `open_base_image`) is linked once complete.
+        let store_base = linked_base.filter(|b| !super::base_images::restoring(scp, b));
+        let disk = scp.hv.store.create_disk(d.size, store_base)?;
         if let (Some(b), false) = (&d.base_image_id, d.linked) {
             let image = scp.hv.store.image(b)?;
             let disk2 = disk.clone();
@@ -257,6 +278,7 @@ pub async fn create_server_record(
     let server = Server {
         id: new_uuid(),
         name: req.name,
+        description: String::new(),
         status: "running".into(),
         application: req.application,
         revert_mode: req.revert_mode,
@@ -285,7 +307,16 @@ pub async fn create_server(State(scp): State<Arc<ScpPlatform>>, body: Bytes) -> 
     if let Some(failed) = scp.failed_task("create_server", "") {
         return failed;
     }
-    let server = create_server_record(&scp, req).await?;
+    let described: Described = parse_body(&body)?;
+    let mut server = create_server_record(&scp, req).await?;
+    if !described.description.is_empty() {
+        server.description = described.description;
+        let s = server.clone();
+        scp.inv.update(|doc| {
+            doc.servers.insert(s.id.clone(), s);
+            Ok(())
+        })?;
+    }
     let disk_ids: Vec<&str> = server.disks.iter().map(|d| d.id.as_str()).collect();
     scp.task(
         "create_server",
@@ -339,6 +370,8 @@ struct UpdateServer {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
     disks: Option<OneOrMany<DiskOp>>,
 }
 
@@ -365,6 +398,14 @@ pub async fn update_server(
             Ok(())
         })?;
     }
+    if let Some(d) = &req.description {
+        scp.inv.update(|doc| {
+            if let Some(s) = doc.servers.get_mut(&proxy_id) {
+                s.description = d.clone();
+            }
+            Ok(())
+        })?;
+    }
     let ops = match req.disks {
         None => Vec::new(),
         Some(OneOrMany::One(op)) => vec![op],
@@ -379,6 +420,7 @@ pub async fn update_server(
             other => return Err(ScpError::invalid(format!("unknown disk action {other}"))),
         }
     }
+    let attached: Vec<Value> = attached.iter().map(|h| hotadd_answer(&scp, h)).collect();
     scp.task(
         "update_server",
         &proxy_id,
@@ -431,7 +473,9 @@ async fn hot_add(scp: &Arc<ScpPlatform>, proxy_id: &str, op: DiskOp) -> Result<H
             ));
         }
         if let Some(b) = &op.base_image_id {
-            let image = doc.base_image(b)?;
+            // Read-only: base image data is written through a restored
+            // VM's system disk with `open_base_image` (seed 4.5.2 step 3).
+            doc.base_image(b)?;
             let source = HotAddSource {
                 server_id: None,
                 snapshot_id: None,
@@ -439,11 +483,7 @@ async fn hot_add(scp: &Arc<ScpPlatform>, proxy_id: &str, op: DiskOp) -> Result<H
                 base_image_id: Some(b.clone()),
                 open_base_image: 1,
             };
-            return Ok((
-                HotAddTarget::Image { image: b.clone() },
-                source,
-                image.status == "CREATING",
-            ));
+            return Ok((HotAddTarget::Image { image: b.clone() }, source, false));
         }
         let server_id = op.server_id.clone().ok_or_else(|| {
             ScpError::invalid("a disk to attach needs snapshot_id, base_image_id or server_id")
@@ -466,11 +506,21 @@ async fn hot_add(scp: &Arc<ScpPlatform>, proxy_id: &str, op: DiskOp) -> Result<H
                 .base_image_id
                 .clone()
                 .ok_or_else(|| ScpError::conflict(format!("disk {} has no base image", disk.id)))?;
-            let creating = doc
-                .base_images
-                .get(&image)
-                .is_some_and(|i| i.status == "CREATING");
-            return Ok((HotAddTarget::Image { image }, source, creating));
+            let status = doc.base_image(&image)?.status.clone();
+            if status != "AVAILABLE" {
+                return Err(ScpError::conflict(format!(
+                    "base image {image} is {status}: set it AVAILABLE first"
+                )));
+            }
+            let writable = super::base_images::restoring(scp, &image);
+            return Ok((HotAddTarget::Image { image }, source, writable));
+        }
+        if super::base_images::disk_waits_for_base(scp, disk) {
+            return Err(ScpError::conflict(format!(
+                "the base image of disk {} is being restored: write its data first \
+                 (open_base_image=1)",
+                disk.id
+            )));
         }
         Ok((
             HotAddTarget::Live {
@@ -498,7 +548,8 @@ async fn hot_add(scp: &Arc<ScpPlatform>, proxy_id: &str, op: DiskOp) -> Result<H
         }
         ("rw", HotAddTarget::Image { image }) if !writable_default => {
             return Err(ScpError::conflict(format!(
-                "base image {image} is not CREATING: it is read-only"
+                "base image {image} is read-only: its data is written only while it is \
+                 restored, through a VM's system disk with open_base_image=1"
             )));
         }
         ("ro" | "rw", _) => {}
@@ -556,11 +607,34 @@ async fn hot_add(scp: &Arc<ScpPlatform>, proxy_id: &str, op: DiskOp) -> Result<H
             size,
             mode,
             source,
+            serial: id.replace('-', "").chars().take(20).collect(),
         };
         doc.hotadds.insert(id.clone(), h.clone());
         Ok(h)
     })?;
+    if let Some(dir) = by_id_dir(scp) {
+        let link = dir.join(format!("virtio-{}", hotadd.serial));
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::os::unix::fs::symlink(&path, &link))
+            .map_err(Error::io(&link))?;
+    }
     Ok(hotadd)
+}
+
+fn by_id_dir(scp: &ScpPlatform) -> Option<std::path::PathBuf> {
+    scp.config().disk_by_id_dir.clone()
+}
+
+/// A hot-add as the platform answers it: with `disk_by_id_dir` the proxy
+/// finds the disk by its serial, not by a path the platform hands out.
+fn hotadd_answer(scp: &ScpPlatform, h: &HotAdd) -> Value {
+    let mut v = serde_json::to_value(h).unwrap_or(Value::Null);
+    if by_id_dir(scp).is_some()
+        && let Some(o) = v.as_object_mut()
+    {
+        o.remove("local_path");
+    }
+    v
 }
 
 async fn hot_remove(
@@ -605,10 +679,19 @@ async fn hot_remove(
         }
     })
     .await?;
+    if let Some(dir) = by_id_dir(scp) {
+        let _ = std::fs::remove_file(dir.join(format!("virtio-{}", h.serial)));
+    }
     scp.inv.update(|doc| {
         doc.hotadds.remove(&id);
         Ok(())
     })?;
+    if h.mode == "rw"
+        && h.source.open_base_image == 1
+        && let Some(b) = &h.source.base_image_id
+    {
+        super::base_images::settle(scp, b)?;
+    }
     Ok(id)
 }
 
@@ -689,6 +772,9 @@ pub async fn recovery_base_image(
     let hv = scp.hv.clone();
     let d2 = disk_id.clone();
     let b2 = base.clone();
+    // A base image whose data is still being restored is linked once
+    // complete (`base_images::settle`); meanwhile the own data is erased.
+    let b2 = b2.filter(|b| !super::base_images::restoring(&scp, b));
     blocking(move || {
         let disk = hv.store.disk(&d2)?;
         let new_base = b2.map(|b| hv.store.image(&b)).transpose()?;

@@ -21,9 +21,8 @@ impl ScpProvider {
                         "open_base_image": open_base_image}))
                     .await?;
                 self.with_backup(guest, |s| s.hotadds.push(h.id.clone()));
-                Ok(SnapshotAccess::FileHandle(FileAccess::new(PathBuf::from(
-                    h.local_path,
-                ))))
+                let device = self.hotadd_device(&h).await?;
+                Ok(SnapshotAccess::FileHandle(FileAccess::new(device)))
             }
             _ => {
                 let (e, access) = self

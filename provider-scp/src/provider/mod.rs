@@ -72,8 +72,11 @@ struct RestoreState {
     pending_base: bool,
     /// Base image id to link to.
     base_image_id: Option<String>,
-    /// A base image this restore created and has not sealed yet.
+    /// A base image this restore created whose data is not complete yet
+    /// (deleted when the restore fails).
     unsealed_base: Option<String>,
+    /// Its description without the job marker.
+    base_description: String,
     lease: Option<Lease>,
     /// Per device: export or hot-add to close.
     open: BTreeMap<String, Opened>,
@@ -305,6 +308,48 @@ impl ScpProvider {
             .ok_or_else(|| Error::new(ErrorKind::Platform, "hot-add answered no disk"))
     }
 
+    /// Where this proxy sees a hot-added disk: by its serial under
+    /// [`ScpOptions::hotadd_device_root`] (waiting for the link to
+    /// appear), or the path the platform answered.
+    async fn hotadd_device(&self, h: &api::HotAddDisk) -> Result<PathBuf> {
+        let Some(root) = &self.options.hotadd_device_root else {
+            if h.local_path.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Platform,
+                    format!(
+                        "hot-added disk {} has no local_path: set hotadd_device_root                          to find it by serial",
+                        h.id
+                    ),
+                ));
+            }
+            return Ok(PathBuf::from(&h.local_path));
+        };
+        let serial: String = if h.serial.is_empty() {
+            h.id.replace('-', "").chars().take(20).collect()
+        } else {
+            h.serial.clone()
+        };
+        let path = root.join(format!("virtio-{serial}"));
+        let deadline = tokio::time::Instant::now() + self.options.hotadd_device_wait;
+        loop {
+            if tokio::fs::metadata(&path).await.is_ok() {
+                return Ok(path);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "hot-added disk {} (serial {serial}) did not appear as {} within {:?}",
+                        h.id,
+                        path.display(),
+                        self.options.hotadd_device_wait
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     async fn hot_remove(&self, id: &str) -> Result<()> {
         let proxy = self.proxy()?.to_owned();
         self.hot_remove_on(&proxy, id).await
@@ -530,9 +575,12 @@ impl BackupProvider for ScpProvider {
             let marker = restored_marker(&base_id);
             let found: Vec<BaseImage> = self.client.list(BASE_IMAGES, &[]).await?;
             let found = found.iter().find(|i| i.id == base_id).or_else(|| {
-                found
-                    .iter()
-                    .find(|i| i.status == "AVAILABLE" && i.description.contains(&marker))
+                // Complete only once the job marker is gone.
+                found.iter().find(|i| {
+                    i.status == "AVAILABLE"
+                        && i.description.contains(&marker)
+                        && JobMarker::find_in(&i.description).is_none()
+                })
             });
             match found.cloned() {
                 Some(img) if img.status == "AVAILABLE" => {
@@ -586,12 +634,11 @@ impl BackupProvider for ScpProvider {
         device: &str,
         outcome: &Outcome,
     ) -> Result<()> {
-        let (opened, unsealed) = {
+        // An incomplete base image is deleted by `restore_vm_cleanup`,
+        // after the VM linked to it.
+        let opened = {
             let mut r = lock(&self.restores);
-            match r.get_mut(&guest.id.0) {
-                Some(st) => (st.open.remove(device), st.unsealed_base.take()),
-                None => (None, None),
-            }
+            r.get_mut(&guest.id.0).and_then(|st| st.open.remove(device))
         };
         let mut first = None;
         if let Some(o) = opened {
@@ -603,12 +650,7 @@ impl BackupProvider for ScpProvider {
                 first.get_or_insert(e);
             }
         }
-        if let Some(b) = unsealed {
-            tracing::warn!(base_image = %b, success = outcome.is_success(), "deleting the incomplete base image");
-            if let Err(e) = self.delete_base_image(&b).await {
-                first.get_or_insert(e);
-            }
-        }
+        let _ = outcome;
         first.map_or(Ok(()), |e| Err(e.volume(device)))
     }
 
@@ -632,15 +674,20 @@ impl BackupProvider for ScpProvider {
         {
             first.get_or_insert(e);
         }
-        if let Some(b) = st.unsealed_base.take()
-            && let Err(e) = self.delete_base_image(&b).await
-        {
-            first.get_or_insert(e);
-        }
-        if !outcome.is_success() && st.created && !st.server_id.is_empty() {
-            // Do not leave a half-restored new VM behind.
+        let unsealed = st.unsealed_base.take();
+        if (!outcome.is_success() || unsealed.is_some()) && st.created && !st.server_id.is_empty() {
+            // Do not leave a half-restored new VM behind (nor one on an
+            // incomplete base image).
             let path = format!("{SERVERS}/{}", st.server_id);
             if let Err(e) = self.client.task::<Value>(Method::DELETE, &path, None).await {
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(b) = unsealed {
+            // Seed 4.5.3 rule 8: an interrupted base image restore leaves
+            // unusable data: delete the image.
+            tracing::warn!(base_image = %b, "deleting the incomplete base image");
+            if let Err(e) = self.delete_base_image(&b).await {
                 first.get_or_insert(e);
             }
         }
@@ -658,6 +705,7 @@ impl BackupProvider for ScpProvider {
 }
 
 mod backup;
+mod copy;
 mod restore;
 mod sweep;
 

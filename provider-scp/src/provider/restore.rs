@@ -1,6 +1,6 @@
-//! Restore: base image (create, write, AVAILABLE, replica, custom
-//! attributes), the VM (new, or in place with recovery-baseimage), and
-//! the destinations the host writes.
+//! Restore: base image (create, AVAILABLE, replica, custom attributes,
+//! then its data through the restored VM's system disk), the VM (new, or
+//! in place with recovery-baseimage), and the destinations the host writes.
 
 use super::*;
 
@@ -164,7 +164,13 @@ impl ScpProvider {
             }
             disks.push(disk);
         }
-        let body = json!({"name": st.name, "storage_id": st.storage_id,
+        // While its base image's data is being written, the VM carries the
+        // job marker too: a later job sweeps both if this one dies.
+        let description = match (&st.unsealed_base, self.marker()) {
+            (Some(b), Some(m)) => format!("{m} restoring base image {b}"),
+            _ => String::new(),
+        };
+        let body = json!({"name": st.name, "description": description, "storage_id": st.storage_id,
             "application": md.server.application, "revert_mode": 0,
             "cores": md.server.cpu, "memory_mb": md.server.memory_mb, "os_type": md.server.os_type,
             "cbt_enable": 1, "disks": disks});
@@ -189,15 +195,14 @@ impl ScpProvider {
         Ok(())
     }
 
-    /// Restore a missing base image from the host's base source: create it
-    /// (`CREATING`), write its data, set it `AVAILABLE`, sync the replica,
-    /// restore its custom attributes.
-    pub(super) async fn restore_base_image(
-        &self,
-        st: &mut RestoreState,
-        source: &str,
-        size: u64,
-    ) -> Result<()> {
+    /// Restore a missing base image, in the seed's order (4.5.2): create
+    /// it (`POST`, tagged with the job marker), set it `AVAILABLE` (`PUT`),
+    /// sync its replica to the target storage, restore its custom
+    /// attributes. Its data is written later through the restored VM's
+    /// system disk ([`Self::write_base_image`]); until then it stays
+    /// marker-tagged and is deleted when the restore fails (or swept by a
+    /// later job when this one dies).
+    pub(super) async fn create_base_image(&self, st: &mut RestoreState, size: u64) -> Result<()> {
         let md = st
             .metadata
             .clone()
@@ -221,76 +226,25 @@ impl ScpProvider {
         )
         .trim()
         .to_owned();
-        // Over NBD the Recovery lease comes first, so that the image's
-        // description records it with the job marker while the image is
-        // incomplete (a later job sweeps both if this one dies).
-        let lease = match &self.options.access {
-            AccessMode::HotAdd { .. } => None,
-            _ => Some(self.open_lease(None, "Recovery").await?),
-        };
         let body = json!({"name": name, "size": size, "storage_id": st.storage_id,
-            "description": sweep::marked(&description, self.marker().as_ref(),
-                lease.as_ref().map(|l| l.id.as_str())),
+            "description": sweep::marked(&description, self.marker().as_ref(), None),
             "os_type": meta.map(|m| m.image.os_type.clone()).unwrap_or_default()});
-        let created: std::result::Result<IdAnswer, Error> = self
+        let created: IdAnswer = self
             .client
             .call(Method::POST, BASE_IMAGES, &[], Some(&body))
-            .await;
-        let id = match created {
-            Ok(c) => c.id,
-            Err(e) => {
-                if let Some(l) = lease {
-                    let _ = self.close_lease(l).await;
-                }
-                return Err(e);
-            }
-        };
+            .await?;
+        let id = created.id;
         st.unsealed_base = Some(id.clone());
-        match (&self.options.access, lease) {
-            (AccessMode::HotAdd { .. }, _) | (_, None) => {
-                let h = self
-                    .hot_add(json!({"base_image_id": id, "open_base_image": 1, "mode": "rw"}))
-                    .await?;
-                let r = self
-                    .qemu_img_convert(source, &QemuTarget::File(PathBuf::from(&h.local_path)))
-                    .await;
-                let d = self.hot_remove(&h.id).await;
-                r?;
-                d?;
-            }
-            (_, Some(lease)) => {
-                let r = async {
-                    let (e, access) = self
-                        .open_export(&lease.id, json!({"base_image_id": id}))
-                        .await?;
-                    let r = self
-                        .qemu_img_convert(source, &QemuTarget::Nbd(access))
-                        .await;
-                    let c = self.close_export(&lease.id, &e.id).await;
-                    r?;
-                    c
-                }
-                .await;
-                let c = self.close_lease(lease).await;
-                r?;
-                if c? {
-                    return Err(Error::new(
-                        ErrorKind::LeaseLost,
-                        "the recovery resource expired while the base image was written",
-                    ));
-                }
-            }
-        }
+        st.base_description = description;
         let _: Value = self
             .client
             .call(
                 Method::PUT,
                 &format!("{BASE_IMAGES}/{id}"),
                 &[],
-                Some(&json!({"status": "AVAILABLE", "description": description})),
+                Some(&json!({"status": "AVAILABLE"})),
             )
             .await?;
-        st.unsealed_base = None;
         let img: BaseImage = self
             .client
             .call(Method::GET, &format!("{BASE_IMAGES}/{id}"), &[], None)
@@ -304,57 +258,87 @@ impl ScpProvider {
         Ok(())
     }
 
-    pub(super) async fn qemu_img_convert(&self, source: &str, target: &QemuTarget) -> Result<()> {
-        let mut cmd = tokio::process::Command::new(&self.options.qemu_img);
-        cmd.args(["convert", "-n", "--target-is-zero", "-f", "raw", source]);
-        let _tls_dir;
-        match target {
-            QemuTarget::File(p) => {
-                cmd.args(["-O", "raw"]).arg(p);
-            }
-            QemuTarget::Nbd(n) => {
-                let NbdAddress::Tcp { host, port } = &n.address else {
-                    return Err(Error::invalid("base image export is not on TCP"));
-                };
-                let mut opts = format!(
-                    "driver=nbd,server.type=inet,server.host={host},server.port={port},export={}",
-                    n.export
-                );
-                if let Some(tls) = &n.tls {
-                    let dir = std::env::temp_dir().join(format!(
-                        "provider-scp-tls-{}-{}",
-                        std::process::id(),
-                        self.pending_ids.fetch_add(1, Ordering::Relaxed)
-                    ));
-                    std::fs::create_dir_all(&dir)?;
-                    std::fs::write(dir.join("ca-cert.pem"), &tls.ca_pem)?;
-                    cmd.arg("--object").arg(format!(
-                        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                        dir.display()
-                    ));
-                    opts.push_str(",tls-creds=tls0");
-                    _tls_dir = TempDir(dir);
-                }
-                cmd.arg("--target-image-opts").arg(opts);
-            }
-        }
-        let out = cmd.output().await.map_err(|e| {
-            Error::new(
-                ErrorKind::Io,
-                format!("running {}", self.options.qemu_img.display()),
-            )
-            .with_source(e)
+    /// Write the base image's data from the host's `source` through the
+    /// restored VM's system disk opened with the base-image flag (an
+    /// export with `open_base_image: 1` under the `Recovery` resource, or
+    /// a rw hot-add with `open_base_image: 1`), then drop the job marker
+    /// from its description: the image is complete.
+    pub(super) async fn write_base_image(
+        &self,
+        st: &mut RestoreState,
+        device: &str,
+        source: &str,
+        size: u64,
+    ) -> Result<()> {
+        let id = st
+            .unsealed_base
+            .clone()
+            .ok_or_else(|| Error::other("no base image being restored"))?;
+        let disk_id = st.disks.get(device).cloned().ok_or_else(|| {
+            Error::not_found(format!("the restored VM has no disk {device}")).guest(&st.server_id)
         })?;
-        if !out.status.success() {
-            return Err(Error::new(
-                ErrorKind::DataPath,
-                format!(
-                    "writing the base image failed: qemu-img convert: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
-            ));
-        }
+        let open = json!({"server_id": st.server_id, "disk_id": disk_id, "open_base_image": 1});
+        let copied = match &self.options.access {
+            AccessMode::HotAdd { .. } => {
+                let mut body = open;
+                body["mode"] = json!("rw");
+                let h = self.hot_add(body).await?;
+                let r = async {
+                    let device = self.hotadd_device(&h).await?;
+                    copy::copy_source(source, size, &copy::Destination::File(device)).await
+                }
+                .await;
+                let d = self.hot_remove(&h.id).await;
+                let c = r?;
+                d?;
+                c
+            }
+            _ => {
+                let lease = self.restore_lease(st).await?;
+                // The lease is recorded with the marker: a later job
+                // releases it before it removes this image and its VM.
+                self.describe_base_image(
+                    &id,
+                    &sweep::marked(&st.base_description, self.marker().as_ref(), Some(&lease)),
+                )
+                .await?;
+                let (e, access) = self.open_export(&lease, open).await?;
+                let r = copy::copy_source(source, size, &copy::Destination::Nbd(access)).await;
+                let c = self.close_export(&lease, &e.id).await;
+                let copied = r?;
+                c?;
+                copied
+            }
+        };
+        tracing::info!(base_image = %id, written = copied.written, skipped = copied.skipped,
+            "base image data restored");
+        self.describe_base_image(&id, &st.base_description).await?;
+        st.unsealed_base = None;
         Ok(())
+    }
+
+    async fn describe_base_image(&self, id: &str, description: &str) -> Result<()> {
+        let _: Value = self
+            .client
+            .call(
+                Method::PUT,
+                &format!("{BASE_IMAGES}/{id}"),
+                &[],
+                Some(&json!({"description": description})),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The `Recovery` resource locking the restored VM (opened once).
+    async fn restore_lease(&self, st: &mut RestoreState) -> Result<String> {
+        if let Some(l) = &st.lease {
+            return Ok(l.id.clone());
+        }
+        let l = self.open_lease(Some(&st.server_id), "Recovery").await?;
+        let id = l.id.clone();
+        st.lease = Some(l);
+        Ok(id)
     }
 
     pub(super) async fn volume_init(
@@ -386,8 +370,9 @@ impl ScpProvider {
                          (no base size from the host, none in the snapshot's metadata)",
                     )
                 })?;
-            self.restore_base_image(st, &source, size).await?;
+            self.create_base_image(st, size).await?;
             self.prepare_vm(st).await?;
+            self.write_base_image(st, device, &source, size).await?;
         }
         if st.server_id.is_empty() {
             return Err(Error::invalid("the restored VM does not exist yet"));
@@ -402,18 +387,10 @@ impl ScpProvider {
                     .await?;
                 st.open
                     .insert(device.to_owned(), Opened::HotAdd(h.id.clone()));
-                SnapshotAccess::FileHandle(FileAccess::new(PathBuf::from(h.local_path)))
+                SnapshotAccess::FileHandle(FileAccess::new(self.hotadd_device(&h).await?))
             }
             _ => {
-                let lease = match &st.lease {
-                    Some(l) => l.id.clone(),
-                    None => {
-                        let l = self.open_lease(Some(&st.server_id), "Recovery").await?;
-                        let id = l.id.clone();
-                        st.lease = Some(l);
-                        id
-                    }
-                };
+                let lease = self.restore_lease(st).await?;
                 let (e, access) = self
                     .open_export(
                         &lease,
@@ -434,18 +411,5 @@ impl ScpProvider {
             layer,
             destination,
         )]))
-    }
-}
-
-pub(super) enum QemuTarget {
-    File(PathBuf),
-    Nbd(NbdAccess),
-}
-
-pub(super) struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

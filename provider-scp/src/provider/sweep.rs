@@ -10,15 +10,18 @@
 //! | backup resource (lease) | none: the API has no name or description | its id, recorded in the snapshot's (or base image's) description |
 //! | NBD export | none (name chosen by the platform) | closed with its backup resource |
 //! | hot-added disk | none | its `source.snapshot_id` / `source.base_image_id` names a marked object |
-//! | base image being restored (`CREATING`) | its `description` (removed when it is sealed `AVAILABLE`) | listed; only non-`AVAILABLE` images are swept |
+//! | base image being restored | its `description`, with the `Recovery` resource's id (marker removed once its data is written; `AVAILABLE` before that, as the seed orders) | listed; only marked images are swept |
+//! | VM created on a base image being restored | its `description` | its disks name a swept base image |
 //!
 //! A lease opened by a job that died before it took its snapshot (or
 //! created its base image) is recorded nowhere: nothing renews it any more
 //! and the platform releases it after `remain_time`
 //! ([`ScpOptions::lease_seconds`](crate::ScpOptions)). The same holds for
-//! the `Recovery` lease of a restore into a VM, and the VM a crashed
-//! restore created is not swept (its name is the user's, and deleting a
-//! VM on a guess is worse than leaving one).
+//! the `Recovery` lease of a restore into a VM once its base image is
+//! complete, and a VM a crashed restore created on a complete base image
+//! is not swept (its name is the user's, and deleting a VM on a guess is
+//! worse than leaving one). A VM on an incomplete base image is swept with
+//! it (seed 4.5.3 rule 8: that image cannot be used; the VM would not boot).
 //!
 //! Only markers that name this host and a job not in
 //! [`JobInfo::running_jobs`] are swept ([`JobMarker::is_stale_for`]): never
@@ -113,14 +116,25 @@ impl ScpProvider {
         }
         let images: Vec<BaseImage> = self.client.list(BASE_IMAGES, &[]).await?;
         for img in images {
-            // A sealed image is data (a restored base image VMs may use):
-            // never swept, whatever its description says.
-            if img.status == "AVAILABLE" {
-                continue;
-            }
+            // The marker stays on a base image until its data is complete
+            // (it is `AVAILABLE` before: the seed's order); a complete one
+            // is data VMs use and carries no marker.
             let Some(m) = stale(&img.description) else {
                 continue;
             };
+            let users: Vec<&api::ServerListed> = servers
+                .iter()
+                .filter(|s| {
+                    s.disks
+                        .iter()
+                        .any(|d| d.base_image_id.as_deref() == Some(img.id.as_str()))
+                })
+                .collect();
+            if users.iter().any(|s| stale(&s.description).is_none()) {
+                tracing::warn!(base_image = %img.id,
+                    "an incomplete base image is used by a VM no stale job created: left");
+                continue;
+            }
             for (proxy, h) in &hotadds {
                 if h.source.base_image_id.as_deref() == Some(img.id.as_str()) {
                     self.hot_remove_on(proxy, &h.id).await?;
@@ -130,6 +144,21 @@ impl ScpProvider {
             if let Some(lease) = recorded_resource(&img.description) {
                 self.release_resource(&lease).await?;
                 swept.push(format!("backup resource {lease} ({m})"));
+            }
+            for s in users {
+                match self
+                    .client
+                    .task::<Value>(Method::DELETE, &format!("{SERVERS}/{}", s.id), None)
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                swept.push(format!(
+                    "server {} on the incomplete base image {} ({m})",
+                    s.id, img.id
+                ));
             }
             self.delete_base_image(&img.id).await?;
             swept.push(format!("incomplete base image {} ({m})", img.id));
