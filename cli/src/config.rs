@@ -12,6 +12,9 @@
 //! access = "nbdssl"                              # nbd | nbdssl | hotadd
 //! tls_ca = "/etc/vmbackup/scp-ca.pem"            # nbdssl: verifies the NBD server
 //! # proxy_server_id = "..."                      # hotadd: the backup proxy VM
+//! # hotadd_device_root = "/dev/disk/by-id"       # hotadd: where the proxy sees its disks by serial
+//! # access_key = "..."; secret_key_file = "..."  # signed requests instead of the password
+//! # restore_storage_id = "..."                   # storage for restored VMs and base-image replicas
 //!
 //! [platforms.engine]
 //! kind = "ovirt"
@@ -83,6 +86,19 @@ pub enum PlatformConfig {
         tls_ca: Option<PathBuf>,
         /// Backup proxy VM (`hotadd`).
         proxy_server_id: Option<String>,
+        /// Where hot-added disks appear on the proxy, by serial (`hotadd`;
+        /// the proxy's `/dev/disk/by-id`).
+        hotadd_device_root: Option<PathBuf>,
+        /// Access key: requests are signed with it and the secret key
+        /// instead of logging in with a password.
+        access_key: Option<String>,
+        /// Secret key of `access_key` (prefer `secret_key_file`).
+        secret_key: Option<String>,
+        /// File holding the secret key (first line).
+        secret_key_file: Option<PathBuf>,
+        /// Storage restored VMs and base-image replicas go to (default:
+        /// the original VM's).
+        restore_storage_id: Option<String>,
     },
     /// oVirt / RHV engine.
     Ovirt {
@@ -219,42 +235,73 @@ fn secret(platform: &str, value: &Option<String>, file: &Option<PathBuf>) -> Res
     }
 }
 
+/// SCP settings as the provider's options.
+fn scp_options(name: &str, config: &PlatformConfig) -> Result<provider_scp::ScpOptions> {
+    let PlatformConfig::Scp {
+        endpoint,
+        username,
+        password,
+        password_file,
+        access,
+        tls_ca,
+        proxy_server_id,
+        hotadd_device_root,
+        access_key,
+        secret_key,
+        secret_key_file,
+        restore_storage_id,
+    } = config
+    else {
+        bail!("platform {name} is not an SCP platform");
+    };
+    // With an access key the password is not used: requests are signed.
+    let pw = match access_key {
+        Some(_) if password.is_none() && password_file.is_none() => String::new(),
+        _ => secret(name, password, password_file)?,
+    };
+    let mut options = provider_scp::ScpOptions::new(endpoint.clone(), username.clone(), pw);
+    options.access = match access.as_deref().unwrap_or("nbd") {
+        "nbd" => provider_scp::AccessMode::Nbd,
+        "nbdssl" => {
+            let ca = tls_ca
+                .as_ref()
+                .with_context(|| format!("platform {name}: nbdssl needs tls_ca"))?;
+            provider_scp::AccessMode::NbdSsl {
+                ca_pem: std::fs::read_to_string(ca)
+                    .with_context(|| format!("platform {name}: reading {}", ca.display()))?,
+                server_name: None,
+            }
+        }
+        "hotadd" => provider_scp::AccessMode::HotAdd {
+            proxy_server_id: proxy_server_id
+                .clone()
+                .with_context(|| format!("platform {name}: hotadd needs proxy_server_id"))?,
+        },
+        other => bail!("platform {name}: access {other:?} is not nbd, nbdssl or hotadd"),
+    };
+    options.hotadd_device_root = hotadd_device_root.clone();
+    options.restore_storage_id = restore_storage_id.clone();
+    if let Some(key) = access_key {
+        let secret = match (secret_key, secret_key_file) {
+            (None, None) => {
+                bail!("platform {name}: access_key needs secret_key or secret_key_file")
+            }
+            _ => self::secret(name, secret_key, secret_key_file)?,
+        };
+        options.access_key = Some(key.clone());
+        options.secret_key = Some(provider_scp::Secret::new(secret));
+    } else if secret_key.is_some() || secret_key_file.is_some() {
+        bail!("platform {name}: secret_key without access_key");
+    }
+    Ok(options)
+}
+
 /// The factory: one provider per platform kind.
 pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupProvider>> {
     match config {
-        PlatformConfig::Scp {
-            endpoint,
-            username,
-            password,
-            password_file,
-            access,
-            tls_ca,
-            proxy_server_id,
-        } => {
-            let pw = secret(name, password, password_file)?;
-            let mut options = provider_scp::ScpOptions::new(endpoint.clone(), username.clone(), pw);
-            options.access = match access.as_deref().unwrap_or("nbd") {
-                "nbd" => provider_scp::AccessMode::Nbd,
-                "nbdssl" => {
-                    let ca = tls_ca
-                        .as_ref()
-                        .with_context(|| format!("platform {name}: nbdssl needs tls_ca"))?;
-                    provider_scp::AccessMode::NbdSsl {
-                        ca_pem: std::fs::read_to_string(ca).with_context(|| {
-                            format!("platform {name}: reading {}", ca.display())
-                        })?,
-                        server_name: None,
-                    }
-                }
-                "hotadd" => provider_scp::AccessMode::HotAdd {
-                    proxy_server_id: proxy_server_id.clone().with_context(|| {
-                        format!("platform {name}: hotadd needs proxy_server_id")
-                    })?,
-                },
-                other => bail!("platform {name}: access {other:?} is not nbd, nbdssl or hotadd"),
-            };
-            Ok(Arc::new(provider_scp::ScpProvider::new(options)?))
-        }
+        PlatformConfig::Scp { .. } => Ok(Arc::new(provider_scp::ScpProvider::new(scp_options(
+            name, config,
+        )?)?)),
         PlatformConfig::Ovirt {
             endpoint,
             username,
@@ -369,5 +416,47 @@ password = "pw-zstack"
             .to_string();
         assert!(e.contains("password"), "{e}");
         assert!(toml::from_str::<Config>("[platforms.x]\nkind = \"vmware\"\n").is_err());
+    }
+
+    #[test]
+    fn scp_keys_reach_the_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("secret");
+        std::fs::write(&key, "s3cret\n").unwrap();
+        let text = format!(
+            "[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess = \"hotadd\"\nproxy_server_id = \"proxy\"\nhotadd_device_root = \"/dev/disk/by-id\"\naccess_key = \"AK\"\nsecret_key_file = \"{}\"\nrestore_storage_id = \"st-2\"\n",
+            key.display()
+        );
+        let c: Config = toml::from_str(&text).unwrap();
+        let o = scp_options("x", c.platform("x").unwrap()).unwrap();
+        assert_eq!(
+            o.hotadd_device_root.as_deref(),
+            Some(Path::new("/dev/disk/by-id"))
+        );
+        assert_eq!(o.access_key.as_deref(), Some("AK"));
+        assert_eq!(o.secret_key.as_ref().map(|s| s.expose()), Some("s3cret"));
+        assert_eq!(o.restore_storage_id.as_deref(), Some("st-2"));
+        assert!(!format!("{o:?}").contains("s3cret"));
+        // A secret without its key, and a key without its secret, are named.
+        let e = scp_options(
+            "x",
+            toml::from_str::<Config>("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess_key = \"AK\"\n")
+                .unwrap()
+                .platform("x")
+                .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("secret_key"), "{e}");
+        let e = scp_options(
+            "x",
+            toml::from_str::<Config>("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\npassword = \"p\"\nsecret_key = \"s\"\n")
+                .unwrap()
+                .platform("x")
+                .unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("access_key"), "{e}");
     }
 }
