@@ -2032,3 +2032,157 @@ async fn hot_add_finds_disks_by_serial_under_the_by_id_root() {
     );
     assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
 }
+
+/// SHA-256 of a file (a mock disk's raw data file, read behind the mock's
+/// back as a site helper reads the platform's storage).
+fn file_sha256(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Children of this process running `name` whose command line mentions
+/// `marker` (zombies included; tests run in parallel in this process, so
+/// each looks for its own).
+fn children_named(name: &str, marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..].split_whitespace().nth(1);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mine = cmdline.is_empty() // a zombie has none
+            || String::from_utf8_lossy(&cmdline).contains(marker);
+        if comm == name && ppid == Some(&me.to_string()) && mine {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// The disk helper command (the sfvddk seam) as `nbdkit` serving the
+/// mock's disk files: `{disk}` picks the file, `{if_readonly}-r` makes
+/// backups read-only.
+fn nbdkit_helper(env: &Env, plugin: &str) -> provider_scp::HelperCommandOptions {
+    let disks = env.mock.hypervisor().store.root().join("disks");
+    provider_scp::HelperCommandOptions::new([
+        "nbdkit".to_owned(),
+        "--exit-with-parent".to_owned(),
+        "-U".to_owned(),
+        "{socket}".to_owned(),
+        "-f".to_owned(),
+        "{if_readonly}-r".to_owned(),
+        plugin.to_owned(),
+        format!("file={}/{{disk}}/overlay.raw", disks.display()),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helper_command_serves_disks_for_backup_and_restore() {
+    let env = Env::start(|_, _| {}).await;
+    let vm = env
+        .admin
+        .server(
+            json!({"name": "plain", "storage_id": "storage-local", "disks": [
+            {"size": 8 * MIB, "fill": [
+                {"offset": 0, "length": MIB, "pattern": "text", "seed": 5},
+                {"offset": 3 * MIB, "length": 2 * MIB, "pattern": "random", "seed": 6}]}]}),
+        )
+        .await;
+    let before = env.admin.server_digests(&vm).await;
+    let root = env.mock.hypervisor().store.root().join("disks");
+    // The raw file is what the helper serves: same data as the guest sees.
+    assert_eq!(
+        file_sha256(&root.join(disk_id(&vm, 0)).join("overlay.raw")),
+        before[0]
+    );
+
+    let mut options = env.options(AccessMode::Nbd);
+    options.helper_command = Some(nbdkit_helper(&env, "file"));
+    let scp = env.provider_with(options);
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = match &report.guests[0].result {
+        Ok(b) => b,
+        Err(e) => panic!("backup through the helper failed: {}", e.report()),
+    };
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let marker = root.display().to_string();
+    assert_eq!(
+        children_named("nbdkit", &marker),
+        Vec::<u32>::new(),
+        "after backup"
+    );
+    // No REST export was used.
+    assert_eq!(env.admin.bytes_read().await, 0, "read through nbdkit only");
+
+    let r = env
+        .restore(
+            scp.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("from-helper".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("restore through the helper: {}", e.report()));
+    assert_eq!(
+        children_named("nbdkit", &marker),
+        Vec::<u32>::new(),
+        "after restore"
+    );
+    let restored: Value = env
+        .admin
+        .server_by_name(&scp, "from-helper")
+        .await
+        .expect("restored VM");
+    assert_ne!(id(&restored), id(&vm));
+    assert_eq!(scp.restored_server_id(&r.guest), Some(id(&restored)));
+    assert_eq!(
+        file_sha256(&root.join(disk_id(&restored, 0)).join("overlay.raw")),
+        before[0],
+        "restored disk written through nbdkit"
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_command_that_exits_at_once_fails_the_guest_naming_it() {
+    let env = Env::start(|_, _| {}).await;
+    let vm = env
+        .admin
+        .server(
+            json!({"name": "plain", "storage_id": "storage-local", "disks": [
+            {"size": 4 * MIB, "fill": [
+                {"offset": 0, "length": MIB, "pattern": "random", "seed": 9}]}]}),
+        )
+        .await;
+    let mut options = env.options(AccessMode::Nbd);
+    options.helper_command = Some(nbdkit_helper(&env, "no-such-plugin-xyz"));
+    let scp = env.provider_with(options);
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let e = match &report.guests[0].result {
+        Ok(_) => panic!("a helper that exits must fail the backup"),
+        Err(e) => e.report(),
+    };
+    assert!(e.contains("nbdkit --exit-with-parent"), "{e}");
+    assert!(e.contains("no-such-plugin-xyz"), "{e}");
+    assert!(e.contains("exited"), "{e}");
+    assert_eq!(
+        children_named("nbdkit", "no-such-plugin-xyz"),
+        Vec::<u32>::new()
+    );
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}

@@ -18,7 +18,7 @@
 //!
 //! Retries: HTTP 502, 503, 504 and 429 and connection failures are
 //! retryable errors; idempotent calls (every `GET`, so task polling and
-//! paged lists too) go through [`provider_kit::retry`] with
+//! paged lists too) go through [`provider_kit::retry()`] with
 //! [`ScpOptions::retry`]. Calls that change something are sent once.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

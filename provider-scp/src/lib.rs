@@ -58,6 +58,14 @@
 //!
 //! ## Access modes ([`AccessMode`])
 //!
+//! Backup and restore open every disk through one seam,
+//! [`disk_access::DiskAccess`] (sfvddk's `sfdisklib_open`: server, disk,
+//! base-image flag, read-only or read-write), picked from the options:
+//! the platform's REST export ([`disk_access::RestExport`], the test
+//! double of sfvddk), hot-add ([`disk_access::HotAdd`]) or a site helper
+//! command serving NBD on a private Unix socket
+//! ([`disk_access::HelperCommand`], [`ScpOptions::helper_command`]).
+//!
 //! - `Nbd`: `POST …/backup-resources/{id}/exports` (`transport: nbd`), the
 //!   host reads `nbd://host:port/export` ([`provider_api::SnapshotAccess::Nbd`]);
 //! - `NbdSsl`: the same with `transport: nbdssl`; the host verifies the
@@ -145,13 +153,14 @@
 
 pub mod api;
 pub mod client;
+pub mod disk_access;
 pub mod metadata;
 pub mod options;
 pub mod provider;
 pub mod rules;
 
 pub use client::ScpClient;
-pub use options::{AccessMode, ScpOptions, Secret};
+pub use options::{AccessMode, HelperCommandOptions, ScpOptions, Secret};
 pub use provider::ScpProvider;
 pub use provider_kit::RetryPolicy;
 pub use rules::{BasePolicy, ScpVersion, base_policy};

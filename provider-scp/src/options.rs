@@ -107,6 +107,40 @@ pub struct ScpOptions {
     /// [`Self::hotadd_device_root`].
     #[serde(default = "default_device_wait")]
     pub hotadd_device_wait: Duration,
+    /// A site command that serves each disk as NBD on a Unix socket (the
+    /// sfvddk path, e.g. `nbdkit` with a plugin around `sfdisklib_open`).
+    /// When set (with `Nbd` or `NbdSsl` access), disks are opened through
+    /// it instead of the platform's REST export; see
+    /// [`crate::disk_access::HelperCommand`]. Refused with `HotAdd`.
+    #[serde(default)]
+    pub helper_command: Option<HelperCommandOptions>,
+}
+
+/// The disk helper command ([`ScpOptions::helper_command`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelperCommandOptions {
+    /// Program and arguments (never run through a shell), with the
+    /// placeholders of [`crate::disk_access::HelperCommand`] (`{socket}`,
+    /// `{server}`, `{disk}`, `{snapshot}`, `{base_image}`, `{readonly}`,
+    /// and the `{if_readonly}` argument prefix).
+    pub argv: Vec<String>,
+    /// How long the command may take to accept connections on its socket.
+    #[serde(default = "default_helper_timeout")]
+    pub start_timeout: Duration,
+}
+
+impl HelperCommandOptions {
+    /// A helper running `argv`, with a 30 s start timeout.
+    pub fn new(argv: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        HelperCommandOptions {
+            argv: argv.into_iter().map(Into::into).collect(),
+            start_timeout: default_helper_timeout(),
+        }
+    }
+}
+
+fn default_helper_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_device_wait() -> Duration {
@@ -147,6 +181,7 @@ impl ScpOptions {
             service: default_service(),
             hotadd_device_root: None,
             hotadd_device_wait: default_device_wait(),
+            helper_command: None,
         }
     }
 }

@@ -13,29 +13,19 @@ impl ScpProvider {
         disk_id: &str,
         base: bool,
     ) -> Result<SnapshotAccess> {
-        let open_base_image = u8::from(base);
-        match &self.options.access {
-            AccessMode::HotAdd { .. } => {
-                let h = self
-                    .hot_add(json!({"snapshot_id": snapshot_id, "disk_id": disk_id,
-                        "open_base_image": open_base_image}))
-                    .await?;
-                self.with_backup(guest, |s| s.hotadds.push(h.id.clone()));
-                let device = self.hotadd_device(&h).await?;
-                Ok(SnapshotAccess::FileHandle(FileAccess::new(device)))
-            }
-            _ => {
-                let (e, access) = self
-                    .open_export(
-                        lease,
-                        json!({"snapshot_id": snapshot_id, "disk_id": disk_id,
-                            "open_base_image": open_base_image}),
-                    )
-                    .await?;
-                self.with_backup(guest, |s| s.exports.push((lease.to_owned(), e.id.clone())));
-                Ok(SnapshotAccess::Nbd(access))
-            }
-        }
+        let opened = self
+            .open_disk(DiskTarget {
+                server_id: guest.id.0.clone(),
+                disk_id: disk_id.to_owned(),
+                snapshot_id: Some(snapshot_id.to_owned()),
+                open_base_image: base,
+                mode: OpenMode::ReadOnly,
+                lease: Some(lease.to_owned()),
+            })
+            .await?;
+        let access = opened.access.clone();
+        self.with_backup(guest, |s| s.opened.push(opened));
+        Ok(access)
     }
 
     pub(super) fn with_backup(&self, guest: &Guest, f: impl FnOnce(&mut BackupState)) {
@@ -393,26 +383,12 @@ impl ScpProvider {
 
     /// Close exports and hot-adds, release the lease, delete the snapshot.
     pub(super) async fn delete_snapshot(&self, guest: &Guest) -> Result<()> {
-        let (exports, hotadds, snapshot) = {
+        let (opened, snapshot) = {
             let mut b = lock(&self.backups);
             let s = b.entry(guest.id.0.clone()).or_default();
-            (
-                std::mem::take(&mut s.exports),
-                std::mem::take(&mut s.hotadds),
-                s.snapshot_id.take(),
-            )
+            (std::mem::take(&mut s.opened), s.snapshot_id.take())
         };
-        let mut first: Option<Error> = None;
-        for (lease, e) in exports {
-            if let Err(e) = self.close_export(&lease, &e).await {
-                first.get_or_insert(e);
-            }
-        }
-        for h in hotadds {
-            if let Err(e) = self.hot_remove(&h).await {
-                first.get_or_insert(e);
-            }
-        }
+        let mut first: Option<Error> = self.close_disks(opened).await;
         if let Some(s) = snapshot {
             let path = format!("/janus/20240725/servers/{}/snapshots/{s}", guest.id);
             match self.client.task::<Value>(Method::DELETE, &path, None).await {
@@ -463,27 +439,13 @@ impl ScpProvider {
         }
         // Exports first (a snapshot being read cannot be deleted), then the
         // lease, then the snapshot.
-        let mut first: Option<Error> = None;
-        let (exports, hotadds) = {
+        let opened = {
             let mut b = lock(&self.backups);
-            match b.get_mut(&guest.id.0) {
-                Some(s) => (
-                    std::mem::take(&mut s.exports),
-                    std::mem::take(&mut s.hotadds),
-                ),
-                None => Default::default(),
-            }
+            b.get_mut(&guest.id.0)
+                .map(|s| std::mem::take(&mut s.opened))
+                .unwrap_or_default()
         };
-        for (l, e) in exports {
-            if let Err(e) = self.close_export(&l, &e).await {
-                first.get_or_insert(e);
-            }
-        }
-        for h in hotadds {
-            if let Err(e) = self.hot_remove(&h).await {
-                first.get_or_insert(e);
-            }
-        }
+        let mut first: Option<Error> = self.close_disks(opened).await;
         if let Some(l) = lease {
             let id = l.id.clone();
             match self.close_lease(l).await {

@@ -2,7 +2,6 @@
 //! the trait here; `backup` and `restore` hold the two halves).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -13,11 +12,11 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::api::{
-    self, BackupResource, BaseImage, Binding, CbtStatus, ChangedAreasPage, CustomAttribute, Export,
-    HotAddResult, IdAnswer, Server, ServerCreated, Snapshot, SnapshotCreated, VersionAnswer,
-    VmConf, codes,
+    self, BackupResource, BaseImage, Binding, CbtStatus, ChangedAreasPage, CustomAttribute,
+    IdAnswer, Server, ServerCreated, Snapshot, SnapshotCreated, VersionAnswer, VmConf, codes,
 };
 use crate::client::{ScpClient, error_code, is_cbt_expired};
+use crate::disk_access::{DiskAccess, DiskTarget, OpenMode, OpenedDisk};
 use crate::metadata::{BaseImageMeta, DiskMeta, FORMAT, ServerMeta, SnapshotMetadata};
 use crate::options::{AccessMode, ScpOptions};
 use crate::rules::{BasePolicy, ScpVersion, base_policy, check_backup_allowed};
@@ -52,8 +51,8 @@ impl Drop for Lease {
 struct BackupState {
     lease: Option<Lease>,
     snapshot_id: Option<String>,
-    exports: Vec<(String, String)>,
-    hotadds: Vec<String>,
+    /// Disks (and base images) opened for the host.
+    opened: Vec<OpenedDisk>,
 }
 
 /// What one VM restore holds on the platform.
@@ -78,15 +77,10 @@ struct RestoreState {
     /// Its description without the job marker.
     base_description: String,
     lease: Option<Lease>,
-    /// Per device: export or hot-add to close.
-    open: BTreeMap<String, Opened>,
+    /// Per device: the opened disk to close.
+    open: BTreeMap<String, OpenedDisk>,
     /// True when this restore created the VM.
     created: bool,
-}
-
-enum Opened {
-    Export { lease: String, id: String },
-    HotAdd(String),
 }
 
 /// The SCP provider. One instance serves a whole job (and restores); it
@@ -94,6 +88,8 @@ enum Opened {
 pub struct ScpProvider {
     client: Arc<ScpClient>,
     options: ScpOptions,
+    /// How disks are opened (REST export, hot-add or helper command).
+    disks: Arc<dyn DiskAccess>,
     backups: std::sync::Mutex<BTreeMap<String, BackupState>>,
     restores: std::sync::Mutex<BTreeMap<String, RestoreState>>,
     /// Lines for a guest's task log (`backup_handle_log_file`).
@@ -117,8 +113,10 @@ impl ScpProvider {
     /// A provider for one SCP (not yet logged in: `job_init` does it, and
     /// restores log in when needed).
     pub fn new(options: ScpOptions) -> Result<Self> {
+        let client = Arc::new(ScpClient::new(&options)?);
         Ok(ScpProvider {
-            client: Arc::new(ScpClient::new(&options)?),
+            disks: crate::disk_access::for_options(client.clone(), &options)?,
+            client,
             options,
             backups: Default::default(),
             restores: Default::default(),
@@ -225,150 +223,24 @@ impl ScpProvider {
         }
     }
 
-    fn tls(&self, host: &str) -> Option<TlsSettings> {
-        match &self.options.access {
-            AccessMode::NbdSsl {
-                ca_pem,
-                server_name,
-            } => Some(TlsSettings {
-                ca_pem: ca_pem.as_bytes().to_vec(),
-                server_name: server_name.clone().unwrap_or_else(|| host.to_owned()),
-                client_cert_pem: None,
-                client_key_pem: None,
-            }),
-            _ => None,
-        }
-    }
-
-    fn transport(&self) -> &'static str {
-        match self.options.access {
-            AccessMode::NbdSsl { .. } => "nbdssl",
-            _ => "nbd",
-        }
-    }
-
-    async fn open_export(&self, lease: &str, body: Value) -> Result<(Export, NbdAccess)> {
-        let mut body = body;
-        body["transport"] = json!(self.transport());
-        let e: Export = self
-            .client
-            .call(
-                Method::POST,
-                &format!("{RESOURCES}/{lease}/exports"),
-                &[],
-                Some(&body),
-            )
-            .await?;
-        let access = NbdAccess::new(
-            NbdAddress::Tcp {
-                host: e.host.clone(),
-                port: e.port,
-            },
-            e.export_name.clone(),
-        )
-        .with_tls(self.tls(&e.host));
-        Ok((e, access))
-    }
-
-    async fn close_export(&self, lease: &str, id: &str) -> Result<()> {
-        let path = format!("{RESOURCES}/{lease}/exports/{id}");
-        match self
-            .client
-            .call::<Value>(Method::DELETE, &path, &[], None)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::LeaseLost) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn proxy(&self) -> Result<&str> {
-        match &self.options.access {
-            AccessMode::HotAdd { proxy_server_id } => Ok(proxy_server_id),
-            _ => Err(Error::invalid("hot-add needs AccessMode::HotAdd")),
-        }
-    }
-
-    async fn hot_add(&self, disk: Value) -> Result<api::HotAddDisk> {
-        let proxy = self.proxy()?;
-        let mut disk = disk;
-        disk["action"] = json!("attach");
-        let r: HotAddResult = self
-            .client
-            .task(
-                Method::PUT,
-                &format!("{SERVERS}/{proxy}"),
-                Some(&json!({"disks": [disk]})),
-            )
-            .await?;
-        r.hotadd_disks
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::new(ErrorKind::Platform, "hot-add answered no disk"))
-    }
-
-    /// Where this proxy sees a hot-added disk: by its serial under
-    /// [`ScpOptions::hotadd_device_root`] (waiting for the link to
-    /// appear), or the path the platform answered.
-    async fn hotadd_device(&self, h: &api::HotAddDisk) -> Result<PathBuf> {
-        let Some(root) = &self.options.hotadd_device_root else {
-            if h.local_path.is_empty() {
-                return Err(Error::new(
-                    ErrorKind::Platform,
-                    format!(
-                        "hot-added disk {} has no local_path: set hotadd_device_root                          to find it by serial",
-                        h.id
-                    ),
-                ));
-            }
-            return Ok(PathBuf::from(&h.local_path));
-        };
-        let serial: String = if h.serial.is_empty() {
-            h.id.replace('-', "").chars().take(20).collect()
-        } else {
-            h.serial.clone()
-        };
-        let path = root.join(format!("virtio-{serial}"));
-        let deadline = tokio::time::Instant::now() + self.options.hotadd_device_wait;
-        loop {
-            if tokio::fs::metadata(&path).await.is_ok() {
-                return Ok(path);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "hot-added disk {} (serial {serial}) did not appear as {} within {:?}",
-                        h.id,
-                        path.display(),
-                        self.options.hotadd_device_wait
-                    ),
-                ));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }
-
-    async fn hot_remove(&self, id: &str) -> Result<()> {
-        let proxy = self.proxy()?.to_owned();
-        self.hot_remove_on(&proxy, id).await
-    }
-
     async fn hot_remove_on(&self, proxy: &str, id: &str) -> Result<()> {
-        match self
-            .client
-            .task::<Value>(
-                Method::PUT,
-                &format!("{SERVERS}/{proxy}"),
-                Some(&json!({"disks": [{"action": "detach", "hotadd_id": id}]})),
-            )
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+        crate::disk_access::hot_remove(&self.client, proxy, id).await
+    }
+
+    /// Open a disk through the configured [`DiskAccess`].
+    async fn open_disk(&self, target: DiskTarget) -> Result<OpenedDisk> {
+        self.disks.open(&target).await
+    }
+
+    /// Close disks opened by [`Self::open_disk`]; the first error.
+    async fn close_disks(&self, disks: impl IntoIterator<Item = OpenedDisk>) -> Option<Error> {
+        let mut first = None;
+        for d in disks {
+            if let Err(e) = self.disks.close(d).await {
+                first.get_or_insert(e);
+            }
         }
+        first
     }
 }
 
@@ -445,9 +317,10 @@ impl BackupProvider for ScpProvider {
     }
 
     async fn backup_get_mechanism(&self, _guest: &Guest) -> Result<BackupMechanism> {
-        Ok(match self.options.access {
-            AccessMode::HotAdd { .. } => BackupMechanism::FileHandle,
-            _ => BackupMechanism::Nbd,
+        Ok(if self.disks.is_file() {
+            BackupMechanism::FileHandle
+        } else {
+            BackupMechanism::Nbd
         })
     }
 
@@ -640,16 +513,7 @@ impl BackupProvider for ScpProvider {
             let mut r = lock(&self.restores);
             r.get_mut(&guest.id.0).and_then(|st| st.open.remove(device))
         };
-        let mut first = None;
-        if let Some(o) = opened {
-            let r = match o {
-                Opened::Export { lease, id } => self.close_export(&lease, &id).await,
-                Opened::HotAdd(h) => self.hot_remove(&h).await,
-            };
-            if let Err(e) = r {
-                first.get_or_insert(e);
-            }
-        }
+        let first = self.close_disks(opened).await;
         let _ = outcome;
         first.map_or(Ok(()), |e| Err(e.volume(device)))
     }
@@ -659,16 +523,9 @@ impl BackupProvider for ScpProvider {
         let Some(mut st) = st else {
             return Ok(());
         };
-        let mut first = None;
-        for (_, o) in std::mem::take(&mut st.open) {
-            let r = match o {
-                Opened::Export { lease, id } => self.close_export(&lease, &id).await,
-                Opened::HotAdd(h) => self.hot_remove(&h).await,
-            };
-            if let Err(e) = r {
-                first.get_or_insert(e);
-            }
-        }
+        let mut first = self
+            .close_disks(std::mem::take(&mut st.open).into_values())
+            .await;
         if let Some(l) = st.lease.take()
             && let Err(e) = self.close_lease(l).await
         {

@@ -277,39 +277,43 @@ impl ScpProvider {
         let disk_id = st.disks.get(device).cloned().ok_or_else(|| {
             Error::not_found(format!("the restored VM has no disk {device}")).guest(&st.server_id)
         })?;
-        let open = json!({"server_id": st.server_id, "disk_id": disk_id, "open_base_image": 1});
-        let copied = match &self.options.access {
-            AccessMode::HotAdd { .. } => {
-                let mut body = open;
-                body["mode"] = json!("rw");
-                let h = self.hot_add(body).await?;
-                let r = async {
-                    let device = self.hotadd_device(&h).await?;
-                    copy::copy_source(source, size, &copy::Destination::File(device)).await
-                }
-                .await;
-                let d = self.hot_remove(&h.id).await;
-                let c = r?;
-                d?;
-                c
-            }
-            _ => {
-                let lease = self.restore_lease(st).await?;
-                // The lease is recorded with the marker: a later job
-                // releases it before it removes this image and its VM.
-                self.describe_base_image(
-                    &id,
-                    &sweep::marked(&st.base_description, self.marker().as_ref(), Some(&lease)),
-                )
-                .await?;
-                let (e, access) = self.open_export(&lease, open).await?;
-                let r = copy::copy_source(source, size, &copy::Destination::Nbd(access)).await;
-                let c = self.close_export(&lease, &e.id).await;
-                let copied = r?;
-                c?;
-                copied
-            }
+        let lease = if self.disks.needs_lease() {
+            let lease = self.restore_lease(st).await?;
+            // The lease is recorded with the marker: a later job
+            // releases it before it removes this image and its VM.
+            self.describe_base_image(
+                &id,
+                &sweep::marked(&st.base_description, self.marker().as_ref(), Some(&lease)),
+            )
+            .await?;
+            Some(lease)
+        } else {
+            None
         };
+        let opened = self
+            .open_disk(DiskTarget {
+                server_id: st.server_id.clone(),
+                disk_id,
+                snapshot_id: None,
+                open_base_image: true,
+                mode: OpenMode::ReadWrite,
+                lease,
+            })
+            .await?;
+        let r = match &opened.access {
+            SnapshotAccess::Nbd(a) => {
+                copy::copy_source(source, size, &copy::Destination::Nbd(a.clone())).await
+            }
+            SnapshotAccess::FileHandle(f) => {
+                copy::copy_source(source, size, &copy::Destination::File(f.path.clone())).await
+            }
+            other => Err(Error::unsupported(format!(
+                "writing a base image through {other:?}"
+            ))),
+        };
+        let c = self.disks.close(opened).await;
+        let copied = r?;
+        c?;
         tracing::info!(base_image = %id, written = copied.written, skipped = copied.skipped,
             "base image data restored");
         self.describe_base_image(&id, &st.base_description).await?;
@@ -380,28 +384,23 @@ impl ScpProvider {
         let disk_id = st.disks.get(device).cloned().ok_or_else(|| {
             Error::not_found(format!("the restored VM has no disk {device}")).guest(&st.server_id)
         })?;
-        let destination = match &self.options.access {
-            AccessMode::HotAdd { .. } => {
-                let h = self
-                    .hot_add(json!({"server_id": st.server_id, "disk_id": disk_id, "mode": "rw"}))
-                    .await?;
-                st.open
-                    .insert(device.to_owned(), Opened::HotAdd(h.id.clone()));
-                SnapshotAccess::FileHandle(FileAccess::new(self.hotadd_device(&h).await?))
-            }
-            _ => {
-                let lease = self.restore_lease(st).await?;
-                let (e, access) = self
-                    .open_export(
-                        &lease,
-                        json!({"server_id": st.server_id, "disk_id": disk_id}),
-                    )
-                    .await?;
-                st.open
-                    .insert(device.to_owned(), Opened::Export { lease, id: e.id });
-                SnapshotAccess::Nbd(access)
-            }
+        let lease = if self.disks.needs_lease() {
+            Some(self.restore_lease(st).await?)
+        } else {
+            None
         };
+        let opened = self
+            .open_disk(DiskTarget {
+                server_id: st.server_id.clone(),
+                disk_id,
+                snapshot_id: None,
+                open_base_image: false,
+                mode: OpenMode::ReadWrite,
+                lease,
+            })
+            .await?;
+        let destination = opened.access.clone();
+        st.open.insert(device.to_owned(), opened);
         let layer = if linked {
             Layer::Overlay
         } else {
