@@ -12,7 +12,7 @@ use crate::admin::{Fill, FillTarget, write_fill};
 use crate::disk::Pattern;
 use crate::error::{Error, Result};
 use crate::scp::ScpPlatform;
-use crate::scp::base_images::{CreateBaseImage, create_record, make_available};
+use crate::scp::base_images::{CreateBaseImage, create_record, make_available, settle};
 use crate::scp::servers::{CreateServer, NewDisk, create_server_record};
 
 const MIB: u64 = 1024 * 1024;
@@ -92,6 +92,8 @@ pub async fn demo(scp: &Arc<ScpPlatform>) -> Result<()> {
     .await
     .map_err(|e| Error::Conflict(e.to_string()))??;
     make_available(scp, &base.id).map_err(err)?;
+    // Its data is complete: sealed, as a platform's finished image is.
+    settle(scp, &base.id).map_err(err)?;
     scp.inventory().update(|doc| {
         if let Some(b) = doc.base_images.get_mut(&base.id) {
             b.replicas.push(crate::scp::model::Replica {

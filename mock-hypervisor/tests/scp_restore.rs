@@ -14,7 +14,8 @@ async fn restore_linked_vm_to_new_server() {
     let scp = &h.scp;
     let base_data: Vec<u8> = (0..2 * MIB).map(|i| (i % 251) as u8).collect();
 
-    // 1. The base image does not exist: create it, write it, make it AVAILABLE.
+    // 1. The base image does not exist: create it and make it AVAILABLE
+    //    (seed 4.5.2: its data is written later, through a linked VM).
     let q = scp
         .get("/janus/20180725/base-images?name=restored-base")
         .await;
@@ -27,6 +28,7 @@ async fn restore_linked_vm_to_new_server() {
         .await;
     let base = b["id"].as_str().unwrap().to_string();
     assert_eq!(b["status"], "CREATING");
+    // Writing a base image by its own id is refused.
     let lease = scp
         .post(
             "/janus/20240725/backup-resources",
@@ -34,26 +36,14 @@ async fn restore_linked_vm_to_new_server() {
         )
         .await;
     let lid = lease["id"].as_str().unwrap().to_string();
-    let exp = scp
-        .post(
-            &format!("/janus/20240725/backup-resources/{lid}/exports"),
-            json!({"base_image_id": base, "open_base_image": 1}),
-        )
-        .await;
-    assert_eq!(exp["writable"], true);
-    let c = h.nbd(exp["export_name"].as_str().unwrap(), &[]).await;
-    c.write(0, &base_data).await.unwrap();
-    c.flush().await.ok();
-    c.disconnect().await.ok();
-    // Still open: cannot become AVAILABLE.
     let (status, _) = scp
         .call(
-            Method::PUT,
-            &format!("/janus/20180725/base-images/{base}"),
-            Some(json!({"status": "AVAILABLE"})),
+            Method::POST,
+            &format!("/janus/20240725/backup-resources/{lid}/exports"),
+            Some(json!({"base_image_id": base, "open_base_image": 1})),
         )
         .await;
-    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(status.is_client_error(), "{status}");
     scp.delete(&format!("/janus/20240725/backup-resources/{lid}"))
         .await;
     let img = scp
@@ -65,10 +55,6 @@ async fn restore_linked_vm_to_new_server() {
     assert_eq!(img["status"], "AVAILABLE");
     let mut full = base_data.clone();
     full.resize(4 * MIB as usize, 0);
-    let sha = h
-        .admin(Method::GET, &format!("/images/{base}/sha256"), None)
-        .await;
-    assert_eq!(sha["sha256"], sha_of(&full));
 
     // 2. Replica on the target storage.
     let r = scp
@@ -143,6 +129,42 @@ async fn restore_linked_vm_to_new_server() {
     assert_eq!(srv["disks"][0]["base_image_id"], base.as_str());
     assert_eq!(srv["is_linked"], true);
     let sys_disk = srv["disks"][0]["id"].as_str().unwrap().to_string();
+    // The base image's data goes through the VM's system disk with the
+    // base-image flag (SFDISKLIB_FLAG_OPEN_BASE_IMAGE); until it is
+    // complete the disk itself cannot be opened.
+    let lease = scp
+        .post(
+            "/janus/20240725/backup-resources",
+            json!({"server_id": server, "type": "Recovery"}),
+        )
+        .await;
+    let lid = lease["id"].as_str().unwrap().to_string();
+    let (status, _) = scp
+        .call(
+            Method::POST,
+            &format!("/janus/20240725/backup-resources/{lid}/exports"),
+            Some(json!({"disk_id": sys_disk})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let exp = scp
+        .post(
+            &format!("/janus/20240725/backup-resources/{lid}/exports"),
+            json!({"disk_id": sys_disk, "open_base_image": 1}),
+        )
+        .await;
+    assert_eq!(exp["writable"], true);
+    let c = h.nbd(exp["export_name"].as_str().unwrap(), &[]).await;
+    c.write(0, &base_data).await.unwrap();
+    c.flush().await.ok();
+    c.disconnect().await.ok();
+    scp.delete(&format!("/janus/20240725/backup-resources/{lid}"))
+        .await;
+    let sha = h
+        .admin(Method::GET, &format!("/images/{base}/sha256"), None)
+        .await;
+    assert_eq!(sha["sha256"], sha_of(&full));
+    // Its own data, over NBD.
     let lease = scp
         .post(
             "/janus/20240725/backup-resources",
