@@ -1696,3 +1696,132 @@ async fn a_corrupted_export_byte_fails_the_backup_naming_volume_md5_and_call() {
     zs.admin().delete("/zstack/faults").await;
     zs.assert_no_leftovers().await;
 }
+
+/// Counts of what a backup or restore creates on the platform.
+async fn platform_counts(zs: &Zs) -> (u64, usize, usize, usize) {
+    let o = zs.objects().await;
+    let len = |k: &str| o[k].as_array().map(Vec::len).unwrap_or(0);
+    (
+        o["private_images"].as_u64().expect("private_images"),
+        len("images"),
+        len("snapshots"),
+        len("exports"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_backup_and_restore_cycles_keep_the_image_quota_free() {
+    let zs = Zs::start().await;
+    // A tiny guest (2 MiB root, 1 MiB data) so that 100 cycles stay fast.
+    let image = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/images",
+                json!({"name": "tiny", "size": 2 * MIB, "fill": [
+                    {"offset": 0, "length": MIB, "pattern": "random", "seed": 5}]}),
+            )
+            .await,
+    );
+    let vm = uuid(
+        &zs.admin()
+            .post(
+                "/zstack/vms",
+                json!({"name": "tiny-vm", "image_uuid": image,
+                    "root_fill": [{"offset": MIB, "length": 256 * 1024, "pattern": "random", "seed": 6}],
+                    "data": [{"size": MIB, "fill": [{"offset": 0, "length": 512 * 1024, "pattern": "random", "seed": 7}]}]}),
+            )
+            .await,
+    );
+    let want = zs.digests(&vm).await;
+    assert_eq!(want.len(), 2);
+    let provider = zs.provider();
+    let before = platform_counts(&zs).await;
+    // Two free slots: one per volume, the least a cycle needs. A single
+    // slot leaked by any cycle makes a later one fail.
+    zs.admin()
+        .put("/zstack/quota", json!({"image_num": before.0 + 2}))
+        .await;
+    const CYCLES: usize = 100;
+    for i in 0..CYCLES {
+        let report = zs.backup(provider.clone(), &[&vm]).await;
+        assert_ok(&report);
+        let r = zs
+            .restore(
+                provider.clone(),
+                &snapshot_of(&report, 0),
+                &format!("tiny-{i}"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("restore {i}: {}", e.report()));
+        if i == 0 || i == CYCLES - 1 || i % 10 == 0 {
+            assert_eq!(zs.digests(&r.guest.id.0).await, want, "cycle {i}");
+        }
+        // The restored VM is dropped so that only the platform's own
+        // objects are counted.
+        zs.admin()
+            .delete(&format!("/zstack/vms/{}", r.guest.id.0))
+            .await;
+        assert_eq!(platform_counts(&zs).await, before, "cycle {i}");
+    }
+    zs.assert_no_leftovers().await;
+    assert_eq!(zs.digests(&vm).await, want, "the source is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_volume_vm_is_snapshotted_as_one_group() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "grouped").await;
+    let want = zs.digests(&vm).await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    assert_ok(&report);
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_group_creates"], 1);
+    assert_eq!(o["snapshot_creates"], 0, "no per-volume snapshot");
+    assert!(o["snapshot_groups"].as_array().unwrap().is_empty());
+    let g = report.guests[0].result.as_ref().unwrap();
+    assert!(g.snapshot.warnings.is_empty(), "{:?}", g.snapshot.warnings);
+    zs.assert_no_leftovers().await;
+    let r = zs
+        .restore(zs.provider(), &snapshot_of(&report, 0), "grouped-restored")
+        .await
+        .expect("restore");
+    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+
+    // A failure after the group exists leaves neither it nor its snapshots.
+    zs.admin()
+        .post(
+            "/zstack/faults",
+            json!({"kind": "job_poll_503", "action": "CreateDataVolumeTemplateFromVolumeSnapshot", "times": 1}),
+        )
+        .await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    report.guests[0].result.as_ref().expect_err("503");
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_group_creates"], 2);
+    assert!(o["snapshot_groups"].as_array().unwrap().is_empty());
+    zs.assert_no_leftovers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_snapshot_groups_volumes_are_snapshotted_alone_with_a_warning() {
+    let zs = Zs::start_with(|c| c.snapshot_groups = false).await;
+    let vm = three_volume_vm(&zs, "older").await;
+    let want = zs.digests(&vm).await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    assert_ok(&report);
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_group_creates"], 0);
+    assert_eq!(o["snapshot_creates"], 3);
+    let g = report.guests[0].result.as_ref().unwrap();
+    let w = g.snapshot.warnings.join("\n");
+    assert!(
+        w.contains("not crash-consistent") && w.contains("data-2"),
+        "{w}"
+    );
+    zs.assert_no_leftovers().await;
+    let r = zs
+        .restore(zs.provider(), &snapshot_of(&report, 0), "older-restored")
+        .await
+        .expect("restore");
+    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+}

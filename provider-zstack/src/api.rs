@@ -282,6 +282,30 @@ pub struct VolumeSnapshotInventory {
     pub name: String,
 }
 
+/// `VolumeSnapshotGroupInventory` (ZStack 3.6+).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotGroupInventory {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// One snapshot per volume.
+    #[serde(default)]
+    pub volume_snapshot_refs: Vec<VolumeSnapshotGroupRef>,
+}
+
+/// `VolumeSnapshotGroupRefInventory`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeSnapshotGroupRef {
+    /// The snapshot.
+    pub volume_snapshot_uuid: String,
+    /// Its volume.
+    pub volume_uuid: String,
+}
+
 /// `QuotaInventory`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct QuotaInventory {

@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use super::model::{BsRef, Image, Snapshot, Vm, Volume, ZsInventory, zs_uuid};
+use super::model::{BsRef, Image, Snapshot, SnapshotGroup, Vm, Volume, ZsInventory, zs_uuid};
 use super::{ZStackPlatform, ZsError, ZsFaultKind, ZsResult, transfer};
 use crate::disk::View;
 use crate::ids::unix_now;
@@ -1435,6 +1435,7 @@ pub async fn create_snapshot(State(zs): Zs, Path(id): Path<String>, body: Bytes)
                 };
                 let inv = sn.inventory(&vol.kind, &doc.primary_storage_uuid);
                 doc.snapshots.insert(uuid.clone(), sn);
+                doc.snapshot_creates += 1;
                 Ok(Ok(json!({"inventory": inv})))
             })
             .map_err(ZsError::from)
@@ -1455,6 +1456,143 @@ fn snapshot_inventories(d: &ZsInventory) -> Vec<Value> {
             s.inventory(kind, &d.primary_storage_uuid)
         })
         .collect()
+}
+
+fn group_inventory(d: &ZsInventory, g: &SnapshotGroup) -> Value {
+    let refs: Vec<Value> = g
+        .snapshots
+        .iter()
+        .filter_map(|id| d.snapshots.get(id))
+        .map(|sn| {
+            let vol = d.volumes.get(&sn.volume_uuid);
+            json!({"volumeSnapshotUuid": sn.uuid, "volumeSnapshotName": sn.name,
+                "volumeUuid": sn.volume_uuid, "volumeSnapshotGroupUuid": g.uuid,
+                "deviceId": vol.map(|v| v.device_id), "volumeType": vol.map(|v| v.kind.as_str()),
+                "snapshotDeleted": false})
+        })
+        .collect();
+    json!({"uuid": g.uuid, "name": g.name, "description": g.description,
+        "vmInstanceUuid": g.vm_instance_uuid, "snapshotCount": refs.len(),
+        "volumeSnapshotRefs": refs})
+}
+
+fn no_snapshot_groups(method: &str) -> ZsError {
+    ZsError::new(
+        StatusCode::NOT_FOUND,
+        "SYS.1006",
+        "No API found",
+        format!(
+            "no API for {method} /v1/volume-snapshots/group (volume snapshot groups need ZStack 3.6)"
+        ),
+    )
+}
+
+/// `POST /zstack/v1/volume-snapshots/group` (`CreateVolumeSnapshotGroup`,
+/// ZStack 3.6+): one snapshot of every volume of the root volume's VM,
+/// all taken at the same instant.
+pub async fn create_snapshot_group(State(zs): Zs, body: Bytes) -> Response {
+    if !zs.config().snapshot_groups {
+        return no_snapshot_groups("POST").into_response();
+    }
+    let r = params(&body).and_then(|p| {
+        let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
+        let root =
+            s(&p, "rootVolumeUuid").ok_or_else(|| ZsError::invalid("missing rootVolumeUuid"))?;
+        let description = s(&p, "description").unwrap_or_default();
+        let uuid = s(&p, "resourceUuid").unwrap_or_else(zs_uuid);
+        zs.inv
+            .update(|doc| {
+                let Some(vm) = doc
+                    .volumes
+                    .get(&root)
+                    .filter(|v| v.kind == "Root")
+                    .and_then(|v| v.vm_instance_uuid.clone())
+                else {
+                    return Ok(Err(ZsError::not_found("VolumeVO", &root)));
+                };
+                let mut vols: Vec<Volume> = doc
+                    .volumes
+                    .values()
+                    .filter(|v| v.vm_instance_uuid.as_deref() == Some(vm.as_str()))
+                    .cloned()
+                    .collect();
+                vols.sort_by_key(|v| (v.kind != "Root", v.device_id));
+                let mut members = Vec::new();
+                for vol in vols {
+                    let id = zs_uuid();
+                    let disk = zs.hv.store.disk(&vol.disk_id)?;
+                    let cp = disk.checkpoints().keys().max().copied().unwrap_or(0) + 1;
+                    disk.create_snapshot(&id, cp)?;
+                    doc.snapshots.insert(
+                        id.clone(),
+                        Snapshot {
+                            uuid: id.clone(),
+                            name: name.clone(),
+                            volume_uuid: vol.uuid.clone(),
+                            size: vol.size,
+                            created: unix_now(),
+                        },
+                    );
+                    members.push(id);
+                }
+                let g = SnapshotGroup {
+                    uuid: uuid.clone(),
+                    name,
+                    description,
+                    vm_instance_uuid: vm,
+                    snapshots: members,
+                };
+                let inv = group_inventory(doc, &g);
+                doc.snapshot_groups.insert(uuid.clone(), g);
+                doc.snapshot_group_creates += 1;
+                Ok(Ok(json!({"inventory": inv})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x)
+    });
+    zs.submit("CreateVolumeSnapshotGroup", r)
+}
+
+/// `GET /zstack/v1/volume-snapshots/group`.
+pub async fn query_snapshot_groups(State(zs): Zs, RawQuery(q): RawQuery) -> Response {
+    if !zs.config().snapshot_groups {
+        return no_snapshot_groups("GET").into_response();
+    }
+    query_answer(
+        q,
+        zs.inv.read(|d| {
+            d.snapshot_groups
+                .values()
+                .map(|g| group_inventory(d, g))
+                .collect()
+        }),
+    )
+}
+
+/// `DELETE /zstack/v1/volume-snapshots/group/{uuid}`: the group and its
+/// snapshots.
+pub async fn delete_snapshot_group(State(zs): Zs, Path(id): Path<String>) -> Response {
+    if !zs.config().snapshot_groups {
+        return no_snapshot_groups("DELETE").into_response();
+    }
+    let r = zs
+        .inv
+        .update(|doc| {
+            let Some(g) = doc.snapshot_groups.remove(&id) else {
+                return Ok(Err(ZsError::not_found("VolumeSnapshotGroupVO", &id)));
+            };
+            for sid in g.snapshots {
+                if let Some(sn) = doc.snapshots.remove(&sid)
+                    && let Some(vol) = doc.volumes.get(&sn.volume_uuid)
+                {
+                    zs.hv.store.disk(&vol.disk_id)?.delete_snapshot(&sid)?;
+                }
+            }
+            Ok(Ok(json!({})))
+        })
+        .map_err(ZsError::from)
+        .and_then(|x| x);
+    zs.submit("DeleteVolumeSnapshotGroup", r)
 }
 
 /// `GET /zstack/v1/volume-snapshots`.
@@ -1480,6 +1618,10 @@ pub async fn delete_snapshot(State(zs): Zs, Path(id): Path<String>) -> Response 
                 disk.delete_snapshot(&id)?;
             }
             doc.snapshots.remove(&id);
+            for g in doc.snapshot_groups.values_mut() {
+                g.snapshots.retain(|x| x != &id);
+            }
+            doc.snapshot_groups.retain(|_, g| !g.snapshots.is_empty());
             Ok(Ok(json!({})))
         })
         .map_err(ZsError::from)

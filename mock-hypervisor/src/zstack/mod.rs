@@ -62,6 +62,9 @@ pub struct ZStackConfig {
     /// Lifetime of a session from its login, in seconds (ZStack's
     /// `session.timeout`, default 7200); then the session answers 401.
     pub session_timeout_secs: f64,
+    /// Whether the volume snapshot group API (ZStack 3.6+) exists
+    /// (default true); false answers its calls like an older ZStack: 404.
+    pub snapshot_groups: bool,
 }
 
 impl Default for ZStackConfig {
@@ -73,6 +76,7 @@ impl Default for ZStackConfig {
             image_quota: 50,
             backup_storages: vec!["imagestore-1".into(), "imagestore-2".into()],
             session_timeout_secs: 7200.0,
+            snapshot_groups: true,
         }
     }
 }
@@ -650,6 +654,14 @@ impl Platform for ZStackPlatform {
                 post(api::create_snapshot),
             )
             .route("/zstack/v1/volume-snapshots", get(api::query_snapshots))
+            .route(
+                "/zstack/v1/volume-snapshots/group",
+                post(api::create_snapshot_group).get(api::query_snapshot_groups),
+            )
+            .route(
+                "/zstack/v1/volume-snapshots/group/{uuid}",
+                axum::routing::delete(api::delete_snapshot_group),
+            )
             .route(
                 "/zstack/v1/volume-snapshots/{uuid}",
                 get(api::query_snapshot_one).delete(api::delete_snapshot),

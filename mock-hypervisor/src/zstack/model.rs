@@ -343,6 +343,32 @@ pub struct ZsInventory {
     /// L3 networks.
     #[serde(default)]
     pub l3_networks: BTreeMap<String, L3Network>,
+    /// Volume snapshot groups.
+    #[serde(default)]
+    pub snapshot_groups: BTreeMap<String, SnapshotGroup>,
+    /// Calls made: `CreateVolumeSnapshot` and `CreateVolumeSnapshotGroup`
+    /// (tests tell which way a backup snapshotted).
+    #[serde(default)]
+    pub snapshot_creates: u64,
+    /// See `snapshot_creates`.
+    #[serde(default)]
+    pub snapshot_group_creates: u64,
+}
+
+/// A volume snapshot group: one snapshot of every volume of a VM, taken at
+/// the same instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotGroup {
+    /// UUID.
+    pub uuid: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// The VM.
+    pub vm_instance_uuid: String,
+    /// Member snapshots.
+    pub snapshots: Vec<String>,
 }
 
 impl ZsInventory {

@@ -359,20 +359,26 @@ impl ZStackProvider {
         tag: &Tag,
         bs: &str,
         vol: &VolumeInventory,
+        grouped: Option<String>,
     ) -> Result<Exported> {
         let device = device_of(vol);
         let uuid = &vol.uuid;
         let name = tag.name(&device);
-        let snap: InventoryAnswer<VolumeSnapshotInventory> = self
-            .client
-            .call_as(
-                Method::POST,
-                &format!("/volumes/{uuid}/volume-snapshots"),
-                Some(json!({"params": {"name": name, "description": format!("vmbackup temporary snapshot ({})", tag.marker)}, "systemTags": [], "userTags": []})),
-                "CreateVolumeSnapshot",
-            )
-            .await?;
-        let snap_uuid = snap.inventory.uuid;
+        let snap_uuid = match grouped {
+            Some(s) => s,
+            None => {
+                let snap: InventoryAnswer<VolumeSnapshotInventory> = self
+                    .client
+                    .call_as(
+                        Method::POST,
+                        &format!("/volumes/{uuid}/volume-snapshots"),
+                        Some(json!({"params": {"name": name, "description": format!("vmbackup temporary snapshot ({})", tag.marker)}, "systemTags": [], "userTags": []})),
+                        "CreateVolumeSnapshot",
+                    )
+                    .await?;
+                snap.inventory.uuid
+            }
+        };
         let route = if vol.kind == "Root" {
             "root-volume-templates"
         } else {
@@ -402,6 +408,64 @@ impl ZStackProvider {
             ));
         }
         self.export(bs, &image.inventory.uuid, key).await
+    }
+
+    /// A VM with several volumes is snapshotted as one volume snapshot
+    /// group (ZStack 3.6+), all volumes at the same instant: volume UUID →
+    /// snapshot UUID. Empty for a single volume, or when the platform has
+    /// no group API: then every volume is snapshotted on its own and a
+    /// warning says the volumes are not crash-consistent with each other.
+    async fn snapshot_group(
+        &self,
+        tag: &Tag,
+        vols: &[VolumeInventory],
+        warnings: &mut Vec<String>,
+    ) -> Result<std::collections::HashMap<String, String>> {
+        let mut out = std::collections::HashMap::new();
+        let Some(root) = vols.iter().find(|v| v.kind == "Root") else {
+            return Ok(out);
+        };
+        if vols.len() < 2 {
+            return Ok(out);
+        }
+        let answer: Result<InventoryAnswer<VolumeSnapshotGroupInventory>> = self
+            .client
+            .call_as(
+                Method::POST,
+                "/volume-snapshots/group",
+                Some(json!({"params": {"rootVolumeUuid": root.uuid, "name": tag.name("group"), "description": format!("vmbackup temporary snapshot group ({})", tag.marker)}, "systemTags": [], "userTags": []})),
+                "CreateVolumeSnapshotGroup",
+            )
+            .await;
+        match answer {
+            Ok(g) => {
+                for r in g.inventory.volume_snapshot_refs {
+                    out.insert(r.volume_uuid, r.volume_snapshot_uuid);
+                }
+                if let Some(v) = vols.iter().find(|v| !out.contains_key(&v.uuid)) {
+                    return Err(Error::new(
+                        ErrorKind::Platform,
+                        format!(
+                            "CreateVolumeSnapshotGroup answered without a snapshot of volume {}",
+                            v.uuid
+                        ),
+                    ));
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let names: Vec<String> = vols
+                    .iter()
+                    .map(|v| format!("{} ({})", device_of(v), v.uuid))
+                    .collect();
+                warnings.push(format!(
+                    "the platform has no volume snapshot groups (CreateVolumeSnapshotGroup: {}): volumes {} were snapshotted one after the other and are not crash-consistent with each other",
+                    e.report(),
+                    names.join(", ")
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(out)
     }
 
     /// The base layer of a linked root volume and the path of its block
@@ -535,6 +599,7 @@ impl ZStackProvider {
         let mut volumes = Vec::new();
         let mut metas = Vec::new();
         let mut warnings = Vec::new();
+        let grouped = self.snapshot_group(&tag, &vols, &mut warnings).await?;
         for vol in vols {
             let device = device_of(&vol);
             let mode = request.mode(&device);
@@ -542,7 +607,7 @@ impl ZStackProvider {
             let linked = mode == BitmapMode::New && root_image.is_some();
             let what = format!("volume {device} ({})", vol.uuid);
             let ex = self
-                .export_volume(&key, &tag, &bs, &vol)
+                .export_volume(&key, &tag, &bs, &vol, grouped.get(&vol.uuid).cloned())
                 .await
                 .map_err(|e| e.volume(&device))?;
             let source = self.reader(&key, &ex.url, &what);

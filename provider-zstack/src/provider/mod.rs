@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 
 use crate::api::{
     BackupStorageInventory, ExportResult, ImageInventory, InventoryAnswer, QuotaInventory,
-    UuidInventory, VmInventory, VolumeInventory, VolumeSnapshotInventory, like_escape,
+    UuidInventory, VmInventory, VolumeInventory, VolumeSnapshotGroupInventory,
+    VolumeSnapshotInventory, like_escape,
 };
 use crate::client::{Connection, ZStackClient};
 use crate::options::ZStackOptions;

@@ -126,6 +126,36 @@ impl ZStackProvider {
                 first.get_or_insert(e);
             }
         }
+        // Snapshot groups (ZStack 3.6+; an older platform has none).
+        match self
+            .client
+            .query::<VolumeSnapshotGroupInventory>("/volume-snapshots/group", &[tag.like("name")])
+            .await
+        {
+            Ok(groups) => {
+                for g in groups.iter().filter(|g| tag.owns(&g.name)) {
+                    match self
+                        .client
+                        .call(
+                            Method::DELETE,
+                            &format!("/volume-snapshots/group/{}", g.uuid),
+                            None,
+                            "DeleteVolumeSnapshotGroup",
+                        )
+                        .await
+                    {
+                        Err(e) if e.kind() != ErrorKind::NotFound => {
+                            first.get_or_insert(e);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
         match self
             .client
             .query::<VolumeSnapshotInventory>("/volume-snapshots", &[tag.like("name")])
