@@ -30,50 +30,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import urllib.request
+
+from measure import run_measured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VMBACKUP = os.environ.get("VMBACKUP", os.path.join(ROOT, "target", "release", "vmbackup"))
 PYTHON = os.path.join(ROOT, "target", "pyenv", "bin", "python")
 EXAMPLES = os.path.join(ROOT, "tests", "python", "ovirt")
 MIB = 1 << 20
-
-
-def run_measured(cmd, watch=None, **kw):
-    """Like timed(), with the child's own peak RSS from wait4."""
-    largest = [0]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.wait(0.2):
-            for d in watch or []:
-                for dirpath, _, files in os.walk(d):
-                    for f in files:
-                        try:
-                            st = os.stat(os.path.join(dirpath, f))
-                            largest[0] = max(largest[0], st.st_blocks * 512)
-                        except OSError:
-                            pass
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out_f = tempfile.TemporaryFile()
-    err_f = tempfile.TemporaryFile()
-    start = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, **kw)
-    _, status, rusage = os.wait4(p.pid, 0)
-    elapsed = time.monotonic() - start
-    stop.set()
-    t.join()
-    out_f.seek(0)
-    err_f.seek(0)
-    out, err = out_f.read().decode(), err_f.read().decode()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({code}):\n{out}\n{err}")
-    return elapsed, rusage.ru_maxrss / 1024.0, out, largest[0]
 
 
 def post(url, body):
@@ -162,7 +127,7 @@ def main():
             )
         tmp = os.path.join(work, "tmp")
         os.makedirs(tmp, exist_ok=True)
-        ours_secs, ours_rss, _, largest = run_measured(
+        ours_secs, ours_rss, largest, _ = run_measured(
             [VMBACKUP, "--config", config, "backup", "--platform", "engine", "--guest", vm_id],
             watch=[tmp],
             env=dict(os.environ, TMPDIR=tmp),
