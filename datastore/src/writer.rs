@@ -28,6 +28,10 @@ use crate::util::{
     encode_component, io_err, now_secs, rfc3339, sha256_hex, sync_dir, unique_suffix,
 };
 
+/// Chunks in flight per CPU slot (see `VolWriter::inflight`): with 4 MiB
+/// chunks and two cores, at most 32 MiB waiting for the disk.
+const INFLIGHT_PER_WORKER: u32 = 4;
+
 fn lock_poisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -365,8 +369,13 @@ pub(crate) struct VolWriter {
     /// A chunk whose length differs from the starting index's (volume
     /// resized): rewritten at finish unless written.
     resize: Option<u64>,
+    /// CPU slots: a chunk holds one while it is hashed, compressed and
+    /// written to its temporary file.
     sem: Arc<Semaphore>,
-    permits: u32,
+    /// Chunks in flight (CPU stage plus their fsync and rename): bounds the
+    /// memory held, `INFLIGHT_PER_WORKER` per CPU slot.
+    inflight: Arc<Semaphore>,
+    inflight_permits: u32,
     state: Arc<Mutex<PipeState>>,
     bytes_written: u64,
     dest: Destination,
@@ -399,6 +408,7 @@ impl VolWriter {
             }
         }
         let permits = ds.inner.workers as u32;
+        let inflight_permits = permits * INFLIGHT_PER_WORKER;
         Ok(VolWriter {
             store: ds.chunks().clone(),
             chunk_size: cs,
@@ -407,7 +417,8 @@ impl VolWriter {
             cur: None,
             resize,
             sem: Arc::new(Semaphore::new(permits as usize)),
-            permits,
+            inflight: Arc::new(Semaphore::new(inflight_permits as usize)),
+            inflight_permits,
             state: Arc::new(Mutex::new(PipeState {
                 index,
                 bytes_new: 0,
@@ -469,17 +480,19 @@ impl VolWriter {
         if self.resize == Some(idx) {
             self.resize = None;
         }
-        let permit = self
-            .sem
+        let closed = |e| Error::other("chunk workers closed").with_source(e);
+        let inflight = self
+            .inflight
             .clone()
             .acquire_owned()
             .await
-            .map_err(|e| Error::other("chunk workers closed").with_source(e))?;
+            .map_err(closed)?;
+        let permit = self.sem.clone().acquire_owned().await.map_err(closed)?;
         let store = self.store.clone();
         let state = self.state.clone();
         let len = self.chunk_len(idx);
         tokio::task::spawn_blocking(move || {
-            let res = process_chunk(&store, len, job);
+            let res = process_chunk(&store, len, job, move || drop(permit));
             let mut st = lock_poisoned(&state);
             match res {
                 Ok((digest, ins)) => {
@@ -496,7 +509,7 @@ impl VolWriter {
                     }
                 }
             }
-            drop(permit);
+            drop(inflight);
         });
         Ok(())
     }
@@ -575,11 +588,14 @@ impl Drop for VolWriter {
     }
 }
 
-/// Hash, detect zeroes, compress and insert one chunk (on a worker).
+/// Hash, detect zeroes, compress and insert one chunk (on a worker);
+/// `cpu_done` is called when the chunk no longer needs a CPU slot (before
+/// its fsync, or at once when there is nothing to store).
 fn process_chunk(
     store: &ChunkStore,
     len: usize,
     job: Job,
+    cpu_done: impl FnOnce(),
 ) -> Result<(Digest, Option<crate::chunk::Inserted>)> {
     let data: Bytes = match job {
         Job::Whole(b) => b,
@@ -611,7 +627,7 @@ fn process_chunk(
         return Ok((Digest::ZERO, None));
     }
     let digest = Digest::of(&data);
-    let ins = store.insert(&digest, &data)?;
+    let ins = store.insert_then(&digest, &data, cpu_done)?;
     Ok((digest, Some(ins)))
 }
 
@@ -638,10 +654,10 @@ impl VolumeWriter for VolWriter {
             };
             self.submit(idx, job).await?;
         }
-        // Wait for every worker.
+        // Wait for every chunk, fsynced and named.
         let _all = self
-            .sem
-            .acquire_many(self.permits)
+            .inflight
+            .acquire_many(self.inflight_permits)
             .await
             .map_err(|e| Error::other("chunk workers closed").with_source(e))?;
         self.check_workers()?;
