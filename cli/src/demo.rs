@@ -347,10 +347,13 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
     } else {
         print_table(&all_rows);
         println!(
-            "datastore: {} chunks checked by verify ({}), {:?}",
+            "datastore: {} snapshots, {} base images, {} chunks ({} stored); verify checked {} chunks: {}",
+            stats.snapshots,
+            stats.base_images,
+            stats.chunks,
+            crate::report::human(stats.chunk_bytes),
             verify.chunks_checked,
             if verify.is_ok() { "ok" } else { "FAILED" },
-            stats
         );
         println!(
             "{}",

@@ -374,15 +374,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no snapshots in this datastore");
             } else {
-                for s in &list {
-                    let vols: Vec<String> = s
-                        .volumes
-                        .iter()
-                        .map(|v| format!("{}({:?})", v.volume.device, v.bitmap_mode))
-                        .collect();
-                    println!("{}  {}", s.id, vols.join(" "));
-                }
+                report::print_snapshots(&list);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -404,35 +399,41 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 );
             } else {
                 println!("snapshot {}", info.id);
-                println!("  archive  {}", info.archive);
-                println!("  time     {}", info.time);
+                println!("  guest     {} (platform {})", info.guest, info.platform);
+                println!("  archive   {}", info.archive);
+                println!("  time      {}", report::time_utc(info.time));
                 println!(
-                    "  verified {}",
+                    "  verified  {}",
                     match info.verified {
                         Some(true) => "ok",
-                        Some(false) => "FAILED",
+                        Some(false) => "FAILED (never used as an incremental base)",
                         None => "not yet",
                     }
                 );
                 for v in &info.volumes {
                     println!(
-                        "  volume {} {} bytes {:?} mode {:?} checkpoint {} base {}",
+                        "  volume    {}: {} ({} bytes), {}, {}",
                         v.volume.device,
+                        report::human(v.volume.size),
                         v.volume.size,
-                        v.volume.format,
-                        v.bitmap_mode,
-                        v.checkpoint.as_ref().map_or("-", |c| c.0.as_str()),
-                        v.base.as_ref().map_or("-", |b| b.0.as_str()),
+                        report::format_name(&v.volume.format),
+                        report::mode_words(v.bitmap_mode),
                     );
+                    if let Some(c) = &v.checkpoint {
+                        println!("            checkpoint {}", c.0);
+                    }
+                    if let Some(b) = &v.base {
+                        println!("            base image {}", b.0);
+                    }
                 }
                 for w in &info.warnings {
-                    println!("  warning  {w}");
+                    println!("  warning   {w}");
                 }
                 if let Some(c) = guest_config {
                     println!(
-                        "  guest config ({}, {} bytes)",
+                        "  config    {}, {}",
                         c.content_type,
-                        c.data.len()
+                        report::human(c.data.len() as u64)
                     );
                 }
             }

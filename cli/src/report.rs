@@ -1,7 +1,7 @@
 //! Printing job outcomes as a table or JSON.
 
 use engine::JobReport;
-use provider_api::BitmapMode;
+use provider_api::{BitmapMode, SnapshotInfo, VolumeFormat};
 
 /// One row of the summary table.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -81,7 +81,8 @@ pub fn rows(report: &JobReport, platform: &str) -> Vec<Row> {
         .collect()
 }
 
-fn human(bytes: u64) -> String {
+/// Bytes in binary units (`2.1 GiB`), exact below 1 KiB.
+pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;
@@ -157,5 +158,104 @@ pub fn print_job(report: &JobReport, platform: &str, json: bool) {
     }
     if let Some(e) = &report.cleanup_error {
         eprintln!("error: job_cleanup failed: {}", e.report());
+    }
+}
+
+/// A backup time (seconds since the epoch) as RFC 3339 in UTC, the form
+/// snapshot ids carry.
+pub fn time_utc(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} s after the epoch"))
+}
+
+/// What a volume's bitmap mode meant for its backup, in words.
+pub fn mode_words(mode: BitmapMode) -> &'static str {
+    match mode {
+        BitmapMode::New => "full (new checkpoint)",
+        BitmapMode::Use => "incremental",
+        BitmapMode::None => "full",
+    }
+}
+
+/// A volume format as users write it.
+pub fn format_name(format: &VolumeFormat) -> &str {
+    match format {
+        VolumeFormat::Raw => "raw",
+        VolumeFormat::Qcow2 => "qcow2",
+        VolumeFormat::Other(s) => s,
+        _ => "format unknown to this build",
+    }
+}
+
+fn verified_word(v: Option<bool>) -> &'static str {
+    match v {
+        Some(true) => "ok",
+        Some(false) => "FAILED",
+        None => "-",
+    }
+}
+
+/// `list`: one line per snapshot under a header, columns as wide as their
+/// longest cell (ids hold UUIDs).
+pub fn print_snapshots(list: &[SnapshotInfo]) {
+    let header = [
+        "snapshot", "volumes", "size", "mode", "verified", "warnings",
+    ];
+    let rows: Vec<[String; 6]> = list
+        .iter()
+        .map(|s| {
+            [
+                s.id.to_string(),
+                s.volumes.len().to_string(),
+                human(s.volumes.iter().map(|v| v.volume.size).sum()),
+                mode_name(s.volumes.iter().map(|v| v.bitmap_mode)),
+                verified_word(s.verified).to_owned(),
+                s.warnings.len().to_string(),
+            ]
+        })
+        .collect();
+    let mut width = header.map(str::len);
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: [&str; 6]| {
+        let mut out = String::new();
+        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
+            // Text left, counts and sizes right.
+            let right = matches!(i, 1 | 2 | 5);
+            if right {
+                out.push_str(&format!("{c:>w$}  "));
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_for_users() {
+        assert_eq!(human(0), "0 B");
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(2202009600), "2.1 GiB");
+        assert_eq!(time_utc(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(mode_words(BitmapMode::Use), "incremental");
+        assert_eq!(format_name(&VolumeFormat::Qcow2), "qcow2");
+        assert_eq!(format_name(&VolumeFormat::Other("vmdk".into())), "vmdk");
     }
 }

@@ -130,8 +130,53 @@ fn qcow2_with_dirty_bitmap_full_incremental_serve_and_compare() {
     assert_eq!(snaps.len(), 2);
     let latest = snaps[1]["id"].as_str().unwrap().to_owned();
 
+    // The same list for people: a header, one aligned row per snapshot,
+    // sizes in binary units, modes in words (no Debug names).
+    let text = run(vmbackup().args(["list", "-d"]).arg(&store));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].starts_with("snapshot") && lines[0].contains("size") && lines[0].contains("mode"),
+        "{text}"
+    );
+    assert!(
+        lines[1].starts_with(snaps[0]["id"].as_str().unwrap()),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("64.0 MiB") && lines[1].contains("full"),
+        "{text}"
+    );
+    assert!(
+        lines[2].contains("64.0 MiB") && lines[2].contains("incremental"),
+        "{text}"
+    );
+    assert_eq!(
+        lines[1].find("64.0 MiB"),
+        lines[2].find("64.0 MiB"),
+        "{text}"
+    );
+    assert!(!text.contains("None") && !text.contains("Use"), "{text}");
+
     let show = run(vmbackup().args(["show", "-d"]).arg(&store).arg(&latest));
-    assert!(show.contains("mode Use checkpoint cbt0"), "{show}");
+    assert!(
+        show.contains(
+            "disk0: 64.0 MiB (67108864 bytes), raw, incremental\n            checkpoint cbt0"
+        ),
+        "{show}"
+    );
+    // The time as RFC 3339, as the snapshot id ends with it (the id may
+    // add `-N` when two snapshots share a second).
+    let time = show
+        .lines()
+        .find_map(|l| l.strip_prefix("  time      "))
+        .unwrap_or_else(|| panic!("{show}"));
+    assert!(time.ends_with('Z') && time.contains('T'), "{show}");
+    assert!(
+        latest.rsplit('/').next().unwrap().starts_with(time),
+        "{show}"
+    );
+    assert!(show.contains("guest     qemu-vm (platform nbd)"), "{show}");
 
     // Instant restore: serve the snapshot and let qemu-img pull it.
     let mut serve = vmbackup()
