@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod api;
+mod message_api;
 pub mod model;
 pub mod seed;
 pub mod transfer;
@@ -675,6 +676,7 @@ impl Platform for ZStackPlatform {
                 get(transfer::download_export),
             )
             .merge(protected)
+            .merge(message_api::router())
             .route_layer(from_fn_with_state(self.clone(), inject_faults))
             .with_state(self)
     }
