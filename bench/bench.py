@@ -12,7 +12,10 @@ Measured, each as wall time and peak RSS of the child process (wait4):
   restic backup                the same image as a file, fresh repository
   vmbackup backup (full)       read, hash, compress, dedup into a datastore
   vmbackup backup (1%, 10%)    incrementals after qemu-io changes
+  qemu-img convert -> raw      the restore peer: qemu-nbd to a raw file
   vmbackup restore             snapshot back into a raw file
+  vmbackup serve               qemu-img convert from the instant-restore
+                               NBD server to a raw file
 
 Ratios are ours / peer throughput in the same run; absolute MiB/s on shared
 2-core machines drift, ratios much less. Not run in CI.
@@ -28,7 +31,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VMBACKUP = os.path.join(ROOT, "target", "release", "vmbackup")
+VMBACKUP = os.environ.get("VMBACKUP", os.path.join(ROOT, "target", "release", "vmbackup"))
 
 
 def timed(cmd, **kw):
@@ -106,6 +109,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gib", type=float, default=2.0)
     ap.add_argument("--workdir")
+    ap.add_argument("--out-dir", help="where restores write (default: the workdir)")
     a = ap.parse_args()
     if not os.path.exists(VMBACKUP):
         sys.exit("build first: cargo build --release -p cli")
@@ -152,9 +156,31 @@ def main():
             note=f"{changed >> 20} MiB changed in 1 MiB runs")
     _, _, listing = timed([VMBACKUP, "list", "-d", store])
     latest = listing.strip().splitlines()[-1].split()[0]
-    restored = os.path.join(work, "restored")
+    # Restore and instant restore against qemu's own copy of the same
+    # guest disk, every output a raw file in the same directory (--out-dir,
+    # tmpfs to time decoding rather than writeback).
+    outs = a.out_dir or work
+    peer_raw = os.path.join(outs, "peer.raw")
+    with QemuNbd(image, sock) as uri:
+        s, r, _ = timed(["qemu-img", "convert", "-f", "raw", uri, "-O", "raw", peer_raw])
+        row("qemu-img convert qemu-nbd -> raw (restore peer)", s, r)
+    os.unlink(peer_raw)
+    restored = os.path.join(outs, "restored")
     s, r, _ = timed([VMBACKUP, "restore", "-d", store, latest, "--to", restored])
     row("vmbackup restore -> raw file", s, r)
+    shutil.rmtree(restored)
+    serve = subprocess.Popen([VMBACKUP, "serve", "--listen", "127.0.0.1:0", "-d", store,
+                              latest, "disk0"], stdout=subprocess.PIPE)
+    try:
+        line = serve.stdout.readline().decode()
+        served = next(w for w in line.split() if w.startswith("nbd://"))
+        out = os.path.join(outs, "served.raw")
+        s, r, _ = timed(["qemu-img", "convert", "-f", "raw", served, "-O", "raw", out])
+        row("qemu-img convert vmbackup serve -> raw", s, r)
+        os.unlink(out)
+    finally:
+        serve.terminate()
+        serve.wait()
 
     by = {n: t for n, _, t, _, _ in rows}
     qemu, ceiling = by["qemu-img convert -> qcow2"], by["nbdcopy -> null (ceiling)"]
@@ -168,6 +194,9 @@ def main():
     full = [s for n, s, *_ in rows if n == "vmbackup backup, full"][0]
     inc1 = [s for n, s, *_ in rows if n.startswith("vmbackup backup, 1%")][0]
     print(f"\n1% incremental / full time: {inc1 / full:.1%}")
+    peer = by["qemu-img convert qemu-nbd -> raw (restore peer)"]
+    print(f"restore / qemu-img convert: {by['vmbackup restore -> raw file'] / peer:.2f}x; "
+          f"serve / qemu-nbd: {by['qemu-img convert vmbackup serve -> raw'] / peer:.2f}x")
     if not a.workdir:
         shutil.rmtree(work)
 
