@@ -235,12 +235,20 @@ async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
     .await
     .unwrap_or_else(|e| panic!("restore: {}", e.report()));
     assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    let objects = other.admin.scp_objects().await;
+    assert_eq!(objects["base_images"].as_array().unwrap().len(), 1);
+    // Seed 4.5.2 step 5: the attribute exists and is bound: nothing is
+    // created or bound a second time.
     assert_eq!(
-        other.admin.scp_objects().await["base_images"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
+        objects["custom_attributes"].as_array().unwrap().len(),
+        1,
+        "{objects}"
+    );
+    assert_eq!(
+        objects["bindings"].as_array().unwrap().len(),
+        1,
+        "bound once: {}",
+        objects["bindings"]
     );
 }
 
@@ -2185,4 +2193,574 @@ async fn a_helper_command_that_exits_at_once_fails_the_guest_naming_it() {
         Vec::<u32>::new()
     );
     assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// Seed 4.5.1 steps 1 to 3: the linked disk's `base_image_id` (in the
+/// snapshot's `vmconf.hardware_option.disks`) names the base image; its
+/// details are filtered out of the base image list and only the custom
+/// attributes bound to *it* out of the binding list. Other base images
+/// (one listed before it) and bindings of the same attribute to other
+/// images are left out of the stored metadata.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_stores_its_own_base_image_and_only_the_attributes_bound_to_it() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "ours").await;
+    // Other base images; at least one sorts (and is listed) before ours.
+    let mut others: Vec<String> = Vec::new();
+    while others.len() < 2 || others.iter().all(|o| o > &base) {
+        let name = format!("other-{}", others.len());
+        others.push(
+            env.admin
+                .base_image(
+                    &name,
+                    8 * MIB,
+                    json!([{"offset": 0, "length": MIB, "pattern": "random", "seed": 60}]),
+                )
+                .await,
+        );
+    }
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let scp = env.provider();
+    let post = |path: &'static str, body: Value| {
+        let scp = scp.clone();
+        async move {
+            scp.client()
+                .call::<Value>(reqwest::Method::POST, path, &[], Some(&body))
+                .await
+                .unwrap()
+        }
+    };
+    let attributes = "/janus/20190725/custom-attributes";
+    let bindings = "/janus/20190725/custom-attributes/bindings";
+    let os = post(
+        attributes,
+        json!({"name": "os-family", "description": "OS", "resource_type": "base_image"}),
+    )
+    .await;
+    let owner = post(
+        attributes,
+        json!({"name": "owner", "description": "who", "resource_type": "base_image"}),
+    )
+    .await;
+    for (attr, resource, value) in [
+        (&os, &base, "centos"),
+        (&os, &others[0], "debian"),
+        (&owner, &others[1], "team-b"),
+    ] {
+        post(
+            bindings,
+            json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
+                "resource_id": resource, "value": value}),
+        )
+        .await;
+    }
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    // Step 1: the disk is linked to `base`.
+    assert_eq!(b.snapshot.volumes[0].base.as_ref().unwrap().0, base);
+    let md = env
+        .store
+        .open_snapshot(&b.snapshot.id)
+        .await
+        .unwrap()
+        .metadata()
+        .await
+        .unwrap();
+    // Step 2: its own details.
+    let image = &md["base_image"]["image"];
+    assert_eq!(image["id"], base.as_str(), "{md}");
+    assert_eq!(image["name"], "ours", "{md}");
+    assert_eq!(image["size"], 16 * MIB, "{md}");
+    // Step 3: only the binding to it, and only its attribute.
+    let stored = md["base_image"]["bindings"].as_array().unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["resource_id"], base.as_str());
+    assert_eq!(stored[0]["custom_attribute_id"], os["id"]);
+    assert_eq!(stored[0]["value"], "centos");
+    let attrs = md["base_image"]["custom_attributes"].as_array().unwrap();
+    assert_eq!(attrs.len(), 1, "{attrs:?}");
+    assert_eq!(attrs[0]["name"], "os-family");
+}
+
+/// Seed 4.5.1 step 5 and 4.5.2 step 3: the base-image flag
+/// (`open_base_image: 1`, sfvddk's `SFDISKLIB_FLAG_OPEN_BASE_IMAGE`) opens
+/// the base image and only the base image; without it the system disk is
+/// opened. The VM's own data overwrites part of the base image's data, so
+/// the base image read through the system disk (the guest's view), or the
+/// system disk read through the base image, gives other bytes. Over NBD
+/// and HotAdd: backup, restore to a platform without the base image, the
+/// restored base image and the restored disks compared by sha256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_base_image_is_set_for_the_base_image_only_where_the_overlay_overlaps_it() {
+    for mode in ["nbd", "hotadd"] {
+        let env = Env::start(|_, _| {}).await;
+        let base = env
+            .admin
+            .base_image(
+                "base",
+                16 * MIB,
+                json!([{"offset": 0, "length": 8 * MIB, "pattern": "random", "seed": 41}]),
+            )
+            .await;
+        let base_digest = image_sha256(&env, &base).await;
+        let vm = env
+            .admin
+            .server(
+                json!({"name": "overlap", "storage_id": "storage-local", "disks": [
+                {"size": 24 * MIB, "base_image_id": base, "fill": [
+                    {"offset": MIB, "length": MIB, "pattern": "random", "seed": 42},
+                    {"offset": 6 * MIB, "length": 3 * MIB, "pattern": "text", "seed": 43}]},
+                {"size": 8 * MIB, "fill": [
+                    {"offset": 0, "length": 2 * MIB, "pattern": "random", "seed": 44}]}]}),
+            )
+            .await;
+        let before = env.admin.server_digests(&vm).await;
+        let access = |env: &Env| {
+            let env_admin = env.admin.clone();
+            async move {
+                match mode {
+                    "nbd" => AccessMode::Nbd,
+                    _ => AccessMode::HotAdd {
+                        proxy_server_id: id(&env_admin
+                            .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
+                            .await),
+                    },
+                }
+            }
+        };
+        let scp = env.provider_with(env.options(access(&env).await));
+        let report = env.backup(scp, &[&id(&vm)]).await;
+        let b = report.guests[0]
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
+        assert!(b.volumes[0].base_image_stored, "{mode}");
+        assert_eq!(leftovers(&env.admin).await, Vec::<String>::new(), "{mode}");
+
+        let other = Env::start(|_, _| {}).await;
+        let scp2 = other.provider_with(other.options(access(&other).await));
+        let r = restore_from(
+            &env.store,
+            scp2.clone(),
+            &b.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("overlap".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
+        let images = other.admin.scp_objects().await["base_images"].clone();
+        let restored = images[0]["id"].as_str().unwrap();
+        assert_eq!(
+            image_sha256(&other, restored).await,
+            base_digest,
+            "{mode}: the restored base image holds the base image's bytes"
+        );
+        assert_eq!(
+            digests_of(&other, &scp2, &r.guest).await,
+            before,
+            "{mode}: the restored disks hold the VM's bytes"
+        );
+        assert_eq!(
+            leftovers(&other.admin).await,
+            Vec::<String>::new(),
+            "{mode}"
+        );
+    }
+}
+
+/// Seed 4.5.1 step 4 note and 4.5.3 rule 1 note: CBT is enabled with the
+/// new API (`PUT /janus/20240725/servers/{id}/cbt/status`) on a VM that
+/// has it off; that backup is full with a warning, the next one
+/// incremental, and the restore byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbt_off_is_enabled_with_the_new_api_and_the_backup_is_full_with_a_warning() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm_with(&env, "no-cbt", &base, 10, true, json!({"cbt_enable": 0})).await;
+    let scp = env.provider();
+    let server = |scp: Arc<provider_scp::ScpProvider>, vm: String| async move {
+        scp.client()
+            .call::<Value>(
+                reqwest::Method::GET,
+                &format!("/janus/20250725/servers/{vm}"),
+                &[],
+                None,
+            )
+            .await
+            .unwrap()
+    };
+    assert_eq!(server(scp.clone(), id(&vm)).await["cbt"]["enable"], 0);
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(b.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
+    assert!(
+        b.snapshot
+            .warnings
+            .iter()
+            .any(|w| w.contains("CBT was not enabled")),
+        "{:?}",
+        b.snapshot.warnings
+    );
+    assert_eq!(server(scp.clone(), id(&vm)).await["cbt"]["enable"], 1);
+    env.admin
+        .write(&disk_id(&vm, 0), 4 * MIB, 64 << 10, "random", 70)
+        .await;
+    let after = env.admin.server_digests(&vm).await;
+    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let n = next.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
+    let r = env
+        .restore(
+            scp.clone(),
+            &n.snapshot.id,
+            RestoreTarget::NewGuest { name: None },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+}
+
+/// Seed 4.5.1 step 4 note and 4.5.3 rule 5: an incremental never reads the
+/// base image, even when the target says it does not hold it (the base
+/// layer is named, without access).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_never_reads_the_base_image_even_if_the_target_lacks_it() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let scp = env.provider();
+    assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
+    let guest = Guest::vm(id(&vm));
+    let info = env
+        .store
+        .latest_good_snapshot("scp", &guest.id)
+        .await
+        .unwrap()
+        .unwrap();
+    let metadata = env
+        .store
+        .open_snapshot(&info.id)
+        .await
+        .unwrap()
+        .metadata()
+        .await
+        .unwrap();
+    let previous = provider_api::PreviousBackup::new(info, metadata);
+    scp.job_init(&provider_api::JobInfo::default())
+        .await
+        .unwrap();
+    scp.backup_init(&guest, 2).await.unwrap();
+    let plan = scp
+        .backup_vm_query_incremental(&guest, Some(&previous))
+        .await
+        .unwrap();
+    let exposed = scp
+        .backup_vm(
+            &guest,
+            provider_api::BackupVmRequest::new(
+                plan,
+                Some(previous),
+                Arc::new(provider_api::testing::EmptyCatalog),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(exposed.volumes[0].bitmap_mode, BitmapMode::Use);
+    let layer = exposed.volumes[0].base.as_ref().expect("a base layer");
+    assert_eq!(layer.id.0, base);
+    assert!(
+        layer.access.is_none(),
+        "an incremental exposes no base image data"
+    );
+    drop(exposed);
+    scp.backup_cleanup(
+        &guest,
+        &provider_api::Outcome::failed(&provider_api::Error::other("test over")),
+    )
+    .await
+    .unwrap();
+    scp.job_cleanup().await.unwrap();
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+}
+
+/// The disk helper command (the sfvddk seam) for a linked VM: a script
+/// that serves the base image's file when `{base_image}` is 1 and the
+/// disk's own file otherwise, as a site's nbdkit plugin would pass
+/// `SFDISKLIB_FLAG_OPEN_BASE_IMAGE` on. It logs each open.
+fn linked_helper(env: &Env) -> (provider_scp::HelperCommandOptions, std::path::PathBuf) {
+    let root = env.mock.hypervisor().store.root().to_path_buf();
+    let log = env.dir.path().join("helper.log");
+    let script = r#"root=$0 base=$1 disk=$2 sock=$3 ro=$4 log=$5
+if [ "$base" = 1 ]; then
+  img=$(tr -d ' \n' < "$root/disks/$disk/meta.json" | sed -n 's/.*"base_image_id":"\([^"]*\)".*/\1/p')
+  [ -n "$img" ] || img=$(ls "$root/images" | head -n 1)
+  file="$root/images/$img/data.raw"
+else
+  file="$root/disks/$disk/overlay.raw"
+fi
+echo "base=$base readonly=$ro disk=$disk" >> "$log"
+if [ "$ro" = 1 ]; then
+  exec nbdkit --exit-with-parent -U "$sock" -f -r file "file=$file"
+fi
+exec nbdkit --exit-with-parent -U "$sock" -f file "file=$file""#;
+    (
+        provider_scp::HelperCommandOptions::new([
+            "sh".to_owned(),
+            "-c".to_owned(),
+            script.to_owned(),
+            root.display().to_string(),
+            "{base_image}".to_owned(),
+            "{disk}".to_owned(),
+            "{socket}".to_owned(),
+            "{readonly}".to_owned(),
+            log.display().to_string(),
+        ]),
+        log,
+    )
+}
+
+/// The helper command with a linked VM: the backup opens the base image
+/// (flag set, read-only) once and each disk without the flag; the backup
+/// restores byte for byte (through the platform's export). A restore
+/// through the helper to a platform without the base image writes the
+/// base image's data with the flag set (read-write) and the disks without
+/// it: the restored files equal the source files byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helper_command_backs_up_and_restores_a_linked_vm_with_the_base_image_flag() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let before = env.admin.server_digests(&vm).await;
+    let (helper, log) = linked_helper(&env);
+    let mut options = env.options(AccessMode::Nbd);
+    options.helper_command = Some(helper);
+    let scp = env.provider_with(options);
+    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("backup through the helper: {}", e.report()));
+    assert!(b.volumes[0].base_image_stored);
+    assert_eq!(
+        env.admin.bytes_read().await,
+        0,
+        "read through the helper only"
+    );
+    let opens = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = opens.lines().collect();
+    lines.sort();
+    let mut expected = vec![
+        format!("base=0 readonly=1 disk={}", disk_id(&vm, 0)),
+        format!("base=0 readonly=1 disk={}", disk_id(&vm, 1)),
+        format!("base=1 readonly=1 disk={}", disk_id(&vm, 0)),
+    ];
+    expected.sort();
+    assert_eq!(lines, expected, "{opens}");
+    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+
+    // What the helper read restores byte for byte (platform export).
+    let check = Env::start(|_, _| {}).await;
+    let scp_check = check.provider();
+    let r = restore_from(
+        &env.store,
+        scp_check.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("checked".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&check, &scp_check, &r.guest).await, before);
+
+    // A restore through the helper to a platform without the base image.
+    let other = Env::start(|_, _| {}).await;
+    let (helper, log2) = linked_helper(&other);
+    let mut options = other.options(AccessMode::Nbd);
+    options.helper_command = Some(helper);
+    let scp2 = other.provider_with(options);
+    restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("through-helper".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("restore through the helper: {}", e.report()));
+    let restored = other
+        .admin
+        .server_by_name(&scp2, "through-helper")
+        .await
+        .expect("restored VM");
+    let opens = std::fs::read_to_string(&log2).unwrap();
+    let mut lines: Vec<&str> = opens.lines().collect();
+    lines.sort();
+    let mut expected = vec![
+        format!("base=0 readonly=0 disk={}", disk_id(&restored, 0)),
+        format!("base=0 readonly=0 disk={}", disk_id(&restored, 1)),
+        format!("base=1 readonly=0 disk={}", disk_id(&restored, 0)),
+    ];
+    expected.sort();
+    assert_eq!(lines, expected, "{opens}");
+    let src = env.mock.hypervisor().store.root().to_path_buf();
+    let dst = other.mock.hypervisor().store.root().to_path_buf();
+    let images = other.admin.scp_objects().await["base_images"].clone();
+    let new_base = images[0]["id"].as_str().unwrap();
+    assert_eq!(
+        file_sha256(&dst.join("images").join(new_base).join("data.raw")),
+        file_sha256(&src.join("images").join(&base).join("data.raw")),
+        "base image data written through the helper with the flag"
+    );
+    for i in 0..2 {
+        assert_eq!(
+            file_sha256(
+                &dst.join("disks")
+                    .join(disk_id(&restored, i))
+                    .join("overlay.raw")
+            ),
+            file_sha256(&src.join("disks").join(disk_id(&vm, i)).join("overlay.raw")),
+            "disk {i} written through the helper without the flag"
+        );
+    }
+    assert_eq!(
+        children_named("nbdkit", &dst.display().to_string()),
+        Vec::<u32>::new()
+    );
+}
+
+/// Seed 4.5.3 rule 8: a base image whose data is not complete (it still
+/// carries a job marker, here of a job still running on another host) is
+/// never reused by a restore, although it is `AVAILABLE` (the seed's order)
+/// and names the base image it restores: the restore recreates the base
+/// image and the VM restores byte for byte; the other job's image is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_image_still_being_written_is_not_reused_by_a_restore() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let digest = image_sha256(&env, &base).await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let before = env.admin.server_digests(&vm).await;
+    let report = env.backup(env.provider(), &[&id(&vm)]).await;
+    let b = report.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+
+    let other = Env::start(|_, _| {}).await;
+    let scp2 = other.provider();
+    let marker = provider_api::JobInfo::new("job-7", scenarios::scp::now())
+        .on_host("another-host", Vec::<String>::new())
+        .marker();
+    let half: Value = scp2
+        .client()
+        .call(
+            reqwest::Method::POST,
+            "/janus/20180725/base-images",
+            &[],
+            Some(
+                &json!({"name": "base", "size": 16 * MIB, "storage_id": "storage-local",
+                "description": format!("[restored from base image {base}] {marker}")}),
+            ),
+        )
+        .await
+        .unwrap();
+    let _: Value = scp2
+        .client()
+        .call(
+            reqwest::Method::PUT,
+            &format!("/janus/20180725/base-images/{}", id(&half)),
+            &[],
+            Some(&json!({"status": "AVAILABLE"})),
+        )
+        .await
+        .unwrap();
+    let r = restore_from(
+        &env.store,
+        scp2.clone(),
+        &b.snapshot.id,
+        RestoreTarget::NewGuest {
+            name: Some("fresh".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    let restored = other.admin.server_by_name(&scp2, "fresh").await.unwrap();
+    let linked_to = restored["disks"][0]["base_image_id"].as_str().unwrap();
+    assert_ne!(linked_to, id(&half), "the incomplete image is not used");
+    assert_eq!(image_sha256(&other, linked_to).await, digest);
+    let images = other.admin.scp_objects().await["base_images"].clone();
+    assert_eq!(images.as_array().unwrap().len(), 2, "{images}");
+}
+
+/// Seed 4.5.3 rule 6: a base image the backup system already holds (by
+/// its id) is not opened again: the full backup of a second VM on it opens
+/// no base image export (the host would skip storing it anyway, so only
+/// the platform's export list shows it) and reads only the VM's own data;
+/// it restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_base_image_already_stored_is_not_opened_again() {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm1 = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let vm2 = linked_vm(&env, "linked-2", &base, 20, false).await;
+    let before2 = env.admin.server_digests(&vm2).await;
+    let base_exports = |e: Value| -> usize {
+        ["active", "closed"]
+            .iter()
+            .flat_map(|k| e[*k].as_array().cloned().unwrap_or_default())
+            .filter(|s| {
+                s["target"]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("base image"))
+            })
+            .count()
+    };
+    let scp = env.provider();
+    let first = env.backup(scp.clone(), &[&id(&vm1)]).await;
+    let f = first.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(f.volumes[0].base_image_stored);
+    assert_eq!(base_exports(env.admin.get("/exports").await), 1);
+    env.admin.reset_export_history().await;
+    let second = env.backup(scp.clone(), &[&id(&vm2)]).await;
+    let s = second.guests[0]
+        .result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert!(!s.volumes[0].base_image_stored);
+    assert_eq!(s.snapshot.volumes[0].base.as_ref().unwrap().0, base);
+    let exports = env.admin.get("/exports").await;
+    assert_eq!(
+        base_exports(exports.clone()),
+        0,
+        "the stored base image is not opened again: {exports}"
+    );
+    let read = env.admin.bytes_read().await;
+    assert!(read <= 2 * MIB + (256 << 10), "read {read} bytes");
+    let r = env
+        .restore(
+            scp.clone(),
+            &s.snapshot.id,
+            RestoreTarget::NewGuest {
+                name: Some("second".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(digests_of(&env, &scp, &r.guest).await, before2);
 }

@@ -261,17 +261,8 @@ impl ScpProvider {
                         .map_err(|e| e.volume(format!("{device} (base image {base_id})")))?;
                     let dirty = if base_cbt {
                         DirtySource::Regions(Box::new(
-                            self.changed_areas(
-                                guest,
-                                &device,
-                                AreaQuery {
-                                    base_image: true,
-                                    checkpoint_id: 0,
-                                    ..own.clone()
-                                },
-                                lost.clone(),
-                            )
-                            .await?,
+                            self.changed_areas(guest, &device, own.base(), lost.clone())
+                                .await?,
                         ))
                     } else {
                         // Desktop VM below 6.11.3: no base image CBT, read
@@ -528,6 +519,19 @@ pub(super) struct AreaQuery {
     checkpoint_id: u64,
 }
 
+impl AreaQuery {
+    /// The base image's areas under the same disk (seed 4.5.1 step 4:
+    /// `base_image=1`, `checkpoint_id=0` whatever the system disk's
+    /// checkpoint: the base image has no checkpoints of its own).
+    fn base(&self) -> AreaQuery {
+        AreaQuery {
+            base_image: true,
+            checkpoint_id: 0,
+            ..self.clone()
+        }
+    }
+}
+
 /// Changed areas, fetched page by page as the host asks (bounded memory
 /// whatever the disk size). Fails with [`ErrorKind::LeaseLost`] once the
 /// backup resource is known to be gone.
@@ -622,4 +626,31 @@ pub(super) fn usable_previous(v: &StoredVolume, disk: &api::Disk, policy: BasePo
         && v.volume.size == disk.size
         && v.bitmap_mode != BitmapMode::None
         && v.base.as_ref().map(|b| b.0.clone()) == expected
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seed 4.5.1 step 4: the base image's CBT is asked with
+    /// `base_image=1, checkpoint_id=0`, also when the system disk's query
+    /// carries the last backup's checkpoint.
+    #[test]
+    fn the_base_image_query_has_base_image_1_and_checkpoint_0() {
+        let own = AreaQuery {
+            server_id: "srv".into(),
+            snapshot_id: "snap".into(),
+            disk_id: "dsk".into(),
+            base_image: false,
+            checkpoint_id: 7,
+        };
+        let base = own.base();
+        assert!(base.base_image);
+        assert_eq!(base.checkpoint_id, 0);
+        assert_eq!(
+            (base.server_id, base.snapshot_id, base.disk_id),
+            ("srv".into(), "snap".into(), "dsk".into())
+        );
+        assert!(!own.base_image);
+    }
 }
