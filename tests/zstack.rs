@@ -344,15 +344,7 @@ async fn export_breaking_mid_transfer_is_resumed_or_fails_clearly() {
     assert_ok(&report);
     let log = std::fs::read_to_string(&report.guests[0].log_file).unwrap();
     assert!(log.contains("export_resumes\": \"2"), "{log}");
-    let r = zs
-        .restore(
-            provider.clone(),
-            &snapshot_of(&report, 0),
-            "broken-restored",
-        )
-        .await
-        .expect("restore");
-    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    assert_restores(&zs, provider.clone(), &report, "broken-restored", &want).await;
 
     // Breaking every time: a clear failure after the retries, nothing left.
     zs.admin()
@@ -638,29 +630,30 @@ async fn snapshot_names(zs: &Zs) -> Vec<String> {
     names
 }
 
+/// Job `job-1` of `host-a` backs up `vm` and leaves what it created, as
+/// when the job is killed: deleting fails, so the backup fails and its
+/// cleanup cannot remove its snapshots and templates.
+async fn backup_killed_after_its_snapshots(zs: &Zs, vm: &str) {
+    for path in ["/zstack/v1/volume-snapshots/", "/zstack/v1/images/"] {
+        zs.admin()
+            .post(
+                "/faults/http",
+                json!({"method": "DELETE", "path": path, "status": 500}),
+            )
+            .await;
+    }
+    let report = zs
+        .backup_job(zs.provider(), &[vm], 1, job("host-a", "job-1", &[]))
+        .await;
+    assert!(!report.success());
+    zs.admin().delete("/faults").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_of_an_interrupted_job_carry_its_marker_and_the_next_job_sweeps_them() {
     let zs = Zs::start().await;
     let vm = uuid(&zs.vm("interrupted", 140, true).await);
-    // Deleting fails: the backup fails and its cleanup cannot remove what
-    // it created, as when the job is killed.
-    zs.admin()
-        .post(
-            "/faults/http",
-            json!({"method": "DELETE", "path": "/zstack/v1/volume-snapshots/", "status": 500}),
-        )
-        .await;
-    zs.admin()
-        .post(
-            "/faults/http",
-            json!({"method": "DELETE", "path": "/zstack/v1/images/", "status": 500}),
-        )
-        .await;
-    let report = zs
-        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-1", &[]))
-        .await;
-    assert!(!report.success());
-    zs.admin().delete("/faults").await;
+    backup_killed_after_its_snapshots(&zs, &vm).await;
     let o = zs.objects().await;
     let mut left: Vec<String> = Vec::new();
     for key in ["snapshots", "temporary_images"] {
@@ -830,6 +823,22 @@ async fn three_volume_vm(zs: &Zs, name: &str) -> String {
         )
         .await;
     uuid(&v)
+}
+
+/// Restores the first guest of `report` to a new VM `name` and checks
+/// that its volumes hold `want` (sha256 of each).
+async fn assert_restores(
+    zs: &Zs,
+    provider: Arc<provider_zstack::ZStackProvider>,
+    report: &engine::JobReport,
+    name: &str,
+    want: &[String],
+) {
+    let r = zs
+        .restore(provider, &snapshot_of(report, 0), name)
+        .await
+        .unwrap_or_else(|e| panic!("restore {name}: {}", e.report()));
+    assert_eq!(zs.digests(&r.guest.id.0).await, want, "{name}");
 }
 
 fn vm_names(o: &Value) -> Vec<String> {
@@ -1146,9 +1155,21 @@ async fn a_job_named_by_x_job_uuid_runs_once() {
             .send()
     };
     let a: Value = send().await.unwrap().json().await.unwrap();
-    let b: Value = send().await.unwrap().json().await.unwrap();
     assert!(a["location"].as_str().unwrap().ends_with(job), "{a}");
-    assert_eq!(a, b);
+    // The same name again is refused as RestServer refuses it (400,
+    // plain text) and runs nothing; the job is followed by its name.
+    let b = send().await.unwrap();
+    assert_eq!(b.status(), reqwest::StatusCode::BAD_REQUEST);
+    assert_eq!(
+        b.text().await.unwrap(),
+        format!("Duplicate job uuid[{job}]")
+    );
+    let followed = reqwest::Client::new()
+        .get(a["location"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert!(followed.status().is_success(), "{}", followed.status());
     assert_eq!(snapshot_names(&zs).await, ["named-job"]);
     // Inventories print ZStack's dates.
     let snaps: Vec<Value> = provider
@@ -1623,25 +1644,13 @@ async fn backups_stream_exports_without_staging_and_restore_byte_for_byte() {
     assert_eq!(g.snapshot.volumes.len(), 3);
     zs.assert_no_leftovers().await;
 
-    let r = zs
-        .restore(
-            provider.clone(),
-            &snapshot_of(&report, 0),
-            "stream-3-restored",
-        )
-        .await
-        .expect("restore");
-    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    assert_restores(&zs, provider.clone(), &report, "stream-3-restored", &want).await;
 
     // Again with the base image now stored and its digests cached: the
     // linked root volume's regions come from the sequential pass.
     let report = zs.backup(provider.clone(), &[&vm]).await;
     assert_ok(&report);
-    let r = zs
-        .restore(provider, &snapshot_of(&report, 0), "stream-3-again")
-        .await
-        .expect("restore");
-    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    assert_restores(&zs, provider, &report, "stream-3-again", &want).await;
     zs.assert_no_leftovers().await;
 }
 
@@ -1781,11 +1790,7 @@ async fn a_multi_volume_vm_is_snapshotted_as_one_group() {
     let g = report.guests[0].result.as_ref().unwrap();
     assert!(g.snapshot.warnings.is_empty(), "{:?}", g.snapshot.warnings);
     zs.assert_no_leftovers().await;
-    let r = zs
-        .restore(zs.provider(), &snapshot_of(&report, 0), "grouped-restored")
-        .await
-        .expect("restore");
-    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+    assert_restores(&zs, zs.provider(), &report, "grouped-restored", &want).await;
 
     // A failure after the group exists leaves neither it nor its snapshots.
     zs.admin()
@@ -1819,9 +1824,201 @@ async fn without_snapshot_groups_volumes_are_snapshotted_alone_with_a_warning() 
         "{w}"
     );
     zs.assert_no_leftovers().await;
-    let r = zs
-        .restore(zs.provider(), &snapshot_of(&report, 0), "older-restored")
+    assert_restores(&zs, zs.provider(), &report, "older-restored", &want).await;
+}
+
+/// Puts a volume in another status (as ZStack does during a migration).
+async fn set_volume_status(zs: &Zs, volume: &str, status: &str) {
+    zs.admin()
+        .put(
+            &format!("/zstack/volumes/{volume}/status"),
+            json!({"status": status}),
+        )
+        .await;
+}
+
+/// The volume snapshot group API exists but refuses: the guest fails,
+/// naming the call and the volume, and nothing is snapshotted volume by
+/// volume (only a platform without the API falls back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_group_the_platform_refuses_fails_the_guest_naming_the_call_and_volume() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "refused-group").await;
+    let vm_inv = vm_inventory(&zs, &vm).await;
+    let data = vm_inv["allVolumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["type"] == "Data")
+        .unwrap()["uuid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // A data volume that is not Ready (a storage migration): ZStack
+    // refuses the group (VolumeApiInterceptor, SYS.1006).
+    set_volume_status(&zs, &data, "Migrating").await;
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    let err = report.guests[0].result.as_ref().expect_err("refused");
+    let text = err.report();
+    assert!(
+        text.contains("CreateVolumeSnapshotGroup")
+            && text.contains(&data)
+            && text.contains("Migrating"),
+        "{text}"
+    );
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_creates"], 0, "no per-volume fallback");
+    assert_eq!(o["snapshot_group_creates"], 0);
+    zs.assert_no_leftovers().await;
+    set_volume_status(&zs, &data, "Ready").await;
+
+    // The root volume is gone when the group is asked for (the VM was
+    // deleted meanwhile): ZStack answers SYS.1003 (resource not found),
+    // which is not "no such API".
+    zs.admin()
+        .post(
+            "/faults/http",
+            json!({"method": "POST", "path": "/zstack/v1/volume-snapshots/group", "latency_ms": 3000, "times": 1}),
+        )
+        .await;
+    let backup = {
+        let zs_provider = zs.provider();
+        let vm = vm.clone();
+        let zs = &zs;
+        async move { zs.backup(zs_provider, &[&vm]).await }
+    };
+    // Once the call has arrived (its fault consumed) and waits, the VM
+    // and its volumes go.
+    let delete = async {
+        while !zs.admin().get("/faults").await["http"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        zs.admin().delete(&format!("/zstack/vms/{vm}")).await;
+    };
+    let (report, ()) = tokio::join!(backup, delete);
+    zs.admin().delete("/faults").await;
+    let err = report.guests[0].result.as_ref().expect_err("root gone");
+    let text = err.report();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{text}");
+    assert!(
+        text.contains("CreateVolumeSnapshotGroup") && text.contains("rootVolumeUuid"),
+        "{text}"
+    );
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_creates"], 0, "no per-volume fallback");
+    zs.assert_no_leftovers().await;
+}
+
+/// A job killed after CreateVolumeSnapshotGroup leaves the group; the
+/// next job of the host deletes it (DeleteVolumeSnapshotGroup) with its
+/// member snapshots, and the next backup restores byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_group_left_by_a_killed_job_is_swept_by_the_next_job() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "group-left").await;
+    let want = zs.digests(&vm).await;
+    backup_killed_after_its_snapshots(&zs, &vm).await;
+    let o = zs.objects().await;
+    let groups = o["snapshot_groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{o}");
+    assert!(
+        groups[0]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("vmbackup.host-a.job-1."),
+        "{o}"
+    );
+    assert_eq!(o["snapshots"].as_array().unwrap().len(), 3, "{o}");
+    assert_eq!(o["snapshot_group_deletes"], 0);
+
+    // The next job of host-a (job-1 is gone) backs up another, one-volume
+    // VM (no group of its own): its sweep deletes the group.
+    let other = uuid(&zs.vm("single", 160, false).await);
+    let next = zs
+        .backup_job(zs.provider(), &[&other], 1, job("host-a", "job-2", &[]))
+        .await;
+    assert_ok(&next);
+    let o = zs.objects().await;
+    assert!(o["snapshot_groups"].as_array().unwrap().is_empty(), "{o}");
+    assert!(o["snapshots"].as_array().unwrap().is_empty(), "{o}");
+    assert_eq!(
+        o["snapshot_group_deletes"], 1,
+        "the group is deleted as a group"
+    );
+    zs.assert_no_leftovers().await;
+
+    let report = zs
+        .backup_job(zs.provider(), &[&vm], 1, job("host-a", "job-3", &[]))
+        .await;
+    assert_ok(&report);
+    assert_restores(&zs, zs.provider(), &report, "group-left-restored", &want).await;
+    zs.assert_no_leftovers().await;
+}
+
+/// A destroyed VM (recoverable until expunged) is refused before any
+/// snapshot, naming it and its state; ZStack itself refuses snapshots of
+/// its root volume (`Deleted`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroyed_vm_is_refused_naming_it_and_its_state() {
+    let zs = Zs::start().await;
+    let vm = three_volume_vm(&zs, "destroyed-vm").await;
+    let p = zs.provider();
+    p.client().login().await.expect("login");
+    p.client()
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/vm-instances/{vm}?deleteMode=Permissive"),
+            None,
+            "DestroyVmInstance",
+        )
         .await
-        .expect("restore");
-    assert_eq!(zs.digests(&r.guest.id.0).await, want);
+        .expect("destroy");
+    let inv = vm_inventory(&zs, &vm).await;
+    assert_eq!(inv["state"], "Destroyed");
+    let root = inv["rootVolumeUuid"].as_str().unwrap().to_owned();
+
+    let report = zs.backup(zs.provider(), &[&vm]).await;
+    let err = report.guests[0].result.as_ref().expect_err("destroyed");
+    let text = err.report();
+    assert_eq!(err.kind(), ErrorKind::Refused, "{text}");
+    assert!(
+        text.contains("destroyed-vm") && text.contains("Destroyed") && text.contains(&vm),
+        "{text}"
+    );
+    let o = zs.objects().await;
+    assert_eq!(o["snapshot_creates"], 0);
+    assert_eq!(o["snapshot_group_creates"], 0);
+    zs.assert_no_leftovers().await;
+
+    // The platform refuses them too: the root volume is Deleted.
+    for (path, body, action) in [
+        (
+            format!("/volumes/{root}/volume-snapshots"),
+            json!({"params": {"name": "x"}}),
+            "CreateVolumeSnapshot",
+        ),
+        (
+            "/volume-snapshots/group".to_owned(),
+            json!({"params": {"name": "x", "rootVolumeUuid": root}}),
+            "CreateVolumeSnapshotGroup",
+        ),
+    ] {
+        let e = p
+            .client()
+            .call(reqwest::Method::POST, &path, Some(body), action)
+            .await
+            .expect_err("refused");
+        assert!(
+            e.report().contains("SYS.1006")
+                && e.report()
+                    .contains("not in status Ready, current is Deleted"),
+            "{}",
+            e.report()
+        );
+    }
+    zs.assert_no_leftovers().await;
 }

@@ -83,6 +83,16 @@ fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
     );
     let Some(e) = zs else {
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)])
+            .trim()
+            .replace(['\n', '\r'], " ");
+        if no_such_api(status, &text) {
+            return Error::new(
+                ErrorKind::Unsupported,
+                format!("ZStack has no such API (HTTP {}: {text})", status.as_u16()),
+            )
+            .api_call(call);
+        }
         return Error::new(
             if status == StatusCode::UNAUTHORIZED {
                 ErrorKind::Auth
@@ -105,9 +115,11 @@ fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
     let code = e.code.as_str();
     let kind = match (status, code) {
         (StatusCode::UNAUTHORIZED, _) | (_, "ID.1000" | "ID.1001") => ErrorKind::Auth,
-        (StatusCode::NOT_FOUND, _) | (_, "SYS.1001") => ErrorKind::NotFound,
-        (_, "SYS.1003") => ErrorKind::Refused,
-        (StatusCode::CONFLICT, _) | (_, "SYS.1008") => ErrorKind::Refused,
+        // `SysErrors.RESOURCE_NOT_FOUND` (conf/errorCodes/sys.xml).
+        (StatusCode::NOT_FOUND, _) | (_, "SYS.1003") => ErrorKind::NotFound,
+        // `IdentityErrors.QUOTA_EXCEEDING`.
+        (_, "ID.1003") => ErrorKind::Refused,
+        (StatusCode::CONFLICT, _) => ErrorKind::Refused,
         _ => ErrorKind::Platform,
     };
     // The management node could not be reached behind the API gateway.
@@ -123,6 +135,21 @@ fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
     )
     .api_call(call)
     .retryable(retry)
+}
+
+/// Whether a plain-text answer (no ZStack error object) is ZStack's
+/// `RestServer` saying that it has no API for the call: `404 no api
+/// mapping to <path>` when no API path matches, or `500 No creational
+/// API found for the path[…]` when a `POST` falls on a path pattern that
+/// only has query and delete APIs (a ZStack before 3.6 answers `POST
+/// /v1/volume-snapshots/group` so: the path matches
+/// `/v1/volume-snapshots/{uuid}`). A 404 about an expired API job is not.
+fn no_such_api(status: StatusCode, text: &str) -> bool {
+    match status {
+        StatusCode::NOT_FOUND => !text.contains("the job has been expired"),
+        StatusCode::INTERNAL_SERVER_ERROR => text.contains("No creational API found"),
+        _ => false,
+    }
 }
 
 /// The JSON of a success answer; a body that is not JSON is an error.
@@ -348,9 +375,10 @@ impl ZStackClient {
     /// The job is named by the client (`X-Job-UUID`): when the answer to
     /// the call is lost on the way back, the job is looked up by that
     /// name instead of failing (a job ZStack never saw answers 404, and
-    /// the transport error is reported). A `401` (the session expired)
-    /// logs in again and sends the call once more: ZStack refused it
-    /// before running anything.
+    /// the transport error is reported). An expired session (`ID.1001`,
+    /// or a `401` from a gateway) logs in again and sends the call once
+    /// more under a new job name (ZStack refuses a job name it has seen:
+    /// `Duplicate job uuid`): the call was refused before anything ran.
     pub async fn call_within(
         &self,
         method: Method,
@@ -360,11 +388,11 @@ impl ZStackClient {
         timeout: Duration,
     ) -> Result<Value> {
         let call = format!("{method} /zstack/v1{path} ({action})");
-        let job_uuid = job_uuid();
-        let send = || {
+        let mut job_uuid = job_uuid();
+        let send = |job_uuid: &str| {
             let mut req = self
                 .request(method.clone(), &self.url(path))
-                .header("X-Job-UUID", job_uuid.as_str());
+                .header("X-Job-UUID", job_uuid);
             if let Some(b) = &body {
                 req = req.json(b);
             }
@@ -372,7 +400,7 @@ impl ZStackClient {
         };
         let mut relogged = false;
         let location = loop {
-            let resp = match send().await {
+            let resp = match send(&job_uuid).await {
                 Ok(r) => r,
                 Err(e) => {
                     // The answer may be lost while the job runs.
@@ -394,13 +422,17 @@ impl ZStackClient {
             let bytes = resp.bytes().await.map_err(|e| transport(&call, e))?;
             match status {
                 StatusCode::ACCEPTED => {}
-                StatusCode::UNAUTHORIZED if !relogged => {
-                    relogged = true;
-                    self.relogin(&call).await?;
-                    continue;
-                }
                 s if s.is_success() => return json_body(&call, s, &bytes),
-                s => return Err(platform_error(&call, s, &bytes)),
+                s => {
+                    let e = platform_error(&call, s, &bytes);
+                    if e.is_session_expired() && !relogged {
+                        relogged = true;
+                        self.relogin(&call).await?;
+                        job_uuid = self::job_uuid();
+                        continue;
+                    }
+                    return Err(e);
+                }
             }
             let location: JobLocation = api::parse(&call, json_body(&call, status, &bytes)?)?;
             break location.location;
@@ -492,7 +524,10 @@ trait SessionExpired {
 
 impl SessionExpired for Error {
     fn is_session_expired(&self) -> bool {
-        self.kind() == ErrorKind::Auth && self.report().contains("HTTP 401")
+        // Real ZStack answers 503 with `ID.1001` (a failed API reply); a
+        // gateway in front of it may answer 401.
+        self.kind() == ErrorKind::Auth
+            && (self.report().contains("ID.1001") || self.report().contains("HTTP 401"))
     }
 }
 
@@ -516,4 +551,41 @@ fn transport(call: &str, e: reqwest::Error) -> Error {
         .api_call(call)
         .retryable(true)
         .with_source(e.without_url())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What ZStack's `RestServer` answers for an API it does not have is
+    /// told apart from an API that refuses.
+    #[test]
+    fn a_missing_api_is_unsupported_and_a_refusal_is_not() {
+        let call = "POST /zstack/v1/volume-snapshots/group (CreateVolumeSnapshotGroup)";
+        let kind = |status: u16, body: &str| {
+            platform_error(call, StatusCode::from_u16(status).unwrap(), body.as_bytes()).kind()
+        };
+        assert_eq!(
+            kind(404, "no api mapping to /v1/volume-snapshots/group"),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(
+            kind(
+                500,
+                "No creational API found for the path[/zstack/v1/volume-snapshots/group]"
+            ),
+            ErrorKind::Unsupported
+        );
+        assert_eq!(kind(404, "the job has been expired"), ErrorKind::Platform);
+        assert_eq!(
+            kind(500, "java.lang.NullPointerException"),
+            ErrorKind::Platform
+        );
+        let zs = |code: &str| {
+            format!(r#"{{"error":{{"code":"{code}","description":"d","details":"x"}}}}"#)
+        };
+        assert_eq!(kind(503, &zs("SYS.1003")), ErrorKind::NotFound);
+        assert_eq!(kind(503, &zs("SYS.1006")), ErrorKind::Platform);
+        assert_eq!(kind(503, &zs("ID.1003")), ErrorKind::Refused);
+    }
 }

@@ -1,5 +1,5 @@
 //! Downloading an exported image into a local sparse file with ranged,
-//! resumable GETs, checking its md5 and (optionally) recording a digest of
+//! resumable GETs (provider-kit's [`HttpRange`]), checking its md5 and (optionally) recording a digest of
 //! every 64 KiB block so that a linked root volume can be compared with
 //! its base image.
 //!
@@ -12,11 +12,10 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
 
 use md5::{Digest as _, Md5};
 use provider_api::{Error, ErrorKind, Extent, Result};
-use reqwest::StatusCode;
+use provider_kit::http_export::{HttpRange, PASS_CHUNK};
 use sha2::Sha256;
 
 /// Granularity of sparse writes and block digests.
@@ -91,19 +90,20 @@ impl Sink {
     }
 }
 
-/// Downloads `url` into `path` (created sparse). A broken transfer is
-/// resumed with `Range: bytes=<received>-` up to `retries` times; `what`
-/// names the volume in errors. Checks the md5 when `expected_md5` is given.
+/// Downloads the `size` bytes of `source` (an export URL, see
+/// [`HttpRange::new`]) into `path` (created sparse): ranged `GET`s of
+/// [`PASS_CHUNK`] bytes, each resumed at its first missing byte when the
+/// transfer breaks (up to [`HttpRange::retries`] times). Checks the md5
+/// when `expected_md5` is given.
 pub async fn download(
-    http: &reqwest::Client,
-    url: &str,
+    source: &HttpRange,
     path: &Path,
+    size: u64,
     expected_md5: Option<&str>,
     want_digests: bool,
-    retries: u32,
-    what: &str,
 ) -> Result<Downloaded> {
-    let call = format!("GET {}", redact(url));
+    let call = source.call();
+    let what = source.what();
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -120,122 +120,15 @@ pub async fn download(
         md5: Md5::new(),
         digests: want_digests.then(Vec::new),
     };
-    let mut size: Option<u64> = None;
-    let mut resumes = 0u32;
-    let mut last_error: Option<Error> = None;
-    loop {
+    while sink.received() < size {
         let from = sink.received();
-        if let Some(s) = size
-            && from >= s
-        {
-            break;
-        }
-        if resumes > retries {
-            let e = last_error.unwrap_or_else(|| Error::other("unknown"));
-            return Err(Error::new(
-                ErrorKind::DataPath,
-                format!("export download of {what} broke and could not be resumed after {retries} retries"),
-            )
-            .offset(from)
-            .api_call(&call)
-            .with_source(e));
-        }
-        let mut req = http.get(url);
-        if from > 0 {
-            req = req.header("Range", format!("bytes={from}-"));
-        }
-        let attempt: Result<()> = async {
-            let resp = req.send().await.map_err(|e| {
-                Error::new(ErrorKind::DataPath, "request failed").with_source(e.without_url())
-            })?;
-            let status = resp.status();
-            match (from, status) {
-                (0, StatusCode::OK) => {
-                    size = Some(resp.content_length().ok_or_else(|| {
-                        Error::new(ErrorKind::Platform, "the export sent no Content-Length")
-                    })?);
-                    sink.set_len(size.unwrap_or(0), path)?;
-                }
-                (_, StatusCode::PARTIAL_CONTENT) => {
-                    let range = resp
-                        .headers()
-                        .get("content-range")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("");
-                    let start = range
-                        .strip_prefix("bytes ")
-                        .and_then(|r| r.split('-').next())
-                        .and_then(|s| s.parse::<u64>().ok());
-                    if start != Some(from) {
-                        return Err(Error::new(
-                            ErrorKind::Platform,
-                            format!("resume at {from} answered Content-Range {range:?}"),
-                        )
-                        .retryable(false));
-                    }
-                    if size.is_none() {
-                        let total = range.rsplit('/').next().and_then(|t| t.parse::<u64>().ok());
-                        size = total;
-                        sink.set_len(total.unwrap_or(0), path)?;
-                    }
-                }
-                (_, s) => {
-                    return Err(Error::new(
-                        ErrorKind::Platform,
-                        format!("the export answered HTTP {}", s.as_u16()),
-                    )
-                    .retryable(s.is_server_error()));
-                }
-            }
-            let mut resp = resp;
-            while let Some(chunk) = resp.chunk().await.map_err(|e| {
-                Error::new(ErrorKind::DataPath, "transfer broke").with_source(e.without_url())
-            })? {
-                sink.push(&chunk, path)?;
-            }
-            Ok(())
-        }
-        .await;
-        match attempt {
-            Ok(()) => {
-                let total = size.unwrap_or(0);
-                if sink.received() < total {
-                    resumes += 1;
-                    last_error = Some(Error::new(
-                        ErrorKind::DataPath,
-                        format!("the transfer ended at {} of {total} bytes", sink.received()),
-                    ));
-                    tracing::warn!(
-                        what,
-                        offset = sink.received(),
-                        "export download ended early; resuming"
-                    );
-                    continue;
-                }
-                break;
-            }
-            Err(e) if e.is_retryable() || e.kind() == ErrorKind::DataPath => {
-                tracing::warn!(what, offset = sink.received(), error = %e.report(), "export download broke; resuming");
-                resumes += 1;
-                last_error = Some(e);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.offset(sink.received()).api_call(&call)),
-        }
+        let data = source.read(from, PASS_CHUNK.min(size - from)).await?;
+        sink.push(&data, path)?;
     }
     let n = sink.buf.len();
     sink.flush(n, path)?;
-    let total = size.unwrap_or(0);
-    if sink.pos != total {
-        return Err(Error::new(
-            ErrorKind::DataPath,
-            format!(
-                "export of {what} delivered {} bytes, expected {total}",
-                sink.pos
-            ),
-        )
-        .api_call(&call));
-    }
+    // Zero blocks were not written: the length makes them holes.
+    sink.set_len(size, path)?;
     let md5: String = sink
         .md5
         .finalize()
@@ -253,10 +146,10 @@ pub async fn download(
         .api_call(&call));
     }
     Ok(Downloaded {
-        size: total,
+        size,
         md5,
         digests: sink.digests,
-        resumes,
+        resumes: source.resumes(),
     })
 }
 
@@ -279,18 +172,6 @@ pub fn differing_regions(volume: &[[u8; 32]], base: &[[u8; 32]], size: u64) -> V
         }
     }
     out
-}
-
-/// A URL without query string or user info, for errors and logs.
-pub fn redact(url: &str) -> String {
-    let no_query = url.split(['?', '#']).next().unwrap_or("");
-    match no_query.split_once("://") {
-        Some((scheme, rest)) => {
-            let rest = rest.rsplit_once('@').map(|(_, r)| r).unwrap_or(rest);
-            format!("{scheme}://{rest}")
-        }
-        None => no_query.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -341,21 +222,82 @@ mod tests {
                 let _ = s.write_all(&body).await;
             }
         });
-        let http = reqwest::Client::new();
         let url = format!("http://{addr}/image.raw");
-        let e = download(
-            &http,
-            &url,
-            Path::new("/dev/full"),
-            None,
-            false,
-            5,
-            "volume root",
-        )
-        .await
-        .unwrap_err();
+        let source = HttpRange::new(reqwest::Client::new(), url, "volume root").retries(5);
+        let e = download(&source, Path::new("/dev/full"), 4 << 20, None, false)
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("/dev/full"), "{}", e.report());
         assert_eq!(requests.load(Ordering::SeqCst), 1, "{}", e.report());
+    }
+
+    /// A transfer that breaks is resumed at its first missing byte (by
+    /// provider-kit's `HttpRange`); the file, md5 and digests are whole.
+    #[tokio::test]
+    async fn a_broken_transfer_is_resumed_and_the_file_is_whole() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let size = 3 * BLOCK + 100;
+        let data: Arc<Vec<u8>> = Arc::new(
+            (0..size)
+                .map(|i| if i < BLOCK { 0 } else { (i % 251) as u8 })
+                .collect(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = Arc::new(AtomicU32::new(0));
+        let (body, seen) = (data.clone(), served.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let n = seen.fetch_add(1, Ordering::SeqCst);
+                let mut req = [0u8; 4096];
+                let len = s.read(&mut req).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&req[..len]).to_ascii_lowercase();
+                let range = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("range: bytes="))
+                    .unwrap_or("0-")
+                    .to_string();
+                let (a, b) = range.split_once('-').unwrap();
+                let a: usize = a.trim().parse().unwrap();
+                let b: usize = b.trim().parse().unwrap_or(body.len() - 1);
+                let head = format!(
+                    "HTTP/1.1 206 Partial Content\r\ncontent-length: {}\r\ncontent-range: bytes {a}-{b}/{}\r\nconnection: close\r\n\r\n",
+                    b + 1 - a,
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                // The first answer breaks after 100 KiB.
+                let end = if n == 0 { a + 100 * 1024 } else { b + 1 };
+                let _ = s.write_all(&body[a..end]).await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
+        let want = hex(&Md5::digest(&data[..]));
+        let source = HttpRange::new(
+            reqwest::Client::new(),
+            format!("http://{addr}/image.raw"),
+            "volume data",
+        );
+        let d = download(&source, &path, size, Some(&want), true)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.report()));
+        assert_eq!(d.md5, want);
+        assert_eq!(d.resumes, 1);
+        assert_eq!(std::fs::read(&path).unwrap(), *data);
+        let digests = d.digests.unwrap();
+        assert_eq!(digests.len(), 4);
+        assert_eq!(
+            digests[1],
+            <[u8; 32]>::from(Sha256::digest(&data[BLOCK as usize..2 * BLOCK as usize]))
+        );
+        assert_eq!(served.load(Ordering::SeqCst), 2);
+    }
+
+    fn hex(d: &[u8]) -> String {
+        d.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     #[test]
@@ -369,10 +311,5 @@ mod tests {
             r,
             vec![Extent::new(BLOCK, 2 * BLOCK), Extent::new(4 * BLOCK, 100)]
         );
-    }
-
-    #[test]
-    fn redaction_drops_query_and_user() {
-        assert_eq!(redact("http://u:p@h:1/x?token=1"), "http://h:1/x");
     }
 }

@@ -104,7 +104,9 @@
 //! renamed. `job_init` sweeps every object whose marker names this host
 //! and a job that is not running (`JobMarker::is_stale_for`): VMs and data
 //! volumes of interrupted restores, temporary templates, uploaded images,
-//! volume snapshots, and stale work directories; another host's objects
+//! volume snapshot groups (deleted as groups, `DeleteVolumeSnapshotGroup`,
+//! which deletes their member snapshots), volume snapshots, and stale work
+//! directories; another host's objects
 //! and running jobs' objects are never touched. A failed restore destroys
 //! the half-created VM, deletes its unattached volumes and deletes and
 //! expunges the images it

@@ -48,6 +48,7 @@ pub fn router(zs: Arc<ZStackPlatform>) -> Router {
             get(read_volume_data).put(write_volume_data),
         )
         .route("/volumes/{uuid}/resize", post(resize_volume))
+        .route("/volumes/{uuid}/status", put(set_volume_status))
         .route("/objects", get(list_objects))
         .route("/faults", post(add_fault).delete(clear_faults))
         .route("/quota", put(set_quota))
@@ -76,7 +77,7 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
             }).collect::<Vec<_>>(),
             "volumes": d.volumes.values().map(|v| json!({"uuid": v.uuid, "name": v.name, "type": v.kind,
                 "vmInstanceUuid": v.vm_instance_uuid, "rootImageUuid": v.root_image_uuid, "diskId": v.disk_id,
-                "deviceId": v.device_id, "size": v.size, "description": v.description})).collect::<Vec<_>>(),
+                "deviceId": v.device_id, "size": v.size, "description": v.description, "status": v.status})).collect::<Vec<_>>(),
             "images": d.images.values().map(|i| json!({"uuid": i.uuid, "name": i.name, "status": i.status,
                 "state": i.state, "url": i.url, "mediaType": i.media_type, "md5Sum": i.md5_sum})).collect::<Vec<_>>(),
             "temporary_images": d.images.values().filter(|i| i.from_volume()).map(|i| json!({"uuid": i.uuid, "name": i.name, "status": i.status})).collect::<Vec<_>>(),
@@ -85,6 +86,7 @@ pub fn objects(zs: &ZStackPlatform) -> Value {
             "snapshot_groups": d.snapshot_groups.values().collect::<Vec<_>>(),
             "snapshot_creates": d.snapshot_creates,
             "snapshot_group_creates": d.snapshot_group_creates,
+            "snapshot_group_deletes": d.snapshot_group_deletes,
             "image_cache": d.image_cache,
             "running_jobs": running,
             "private_images": d.private_images(),
@@ -297,6 +299,7 @@ pub async fn create_vm_admin(
                     disk_id: disk.id().to_string(),
                     created: unix_now(),
                     description: String::new(),
+                    status: "Ready".into(),
                 },
             );
             Ok(())
@@ -631,5 +634,20 @@ async fn set_bs_status(State(zs): Zs, Path(uuid): Path<String>, body: Bytes) -> 
             )),
         },
     )?;
+    Ok(Json(json!({"uuid": uuid, "status": s.status})))
+}
+
+/// `PUT /admin/zstack/volumes/{uuid}/status` `{"status": "Migrating"}`:
+/// a volume in another status than `Ready` (as during a storage
+/// migration), for tests of what ZStack refuses then.
+async fn set_volume_status(State(zs): Zs, Path(uuid): Path<String>, body: Bytes) -> AdminResult {
+    let s: BsStatus = parse(&body)?;
+    zs.inv.update(|d| match d.volumes.get_mut(&uuid) {
+        Some(v) => {
+            v.status = s.status.clone();
+            Ok(())
+        }
+        None => Err(crate::error::Error::not_found("volume", uuid.clone())),
+    })?;
     Ok(Json(json!({"uuid": uuid, "status": s.status})))
 }

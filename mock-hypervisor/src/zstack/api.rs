@@ -12,7 +12,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use sha2::Digest;
 
-use super::model::{BsRef, Image, Snapshot, SnapshotGroup, Vm, Volume, ZsInventory, zs_uuid};
+use super::model::{
+    BsRef, GroupRef, Image, Snapshot, SnapshotGroup, Vm, Volume, ZsInventory, zs_uuid,
+};
 use super::{ZStackPlatform, ZsError, ZsFaultKind, ZsResult, transfer};
 use crate::disk::View;
 use crate::ids::unix_now;
@@ -211,11 +213,11 @@ fn query_answer(raw: Option<String>, items: Vec<Value>) -> Response {
     }
 }
 
-fn one(items: Vec<Value>, what: &str, uuid: &str) -> Response {
+/// `GET /v1/<resource>/<uuid>` is a query with a uuid condition in ZStack
+/// (the SDK's `Query*Action` with `uuid`): an object that does not exist
+/// is an empty `inventories`, not an error.
+fn one(items: Vec<Value>, _what: &str, uuid: &str) -> Response {
     let hits: Vec<Value> = items.into_iter().filter(|i| i["uuid"] == uuid).collect();
-    if hits.is_empty() {
-        return ZsError::not_found(what, uuid).into_response();
-    }
     Json(json!({"inventories": hits})).into_response()
 }
 
@@ -252,9 +254,10 @@ fn string_list(v: &Value, key: &str) -> Vec<String> {
 fn quota_check(doc: &ZsInventory) -> ZsResult<()> {
     let used = doc.private_images();
     if used >= doc.image_quota {
+        // `IdentityErrors.QUOTA_EXCEEDING`.
         return Err(ZsError::new(
-            StatusCode::BAD_REQUEST,
-            "SYS.1003",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ID.1003",
             "Quota exceeding",
             format!(
                 "quota exceeding. The account[uuid: admin] exceeds a quota[name: image.num, value: {}]: {used} images exist",
@@ -312,10 +315,12 @@ pub async fn login(State(zs): Zs, body: Bytes) -> Response {
         if s(l, "accountName").as_deref() != Some(&c.account)
             || s(l, "password").map(|p| p.to_ascii_lowercase()).as_deref() != Some(&want)
         {
+            // A failed reply: 503 (RestServer.sendReplyResponse), ID.1000
+            // as conf/errorCodes/identity.xml words it.
             return Err(ZsError::new(
-                StatusCode::UNAUTHORIZED,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "ID.1000",
-                "Authentication failed",
+                "Unable to authenticate a user",
                 "wrong account name or password",
             ));
         }
@@ -586,7 +591,7 @@ async fn finish_add_image(
                 Ok(())
             });
             return Err(ZsError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "SYS.1000",
                 "Failed to download the image",
                 format!(
@@ -916,9 +921,9 @@ async fn create_template(
                 Err(ZsError::from(e))
             }
             Err(e) => Err(ZsError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "SYS.1000",
-                "internal",
+                "An internal error happened in system",
                 e.to_string(),
             )),
         };
@@ -1040,6 +1045,7 @@ pub fn clone_volume_from_image(
         disk_id: disk.id().to_string(),
         created: unix_now(),
         description: String::new(),
+        status: "Ready".into(),
     };
     doc.volumes.insert(volume_uuid, vol.clone());
     Ok(vol)
@@ -1231,7 +1237,9 @@ fn drop_volume(zs: &ZStackPlatform, doc: &mut ZsInventory, volume_uuid: &str) {
 
 /// `DELETE /zstack/v1/vm-instances/{uuid}` (DestroyVmInstance): the VM
 /// becomes `Destroyed`, still listed and still holding its volumes, until
-/// `expungeVmInstance` (destroying it again is a no-op).
+/// `expungeVmInstance` (destroying it again is a no-op). Its root volume
+/// becomes `Deleted` (`VmDeleteVolumeFlow` with the default `Delay`
+/// policy), so no snapshot can be taken of it.
 pub async fn destroy_vm(State(zs): Zs, Path(id): Path<String>) -> Response {
     let r = zs
         .inv
@@ -1240,6 +1248,10 @@ pub async fn destroy_vm(State(zs): Zs, Path(id): Path<String>) -> Response {
                 return Ok(Err(ZsError::not_found("VmInstanceVO", &id)));
             };
             vm.state = "Destroyed".into();
+            let root = vm.root_volume_uuid.clone();
+            if let Some(v) = doc.volumes.get_mut(&root) {
+                v.status = "Deleted".into();
+            }
             Ok(Ok(json!({})))
         })
         .map_err(ZsError::from)
@@ -1421,8 +1433,11 @@ pub async fn create_snapshot(State(zs): Zs, Path(id): Path<String>, body: Bytes)
         zs.inv
             .update(|doc| {
                 let Some(vol) = doc.volumes.get(&id) else {
-                    return Ok(Err(ZsError::not_found("VolumeVO", &id)));
+                    return Ok(Err(resource_not_found("volumeUuid", &id, "VolumeVO")));
                 };
+                if let Err(e) = snapshot_ready(vol) {
+                    return Ok(Err(e));
+                }
                 let disk = zs.hv.store.disk(&vol.disk_id)?;
                 let cp = disk.checkpoints().keys().max().copied().unwrap_or(0) + 1;
                 disk.create_snapshot(&uuid, cp)?;
@@ -1458,17 +1473,49 @@ fn snapshot_inventories(d: &ZsInventory) -> Vec<Value> {
         .collect()
 }
 
-fn group_inventory(d: &ZsInventory, g: &SnapshotGroup) -> Value {
+/// `SysErrors.RESOURCE_NOT_FOUND` as ZStack's API validator words a
+/// missing `@APIParam(resourceType=…)` (`PortApiValidator`; descriptions
+/// from `conf/errorCodes/sys.xml`).
+fn resource_not_found(field: &str, uuid: &str, vo: &str) -> ZsError {
+    ZsError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SYS.1003",
+        "A resource can not be found",
+        format!("invalid field[{field}], resource[uuid:{uuid}, type:{vo}] not found"),
+    )
+}
+
+/// `SysErrors.OPERATION_ERROR` (`operr`).
+fn operr(details: String) -> ZsError {
+    ZsError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SYS.1006",
+        "An operation failed",
+        details,
+    )
+}
+
+/// ZStack snapshots only `Ready` volumes (`VolumeApiInterceptor`; the root
+/// volume of a destroyed VM is `Deleted`).
+fn snapshot_ready(vol: &Volume) -> ZsResult<()> {
+    if vol.status == "Ready" {
+        return Ok(());
+    }
+    Err(operr(format!(
+        "volume[uuid:{}] is not in status Ready, current is {}, can't create snapshot",
+        vol.uuid, vol.status
+    )))
+}
+
+fn group_inventory(g: &SnapshotGroup) -> Value {
     let refs: Vec<Value> = g
-        .snapshots
+        .refs
         .iter()
-        .filter_map(|id| d.snapshots.get(id))
-        .map(|sn| {
-            let vol = d.volumes.get(&sn.volume_uuid);
-            json!({"volumeSnapshotUuid": sn.uuid, "volumeSnapshotName": sn.name,
-                "volumeUuid": sn.volume_uuid, "volumeSnapshotGroupUuid": g.uuid,
-                "deviceId": vol.map(|v| v.device_id), "volumeType": vol.map(|v| v.kind.as_str()),
-                "snapshotDeleted": false})
+        .map(|r| {
+            json!({"volumeSnapshotUuid": r.snapshot_uuid, "volumeSnapshotName": r.snapshot_name,
+                "volumeUuid": r.volume_uuid, "volumeSnapshotGroupUuid": g.uuid,
+                "deviceId": r.device_id, "volumeType": r.volume_type,
+                "snapshotDeleted": r.deleted})
         })
         .collect();
     json!({"uuid": g.uuid, "name": g.name, "description": g.description,
@@ -1476,23 +1523,29 @@ fn group_inventory(d: &ZsInventory, g: &SnapshotGroup) -> Value {
         "volumeSnapshotRefs": refs})
 }
 
-fn no_snapshot_groups(method: &str) -> ZsError {
-    ZsError::new(
-        StatusCode::NOT_FOUND,
-        "SYS.1006",
-        "No API found",
-        format!(
-            "no API for {method} /v1/volume-snapshots/group (volume snapshot groups need ZStack 3.6)"
-        ),
-    )
+/// A ZStack before 3.6 has no group API; its `RestServer` answers in
+/// plain text, without a ZStack error object:
+/// - `POST /v1/volume-snapshots/group` falls on the path pattern
+///   `/v1/volume-snapshots/{uuid}`, which has only a query and a delete
+///   API: `500 No creational API found for the path[…]`;
+/// - `DELETE /v1/volume-snapshots/group/{uuid}` matches no pattern:
+///   `404 no api mapping to …`.
+fn no_snapshot_groups(status: StatusCode, text: String) -> Response {
+    (status, text).into_response()
 }
 
 /// `POST /zstack/v1/volume-snapshots/group` (`CreateVolumeSnapshotGroup`,
 /// ZStack 3.6+): one snapshot of every volume of the root volume's VM,
-/// all taken at the same instant.
+/// all taken at the same instant, named `<group name>-<volume name>`. As
+/// ZStack validates it: the root volume must exist (`SYS.1003`), be a
+/// VM's root volume (`SYS.1007`), and every volume of the VM must be
+/// `Ready` (`SYS.1006`).
 pub async fn create_snapshot_group(State(zs): Zs, body: Bytes) -> Response {
     if !zs.config().snapshot_groups {
-        return no_snapshot_groups("POST").into_response();
+        return no_snapshot_groups(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "No creational API found for the path[/zstack/v1/volume-snapshots/group]".into(),
+        );
     }
     let r = params(&body).and_then(|p| {
         let name = s(&p, "name").ok_or_else(|| ZsError::invalid("missing name"))?;
@@ -1502,13 +1555,17 @@ pub async fn create_snapshot_group(State(zs): Zs, body: Bytes) -> Response {
         let uuid = s(&p, "resourceUuid").unwrap_or_else(zs_uuid);
         zs.inv
             .update(|doc| {
-                let Some(vm) = doc
-                    .volumes
-                    .get(&root)
-                    .filter(|v| v.kind == "Root")
-                    .and_then(|v| v.vm_instance_uuid.clone())
+                let Some(root_vol) = doc.volumes.get(&root) else {
+                    return Ok(Err(resource_not_found("rootVolumeUuid", &root, "VolumeVO")));
+                };
+                let Some(vm) = root_vol
+                    .vm_instance_uuid
+                    .clone()
+                    .filter(|vm| root_vol.kind == "Root" && doc.vms.contains_key(vm))
                 else {
-                    return Ok(Err(ZsError::not_found("VolumeVO", &root)));
+                    return Ok(Err(ZsError::invalid(format!(
+                        "volume[uuid:{root}] is not root volume"
+                    ))));
                 };
                 let mut vols: Vec<Volume> = doc
                     .volumes
@@ -1517,32 +1574,43 @@ pub async fn create_snapshot_group(State(zs): Zs, body: Bytes) -> Response {
                     .cloned()
                     .collect();
                 vols.sort_by_key(|v| (v.kind != "Root", v.device_id));
-                let mut members = Vec::new();
+                if let Some(Err(e)) = vols.iter().map(snapshot_ready).find(Result::is_err) {
+                    return Ok(Err(e));
+                }
+                let mut refs = Vec::new();
                 for vol in vols {
                     let id = zs_uuid();
                     let disk = zs.hv.store.disk(&vol.disk_id)?;
                     let cp = disk.checkpoints().keys().max().copied().unwrap_or(0) + 1;
                     disk.create_snapshot(&id, cp)?;
+                    let snapshot_name = format!("{name}-{}", vol.name);
                     doc.snapshots.insert(
                         id.clone(),
                         Snapshot {
                             uuid: id.clone(),
-                            name: name.clone(),
+                            name: snapshot_name.clone(),
                             volume_uuid: vol.uuid.clone(),
                             size: vol.size,
                             created: unix_now(),
                         },
                     );
-                    members.push(id);
+                    refs.push(GroupRef {
+                        snapshot_uuid: id,
+                        snapshot_name,
+                        volume_uuid: vol.uuid.clone(),
+                        volume_type: vol.kind.clone(),
+                        device_id: vol.device_id,
+                        deleted: false,
+                    });
                 }
                 let g = SnapshotGroup {
                     uuid: uuid.clone(),
                     name,
                     description,
                     vm_instance_uuid: vm,
-                    snapshots: members,
+                    refs,
                 };
-                let inv = group_inventory(doc, &g);
+                let inv = group_inventory(&g);
                 doc.snapshot_groups.insert(uuid.clone(), g);
                 doc.snapshot_group_creates += 1;
                 Ok(Ok(json!({"inventory": inv})))
@@ -1553,45 +1621,84 @@ pub async fn create_snapshot_group(State(zs): Zs, body: Bytes) -> Response {
     zs.submit("CreateVolumeSnapshotGroup", r)
 }
 
-/// `GET /zstack/v1/volume-snapshots/group`.
+/// `GET /zstack/v1/volume-snapshots/group`. A ZStack before 3.6 runs
+/// the path as `QueryVolumeSnapshot` of the snapshot whose UUID is
+/// `group`: no inventories.
 pub async fn query_snapshot_groups(State(zs): Zs, RawQuery(q): RawQuery) -> Response {
     if !zs.config().snapshot_groups {
-        return no_snapshot_groups("GET").into_response();
+        return query_answer(q, Vec::new());
     }
     query_answer(
         q,
-        zs.inv.read(|d| {
-            d.snapshot_groups
-                .values()
-                .map(|g| group_inventory(d, g))
-                .collect()
-        }),
+        zs.inv
+            .read(|d| d.snapshot_groups.values().map(group_inventory).collect()),
     )
 }
 
-/// `DELETE /zstack/v1/volume-snapshots/group/{uuid}`: the group and its
-/// snapshots.
+/// Deletes a snapshot and what ZStack deletes with it: deleting a root
+/// volume's member snapshot removes its group
+/// (`VolumeSnapshotTreeBase.ungroupAfterDeleted`); a data volume's member
+/// stays in the group marked `snapshotDeleted`.
+fn remove_snapshot(
+    zs: &ZStackPlatform,
+    doc: &mut ZsInventory,
+    id: &str,
+) -> crate::error::Result<()> {
+    let Some(sn) = doc.snapshots.remove(id) else {
+        return Ok(());
+    };
+    let root = match doc.volumes.get(&sn.volume_uuid) {
+        Some(vol) => {
+            zs.hv.store.disk(&vol.disk_id)?.delete_snapshot(id)?;
+            vol.kind == "Root"
+        }
+        None => false,
+    };
+    if root {
+        doc.snapshot_groups
+            .retain(|_, g| !g.refs.iter().any(|r| r.snapshot_uuid == id));
+    } else {
+        for g in doc.snapshot_groups.values_mut() {
+            for r in g.refs.iter_mut().filter(|r| r.snapshot_uuid == id) {
+                r.deleted = true;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `DELETE /zstack/v1/volume-snapshots/group/{uuid}`
+/// (`DeleteVolumeSnapshotGroup`): deletes the member snapshots of the
+/// volumes still attached to the group's VM; the group goes with its root
+/// volume's snapshot. A group that does not exist is a success
+/// (`successIfResourceNotExisting`).
 pub async fn delete_snapshot_group(State(zs): Zs, Path(id): Path<String>) -> Response {
     if !zs.config().snapshot_groups {
-        return no_snapshot_groups("DELETE").into_response();
+        return no_snapshot_groups(
+            StatusCode::NOT_FOUND,
+            format!("no api mapping to /v1/volume-snapshots/group/{id}"),
+        );
     }
-    let r = zs
-        .inv
-        .update(|doc| {
-            let Some(g) = doc.snapshot_groups.remove(&id) else {
-                return Ok(Err(ZsError::not_found("VolumeSnapshotGroupVO", &id)));
-            };
-            for sid in g.snapshots {
-                if let Some(sn) = doc.snapshots.remove(&sid)
-                    && let Some(vol) = doc.volumes.get(&sn.volume_uuid)
-                {
-                    zs.hv.store.disk(&vol.disk_id)?.delete_snapshot(&sid)?;
+    let r =
+        zs.inv
+            .update(|doc| {
+                let Some(g) = doc.snapshot_groups.get(&id).cloned() else {
+                    return Ok(Ok(json!({})));
+                };
+                for r in g.refs.iter().filter(|r| !r.deleted) {
+                    let attached = doc.volumes.get(&r.volume_uuid).is_some_and(|v| {
+                        v.vm_instance_uuid.as_deref() == Some(&g.vm_instance_uuid)
+                    });
+                    if attached {
+                        remove_snapshot(&zs, doc, &r.snapshot_uuid)?;
+                    }
                 }
-            }
-            Ok(Ok(json!({})))
-        })
-        .map_err(ZsError::from)
-        .and_then(|x| x);
+                doc.snapshot_groups.remove(&id);
+                doc.snapshot_group_deletes += 1;
+                Ok(Ok(json!({})))
+            })
+            .map_err(ZsError::from)
+            .and_then(|x| x);
     zs.submit("DeleteVolumeSnapshotGroup", r)
 }
 
@@ -1610,18 +1717,10 @@ pub async fn delete_snapshot(State(zs): Zs, Path(id): Path<String>) -> Response 
     let r = zs
         .inv
         .update(|doc| {
-            let Some(sn) = doc.snapshots.get(&id) else {
+            if !doc.snapshots.contains_key(&id) {
                 return Ok(Err(ZsError::not_found("VolumeSnapshotVO", &id)));
-            };
-            if let Some(vol) = doc.volumes.get(&sn.volume_uuid) {
-                let disk = zs.hv.store.disk(&vol.disk_id)?;
-                disk.delete_snapshot(&id)?;
             }
-            doc.snapshots.remove(&id);
-            for g in doc.snapshot_groups.values_mut() {
-                g.snapshots.retain(|x| x != &id);
-            }
-            doc.snapshot_groups.retain(|_, g| !g.snapshots.is_empty());
+            remove_snapshot(&zs, doc, &id)?;
             Ok(Ok(json!({})))
         })
         .map_err(ZsError::from)

@@ -115,32 +115,37 @@ impl ZsError {
         }
     }
 
-    /// `SYS.1007` invalid argument (400).
+    // Every failed API answers 503 with the error (zstackio/zstack
+    // RestServer.sendReplyResponse and the job query of a failed event);
+    // codes and descriptions as conf/errorCodes/sys.xml has them.
+
+    /// `SYS.1007` invalid argument.
     pub fn invalid(details: impl Into<String>) -> Self {
         Self::new(
-            StatusCode::BAD_REQUEST,
+            StatusCode::SERVICE_UNAVAILABLE,
             "SYS.1007",
             "One or more API argument is invalid",
             details,
         )
     }
 
-    /// `SYS.1001` resource not found (404).
+    /// `SYS.1003` resource not found (`SysErrors.RESOURCE_NOT_FOUND`).
     pub fn not_found(what: &str, uuid: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "SYS.1001",
-            "Resource not found",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SYS.1003",
+            "A resource can not be found",
             format!("{what}[uuid:{uuid}] is not found"),
         )
     }
 
-    /// `SYS.1008` operation refused in the object's state (409).
+    /// `SYS.1006` an operation refused in the object's state (ZStack's
+    /// interceptors answer `operr`, `SysErrors.OPERATION_ERROR`).
     pub fn refused(details: impl Into<String>) -> Self {
         Self::new(
-            StatusCode::CONFLICT,
-            "SYS.1008",
-            "Operation is not allowed in the current state",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SYS.1006",
+            "An operation failed",
             details,
         )
     }
@@ -158,9 +163,9 @@ impl From<Error> for ZsError {
             Error::Invalid(m) => ZsError::invalid(m.clone()),
             Error::Conflict(m) | Error::Refused(m) => ZsError::refused(m.clone()),
             _ => ZsError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "SYS.1000",
-                "An internal error happened",
+                "An internal error happened in system",
                 e.to_string(),
             ),
         }
@@ -376,7 +381,7 @@ impl ZStackPlatform {
     pub fn poll(&self, id: &str) -> Response {
         let mut jobs = lock(&self.jobs);
         let Some(job) = jobs.get_mut(id) else {
-            return ZsError::not_found("ApiJob", id).into_response();
+            return job_expired();
         };
         if job.result.is_none() || job.polls_left > 0 {
             job.polls_left = job.polls_left.saturating_sub(1);
@@ -403,7 +408,7 @@ impl ZStackPlatform {
         match jobs.get(id).and_then(|j| j.result.clone()) {
             Some(Ok(v)) => (StatusCode::OK, axum::Json(v)).into_response(),
             Some(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(e.body())).into_response(),
-            None => ZsError::not_found("ApiJob", id).into_response(),
+            None => job_expired(),
         }
     }
 
@@ -519,10 +524,11 @@ tokio::task_local! {
     static REQUESTED_JOB: Option<String>;
 }
 
-/// Middleware: `X-Job-UUID`. A client may name the API job of its call
-/// (32 hex digits); a name already used answers `202` with that job's
-/// location without running the call again (the client lost the first
-/// answer). Any other value is refused as ZStack does.
+/// Middleware: `X-Job-UUID`. A client may name the API job of its call;
+/// as zstackio/zstack's RestServer checks it: not 32 characters, or a
+/// name already used by a POST/PUT/DELETE, is a RestException (400,
+/// plain text). A client that lost an answer follows the job it named with
+/// `GET /v1/api-jobs/{uuid}` instead of sending the call again.
 async fn job_uuid_header(
     State(zs): State<Arc<ZStackPlatform>>,
     req: Request,
@@ -532,17 +538,23 @@ async fn job_uuid_header(
         return REQUESTED_JOB.scope(None, next.run(req)).await;
     };
     let id = v.to_str().unwrap_or("").trim().to_ascii_lowercase();
-    if id.len() != 32 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
-        return ZsError::invalid(format!(
-            "X-Job-UUID {:?} is not a UUID (32 hex digits)",
-            v.to_str().unwrap_or("")
-        ))
-        .into_response();
+    if id.len() != 32 {
+        return (
+            StatusCode::BAD_REQUEST,
+            "Invalid header[X-Job-UUID], it must be a UUID with '-' stripped".to_owned(),
+        )
+            .into_response();
     }
     if req.method() != axum::http::Method::GET && zs.has_job(&id) {
-        return zs.accepted(&id);
+        return (StatusCode::BAD_REQUEST, format!("Duplicate job uuid[{id}]")).into_response();
     }
     REQUESTED_JOB.scope(Some(id), next.run(req)).await
+}
+
+/// An unknown (or forgotten) job: RestServer.handleJobQuery's plain-text
+/// 404.
+fn job_expired() -> Response {
+    (StatusCode::NOT_FOUND, "the job has been expired".to_owned()).into_response()
 }
 
 /// Middleware: `Authorization: OAuth <session>`.
@@ -557,13 +569,23 @@ async fn require_session(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("OAuth "))
         .map(str::trim);
+    // As zstackio/zstack's RestServer answers: no `Authorization` header is
+    // a RestException (400, plain text); an unknown or expired session
+    // fails the API message in SessionAPIRequestChecker, and a failed
+    // reply is 503 with the error (`sendReplyResponse`), the description
+    // from conf/errorCodes/identity.xml. Never 401.
     match session {
         Some(s) if zs.has_session(s) => next.run(req).await,
-        _ => ZsError::new(
-            StatusCode::UNAUTHORIZED,
+        None => (
+            StatusCode::BAD_REQUEST,
+            "missing header 'Authorization'".to_owned(),
+        )
+            .into_response(),
+        Some(_) => ZsError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
             "ID.1001",
-            "Session expired or invalid",
-            "missing or unknown session: log in with PUT /zstack/v1/accounts/login",
+            "The session is invalid, either wrong session id or the session has been expired",
+            "unknown or expired session: log in with PUT /zstack/v1/accounts/login",
         )
         .into_response(),
     }
@@ -579,7 +601,6 @@ impl Platform for ZStackPlatform {
         let protected = Router::new()
             .route("/zstack/v1/accounts/sessions/{uuid}", delete(api::logout))
             .route("/zstack/v1/accounts/quotas", get(api::query_quotas))
-            .route("/zstack/v1/api-jobs/{uuid}", get(api::poll_job))
             .route("/zstack/v1/backup-storage", get(api::query_backup_storage))
             .route(
                 "/zstack/v1/backup-storage/{uuid}",
@@ -675,6 +696,8 @@ impl Platform for ZStackPlatform {
                 "/zstack/imagestore/export/{image_uuid}/{file}",
                 get(transfer::download_export),
             )
+            // Job results need no session (RestServer.handleJobQuery).
+            .route("/zstack/v1/api-jobs/{uuid}", get(api::poll_job))
             .merge(protected)
             .merge(message_api::router())
             .route_layer(from_fn_with_state(self.clone(), inject_faults))

@@ -142,6 +142,15 @@ pub struct Volume {
     /// Description.
     #[serde(default)]
     pub description: String,
+    /// `Ready`, or `Deleted` (the root volume of a destroyed VM, as
+    /// ZStack's default `Delay` deletion policy leaves it until the VM is
+    /// expunged), `Migrating`, ... Snapshots need `Ready`.
+    #[serde(default = "ready")]
+    pub status: String,
+}
+
+fn ready() -> String {
+    "Ready".into()
 }
 
 impl Volume {
@@ -159,7 +168,7 @@ impl Volume {
             "actualSize": self.size,
             "format": "qcow2",
             "state": "Enabled",
-            "status": "Ready",
+            "status": self.status,
             "primaryStorageUuid": ps,
             "installPath": format!("/zstack_ps/vol-{}/{}.qcow2", self.uuid, self.uuid),
             "createDate": fmt_date(self.created),
@@ -353,6 +362,9 @@ pub struct ZsInventory {
     /// See `snapshot_creates`.
     #[serde(default)]
     pub snapshot_group_creates: u64,
+    /// Calls made: `DeleteVolumeSnapshotGroup` that deleted a group.
+    #[serde(default)]
+    pub snapshot_group_deletes: u64,
 }
 
 /// A volume snapshot group: one snapshot of every volume of a VM, taken at
@@ -367,8 +379,28 @@ pub struct SnapshotGroup {
     pub description: String,
     /// The VM.
     pub vm_instance_uuid: String,
-    /// Member snapshots.
-    pub snapshots: Vec<String>,
+    /// Member snapshots (`VolumeSnapshotGroupRefVO`), one per volume.
+    #[serde(default)]
+    pub refs: Vec<GroupRef>,
+}
+
+/// A member of a volume snapshot group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRef {
+    /// The snapshot.
+    pub snapshot_uuid: String,
+    /// Its name.
+    pub snapshot_name: String,
+    /// Its volume.
+    pub volume_uuid: String,
+    /// `Root` or `Data`.
+    pub volume_type: String,
+    /// The volume's device id.
+    pub device_id: u32,
+    /// The snapshot was deleted on its own (`snapshotDeleted`): ZStack
+    /// keeps the member, marked, while the group lives.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 impl ZsInventory {

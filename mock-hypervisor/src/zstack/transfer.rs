@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use md5::{Digest, Md5};
 
-use super::{ZStackPlatform, ZsError, ZsFaultKind};
+use super::{ZStackPlatform, ZsFaultKind};
 use crate::disk::bitmap::blocks_for;
 use crate::disk::{BLOCK_SIZE, BaseImage, View, VirtualDisk};
 use crate::error::Result;
@@ -73,12 +73,15 @@ pub async fn download_export(
         let _ = &e.format;
         d.images.get(&image_uuid).map(|i| i.data_id.clone())
     });
+    // The image store's web server, not the API: a plain 404 / 500.
     let Some(data_id) = data_id else {
-        return ZsError::not_found("ExportedImage", &image_uuid).into_response();
+        return (StatusCode::NOT_FOUND, format!("{path} not found")).into_response();
     };
     let image = match zs.hv.store.image(&data_id) {
         Ok(i) => i,
-        Err(e) => return ZsError::from(e).into_response(),
+        Err(e) => {
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{path}: {e}")).into_response();
+        }
     };
     let size = image.size();
     let (status, start, end) = match parse_range(&headers, size) {

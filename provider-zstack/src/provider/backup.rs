@@ -452,7 +452,10 @@ impl ZStackProvider {
                     ));
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            // Only a platform without the API (ZStack before 3.6) falls
+            // back; the API refusing (a volume not Ready, the root volume
+            // gone, ...) fails the guest.
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
                 let names: Vec<String> = vols
                     .iter()
                     .map(|v| format!("{} ({})", device_of(v), v.uuid))
@@ -463,7 +466,20 @@ impl ZStackProvider {
                     names.join(", ")
                 ));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                let names: Vec<String> = vols.iter().map(|v| v.uuid.clone()).collect();
+                return Err(Error::new(
+                    e.kind(),
+                    format!(
+                        "CreateVolumeSnapshotGroup of root volume {} refused (volumes {}): {}",
+                        root.uuid,
+                        names.join(", "),
+                        e.report()
+                    ),
+                )
+                .api_call("CreateVolumeSnapshotGroup")
+                .volume(device_of(root)));
+            }
         }
         Ok(out)
     }
@@ -588,6 +604,22 @@ impl ZStackProvider {
             st.tag.clone()
         };
         let (vm, raw_vm) = self.vm(guest).await?;
+        // A destroyed VM (recoverable until expunged) has its root volume
+        // `Deleted`: ZStack takes no snapshot of it.
+        if let Some(state) = vm
+            .state
+            .as_deref()
+            .filter(|s| matches!(*s, "Destroyed" | "Destroying" | "Expunging"))
+        {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "VM {} ({}) is {state}: a destroyed VM cannot be backed up (recover it first with RecoverVmInstance)",
+                    vm.name, vm.uuid
+                ),
+            )
+            .guest(&guest.id));
+        }
         let vols = volumes_of(&vm).map_err(|e| e.guest(&guest.id))?;
         // Every volume's template lives until the data mover has read it.
         self.check_quota(

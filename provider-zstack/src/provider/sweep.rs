@@ -105,6 +105,28 @@ impl ZStackProvider {
         }
     }
 
+    /// Deletes a volume snapshot group with its member snapshots
+    /// (`DeleteVolumeSnapshotGroup`: ZStack deletes every member snapshot
+    /// of a volume still attached to the group's VM, and the group goes
+    /// with its root volume's snapshot). Gone already, or a platform
+    /// without groups, is fine. A member left behind (its volume was
+    /// detached) keeps its tagged name and is found by the snapshot sweep.
+    pub(super) async fn drop_snapshot_group(&self, uuid: &str) -> Result<()> {
+        match self
+            .client
+            .call(
+                Method::DELETE,
+                &format!("/volume-snapshots/group/{uuid}"),
+                None,
+                "DeleteVolumeSnapshotGroup",
+            )
+            .await
+        {
+            Err(e) if !matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Unsupported) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes every temporary image and volume snapshot named by `tag`
     /// (exactly, see [`Tag::owns`]). Returns the first error after trying
     /// everything.
@@ -134,24 +156,12 @@ impl ZStackProvider {
         {
             Ok(groups) => {
                 for g in groups.iter().filter(|g| tag.owns(&g.name)) {
-                    match self
-                        .client
-                        .call(
-                            Method::DELETE,
-                            &format!("/volume-snapshots/group/{}", g.uuid),
-                            None,
-                            "DeleteVolumeSnapshotGroup",
-                        )
-                        .await
-                    {
-                        Err(e) if e.kind() != ErrorKind::NotFound => {
-                            first.get_or_insert(e);
-                        }
-                        _ => {}
+                    if let Err(e) = self.drop_snapshot_group(&g.uuid).await {
+                        first.get_or_insert(e);
                     }
                 }
             }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
             Err(e) => {
                 first.get_or_insert(e);
             }
@@ -179,8 +189,9 @@ impl ZStackProvider {
     /// and a job that is not running ([`JobMarker::is_stale_for`]): VMs
     /// and data volumes a restore was creating (marker in the
     /// description), temporary templates and uploaded images, volume
-    /// snapshots (marker in the name). Another host's objects and those
-    /// of running jobs are never touched. Returns what was removed.
+    /// snapshot groups and volume snapshots (marker in the name). Another
+    /// host's objects and those of running jobs are never touched. Returns
+    /// what was removed.
     pub(super) async fn sweep_stale(&self, job: &JobInfo) -> Result<Vec<String>> {
         let stale = |text: Option<&str>| {
             text.and_then(JobMarker::find_in)
@@ -224,6 +235,26 @@ impl ZStackProvider {
             if let Some(m) = stale(Some(&i.name)) {
                 self.drop_image(&i.uuid).await?;
                 removed.push(format!("image {} ({m})", i.uuid));
+            }
+        }
+        // Snapshot groups first: deleting one deletes its member
+        // snapshots as ZStack does (a ZStack before 3.6 has none).
+        let groups: Vec<VolumeSnapshotGroupInventory> = match self
+            .client
+            .query(
+                "/volume-snapshots/group",
+                &[host_like("name", &job.host_id, false)],
+            )
+            .await
+        {
+            Ok(g) => g,
+            Err(e) if e.kind() == ErrorKind::Unsupported => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        for g in groups {
+            if let Some(m) = stale(Some(&g.name)) {
+                self.drop_snapshot_group(&g.uuid).await?;
+                removed.push(format!("volume snapshot group {} ({m})", g.uuid));
             }
         }
         let snaps: Vec<VolumeSnapshotInventory> = self
