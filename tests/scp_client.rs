@@ -40,7 +40,7 @@ async fn the_real_client_works_against_the_mock() {
     let ep = env.mock.endpoints();
     let scp = ep.platforms["scp"].clone();
     let text = |k: &str| scp[k].as_str().expect(k).to_owned();
-    let vars = [
+    let vars = vec![
         ("SCP_URL", ep.scp_url().to_owned()),
         ("SCP_ADMIN", ep.admin_url.clone()),
         ("SCP_USER", text("username")),
@@ -52,20 +52,8 @@ async fn the_real_client_works_against_the_mock() {
         ("SCP_IMAGES", "1".to_owned()),
     ];
     let logins_before = env.mock.scp().logins();
-    let out = tokio::task::spawn_blocking(move || {
-        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        python::run_script("scp/contract.py", &[], &env)
-    })
-    .await
-    .expect("contract script")
-    .expect("python environment");
-    let last = out.lines().last().unwrap_or_default();
-    let calls: u64 = last
-        .strip_prefix("calls=")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no call count in:\n{out}"));
-    println!("sangfor-scp made {calls} calls against the mock ({last})");
+    let (out, calls) = python::run_contract("scp/contract.py", vars).await;
+    println!("sangfor-scp made {calls} calls against the mock");
     assert!(calls >= 40, "{out}");
     // The right password logged in (the wrong one did not).
     assert_eq!(env.mock.scp().logins(), logins_before + 1);

@@ -28,27 +28,15 @@ async fn the_real_client_works_against_the_mock() {
     let backup_storages = mock_hypervisor::zstack::ZStackConfig::default()
         .backup_storages
         .len();
-    let vars = [
+    let vars = vec![
         ("ZSTACK_URL", ep.http_url.clone()),
         ("ZSTACK_ADMIN", ep.admin_url.clone()),
         ("ZSTACK_ACCOUNT", text("account")),
         ("ZSTACK_PASSWORD", text("password")),
         ("ZSTACK_BACKUP_STORAGES", backup_storages.to_string()),
     ];
-    let out = tokio::task::spawn_blocking(move || {
-        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        python::run_script("zstack/contract.py", &[], &env)
-    })
-    .await
-    .expect("contract script")
-    .expect("python environment");
-    let last = out.lines().last().unwrap_or_default();
-    let calls: u64 = last
-        .strip_prefix("calls=")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no call count in:\n{out}"));
-    println!("zstack_mcp made {calls} calls against the mock ({last})\n{out}");
+    let (out, calls) = python::run_contract("zstack/contract.py", vars).await;
+    println!("zstack_mcp made {calls} calls against the mock\n{out}");
     assert!(calls >= 40, "{out}");
     // Nothing the script created is left behind.
     let objects = zs.objects().await;

@@ -52,3 +52,28 @@ pub fn run_script(script: &str, args: &[&str], env: &[(&str, &str)]) -> Option<S
     );
     Some(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Runs a contract script of `tests/python/` (see [`run_script`]) on a
+/// blocking thread with `vars` as its environment, and reads the number
+/// of client calls it made from its last line (`calls=N ...`). Returns
+/// the whole output and that number; panics when the script fails or
+/// prints no count.
+pub async fn run_contract(
+    script: &'static str,
+    vars: Vec<(&'static str, String)>,
+) -> (String, u64) {
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_script(script, &[], &env)
+    })
+    .await
+    .expect("contract script")
+    .expect("python environment");
+    let last = out.lines().last().unwrap_or_default();
+    let calls: u64 = last
+        .strip_prefix("calls=")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no call count in:\n{out}"));
+    (out, calls)
+}
