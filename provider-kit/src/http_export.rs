@@ -29,8 +29,18 @@
 //! - [`LoopbackNbd`]: an [`nbd::server::Server`] on `127.0.0.1` (any free
 //!   port) holding one backup's exports, closed deterministically.
 //!
-//! Locking: the check's state is a `std::sync::Mutex` held while feeding
-//! in-order bytes to the check (hashing, no `.await`).
+//! The check runs on a thread of its own: a read's in-order bytes are
+//! queued to it (no copy: slices of the read's buffer) and the read is
+//! answered at once, so the data mover's hashing and compressing of one
+//! piece overlap the check of the previous ones. At most `queue_limit`
+//! bytes (default 32 MiB) wait in that queue; a read that finds more waits until the
+//! thread catches up (memory stays bounded when the check is slower than
+//! the mover). The read that queues the image's last bytes waits for the
+//! verdict, as the last read waits for a sequential pass.
+//!
+//! Locking: the check's ordering state is a `std::sync::Mutex` held only
+//! to order and queue bytes (no hashing, no `.await`); the check itself is
+//! owned by its thread.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -221,6 +231,47 @@ pub trait SequentialCheck: Send {
     fn finish(&mut self) -> std::result::Result<(), String>;
 }
 
+/// What the check's thread is sent, in order.
+enum Feed {
+    /// The next bytes.
+    Data(Bytes),
+    /// The image ended: finish and publish the verdict.
+    End,
+    /// The bytes could not be read (the sequential pass failed): publish
+    /// this as the verdict.
+    Failed(String),
+}
+
+/// The queue to the check's thread and the count of bytes in it.
+#[derive(Clone, Debug)]
+struct Feeder {
+    queue: std::sync::mpsc::Sender<Feed>,
+    queued: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Feeder {
+    fn data(&self, bytes: Bytes) -> u64 {
+        let n = bytes.len() as u64;
+        if n > 0 {
+            self.queued.send_modify(|q| *q += n);
+            // A closed queue means the thread ended (panicked): the
+            // verdict channel says so.
+            let _ = self.queue.send(Feed::Data(bytes));
+        }
+        n
+    }
+
+    fn send(&self, feed: Feed) {
+        let _ = self.queue.send(feed);
+    }
+
+    /// Waits while more than `limit` bytes wait to be checked.
+    async fn backlog(&self, limit: u64) {
+        let mut rx = self.queued.subscribe();
+        let _ = rx.wait_for(|q| *q <= limit).await;
+    }
+}
+
 /// State of an export's in-order check.
 struct CheckState {
     /// Bytes before this were given to the check.
@@ -228,12 +279,23 @@ struct CheckState {
     /// Reads that arrived ahead of `next`, by offset.
     pending: BTreeMap<u64, Bytes>,
     pending_bytes: usize,
-    /// `None` once finished or handed to the sequential pass.
-    check: Option<Box<dyn SequentialCheck>>,
-    /// The check's verdict, once known.
-    outcome: Option<std::result::Result<(), String>>,
+    /// `None` once the image ended or the sequential pass took over.
+    feeder: Option<Feeder>,
     /// Whether the sequential pass runs (or ran).
     pass: bool,
+}
+
+/// What a read's bytes did to the check.
+#[derive(Debug)]
+enum Step {
+    /// Nothing to wait for: already checked, held back, or unchecked.
+    Nothing,
+    /// Bytes were queued for the check with this feeder.
+    Queued(Feeder),
+    /// The image's last bytes were queued: this read waits for the verdict.
+    Ended,
+    /// Too far ahead: the sequential pass starts at `from` with `feeder`.
+    Pass(u64, Feeder),
 }
 
 /// An image at an HTTP URL as a read-only NBD export (see the module docs).
@@ -241,8 +303,9 @@ pub struct HttpExport {
     source: Arc<HttpRange>,
     size: u64,
     reorder_limit: usize,
+    queue_limit: usize,
     check: Option<Mutex<CheckState>>,
-    verdict: tokio::sync::watch::Sender<Option<std::result::Result<(), String>>>,
+    verdict: tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
 }
 
 impl std::fmt::Debug for HttpExport {
@@ -262,19 +325,59 @@ impl HttpExport {
             source,
             size,
             reorder_limit: 64 << 20,
+            queue_limit: 32 << 20,
             check: None,
-            verdict: tokio::sync::watch::channel(None).0,
+            verdict: tokio::sync::watch::channel(None).1,
         }
     }
 
-    /// Every byte goes through `check` in order, once.
-    pub fn checked(mut self, check: Box<dyn SequentialCheck>) -> Self {
+    /// Every byte goes through `check` in order, once, on a thread of its
+    /// own (see the module docs).
+    pub fn checked(mut self, mut check: Box<dyn SequentialCheck>) -> Self {
+        let (verdict_tx, verdict) = tokio::sync::watch::channel(None);
+        let (queue, rx) = std::sync::mpsc::channel::<Feed>();
+        let queued = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let drained = queued.clone();
+        let what = self.source.what.clone();
+        let spawned = std::thread::Builder::new()
+            .name("export-check".into())
+            .spawn(move || {
+                // Ends when every feeder is gone (the export dropped) or
+                // the verdict is known; a panicking check drops
+                // `verdict_tx`, which waiting reads see as a failure.
+                while let Ok(feed) = rx.recv() {
+                    match feed {
+                        Feed::Data(b) => {
+                            check.update(&b);
+                            drained.send_modify(|q| *q -= b.len() as u64);
+                        }
+                        Feed::End => {
+                            verdict_tx.send_replace(Some(check.finish()));
+                            return;
+                        }
+                        Feed::Failed(msg) => {
+                            verdict_tx.send_replace(Some(Err(msg)));
+                            return;
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            // No thread, no check: every read fails rather than pass
+            // unchecked bytes.
+            let (tx, rx) = tokio::sync::watch::channel(Some(Err(format!(
+                "the check of the export of {what} could not start a thread: {e}"
+            ))));
+            drop(tx);
+            self.verdict = rx;
+            return self;
+        }
+        self.verdict = verdict;
         self.check = Some(Mutex::new(CheckState {
             next: 0,
             pending: BTreeMap::new(),
             pending_bytes: 0,
-            check: Some(check),
-            outcome: None,
+            feeder: Some(Feeder { queue, queued }),
             pass: false,
         }));
         self
@@ -284,6 +387,12 @@ impl HttpExport {
     /// pass takes over.
     pub fn reorder_limit(mut self, bytes: usize) -> Self {
         self.reorder_limit = bytes;
+        self
+    }
+
+    /// Bytes queued for the check at most before reads wait for it.
+    pub fn queue_limit(mut self, bytes: usize) -> Self {
+        self.queue_limit = bytes;
         self
     }
 
@@ -297,19 +406,37 @@ impl HttpExport {
         self.verdict.borrow().clone()
     }
 
+    /// Waits for the check's verdict.
+    async fn await_verdict(&self) -> std::result::Result<(), String> {
+        let mut rx = self.verdict.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or(Ok(())),
+            Err(_) => Err(format!(
+                "the check of the export of {} stopped before its verdict",
+                self.source.what
+            )),
+        }
+    }
+
     fn failure(&self, msg: &str) -> nbd::Error {
         nbd::Error::server(nbd::error::errno::EIO, msg.to_string())
     }
 
-    /// Feeds a read to the check. Returns true when the sequential pass
-    /// must start (the check is handed back to start it with).
-    fn observe(&self, offset: u64, data: &Bytes) -> Option<(u64, Box<dyn SequentialCheck>)> {
-        let cell = self.check.as_ref()?;
+    /// Queues a read's in-order bytes for the check (held back while a
+    /// gap before them is open). No hashing here: the mutex is held only
+    /// to order the bytes.
+    fn observe(&self, offset: u64, data: &Bytes) -> Step {
+        let Some(cell) = self.check.as_ref() else {
+            return Step::Nothing;
+        };
         let mut st = cell.lock().unwrap_or_else(|e| e.into_inner());
-        st.check.as_ref()?;
+        let st = &mut *st;
+        let Some(feeder) = st.feeder.clone() else {
+            return Step::Nothing;
+        };
         let end = offset + data.len() as u64;
         if end <= st.next {
-            return None;
+            return Step::Nothing;
         }
         if offset > st.next {
             if st.pending_bytes + data.len() > self.reorder_limit {
@@ -317,18 +444,16 @@ impl HttpExport {
                 st.pending.clear();
                 st.pending_bytes = 0;
                 st.pass = true;
-                let next = st.next;
-                return st.check.take().map(|c| (next, c));
+                st.feeder = None;
+                return Step::Pass(st.next, feeder);
             }
             st.pending_bytes += data.len();
             if let Some(old) = st.pending.insert(offset, data.clone()) {
                 st.pending_bytes -= old.len();
             }
-            return None;
+            return Step::Nothing;
         }
-        let st = &mut *st;
-        let check = st.check.as_mut()?;
-        check.update(&data[(st.next - offset) as usize..]);
+        feeder.data(data.slice((st.next - offset) as usize..));
         st.next = end;
         // Drain what the gap held back.
         while let Some((&o, _)) = st.pending.first_key_value() {
@@ -339,47 +464,45 @@ impl HttpExport {
             st.pending_bytes -= d.len();
             let e = o + d.len() as u64;
             if e > st.next {
-                check.update(&d[(st.next - o) as usize..]);
+                feeder.data(d.slice((st.next - o) as usize..));
                 st.next = e;
             }
         }
         if st.next >= self.size {
-            let verdict = check.finish();
-            st.check = None;
-            st.outcome = Some(verdict.clone());
-            self.verdict.send_replace(Some(verdict));
+            feeder.send(Feed::End);
+            st.feeder = None;
+            return Step::Ended;
         }
-        None
+        Step::Queued(feeder)
     }
 
     /// The sequential pass: `[from, size)` read again in order.
-    fn start_pass(&self, from: u64, mut check: Box<dyn SequentialCheck>) {
+    fn start_pass(&self, from: u64, feeder: Feeder) {
         tracing::info!(what = %self.source.what, from, "reads came out of order beyond the reorder buffer: verifying the rest with a sequential pass");
         let source = self.source.clone();
         let size = self.size;
-        let verdict = self.verdict.clone();
+        let limit = self.queue_limit as u64;
         tokio::spawn(async move {
             let mut pos = from;
-            let mut result = Ok(());
             while pos < size {
                 let n = PASS_CHUNK.min(size - pos);
                 match source.read(pos, n).await {
-                    Ok(b) => check.update(&b),
+                    Ok(b) => {
+                        feeder.data(b);
+                        feeder.backlog(limit).await;
+                    }
                     Err(e) => {
-                        result = Err(format!(
+                        feeder.send(Feed::Failed(format!(
                             "the verification pass over the export of {} failed: {}",
                             source.what,
                             e.report()
-                        ));
-                        break;
+                        )));
+                        return;
                     }
                 }
                 pos += n;
             }
-            if result.is_ok() {
-                result = check.finish();
-            }
-            verdict.send_replace(Some(result));
+            feeder.send(Feed::End);
         });
     }
 }
@@ -415,17 +538,29 @@ impl Export for HttpExport {
                 tracing::warn!(what = %self.source.what, offset, "{msg}");
                 self.failure(&msg)
             })?;
-        if let Some((from, check)) = self.observe(offset, &data) {
-            self.start_pass(from, check);
-        }
+        let ended = match self.observe(offset, &data) {
+            Step::Nothing => false,
+            Step::Queued(feeder) => {
+                // Bounded memory: a reader ahead of the check waits.
+                feeder.backlog(self.queue_limit as u64).await;
+                false
+            }
+            Step::Ended => true,
+            Step::Pass(from, feeder) => {
+                self.start_pass(from, feeder);
+                false
+            }
+        };
         let pass = self
             .check
             .as_ref()
             .is_some_and(|c| c.lock().unwrap_or_else(|e| e.into_inner()).pass);
-        if pass && offset + u64::from(len) >= self.size {
-            // The last read waits for the sequential pass's verdict.
-            let mut rx = self.verdict.subscribe();
-            let _ = rx.wait_for(Option::is_some).await;
+        if ended || (pass && offset + u64::from(len) >= self.size) {
+            // The read that ends the image's bytes (or, with the pass,
+            // the last read) waits for the verdict.
+            if let Err(msg) = self.await_verdict().await {
+                return Err(self.failure(&msg));
+            }
         }
         match self.verdict() {
             Some(Err(msg)) => Err(self.failure(&msg)),
@@ -569,47 +704,113 @@ mod tests {
         (e, seen)
     }
 
-    #[test]
-    fn out_of_order_reads_are_checked_in_order() {
+    /// Waits until the check's thread has taken every queued byte (or
+    /// given its verdict).
+    async fn settled(e: &HttpExport) {
+        let feeder = e.check.as_ref().unwrap().lock().unwrap().feeder.clone();
+        match feeder {
+            Some(f) => f.backlog(0).await,
+            None => drop(e.await_verdict().await),
+        }
+    }
+
+    #[tokio::test]
+    async fn out_of_order_reads_are_checked_in_order() {
         let data: Vec<u8> = (0..100u8).collect();
         let (e, seen) = export(1000, data.clone());
         let piece = |a: usize, b: usize| Bytes::copy_from_slice(&data[a..b]);
-        for (a, b) in [(20, 40), (60, 100), (0, 10), (10, 30), (40, 60)] {
-            assert!(e.observe(a as u64, &piece(a, b)).is_none());
+        for (a, b) in [(20, 40), (60, 100), (0, 10), (10, 30)] {
+            assert!(!matches!(
+                e.observe(a as u64, &piece(a, b)),
+                Step::Ended | Step::Pass(..)
+            ));
         }
+        settled(&e).await;
+        assert_eq!(*seen.lock().unwrap(), &data[..40]);
+        assert_eq!(e.verdict(), None);
+        assert!(matches!(e.observe(40, &piece(40, 60)), Step::Ended));
+        assert_eq!(e.await_verdict().await, Ok(()));
         assert_eq!(*seen.lock().unwrap(), data);
-        assert_eq!(e.verdict(), Some(Ok(())));
         // A retried read of checked bytes changes nothing.
-        assert!(e.observe(0, &piece(0, 10)).is_none());
+        assert!(matches!(e.observe(0, &piece(0, 10)), Step::Nothing));
         assert_eq!(*seen.lock().unwrap(), data);
     }
 
-    #[test]
-    fn a_wrong_byte_fails_the_check() {
+    #[tokio::test]
+    async fn a_wrong_byte_fails_the_check() {
         let data: Vec<u8> = (0..100u8).collect();
         let (e, _) = export(1000, data.clone());
         let mut bad = data.clone();
         bad[70] ^= 1;
         e.observe(0, &Bytes::copy_from_slice(&bad[..50]));
+        settled(&e).await;
         assert_eq!(e.verdict(), None);
         e.observe(50, &Bytes::copy_from_slice(&bad[50..]));
-        assert_eq!(e.verdict(), Some(Err("differs".into())));
+        assert_eq!(e.await_verdict().await, Err("differs".into()));
     }
 
-    #[test]
-    fn too_far_ahead_hands_over_to_a_sequential_pass() {
+    #[tokio::test]
+    async fn too_far_ahead_hands_over_to_a_sequential_pass() {
         let data: Vec<u8> = (0..100u8).collect();
         let (e, seen) = export(30, data.clone());
-        assert!(e.observe(0, &Bytes::copy_from_slice(&data[..10])).is_none());
-        assert!(
-            e.observe(20, &Bytes::copy_from_slice(&data[20..40]))
-                .is_none()
-        );
-        let (from, _check) = e
-            .observe(40, &Bytes::copy_from_slice(&data[40..60]))
-            .expect("pass");
+        e.observe(0, &Bytes::copy_from_slice(&data[..10]));
+        assert!(matches!(
+            e.observe(20, &Bytes::copy_from_slice(&data[20..40])),
+            Step::Nothing
+        ));
+        let Step::Pass(from, feeder) = e.observe(40, &Bytes::copy_from_slice(&data[40..60])) else {
+            panic!("no pass");
+        };
         assert_eq!(from, 10);
+        feeder.backlog(0).await;
         assert_eq!(*seen.lock().unwrap(), &data[..10]);
+    }
+
+    #[tokio::test]
+    async fn a_reader_ahead_of_a_slow_check_waits_and_memory_stays_bounded() {
+        /// A check that takes its time and records the most bytes queued.
+        struct Slow;
+        impl SequentialCheck for Slow {
+            fn update(&mut self, _: &[u8]) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            fn finish(&mut self) -> std::result::Result<(), String> {
+                Ok(())
+            }
+        }
+        let data = image(1000);
+        let (url, _) = serve(data.clone(), None, 0, 0).await;
+        let src = Arc::new(HttpRange::new(reqwest::Client::new(), &url, "t"));
+        let e = HttpExport::new(src, 1000)
+            .checked(Box::new(Slow))
+            .queue_limit(250);
+        let most = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let feeder = e
+            .check
+            .as_ref()
+            .unwrap()
+            .lock()
+            .unwrap()
+            .feeder
+            .clone()
+            .unwrap();
+        let mut rx = feeder.queued.subscribe();
+        let watch_most = most.clone();
+        let watcher = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let q = *rx.borrow();
+                watch_most.fetch_max(q, Ordering::SeqCst);
+            }
+        });
+        let order: Vec<usize> = (0..10).collect();
+        let got = read_all(&e, &order, 100).await.unwrap();
+        assert_eq!(got, *data);
+        assert_eq!(e.verdict(), Some(Ok(())));
+        drop(feeder);
+        drop(e);
+        let _ = tokio::time::timeout(Duration::from_secs(2), watcher).await;
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= 350, "{most} bytes were queued at once");
     }
 
     /// A one-file HTTP server with `Range`: byte `flip` served flipped,
@@ -760,7 +961,7 @@ mod tests {
         let got = read_all(&e, &[4, 3, 2, 1, 0], 20_000).await.unwrap();
         assert_eq!(got, want);
         // The last piece was read first: the pass may still be running.
-        let mut rx = e.verdict.subscribe();
+        let mut rx = e.verdict.clone();
         let v = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some))
             .await
             .expect("the pass ends")

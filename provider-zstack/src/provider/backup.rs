@@ -10,7 +10,10 @@
 //! **The md5 check** (`exportMd5Sum` of `ExportImageFromBackupStorage`):
 //! - a volume read in full (every volume but a linked root's): the
 //!   export's in-order check ([`HttpExport::checked`]) hashes the bytes in
-//!   offset order as the data mover reads them. The mover reads in
+//!   offset order as the data mover reads them, on a thread of its own
+//!   (reads are answered at once; at most 32 MiB wait for the md5, then
+//!   reads wait for it; the read that ends the image waits for the
+//!   verdict). The mover reads in
 //!   ascending order with a bounded number of reads in flight; a read
 //!   that completes ahead of a gap waits in a reorder buffer (at most
 //!   64 MiB); a reader further ahead than that switches the export to a
