@@ -16,6 +16,13 @@ Measured, each as wall time and peak RSS of the child process (wait4):
   vmbackup restore             snapshot back into a raw file
   vmbackup serve               qemu-img convert from the instant-restore
                                NBD server to a raw file
+  random 4 KiB reads           qemu-io, one read at a time (latency),
+                               from `vmbackup serve` vs qemu-nbd: in a
+                               48 MiB working set (fits the serve chunk
+                               cache) and across the whole disk (cold)
+
+With --rounds N (default 1) every measurement after the image is made runs
+N times on a fresh datastore; the summary gives each ratio's median.
 
 Ratios are ours / peer throughput in the same run; absolute MiB/s on shared
 2-core machines drift, ratios much less. Not run in CI.
@@ -25,6 +32,7 @@ import argparse
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,25 +113,20 @@ def clear_bitmap(image):
     subprocess.run(["qemu-img", "bitmap", "--clear", image, "cbt0"], check=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--size-gib", type=float, default=2.0)
-    ap.add_argument("--workdir")
-    ap.add_argument("--out-dir", help="where restores write (default: the workdir)")
-    a = ap.parse_args()
-    if not os.path.exists(VMBACKUP):
-        sys.exit("build first: cargo build --release -p cli")
-    size = int(a.size_gib * (1 << 30))
-    work = a.workdir or tempfile.mkdtemp(prefix="vmbackup-bench-")
-    os.makedirs(work, exist_ok=True)
-    raw, image = os.path.join(work, "src.raw"), os.path.join(work, "disk.qcow2")
-    sock, store = os.path.join(work, "nbd.sock"), os.path.join(work, "store")
-    print(f"generating {a.size_gib} GiB in {work} ...", file=sys.stderr)
-    make_image(raw, size)
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image], check=True)
-    subprocess.run(["qemu-img", "bitmap", "--add", "--enable", "--granularity", "64K",
-                    image, "cbt0"], check=True)
-    mib = size / (1 << 20)
+def random_reads(uri, size, count, span, seed):
+    """Seconds for `count` 4 KiB reads at random 4 KiB-aligned offsets in
+    the first `span` bytes, one at a time (qemu-io)."""
+    rnd = random.Random(seed)
+    blocks = max(1, min(span, size) // 4096)
+    script = "".join(f"read {rnd.randrange(blocks) * 4096} 4k\n" for _ in range(count))
+    start = time.monotonic()
+    subprocess.run(["qemu-io", "-r", "-f", "raw", uri], input=script.encode(),
+                   stdout=subprocess.DEVNULL, check=True)
+    return time.monotonic() - start
+
+
+def measure(a, work, raw, image, sock, store, size, mib):
+    """One round of every measurement; returns the rows."""
     rows = []
 
     def row(name, secs, rss, logical=mib, note=""):
@@ -141,6 +144,7 @@ def main():
         row("vmbackup backup, full", s, r)
     clear_bitmap(image)
     repo = os.path.join(work, "restic")
+    shutil.rmtree(repo, ignore_errors=True)
     env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=repo)
     subprocess.run(["restic", "init", "-q"], env=env, check=True)
     s, r, _ = timed(["restic", "backup", "-q", raw], env=env)
@@ -178,10 +182,27 @@ def main():
         s, r, _ = timed(["qemu-img", "convert", "-f", "raw", served, "-O", "raw", out])
         row("qemu-img convert vmbackup serve -> raw", s, r)
         os.unlink(out)
+        for label, span, count in (("48 MiB working set", 48 << 20, 2000),
+                                   ("whole disk", size, 300)):
+            s = random_reads(served, size, count, span, 7)
+            row(f"random 4 KiB reads, {label}: vmbackup serve", s, 0, logical=count * 4096 / (1 << 20))
+        with open(f"/proc/{serve.pid}/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        rows.append(("vmbackup serve process (peak RSS)", 1.0, 0.0, hwm / 1024.0, "whole serve run"))
     finally:
         serve.terminate()
         serve.wait()
+    with QemuNbd(image, sock) as uri:
+        for label, span, count in (("48 MiB working set", 48 << 20, 2000),
+                                   ("whole disk", size, 300)):
+            s = random_reads(uri, size, count, span, 7)
+            row(f"random 4 KiB reads, {label}: qemu-nbd", s, 0, logical=count * 4096 / (1 << 20))
 
+    return rows
+
+
+def report(a, rows):
+    """Prints one round's table; returns its ratios by name."""
     by = {n: t for n, _, t, _, _ in rows}
     qemu, ceiling = by["qemu-img convert -> qcow2"], by["nbdcopy -> null (ceiling)"]
     restic = by["restic backup (file)"]
@@ -197,6 +218,58 @@ def main():
     peer = by["qemu-img convert qemu-nbd -> raw (restore peer)"]
     print(f"restore / qemu-img convert: {by['vmbackup restore -> raw file'] / peer:.2f}x; "
           f"serve / qemu-nbd: {by['qemu-img convert vmbackup serve -> raw'] / peer:.2f}x")
+    rr = {}
+    for label in ("48 MiB working set", "whole disk"):
+        rr[label] = by[f"random 4 KiB reads, {label}: vmbackup serve"] / by[f"random 4 KiB reads, {label}: qemu-nbd"]
+    print(f"random 4 KiB reads / qemu-nbd: {rr['48 MiB working set']:.2f}x in a 48 MiB working set, "
+          f"{rr['whole disk']:.2f}x across the disk")
+    return {
+        "serve peak RSS MiB": [r for n, _, _, r, _ in rows if n.startswith("vmbackup serve process")][0],
+        "restore peak RSS MiB": [r for n, _, _, r, _ in rows if n == "vmbackup restore -> raw file"][0],
+        "full backup / nbdcopy": by["vmbackup backup, full"] / ceiling,
+        "full backup / qemu-img convert": by["vmbackup backup, full"] / qemu,
+        "1% incremental / full time": inc1 / full,
+        "restore / qemu-img convert": by["vmbackup restore -> raw file"] / peer,
+        "serve / qemu-nbd": by["qemu-img convert vmbackup serve -> raw"] / peer,
+        "random reads 48 MiB / qemu-nbd": rr["48 MiB working set"],
+        "random reads whole disk / qemu-nbd": rr["whole disk"],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=2.0)
+    ap.add_argument("--workdir")
+    ap.add_argument("--out-dir", help="where restores write (default: the workdir)")
+    ap.add_argument("--rounds", type=int, default=1, help="measure N times, report medians")
+    a = ap.parse_args()
+    if not os.path.exists(VMBACKUP):
+        sys.exit("build first: cargo build --release -p cli")
+    size = int(a.size_gib * (1 << 30))
+    work = a.workdir or tempfile.mkdtemp(prefix="vmbackup-bench-")
+    os.makedirs(work, exist_ok=True)
+    raw, image = os.path.join(work, "src.raw"), os.path.join(work, "disk.qcow2")
+    sock, store = os.path.join(work, "nbd.sock"), os.path.join(work, "store")
+    print(f"generating {a.size_gib} GiB in {work} ...", file=sys.stderr)
+    make_image(raw, size)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image], check=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", "--enable", "--granularity", "64K",
+                    image, "cbt0"], check=True)
+    mib = size / (1 << 20)
+    summaries = []
+    for k in range(a.rounds):
+        if a.rounds > 1:
+            print(f"round {k + 1} of {a.rounds} ...", file=sys.stderr)
+        store_k = store + (f"-{k}" if k else "")
+        rows = measure(a, work, raw, image, sock, store_k, size, mib)
+        summaries.append(report(a, rows))
+        shutil.rmtree(store_k, ignore_errors=True)
+    if a.rounds > 1:
+        print(f"\nmedians of {a.rounds} rounds:")
+        for key in summaries[0]:
+            vals = sorted(sm[key] for sm in summaries)
+            shown = ", ".join(f"{v:.3f}" for v in vals)
+            print(f"  {key}: {statistics.median(vals):.3f}  ({shown})")
     if not a.workdir:
         shutil.rmtree(work)
 

@@ -13,6 +13,10 @@
 //!   read and decoded at once (a semaphore in front of
 //!   [`tokio::task::spawn_blocking`]), so a storm of reads costs a few
 //!   blocking threads and a few chunk buffers, not one of each per read.
+//! - **Read-ahead.** [`ChunkCache::prefetch`] starts the load of a chunk a
+//!   sequential reader will want next without waiting for it; the load is
+//!   a read's load (verified, bounded, single-flight), so a read that
+//!   arrives while it runs joins it.
 //! - **Cancellation.** A load runs in a task of its own, not in the reader
 //!   that started it: a reader that gives up (a client that disconnects)
 //!   neither stops the load its waiters need nor wastes it (its result is
@@ -60,6 +64,9 @@ pub struct ChunkCacheStats {
     /// Reads that found the chunk being loaded and waited for that load
     /// (single-flight).
     pub joined: u64,
+    /// Loads started by [`ChunkCache::prefetch`] (read-ahead) rather than
+    /// by a read.
+    pub prefetches: u64,
     /// Chunks read from disk and decoded ([`ChunkStore::load`] calls),
     /// successful or not.
     pub loads: u64,
@@ -128,6 +135,7 @@ struct State {
     hits: u64,
     misses: u64,
     joined: u64,
+    prefetches: u64,
 }
 
 /// Least recently used first: `order` maps a use tick to its digest.
@@ -218,6 +226,7 @@ impl ChunkCache {
                     hits: 0,
                     misses: 0,
                     joined: 0,
+                    prefetches: 0,
                 }),
                 decodes: Arc::new(Semaphore::new(decode_limit)),
                 decode_limit,
@@ -263,6 +272,7 @@ impl ChunkCache {
             hits: st.hits,
             misses: st.misses,
             joined: st.joined,
+            prefetches: st.prefetches,
             loads: self.inner.loads.load(Ordering::Relaxed),
             load_failures: self.inner.load_failures.load(Ordering::Relaxed),
             evictions: st.lru.evictions,
@@ -297,19 +307,7 @@ impl ChunkCache {
                     }
                     None => {
                         st.misses += 1;
-                        st.next_flight += 1;
-                        let id = st.next_flight;
-                        let (tx, rx) = watch::channel(None);
-                        st.flights.insert(digest, (id, rx.clone()));
-                        st.max_loading = st.max_loading.max(st.flights.len());
-                        drop(st);
-                        let guard = FlightGuard {
-                            cache: self.clone(),
-                            digest,
-                            id,
-                        };
-                        tokio::spawn(load(guard, store.clone(), len, tx));
-                        rx
+                        self.start_load(st, store, digest, len)
                     }
                 }
             };
@@ -328,6 +326,48 @@ impl ChunkCache {
             "loading chunk {digest} was abandoned {} times",
             MAX_TAKEOVERS + 1
         )))
+    }
+
+    /// Starts loading chunk `digest` (of `len` bytes) unless it is cached
+    /// or being loaded, without waiting: read-ahead for a sequential
+    /// reader. The load is the same as a read's (verified, bounded by the
+    /// decode limit, cached on success); a failed one is simply not cached
+    /// and the read that needs the chunk loads it again and gets the
+    /// error. Must run inside a Tokio runtime.
+    pub fn prefetch(&self, store: &ChunkStore, digest: Digest, len: u64) {
+        let mut st = self.state();
+        if st.lru.max_bytes < len
+            || st.lru.map.contains_key(&digest)
+            || st.flights.contains_key(&digest)
+        {
+            return;
+        }
+        st.prefetches += 1;
+        drop(self.start_load(st, store, digest, len));
+    }
+
+    /// Registers a flight for `digest` and spawns its load; returns the
+    /// channel its outcome comes on.
+    fn start_load(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        store: &ChunkStore,
+        digest: Digest,
+        len: u64,
+    ) -> watch::Receiver<Option<Outcome>> {
+        st.next_flight += 1;
+        let id = st.next_flight;
+        let (tx, rx) = watch::channel(None);
+        st.flights.insert(digest, (id, rx.clone()));
+        st.max_loading = st.max_loading.max(st.flights.len());
+        drop(st);
+        let guard = FlightGuard {
+            cache: self.clone(),
+            digest,
+            id,
+        };
+        tokio::spawn(load(guard, store.clone(), len, tx));
+        rx
     }
 }
 

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
 use async_trait::async_trait;
@@ -27,6 +28,8 @@ pub const MAX_READ: u64 = 256 << 20;
 /// Chunks one read fetches at once (their decoding is bounded by the
 /// cache's decode limit too).
 const READ_AHEAD: usize = 8;
+/// Chunks loaded ahead of a sequential reader (see [`VolReader::read_at`]).
+pub const READ_AHEAD_CHUNKS: u64 = 4;
 
 /// An open snapshot; holds a shared lock so that it cannot be deleted while
 /// open.
@@ -154,6 +157,8 @@ pub struct VolReader {
     index: Arc<FixedIndex>,
     /// For the overlay layer: the base image's index.
     base: Option<Arc<FixedIndex>>,
+    /// Where the latest read ended (read-ahead's notion of "sequential").
+    last_end: AtomicU64,
     _locks: (Arc<File>, Vec<File>),
 }
 
@@ -171,6 +176,7 @@ impl VolReader {
             cache,
             index: Arc::new(index),
             base: base.map(Arc::new),
+            last_end: AtomicU64::new(0),
             _locks: (snap_lock, locks),
         }
     }
@@ -180,6 +186,33 @@ impl VolReader {
         self.cache
             .get(&self.store, self.index.digests[i], self.index.chunk_len(i))
             .await
+    }
+
+    /// Read-ahead: a read that starts near where the latest one ended
+    /// (within [`READ_AHEAD_CHUNKS`] chunks: clients such as `qemu-img
+    /// convert` keep several sequential reads in flight, which complete
+    /// out of order) starts loading the [`READ_AHEAD_CHUNKS`] stored
+    /// chunks after it, so their decoding overlaps the client's work on
+    /// this one. Random reads start nothing. The loads go through the
+    /// cache, so they are verified, bounded and shared like a read's, and
+    /// memory stays within the cache's bound.
+    fn read_ahead(&self, offset: u64, end: u64) {
+        let cs = self.index.chunk_size;
+        let prev = self.last_end.swap(end, Ordering::Relaxed);
+        let window = READ_AHEAD_CHUNKS * cs;
+        if offset > prev + cs || offset + window < prev {
+            return;
+        }
+        let next = (end - 1) / cs + 1;
+        let count = self.index.digests.len() as u64;
+        for i in next..(next + READ_AHEAD_CHUNKS).min(count) {
+            let i = i as usize;
+            let digest = self.index.digests[i];
+            if !digest.is_zero() {
+                self.cache
+                    .prefetch(&self.store, digest, self.index.chunk_len(i));
+            }
+        }
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
@@ -215,6 +248,7 @@ impl VolumeReader for VolReader {
         }
         let cs = self.index.chunk_size;
         let end = offset + length;
+        self.read_ahead(offset, end);
         let (first, last) = ((offset / cs) as usize, ((end - 1) / cs) as usize);
         // Inside one stored chunk: hand out the cached bytes themselves (a
         // slice shares the verified chunk: no zeroing, no copy; clients

@@ -302,3 +302,56 @@ async fn a_read_spanning_chunks_fetches_them_concurrently() {
     // another would have had one at a time.
     assert!(st.max_loading >= 2, "{st:?}");
 }
+
+/// Waits until no load is under way.
+async fn loads_settled(ds: &Datastore) {
+    for _ in 0..500 {
+        if ds.chunk_cache().stats().loading == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("loads still under way: {:?}", ds.chunk_cache().stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequential_reader_gets_the_next_chunks_loaded_ahead_and_a_random_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 64 << 10;
+    let mut data = noise(9, 12 * cs as usize);
+    // Chunk 3 is zeroes: never loaded, not even ahead.
+    data[3 * cs as usize..4 * cs as usize].fill(0);
+    let (ds, id) = setup(dir.path(), cs, ChunkCache::default(), &data).await;
+    let r = open(&ds, &id).await;
+
+    // The first read from the start is sequential: chunks 1, 2 and 4 are
+    // loaded ahead (3 is zeroes); reading them then only hits.
+    let got = r.read_at(0, cs).await.unwrap();
+    assert_eq!(got[..], data[..cs as usize]);
+    loads_settled(&ds).await;
+    let st = ds.chunk_cache().stats();
+    assert_eq!((st.misses, st.prefetches, st.loads), (1, 3, 4), "{st:?}");
+    for i in 1..5u64 {
+        let got = r.read_at(i * cs, cs).await.unwrap();
+        assert_eq!(got[..], data[(i * cs) as usize..((i + 1) * cs) as usize]);
+    }
+    loads_settled(&ds).await;
+    let st = ds.chunk_cache().stats();
+    assert_eq!(st.misses, 1, "read-ahead kept ahead: {st:?}");
+    assert!(st.hits >= 3, "{st:?}");
+
+    // Random reads (far from where the latest ended) start nothing.
+    let ds2dir = tempfile::tempdir().unwrap();
+    let (ds2, id2) = setup(ds2dir.path(), cs, ChunkCache::default(), &data).await;
+    let r2 = open(&ds2, &id2).await;
+    for i in [9u64, 1, 6] {
+        let got = r2.read_at(i * cs + 7, 4096).await.unwrap();
+        assert_eq!(
+            got[..],
+            data[(i * cs + 7) as usize..(i * cs + 7 + 4096) as usize]
+        );
+    }
+    loads_settled(&ds2).await;
+    let st = ds2.chunk_cache().stats();
+    assert_eq!((st.prefetches, st.loads), (0, 3), "{st:?}");
+}
