@@ -270,7 +270,20 @@ impl Feeder {
         let mut rx = self.queued.subscribe();
         let _ = rx.wait_for(|q| *q <= limit).await;
     }
+
+    /// [`Feeder::backlog`], or until the check's thread has given its
+    /// verdict or died (its queue is then never drained).
+    async fn backlog_or_verdict(&self, limit: u64, verdict: &Verdict) {
+        let mut verdict = verdict.clone();
+        tokio::select! {
+            _ = self.backlog(limit) => {}
+            _ = verdict.wait_for(Option::is_some) => {}
+        }
+    }
 }
+
+/// The check's verdict as its thread publishes it (closed if it dies).
+type Verdict = tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>;
 
 /// State of an export's in-order check.
 struct CheckState {
@@ -305,7 +318,7 @@ pub struct HttpExport {
     reorder_limit: usize,
     queue_limit: usize,
     check: Option<Mutex<CheckState>>,
-    verdict: tokio::sync::watch::Receiver<Option<std::result::Result<(), String>>>,
+    verdict: Verdict,
 }
 
 impl std::fmt::Debug for HttpExport {
@@ -482,6 +495,7 @@ impl HttpExport {
         let source = self.source.clone();
         let size = self.size;
         let limit = self.queue_limit as u64;
+        let verdict = self.verdict.clone();
         tokio::spawn(async move {
             let mut pos = from;
             while pos < size {
@@ -489,7 +503,7 @@ impl HttpExport {
                 match source.read(pos, n).await {
                     Ok(b) => {
                         feeder.data(b);
-                        feeder.backlog(limit).await;
+                        feeder.backlog_or_verdict(limit, &verdict).await;
                     }
                     Err(e) => {
                         feeder.send(Feed::Failed(format!(
@@ -542,7 +556,9 @@ impl Export for HttpExport {
             Step::Nothing => false,
             Step::Queued(feeder) => {
                 // Bounded memory: a reader ahead of the check waits.
-                feeder.backlog(self.queue_limit as u64).await;
+                feeder
+                    .backlog_or_verdict(self.queue_limit as u64, &self.verdict)
+                    .await;
                 false
             }
             Step::Ended => true,
@@ -981,6 +997,34 @@ mod tests {
         let r = read_all(&e, &[0, 2, 3, 1, 4], 20_000).await;
         assert!(r.is_err());
         assert_eq!(e.verdict(), Some(Err("differs".into())));
+    }
+
+    #[tokio::test]
+    async fn a_check_that_dies_fails_the_reads_instead_of_hanging_them() {
+        struct Dies;
+        impl SequentialCheck for Dies {
+            fn update(&mut self, _: &[u8]) {
+                panic!("the check broke");
+            }
+            fn finish(&mut self) -> std::result::Result<(), String> {
+                Ok(())
+            }
+        }
+        let data = image(1000);
+        let (url, _) = serve(data.clone(), None, 0, 0).await;
+        let src = Arc::new(HttpRange::new(reqwest::Client::new(), &url, "v"));
+        let e = HttpExport::new(src, 1000)
+            .checked(Box::new(Dies))
+            .queue_limit(150);
+        let order: Vec<usize> = (0..10).collect();
+        let r = tokio::time::timeout(Duration::from_secs(10), read_all(&e, &order, 100))
+            .await
+            .expect("reads must not hang on a dead check");
+        let err = r.unwrap_err();
+        assert!(
+            err.to_string().contains("stopped before its verdict"),
+            "{err}"
+        );
     }
 
     #[test]
