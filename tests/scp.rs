@@ -9,6 +9,11 @@ use provider_api::{
 };
 use provider_scp::AccessMode;
 use scenarios::scp::{Env, ScpProbe, leftovers, restore_from};
+use scenarios::scp_flow::{
+    assert_clean, assert_clean_for, backed_up, backup_ok, backup_proxy, digests_of, disk_id,
+    expose_backup, failed, hot_add_access, id, janus, published, restore_new, restored_digests,
+    snapshot_metadata, warned,
+};
 use serde_json::{Value, json};
 
 const MIB: u64 = 1 << 20;
@@ -60,27 +65,26 @@ async fn linked_vm_with(
     env.admin.server(body).await
 }
 
-fn id(v: &Value) -> String {
-    v["id"].as_str().expect("id").to_owned()
+/// A fresh mock with the 16 MiB base image `base` and one linked VM
+/// `linked-1` on it (seed 10, with or without its data disk): the mock,
+/// the base image's id and the VM.
+async fn one_linked_vm(data_disk: bool) -> (Env, String, Value) {
+    let env = Env::start(|_, _| {}).await;
+    let base = base_image(&env, "base").await;
+    let vm = linked_vm(&env, "linked-1", &base, 10, data_disk).await;
+    (env, base, vm)
 }
 
-fn disk_id(v: &Value, i: usize) -> String {
-    v["disks"][i]["id"].as_str().expect("disk id").to_owned()
-}
-
-async fn digests_of(env: &Env, scp: &provider_scp::ScpProvider, guest: &Guest) -> Vec<String> {
-    let server_id = scp.restored_server_id(guest).unwrap_or(guest.id.0.clone());
-    let server: Value = scp
-        .client()
-        .call(
-            reqwest::Method::GET,
-            &format!("/janus/20250725/servers/{server_id}"),
-            &[],
-            None,
-        )
-        .await
-        .expect("restored server");
-    env.admin.server_digests(&server).await
+/// A slow mover (256 KiB pieces, 4 MiB/s) that does not retry: a lost
+/// lease shuts the export, retrying cannot help.
+fn slow_mover() -> engine::MoverOptions {
+    engine::MoverOptions {
+        piece_size: 256 << 10,
+        depth: 2,
+        bandwidth_limit: Some(4 * MIB),
+        retry: engine::RetryPolicy::none(),
+        ..engine::MoverOptions::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,13 +98,7 @@ async fn two_linked_vms_store_the_base_image_once_and_restore_byte_identical() {
 
     let scp = env.provider();
     let report = env.backup(scp.clone(), &[&id(&vm1), &id(&vm2)]).await;
-    for g in &report.guests {
-        if let Err(e) = &g.result {
-            panic!("backup of {} failed: {}", g.guest.id, e.report());
-        }
-    }
-    let b1 = report.guests[0].result.as_ref().unwrap();
-    let b2 = report.guests[1].result.as_ref().unwrap();
+    let (b1, b2) = (backed_up(&report, 0), backed_up(&report, 1));
     assert!(
         b1.volumes[0].base_image_stored,
         "first backup stores the base"
@@ -119,25 +117,40 @@ async fn two_linked_vms_store_the_base_image_once_and_restore_byte_identical() {
         "stored {} bytes, expected about {expected}",
         stats.chunk_bytes
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     // Restores to new VMs (base image present on the platform).
     for (b, before, name) in [(b1, &before1, "r1"), (b2, &before2, "r2")] {
-        let r = env
-            .restore(
-                scp.clone(),
-                &b.snapshot.id,
-                RestoreTarget::NewGuest {
-                    name: Some(name.into()),
-                },
-            )
-            .await
-            .unwrap_or_else(|e| panic!("restore: {}", e.report()));
-        assert_eq!(&digests_of(&env, &scp, &r.guest).await, before);
+        let restored = restored_digests(&env, &env, &scp, &b.snapshot.id, Some(name)).await;
+        assert_eq!(&restored, before);
         let restored: Value = env.admin.server_by_name(&scp, name).await.unwrap();
         assert_eq!(restored["disks"][0]["base_image_id"], base.as_str());
     }
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
+}
+
+/// The custom attribute `os-family` created and bound to the base image
+/// `base` with the value `centos`, through the SCP API: the attribute and
+/// the binding.
+async fn os_family_centos(scp: &provider_scp::ScpProvider, base: &str) -> (Value, Value) {
+    let attr = janus(
+        scp,
+        reqwest::Method::POST,
+        "/janus/20190725/custom-attributes",
+        Some(json!({"name": "os-family", "description": "OS", "resource_type": "base_image"})),
+    )
+    .await;
+    let binding = janus(
+        scp,
+        reqwest::Method::POST,
+        "/janus/20190725/custom-attributes/bindings",
+        Some(
+            json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
+                "resource_id": base, "value": "centos"}),
+        ),
+    )
+    .await;
+    (attr, binding)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -148,42 +161,9 @@ async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
     let before = env.admin.server_digests(&vm).await;
     let scp = env.provider();
     // A custom attribute bound to the base image, through the SCP API.
-    let attr: Value = scp
-        .client()
-        .call(
-            reqwest::Method::POST,
-            "/janus/20190725/custom-attributes",
-            &[],
-            Some(&json!({"name": "os-family", "description": "OS", "resource_type": "base_image"})),
-        )
-        .await
-        .unwrap();
-    let _: Value = scp
-        .client()
-        .call(
-            reqwest::Method::POST,
-            "/janus/20190725/custom-attributes/bindings",
-            &[],
-            Some(
-                &json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
-                "resource_id": base, "value": "centos"}),
-            ),
-        )
-        .await
-        .unwrap();
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    let md = env
-        .store
-        .open_snapshot(&b.snapshot.id)
-        .await
-        .unwrap()
-        .metadata()
-        .await
-        .unwrap();
+    os_family_centos(&scp, &base).await;
+    let b = backup_ok(&env, &scp, &vm).await;
+    let md = snapshot_metadata(&env, &b.snapshot.id).await;
     assert_eq!(md["base_image"]["image"]["id"], base.as_str());
     assert_eq!(md["base_image"]["bindings"][0]["value"], "centos");
 
@@ -193,17 +173,10 @@ async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
     let mut options = other.options(AccessMode::Nbd);
     options.restore_storage_id = Some("storage-vs".into());
     let scp2 = other.provider_with(options);
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("moved".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("restore: {}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &b.snapshot.id, Some("moved")).await,
+        before
+    );
     let objects = other.admin.scp_objects().await;
     let images = objects["base_images"].as_array().unwrap();
     assert_eq!(images.len(), 1, "{images:?}");
@@ -221,20 +194,13 @@ async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
     assert_eq!(bindings[0]["value"], "centos");
     let moved = other.admin.server_by_name(&scp2, "moved").await.unwrap();
     assert_eq!(moved["disks"][0]["base_image_id"], images[0]["id"]);
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
 
     // Restoring a second time reuses the restored base image.
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("moved-2".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("restore: {}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &b.snapshot.id, Some("moved-2")).await,
+        before
+    );
     let objects = other.admin.scp_objects().await;
     assert_eq!(objects["base_images"].as_array().unwrap().len(), 1);
     // Seed 4.5.2 step 5: the attribute exists and is bound: nothing is
@@ -254,9 +220,7 @@ async fn restore_to_another_scp_recreates_base_image_replica_and_attributes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn incremental_reads_only_the_changed_extents() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     let full = env.backup(scp.clone(), &[&id(&vm)]).await;
     assert!(full.success(), "{:?}", full.guests[0].result.as_ref().err());
@@ -270,11 +234,7 @@ async fn incremental_reads_only_the_changed_extents() {
     }
     let after = env.admin.server_digests(&vm).await;
     env.admin.reset_export_history().await;
-    let inc = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = inc.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert_eq!(b.volumes[0].bitmap_mode, BitmapMode::Use);
     assert_eq!(b.volumes[1].bitmap_mode, BitmapMode::Use);
     assert!(!b.volumes[0].base_image_stored);
@@ -282,17 +242,10 @@ async fn incremental_reads_only_the_changed_extents() {
     assert_eq!(read, 4 * (64 << 10), "only the changed extents are read");
     assert!(b.snapshot.warnings.is_empty(), "{:?}", b.snapshot.warnings);
 
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("r".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &b.snapshot.id, Some("r")).await,
+        after
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,51 +277,25 @@ async fn version_and_desktop_rules() {
         .await;
 
     // Below 6.11.3, non-desktop: the system disk merged, no base image.
-    let p = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let p = backed_up(&report, 0);
     assert!(p.snapshot.volumes[0].base.is_none());
     assert!(!p.volumes[0].base_image_stored);
     // Below 6.11.3, desktop: base image separately, read in full.
-    let d = report.guests[1]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let d = backed_up(&report, 1);
     assert!(d.volumes[0].base_image_stored);
     assert_eq!(d.snapshot.volumes[0].base.as_ref().unwrap().0, base);
     // Revert mode: refused, naming the VM.
-    let e = report.guests[2].result.as_ref().unwrap_err();
+    let e = failed(&report, 2);
     assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
     assert!(e.report().contains("desk-revert"), "{}", e.report());
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
-    let r = env
-        .restore(
-            scp.clone(),
-            &p.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("rp".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
     assert_eq!(
-        digests_of(&env, &scp, &r.guest).await,
+        restored_digests(&env, &env, &scp, &p.snapshot.id, Some("rp")).await,
         env.admin.server_digests(&plain).await
     );
-    let r = env
-        .restore(
-            scp.clone(),
-            &d.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("rd".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
     assert_eq!(
-        digests_of(&env, &scp, &r.guest).await,
+        restored_digests(&env, &env, &scp, &d.snapshot.id, Some("rd")).await,
         env.admin.server_digests(&desk).await
     );
 
@@ -409,10 +336,7 @@ async fn version_and_desktop_rules() {
             vec![Guest::vm(id(&desk2))],
         )
         .await;
-    let b = rep.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backed_up(&rep, 0);
     assert!(b.volumes[0].base_image_stored);
     // Base: 1 + 6 + 1 (allocated zeroes) + 2 MiB allocated; own data 2 MiB.
     let read = env.admin.bytes_read().await;
@@ -421,9 +345,7 @@ async fn version_and_desktop_rules() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_cbt_falls_back_to_a_full_backup_with_a_warning() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
     env.admin
@@ -433,20 +355,9 @@ async fn expired_cbt_falls_back_to_a_full_backup_with_a_warning() {
         .write(&disk_id(&vm, 0), 0, 65536, "random", 7)
         .await;
     let after = env.admin.server_digests(&vm).await;
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert!(b.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
-    assert!(
-        b.snapshot
-            .warnings
-            .iter()
-            .any(|w| w.contains("CBT has expired")),
-        "{:?}",
-        b.snapshot.warnings
-    );
+    assert!(warned(&b, "CBT has expired"), "{:?}", b.snapshot.warnings);
     // The warning is stored with the snapshot.
     let stored = env
         .store
@@ -461,28 +372,17 @@ async fn expired_cbt_falls_back_to_a_full_backup_with_a_warning() {
             .any(|w| w.contains("CBT has expired"))
     );
     // And the chain continues incrementally.
-    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let n = next.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let n = backup_ok(&env, &scp, &vm).await;
     assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
-    let r = env
-        .restore(
-            scp.clone(),
-            &n.snapshot.id,
-            RestoreTarget::NewGuest { name: None },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &n.snapshot.id, None).await,
+        after
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expiry_during_a_backup_fails_cleanly() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     let admin = env.admin.clone();
     // Expire the lease once the backup has read a little.
@@ -503,21 +403,10 @@ async fn lease_expiry_during_a_backup_fails_cleanly() {
         false
     });
     let report = env
-        .backup_with(
-            scp.clone(),
-            &[&id(&vm)],
-            engine::MoverOptions {
-                piece_size: 256 << 10,
-                depth: 2,
-                bandwidth_limit: Some(4 * MIB),
-                // A lost lease shuts the export: retrying cannot help.
-                retry: engine::RetryPolicy::none(),
-                ..engine::MoverOptions::default()
-            },
-        )
+        .backup_with(scp.clone(), &[&id(&vm)], slow_mover())
         .await;
     assert!(killer.await.unwrap(), "the lease was expired mid-backup");
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     eprintln!("lease expiry: {}", e.report());
     assert!(
         matches!(e.kind(), ErrorKind::LeaseLost | ErrorKind::DataPath),
@@ -526,15 +415,8 @@ async fn lease_expiry_during_a_backup_fails_cleanly() {
     );
     let log = std::fs::read_to_string(&report.guests[0].log_file).unwrap();
     assert!(log.contains("expired during the backup"), "{log}");
-    assert!(
-        env.store
-            .list_snapshots(Some("scp"), None)
-            .await
-            .unwrap()
-            .is_empty(),
-        "nothing published"
-    );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert!(published(&env).await.is_empty(), "nothing published");
+    assert_clean(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,27 +446,25 @@ async fn nbd_read_error_fails_one_guest_and_leaks_nothing() {
             },
         )
         .await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     eprintln!("read error: {}", e.report());
     assert_eq!(e.kind(), ErrorKind::DataPath, "{}", e.report());
     assert!(e.context().offset.is_some(), "{}", e.report());
     assert_eq!(e.context().guest.as_deref(), Some(id(&vm1).as_str()));
     assert!(e.context().volume.is_some(), "{}", e.report());
     assert!(report.guests[1].result.is_ok());
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
-    let snaps = env.store.list_snapshots(Some("scp"), None).await.unwrap();
+    assert_clean(&env).await;
+    let snaps = published(&env).await;
     assert_eq!(snaps.len(), 1);
     assert_eq!(snaps[0].guest.0, id(&vm2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interrupted_base_image_restore_deletes_the_base_image() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let (env, _, vm) = one_linked_vm(false).await;
     let scp = env.provider();
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0].result.as_ref().unwrap();
+    let b = backed_up(&report, 0);
 
     let other = Env::start(|_, _| {}).await;
     // The base image data is written, then setting it AVAILABLE fails.
@@ -615,18 +495,16 @@ async fn interrupted_base_image_restore_deletes_the_base_image() {
         "incomplete base image deleted"
     );
     assert_eq!(objects["servers"], json!([]), "no half-restored VM");
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_restore_of_a_linked_vm_uses_recovery_baseimage() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let before = env.admin.server_digests(&vm).await;
     let scp = env.provider();
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0].result.as_ref().unwrap();
+    let b = backed_up(&report, 0);
     // The guest changes both disks after the backup.
     env.admin
         .write(&disk_id(&vm, 0), 5 * MIB, 2 * MIB, "random", 99)
@@ -641,21 +519,19 @@ async fn in_place_restore_of_a_linked_vm_uses_recovery_baseimage() {
     assert_eq!(env.admin.server_digests(&vm).await, before);
     let servers = env.admin.scp_objects().await["servers"].clone();
     assert_eq!(servers.as_array().unwrap().len(), 1, "same VM, no new one");
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
     // The restore expired CBT: the next backup is a full with a warning.
     let next = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let n = next.guests[0].result.as_ref().unwrap();
+    let n = backed_up(&next, 0);
     assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quick_recovery_of_a_linked_vm_is_refused() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let (env, _, vm) = one_linked_vm(false).await;
     let scp = env.provider();
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0].result.as_ref().unwrap();
+    let b = backed_up(&report, 0);
     let reader = env.store.open_snapshot(&b.snapshot.id).await.unwrap();
     let archive = provider_api::ArchiveView::new(
         reader.info().clone(),
@@ -688,33 +564,22 @@ async fn nbdssl_backs_up_with_the_right_ca_and_refuses_a_wrong_one() {
         server_name: None,
     }));
     let report = env.backup(bad, &[&id(&vm)]).await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     eprintln!("wrong CA: {}", e.report());
     assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     let good = env.provider_with(env.options(AccessMode::NbdSsl {
         ca_pem: env.ca_pem(),
         server_name: None,
     }));
-    let report = env.backup(good.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &good, &vm).await;
     // Restore to another storage through NBDSSL.
-    let r = env
-        .restore(
-            good.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("tls".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &good, &r.guest).await, before);
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_eq!(
+        restored_digests(&env, &env, &good, &b.snapshot.id, Some("tls")).await,
+        before
+    );
+    assert_clean(&env).await;
 
     // Into another SCP (its own CA): the base image is written over NBDSSL.
     let other = Env::start(|c, dir| {
@@ -726,17 +591,10 @@ async fn nbdssl_backs_up_with_the_right_ca_and_refuses_a_wrong_one() {
         ca_pem: other.ca_pem(),
         server_name: None,
     }));
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("tls-moved".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &b.snapshot.id, Some("tls-moved")).await,
+        before
+    );
     assert_eq!(
         other.admin.scp_objects().await["base_images"]
             .as_array()
@@ -744,69 +602,41 @@ async fn nbdssl_backs_up_with_the_right_ca_and_refuses_a_wrong_one() {
             .len(),
         1
     );
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_add_full_incremental_and_restore() {
     let env = Env::start(|_, _| {}).await;
-    let proxy = env
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
+    let hot_add = hot_add_access(&env).await;
     let base = base_image(&env, "base").await;
     let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
-    let scp = env.provider_with(env.options(AccessMode::HotAdd {
-        proxy_server_id: id(&proxy),
-    }));
-    let full = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let f = full.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let scp = env.provider_with(env.options(hot_add));
+    let f = backup_ok(&env, &scp, &vm).await;
     assert!(f.volumes[0].base_image_stored);
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
     env.admin
         .write(&disk_id(&vm, 0), 7 * MIB, 128 << 10, "random", 5)
         .await;
     let after = env.admin.server_digests(&vm).await;
-    let inc = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let i = inc.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let i = backup_ok(&env, &scp, &vm).await;
     assert_eq!(i.volumes[0].bitmap_mode, BitmapMode::Use);
     assert_eq!(i.volumes[0].stats.bytes_read, 128 << 10);
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     // Restore into a fresh SCP through hot-add (base image restored too).
     let other = Env::start(|_, _| {}).await;
-    let proxy2 = other
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
-    let scp2 = other.provider_with(other.options(AccessMode::HotAdd {
-        proxy_server_id: id(&proxy2),
-    }));
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &i.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("hot".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, after);
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    let scp2 = other.provider_with(other.options(hot_add_access(&other).await));
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &i.snapshot.id, Some("hot")).await,
+        after
+    );
+    assert_clean(&other).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_kit_over_nbd_and_hot_add() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let probe = ScpProbe {
         admin: env.admin.clone(),
     };
@@ -815,13 +645,7 @@ async fn conformance_kit_over_nbd_and_hot_add() {
     provider_api::testing::check_all(&*nbd, &guest, &probe)
         .await
         .unwrap();
-    let proxy = env
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
-    let hot: Arc<dyn BackupProvider> = env.provider_with(env.options(AccessMode::HotAdd {
-        proxy_server_id: id(&proxy),
-    }));
+    let hot: Arc<dyn BackupProvider> = env.provider_with(env.options(hot_add_access(&env).await));
     provider_api::testing::check_all(&*hot, &guest, &probe)
         .await
         .unwrap();
@@ -829,33 +653,19 @@ async fn conformance_kit_over_nbd_and_hot_add() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_cleanup_releases_what_a_guest_still_holds() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     let guest = Guest::vm(id(&vm));
     scp.job_init(&provider_api::JobInfo::default())
         .await
         .unwrap();
-    scp.backup_init(&guest, 1).await.unwrap();
-    let plan = scp.backup_vm_query_incremental(&guest, None).await.unwrap();
-    let exposed = scp
-        .backup_vm(
-            &guest,
-            provider_api::BackupVmRequest::new(
-                plan,
-                None,
-                Arc::new(provider_api::testing::EmptyCatalog),
-            ),
-        )
-        .await
-        .unwrap();
+    let exposed = expose_backup(&scp, &guest, 1, None).await;
     assert_eq!(exposed.volumes.len(), 2);
     drop(exposed);
     assert!(!leftovers(&env.admin).await.is_empty());
     // The host never called backup_cleanup: job_cleanup is the last resort.
     scp.job_cleanup().await.unwrap();
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -873,7 +683,7 @@ async fn envelope_errors_with_http_200_and_an_upgrade_to_6_11_3() {
         )
         .await;
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     assert_eq!(e.kind(), ErrorKind::Refused, "{}", e.report());
     assert!(
         e.report().contains("snapshots are paused"),
@@ -888,7 +698,7 @@ async fn envelope_errors_with_http_200_and_an_upgrade_to_6_11_3() {
         "{}",
         e.report()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     // Below 6.11.3 the system disk is stored merged; after the upgrade the
     // next backup is a full that stores the base image separately.
@@ -897,57 +707,30 @@ async fn envelope_errors_with_http_200_and_an_upgrade_to_6_11_3() {
     env.admin
         .put("/scp/version", json!({"version": "6.11.3"}))
         .await;
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert_eq!(b.volumes[0].bitmap_mode, BitmapMode::New);
     assert!(b.volumes[0].base_image_stored);
     let before = env.admin.server_digests(&vm).await;
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest { name: None },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &b.snapshot.id, None).await,
+        before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_is_renewed_while_a_slow_backup_reads() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     // A 2 s lease, renewed every 300 ms, for a backup of about 3 s.
     let mut options = env.options(AccessMode::Nbd);
     options.lease_seconds = 2;
     options.renew_interval = std::time::Duration::from_millis(300);
     let scp = env.provider_with(options);
     let started = std::time::Instant::now();
-    let report = env
-        .backup_with(
-            scp,
-            &[&id(&vm)],
-            engine::MoverOptions {
-                piece_size: 256 << 10,
-                depth: 2,
-                bandwidth_limit: Some(4 * MIB),
-                // A lost lease shuts the export: retrying cannot help.
-                retry: engine::RetryPolicy::none(),
-                ..engine::MoverOptions::default()
-            },
-        )
-        .await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let report = env.backup_with(scp, &[&id(&vm)], slow_mover()).await;
+    let b = backed_up(&report, 0);
     assert!(started.elapsed() > std::time::Duration::from_millis(2500));
     assert!(b.volumes[0].base_image_stored);
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// Answers missing a field that decides what is backed up are errors
@@ -956,9 +739,7 @@ async fn the_lease_is_renewed_while_a_slow_backup_reads() {
 /// published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_missing_a_deciding_field_fail_the_guest_naming_call_and_field() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     // (path, JSON pointer removed from the answer, field, call named)
     let cases = [
@@ -1031,20 +812,9 @@ async fn answers_missing_a_deciding_field_fail_the_guest_naming_call_and_field()
                 .is_some_and(|c| c.contains(call)),
             "{pointer}: {text}"
         );
-        assert_eq!(
-            leftovers(&env.admin).await,
-            Vec::<String>::new(),
-            "{pointer}"
-        );
+        assert_clean_for(&env, pointer).await;
     }
-    assert!(
-        env.store
-            .list_snapshots(Some("scp"), None)
-            .await
-            .unwrap()
-            .is_empty(),
-        "nothing published"
-    );
+    assert!(published(&env).await.is_empty(), "nothing published");
     // Complete answers again: the backup works.
     assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
 }
@@ -1065,9 +835,7 @@ fn fast_retries(env: &Env) -> provider_scp::ScpOptions {
 /// something is not repeated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, _, vm) = one_linked_vm(true).await;
     let before = env.admin.server_digests(&vm).await;
     let scp = env.provider_with(fast_retries(&env));
     for path in [
@@ -1083,27 +851,16 @@ async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
             )
             .await;
     }
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("transient 503s: {}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert_eq!(
         env.admin.get("/faults").await["http"],
         json!([]),
         "every transient fault fired"
     );
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("r".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &b.snapshot.id, Some("r")).await,
+        before
+    );
 
     // Persistent: reported with the call once the attempts are spent.
     env.admin
@@ -1115,7 +872,7 @@ async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
         .await;
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
     env.admin.delete("/faults").await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     assert!(e.report().contains("HTTP 503"), "{}", e.report());
     assert!(
         e.context().api_call.as_deref().is_some_and(|c| c
@@ -1124,7 +881,7 @@ async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
         "{}",
         e.report()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     // A POST is sent once: the second answer would succeed, but the
     // snapshot call is not repeated.
@@ -1136,7 +893,7 @@ async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
         )
         .await;
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     assert!(
         e.context()
             .api_call
@@ -1145,7 +902,7 @@ async fn transient_503_is_retried_and_a_persistent_one_is_reported() {
         "{}",
         e.report()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// Job `job` of `host` starts a backup of `vm` and dies without any
@@ -1166,19 +923,7 @@ async fn backup_left_open(
     let info = provider_api::JobInfo::new(job, scenarios::scp::now())
         .on_host(host, running.iter().map(|j| j.to_string()));
     scp.job_init(&info).await.unwrap();
-    scp.backup_init(&guest, 1).await.unwrap();
-    let plan = scp.backup_vm_query_incremental(&guest, None).await.unwrap();
-    let exposed = scp
-        .backup_vm(
-            &guest,
-            provider_api::BackupVmRequest::new(
-                plan,
-                None,
-                Arc::new(provider_api::testing::EmptyCatalog),
-            ),
-        )
-        .await
-        .unwrap();
+    let exposed = expose_backup(&scp, &guest, 1, None).await;
     drop(exposed);
     keep.then_some(scp)
 }
@@ -1219,13 +964,7 @@ async fn a_later_job_of_the_host_sweeps_what_a_dead_job_left() {
     let vm1 = id(&linked_vm(&env, "dead-job", &base, 10, true).await);
     let vm2 = id(&linked_vm(&env, "running-job", &base, 20, true).await);
     let vm3 = id(&linked_vm(&env, "other-host", &base, 30, false).await);
-    let proxy = env
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
-    let hot_add = env.options(AccessMode::HotAdd {
-        proxy_server_id: id(&proxy),
-    });
+    let hot_add = env.options(hot_add_access(&env).await);
 
     // host-a/job-1 (hot-add) dies; host-a/job-3 is still running;
     // host-b/job-1 died too, but on another host.
@@ -1309,7 +1048,7 @@ async fn a_later_job_of_the_host_sweeps_what_a_dead_job_left() {
     .unwrap();
     assert_eq!(held_for(&env, &vm3).await, (0, 0, 0));
     b.job_cleanup().await.unwrap();
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// A task the platform fails (here the snapshot) fails the guest with the
@@ -1330,7 +1069,7 @@ async fn a_failed_task_fails_the_guest_with_the_platform_error() {
         )
         .await;
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let e = report.guests[0].result.as_ref().unwrap_err();
+    let e = failed(&report, 0);
     assert!(e.report().contains(message), "{}", e.report());
     assert_eq!(
         e.context().api_call.as_deref(),
@@ -1338,7 +1077,7 @@ async fn a_failed_task_fails_the_guest_with_the_platform_error() {
         "{}",
         e.report()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
     assert!(report.success());
 }
@@ -1361,24 +1100,18 @@ async fn an_expired_token_is_renewed_by_logging_in_again() {
     scp.client().login().await.unwrap();
     let logins = env.mock.scp().logins();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let _: Value = scp
-        .client()
-        .call(
-            reqwest::Method::GET,
-            "/janus/20180725/system/version",
-            &[],
-            None,
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    janus(
+        &scp,
+        reqwest::Method::GET,
+        "/janus/20180725/system/version",
+        None,
+    )
+    .await;
     assert_eq!(env.mock.scp().logins(), logins + 1);
     // One backup job: each task takes 4 polls of 100 ms, longer than a
     // token lives.
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    backed_up(&report, 0);
     assert!(
         env.mock.scp().logins() >= logins + 3,
         "{} logins",
@@ -1397,11 +1130,7 @@ async fn version_strings_with_suffixes_are_judged_alike_by_platform_and_provider
     let base = base_image(&env, "base").await;
     let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
     let scp = env.provider();
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert!(b.volumes[0].base_image_stored);
     assert_eq!(b.snapshot.volumes[0].base.as_ref().unwrap().0, base);
     assert!(env.mock.scp().version_at_least("6.11.3"));
@@ -1411,24 +1140,10 @@ async fn version_strings_with_suffixes_are_judged_alike_by_platform_and_provider
         .await;
     assert!(!env.mock.scp().version_at_least("6.11.3"));
     let vm2 = linked_vm(&env, "linked-2", &base, 20, false).await;
-    let report = env.backup(scp.clone(), &[&id(&vm2)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm2).await;
     assert!(b.snapshot.volumes[0].base.is_none());
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("r2".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
     assert_eq!(
-        digests_of(&env, &scp, &r.guest).await,
+        restored_digests(&env, &env, &scp, &b.snapshot.id, Some("r2")).await,
         env.admin.server_digests(&vm2).await
     );
 }
@@ -1451,32 +1166,21 @@ async fn changed_areas_over_several_pages_are_all_read() {
     }
     let after = env.admin.server_digests(&vm).await;
     env.admin.reset_export_history().await;
-    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let n = next.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let n = backup_ok(&env, &scp, &vm).await;
     assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
     let read = env.admin.bytes_read().await;
     assert!(read <= 8 * 65536 * 2, "read {read} bytes");
-    let r = env
-        .restore(
-            scp.clone(),
-            &n.snapshot.id,
-            RestoreTarget::NewGuest { name: None },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &n.snapshot.id, None).await,
+        after
+    );
 }
 
 /// With an access key the provider signs every request and never logs in
 /// with the password; a wrong secret key is an authentication error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_key_signing_backs_up_without_a_password_login() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let (env, _, vm) = one_linked_vm(false).await;
     let ep = env.mock.endpoints();
     let keys = &ep.platforms["scp"];
     let mut options = env.options(AccessMode::Nbd);
@@ -1485,10 +1189,7 @@ async fn access_key_signing_backs_up_without_a_password_login() {
     options.secret_key = keys["secret_key"].as_str().map(provider_scp::Secret::new);
     let scp = env.provider_with(options.clone());
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    backed_up(&report, 0);
     assert_eq!(env.mock.scp().logins(), 0);
     options.secret_key = Some(provider_scp::Secret::new("wrong"));
     let bad = env.provider_with(options);
@@ -1519,11 +1220,7 @@ async fn base_image_restore_writes_through_the_vm_system_disk_after_available() 
     let base_digest = image_sha256(&env, &base).await;
     let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
     let before = env.admin.server_digests(&vm).await;
-    let report = env.backup(env.provider(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &env.provider(), &vm).await;
 
     for mode in ["nbd", "nbdssl", "hotadd"] {
         let other = Env::start(|c, dir| {
@@ -1549,26 +1246,20 @@ async fn base_image_restore_writes_through_the_vm_system_disk_after_available() 
         let scp2 = other.provider_with(other.options(access));
         // The old order is refused by the platform: a base image cannot be
         // written by its own id, neither over NBD nor hot-added.
-        let img: Value = scp2
-            .client()
-            .call(
-                reqwest::Method::POST,
-                "/janus/20180725/base-images",
-                &[],
-                Some(&json!({"name": "probe", "size": MIB})),
-            )
-            .await
-            .unwrap();
-        let lease: Value = scp2
-            .client()
-            .call(
-                reqwest::Method::POST,
-                "/janus/20240725/backup-resources",
-                &[],
-                Some(&json!({"type": "Recovery", "remain_time": 60})),
-            )
-            .await
-            .unwrap();
+        let img = janus(
+            &scp2,
+            reqwest::Method::POST,
+            "/janus/20180725/base-images",
+            Some(json!({"name": "probe", "size": MIB})),
+        )
+        .await;
+        let lease = janus(
+            &scp2,
+            reqwest::Method::POST,
+            "/janus/20240725/backup-resources",
+            Some(json!({"type": "Recovery", "remain_time": 60})),
+        )
+        .await;
         let e = scp2
             .client()
             .call::<Value>(
@@ -1581,38 +1272,14 @@ async fn base_image_restore_writes_through_the_vm_system_disk_after_available() 
             .await
             .unwrap_err();
         assert!(e.report().contains("open_base_image"), "{}", e.report());
-        let _: Value = scp2
-            .client()
-            .call(
-                reqwest::Method::DELETE,
-                &format!("/janus/20240725/backup-resources/{}", id(&lease)),
-                &[],
-                None,
-            )
-            .await
-            .unwrap();
-        let _: Value = scp2
-            .client()
-            .call(
-                reqwest::Method::DELETE,
-                &format!("/janus/20180725/base-images/{}", id(&img)),
-                &[],
-                None,
-            )
-            .await
-            .unwrap();
+        let lease_path = format!("/janus/20240725/backup-resources/{}", id(&lease));
+        janus(&scp2, reqwest::Method::DELETE, &lease_path, None).await;
+        let img_path = format!("/janus/20180725/base-images/{}", id(&img));
+        janus(&scp2, reqwest::Method::DELETE, &img_path, None).await;
 
-        let r = restore_from(
-            &env.store,
-            scp2.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some(format!("moved-{mode}")),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
-        assert_eq!(digests_of(&other, &scp2, &r.guest).await, before, "{mode}");
+        let name = format!("moved-{mode}");
+        let restored = restored_digests(&env, &other, &scp2, &b.snapshot.id, Some(&name)).await;
+        assert_eq!(restored, before, "{mode}");
         let images = other.admin.scp_objects().await["base_images"].clone();
         let images = images.as_array().unwrap();
         assert_eq!(images.len(), 1, "{mode}: {images:?}");
@@ -1624,11 +1291,7 @@ async fn base_image_restore_writes_through_the_vm_system_disk_after_available() 
             provider_api::JobMarker::find_in(images[0]["description"].as_str().unwrap()).is_none(),
             "{images:?}"
         );
-        assert_eq!(
-            leftovers(&other.admin).await,
-            Vec::<String>::new(),
-            "{mode}"
-        );
+        assert_clean_for(&other, mode).await;
     }
 }
 
@@ -1652,11 +1315,7 @@ async fn a_missing_replica_is_synced_to_the_restore_storage() {
         .to_owned();
     let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
     let before = env.admin.server_digests(&vm).await;
-    let report = env.backup(env.provider(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &env.provider(), &vm).await;
     let replicas = |o: &Value| -> Vec<String> {
         o["base_images"][0]["replicas"]
             .as_array()
@@ -1672,64 +1331,28 @@ async fn a_missing_replica_is_synced_to_the_restore_storage() {
     let mut options = env.options(AccessMode::Nbd);
     options.restore_storage_id = Some("storage-vs".into());
     let scp = env.provider_with(options);
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("on-vs".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &b.snapshot.id, Some("on-vs")).await,
+        before
+    );
     let objects = env.admin.scp_objects().await;
     assert_eq!(objects["base_images"].as_array().unwrap().len(), 1);
     assert_eq!(replicas(&objects), vec!["storage-local", "storage-vs"]);
     let restored = env.admin.server_by_name(&scp, "on-vs").await.unwrap();
     assert_eq!(restored["disks"][0]["base_image_id"], base.as_str());
     assert_eq!(restored["storage_id"], "storage-vs");
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// Seed 4.5.2 step 5: a custom attribute that exists but is not bound to
 /// the base image is bound (not created a second time).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_existing_unbound_custom_attribute_is_bound() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
+    let (env, base, vm) = one_linked_vm(false).await;
     let before = env.admin.server_digests(&vm).await;
     let scp = env.provider();
-    let call = |method: reqwest::Method, path: String, body: Option<Value>| {
-        let scp = scp.clone();
-        async move {
-            scp.client()
-                .call::<Value>(method, &path, &[], body.as_ref())
-                .await
-                .unwrap()
-        }
-    };
-    let attr = call(
-        reqwest::Method::POST,
-        "/janus/20190725/custom-attributes".into(),
-        Some(json!({"name": "os-family", "description": "OS", "resource_type": "base_image"})),
-    )
-    .await;
-    let binding = call(
-        reqwest::Method::POST,
-        "/janus/20190725/custom-attributes/bindings".into(),
-        Some(
-            json!({"custom_attribute_id": attr["id"], "resource_type": "base_image",
-            "resource_id": base, "value": "centos"}),
-        ),
-    )
-    .await;
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let (attr, binding) = os_family_centos(&scp, &base).await;
+    let b = backup_ok(&env, &scp, &vm).await;
     // After the backup the binding is removed; the attribute stays.
     env.admin
         .delete(&format!("/scp/bindings/{}", id(&binding)))
@@ -1739,17 +1362,10 @@ async fn an_existing_unbound_custom_attribute_is_bound() {
         json!([]),
         "binding removed"
     );
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("bound".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &b.snapshot.id, Some("bound")).await,
+        before
+    );
     let objects = env.admin.scp_objects().await;
     let attrs = objects["custom_attributes"].as_array().unwrap();
     assert_eq!(attrs.len(), 1, "not created twice: {attrs:?}");
@@ -1758,7 +1374,7 @@ async fn an_existing_unbound_custom_attribute_is_bound() {
     assert_eq!(bindings[0]["resource_id"], base.as_str());
     assert_eq!(bindings[0]["custom_attribute_id"], attr["id"]);
     assert_eq!(bindings[0]["value"], "centos");
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// Seed 4.5.3 rule 8: a base image restore killed while its data is
@@ -1924,24 +1540,17 @@ async fn a_base_image_restore_killed_midway_is_swept_by_the_next_job() {
         .map(|s| s["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, vec!["done"]);
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
     let scp2 = other.provider();
     let _ = done;
     let restored_a = other.admin.server_by_name(&scp2, "done").await.unwrap();
     assert_eq!(other.admin.server_digests(&restored_a).await, before_a);
 
     // Restoring vm-b again now works, byte for byte.
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &snap_b,
-        RestoreTarget::NewGuest {
-            name: Some("again".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before_b);
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &snap_b, Some("again")).await,
+        before_b
+    );
     let o = other.admin.scp_objects().await;
     let again = o["base_images"]
         .as_array()
@@ -1953,7 +1562,7 @@ async fn a_base_image_restore_killed_midway_is_swept_by_the_next_job() {
         .unwrap()
         .to_owned();
     assert_eq!(image_sha256(&other, &again).await, digest_b);
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
 }
 
 /// HotAdd as on a real proxy: the platform hands out no path; the
@@ -1966,16 +1575,13 @@ async fn hot_add_finds_disks_by_serial_under_the_by_id_root() {
         c.scp.disk_by_id_dir = Some(dir.join("by-id"));
     };
     let env = Env::start(by_id).await;
-    let proxy = env
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
+    let proxy = backup_proxy(&env).await;
     let base = base_image(&env, "base").await;
     let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
     let before = env.admin.server_digests(&vm).await;
-    let options = |env: &Env, proxy: &Value| {
+    let options = |env: &Env, proxy: &str| {
         let mut o = env.options(AccessMode::HotAdd {
-            proxy_server_id: id(proxy),
+            proxy_server_id: proxy.to_owned(),
         });
         o.hotadd_device_root = Some(env.dir.path().join("by-id"));
         o.hotadd_device_wait = std::time::Duration::from_secs(5);
@@ -1985,49 +1591,35 @@ async fn hot_add_finds_disks_by_serial_under_the_by_id_root() {
     let e = env
         .backup(
             env.provider_with(env.options(AccessMode::HotAdd {
-                proxy_server_id: id(&proxy),
+                proxy_server_id: proxy.clone(),
             })),
             &[&id(&vm)],
         )
         .await;
-    let err = e.guests[0].result.as_ref().unwrap_err();
+    let err = failed(&e, 0);
     assert!(
         err.report().contains("hotadd_device_root"),
         "{}",
         err.report()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 
     let scp = env.provider_with(options(&env, &proxy));
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert!(b.volumes[0].base_image_stored);
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
     let links: Vec<_> = std::fs::read_dir(env.dir.path().join("by-id"))
         .unwrap()
         .collect();
     assert!(links.is_empty(), "links removed with the hot-adds");
 
     let other = Env::start(by_id).await;
-    let proxy2 = other
-        .admin
-        .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-        .await;
+    let proxy2 = backup_proxy(&other).await;
     let scp2 = other.provider_with(options(&other, &proxy2));
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("by-id".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &b.snapshot.id, Some("by-id")).await,
+        before
+    );
     assert_eq!(
         image_sha256(
             &other,
@@ -2038,7 +1630,7 @@ async fn hot_add_finds_disks_by_serial_under_the_by_id_root() {
         .await,
         image_sha256(&env, &base).await
     );
-    assert_eq!(leftovers(&other.admin).await, Vec::<String>::new());
+    assert_clean(&other).await;
 }
 
 /// SHA-256 of a file (a mock disk's raw data file, read behind the mock's
@@ -2121,12 +1713,8 @@ async fn helper_command_serves_disks_for_backup_and_restore() {
     let mut options = env.options(AccessMode::Nbd);
     options.helper_command = Some(nbdkit_helper(&env, "file"));
     let scp = env.provider_with(options);
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = match &report.guests[0].result {
-        Ok(b) => b,
-        Err(e) => panic!("backup through the helper failed: {}", e.report()),
-    };
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let b = backup_ok(&env, &scp, &vm).await;
+    assert_clean(&env).await;
     let marker = root.display().to_string();
     assert_eq!(
         children_named("nbdkit", &marker),
@@ -2136,16 +1724,7 @@ async fn helper_command_serves_disks_for_backup_and_restore() {
     // No REST export was used.
     assert_eq!(env.admin.bytes_read().await, 0, "read through nbdkit only");
 
-    let r = env
-        .restore(
-            scp.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("from-helper".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("restore through the helper: {}", e.report()));
+    let r = restore_new(&env, &scp, &b.snapshot.id, Some("from-helper")).await;
     assert_eq!(
         children_named("nbdkit", &marker),
         Vec::<u32>::new(),
@@ -2163,7 +1742,7 @@ async fn helper_command_serves_disks_for_backup_and_restore() {
         before[0],
         "restored disk written through nbdkit"
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2181,10 +1760,7 @@ async fn a_helper_command_that_exits_at_once_fails_the_guest_naming_it() {
     options.helper_command = Some(nbdkit_helper(&env, "no-such-plugin-xyz"));
     let scp = env.provider_with(options);
     let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let e = match &report.guests[0].result {
-        Ok(_) => panic!("a helper that exits must fail the backup"),
-        Err(e) => e.report(),
-    };
+    let e = failed(&report, 0).report();
     assert!(e.contains("nbdkit --exit-with-parent"), "{e}");
     assert!(e.contains("no-such-plugin-xyz"), "{e}");
     assert!(e.contains("exited"), "{e}");
@@ -2192,7 +1768,7 @@ async fn a_helper_command_that_exits_at_once_fails_the_guest_naming_it() {
         children_named("nbdkit", "no-such-plugin-xyz"),
         Vec::<u32>::new()
     );
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// Seed 4.5.1 steps 1 to 3: the linked disk's `base_image_id` (in the
@@ -2221,15 +1797,8 @@ async fn a_backup_stores_its_own_base_image_and_only_the_attributes_bound_to_it(
     }
     let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
     let scp = env.provider();
-    let post = |path: &'static str, body: Value| {
-        let scp = scp.clone();
-        async move {
-            scp.client()
-                .call::<Value>(reqwest::Method::POST, path, &[], Some(&body))
-                .await
-                .unwrap()
-        }
-    };
+    let post =
+        async |path: &str, body: Value| janus(&scp, reqwest::Method::POST, path, Some(body)).await;
     let attributes = "/janus/20190725/custom-attributes";
     let bindings = "/janus/20190725/custom-attributes/bindings";
     let os = post(
@@ -2254,21 +1823,10 @@ async fn a_backup_stores_its_own_base_image_and_only_the_attributes_bound_to_it(
         )
         .await;
     }
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     // Step 1: the disk is linked to `base`.
     assert_eq!(b.snapshot.volumes[0].base.as_ref().unwrap().0, base);
-    let md = env
-        .store
-        .open_snapshot(&b.snapshot.id)
-        .await
-        .unwrap()
-        .metadata()
-        .await
-        .unwrap();
+    let md = snapshot_metadata(&env, &b.snapshot.id).await;
     // Step 2: its own details.
     let image = &md["base_image"]["image"];
     assert_eq!(image["id"], base.as_str(), "{md}");
@@ -2318,40 +1876,19 @@ async fn open_base_image_is_set_for_the_base_image_only_where_the_overlay_overla
             )
             .await;
         let before = env.admin.server_digests(&vm).await;
-        let access = |env: &Env| {
-            let env_admin = env.admin.clone();
-            async move {
-                match mode {
-                    "nbd" => AccessMode::Nbd,
-                    _ => AccessMode::HotAdd {
-                        proxy_server_id: id(&env_admin
-                            .server(json!({"name": "backup-proxy", "disks": [{"size": 16 * MIB}]}))
-                            .await),
-                    },
-                }
-            }
+        let access = async |env: &Env| match mode {
+            "nbd" => AccessMode::Nbd,
+            _ => hot_add_access(env).await,
         };
         let scp = env.provider_with(env.options(access(&env).await));
-        let report = env.backup(scp, &[&id(&vm)]).await;
-        let b = report.guests[0]
-            .result
-            .as_ref()
-            .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
+        let b = backup_ok(&env, &scp, &vm).await;
+        drop(scp);
         assert!(b.volumes[0].base_image_stored, "{mode}");
-        assert_eq!(leftovers(&env.admin).await, Vec::<String>::new(), "{mode}");
+        assert_clean_for(&env, mode).await;
 
         let other = Env::start(|_, _| {}).await;
         let scp2 = other.provider_with(other.options(access(&other).await));
-        let r = restore_from(
-            &env.store,
-            scp2.clone(),
-            &b.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("overlap".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{mode}: {}", e.report()));
+        let r = restore_new(&env, &scp2, &b.snapshot.id, Some("overlap")).await;
         let images = other.admin.scp_objects().await["base_images"].clone();
         let restored = images[0]["id"].as_str().unwrap();
         assert_eq!(
@@ -2364,11 +1901,7 @@ async fn open_base_image_is_set_for_the_base_image_only_where_the_overlay_overla
             before,
             "{mode}: the restored disks hold the VM's bytes"
         );
-        assert_eq!(
-            leftovers(&other.admin).await,
-            Vec::<String>::new(),
-            "{mode}"
-        );
+        assert_clean_for(&other, mode).await;
     }
 }
 
@@ -2382,52 +1915,27 @@ async fn cbt_off_is_enabled_with_the_new_api_and_the_backup_is_full_with_a_warni
     let base = base_image(&env, "base").await;
     let vm = linked_vm_with(&env, "no-cbt", &base, 10, true, json!({"cbt_enable": 0})).await;
     let scp = env.provider();
-    let server = |scp: Arc<provider_scp::ScpProvider>, vm: String| async move {
-        scp.client()
-            .call::<Value>(
-                reqwest::Method::GET,
-                &format!("/janus/20250725/servers/{vm}"),
-                &[],
-                None,
-            )
-            .await
-            .unwrap()
-    };
-    assert_eq!(server(scp.clone(), id(&vm)).await["cbt"]["enable"], 0);
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let path = format!("/janus/20250725/servers/{}", id(&vm));
+    let server = async || janus(&scp, reqwest::Method::GET, &path, None).await;
+    assert_eq!(server().await["cbt"]["enable"], 0);
+    let b = backup_ok(&env, &scp, &vm).await;
     assert!(b.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::New));
     assert!(
-        b.snapshot
-            .warnings
-            .iter()
-            .any(|w| w.contains("CBT was not enabled")),
+        warned(&b, "CBT was not enabled"),
         "{:?}",
         b.snapshot.warnings
     );
-    assert_eq!(server(scp.clone(), id(&vm)).await["cbt"]["enable"], 1);
+    assert_eq!(server().await["cbt"]["enable"], 1);
     env.admin
         .write(&disk_id(&vm, 0), 4 * MIB, 64 << 10, "random", 70)
         .await;
     let after = env.admin.server_digests(&vm).await;
-    let next = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let n = next.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let n = backup_ok(&env, &scp, &vm).await;
     assert!(n.volumes.iter().all(|v| v.bitmap_mode == BitmapMode::Use));
-    let r = env
-        .restore(
-            scp.clone(),
-            &n.snapshot.id,
-            RestoreTarget::NewGuest { name: None },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, after);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &n.snapshot.id, None).await,
+        after
+    );
 }
 
 /// Seed 4.5.1 step 4 note and 4.5.3 rule 5: an incremental never reads the
@@ -2435,9 +1943,7 @@ async fn cbt_off_is_enabled_with_the_new_api_and_the_backup_is_full_with_a_warni
 /// layer is named, without access).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_incremental_never_reads_the_base_image_even_if_the_target_lacks_it() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, base, vm) = one_linked_vm(true).await;
     let scp = env.provider();
     assert!(env.backup(scp.clone(), &[&id(&vm)]).await.success());
     let guest = Guest::vm(id(&vm));
@@ -2459,22 +1965,7 @@ async fn an_incremental_never_reads_the_base_image_even_if_the_target_lacks_it()
     scp.job_init(&provider_api::JobInfo::default())
         .await
         .unwrap();
-    scp.backup_init(&guest, 2).await.unwrap();
-    let plan = scp
-        .backup_vm_query_incremental(&guest, Some(&previous))
-        .await
-        .unwrap();
-    let exposed = scp
-        .backup_vm(
-            &guest,
-            provider_api::BackupVmRequest::new(
-                plan,
-                Some(previous),
-                Arc::new(provider_api::testing::EmptyCatalog),
-            ),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let exposed = expose_backup(&scp, &guest, 2, Some(previous)).await;
     assert_eq!(exposed.volumes[0].bitmap_mode, BitmapMode::Use);
     let layer = exposed.volumes[0].base.as_ref().expect("a base layer");
     assert_eq!(layer.id.0, base);
@@ -2490,7 +1981,7 @@ async fn an_incremental_never_reads_the_base_image_even_if_the_target_lacks_it()
     .await
     .unwrap();
     scp.job_cleanup().await.unwrap();
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    assert_clean(&env).await;
 }
 
 /// The disk helper command (the sfvddk seam) for a linked VM: a script
@@ -2529,6 +2020,27 @@ exec nbdkit --exit-with-parent -U "$sock" -f file "file=$file""#;
     )
 }
 
+/// The helper's log (see [`linked_helper`]) and its lines, sorted.
+fn logged_opens(log: &std::path::Path) -> (String, Vec<String>) {
+    let opens = std::fs::read_to_string(log).unwrap();
+    let mut lines: Vec<String> = opens.lines().map(str::to_owned).collect();
+    lines.sort();
+    (opens, lines)
+}
+
+/// The opens [`linked_helper`] logs for a two-disk linked VM, sorted:
+/// each disk without the base-image flag, the base image through the
+/// system disk with it; `readonly` 1 for a backup, 0 for a restore.
+fn two_disk_opens(vm: &Value, readonly: u8) -> Vec<String> {
+    let mut expected = vec![
+        format!("base=0 readonly={readonly} disk={}", disk_id(vm, 0)),
+        format!("base=0 readonly={readonly} disk={}", disk_id(vm, 1)),
+        format!("base=1 readonly={readonly} disk={}", disk_id(vm, 0)),
+    ];
+    expected.sort();
+    expected
+}
+
 /// The helper command with a linked VM: the backup opens the base image
 /// (flag set, read-only) once and each disk without the flag; the backup
 /// restores byte for byte (through the platform's export). A restore
@@ -2537,51 +2049,30 @@ exec nbdkit --exit-with-parent -U "$sock" -f file "file=$file""#;
 /// it: the restored files equal the source files byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn helper_command_backs_up_and_restores_a_linked_vm_with_the_base_image_flag() {
-    let env = Env::start(|_, _| {}).await;
-    let base = base_image(&env, "base").await;
-    let vm = linked_vm(&env, "linked-1", &base, 10, true).await;
+    let (env, base, vm) = one_linked_vm(true).await;
     let before = env.admin.server_digests(&vm).await;
     let (helper, log) = linked_helper(&env);
     let mut options = env.options(AccessMode::Nbd);
     options.helper_command = Some(helper);
     let scp = env.provider_with(options);
-    let report = env.backup(scp.clone(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("backup through the helper: {}", e.report()));
+    let b = backup_ok(&env, &scp, &vm).await;
     assert!(b.volumes[0].base_image_stored);
     assert_eq!(
         env.admin.bytes_read().await,
         0,
         "read through the helper only"
     );
-    let opens = std::fs::read_to_string(&log).unwrap();
-    let mut lines: Vec<&str> = opens.lines().collect();
-    lines.sort();
-    let mut expected = vec![
-        format!("base=0 readonly=1 disk={}", disk_id(&vm, 0)),
-        format!("base=0 readonly=1 disk={}", disk_id(&vm, 1)),
-        format!("base=1 readonly=1 disk={}", disk_id(&vm, 0)),
-    ];
-    expected.sort();
-    assert_eq!(lines, expected, "{opens}");
-    assert_eq!(leftovers(&env.admin).await, Vec::<String>::new());
+    let (opens, lines) = logged_opens(&log);
+    assert_eq!(lines, two_disk_opens(&vm, 1), "{opens}");
+    assert_clean(&env).await;
 
     // What the helper read restores byte for byte (platform export).
     let check = Env::start(|_, _| {}).await;
     let scp_check = check.provider();
-    let r = restore_from(
-        &env.store,
-        scp_check.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("checked".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&check, &scp_check, &r.guest).await, before);
+    assert_eq!(
+        restored_digests(&env, &check, &scp_check, &b.snapshot.id, Some("checked")).await,
+        before
+    );
 
     // A restore through the helper to a platform without the base image.
     let other = Env::start(|_, _| {}).await;
@@ -2589,31 +2080,14 @@ async fn helper_command_backs_up_and_restores_a_linked_vm_with_the_base_image_fl
     let mut options = other.options(AccessMode::Nbd);
     options.helper_command = Some(helper);
     let scp2 = other.provider_with(options);
-    restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("through-helper".into()),
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("restore through the helper: {}", e.report()));
+    restore_new(&env, &scp2, &b.snapshot.id, Some("through-helper")).await;
     let restored = other
         .admin
         .server_by_name(&scp2, "through-helper")
         .await
         .expect("restored VM");
-    let opens = std::fs::read_to_string(&log2).unwrap();
-    let mut lines: Vec<&str> = opens.lines().collect();
-    lines.sort();
-    let mut expected = vec![
-        format!("base=0 readonly=0 disk={}", disk_id(&restored, 0)),
-        format!("base=0 readonly=0 disk={}", disk_id(&restored, 1)),
-        format!("base=1 readonly=0 disk={}", disk_id(&restored, 0)),
-    ];
-    expected.sort();
-    assert_eq!(lines, expected, "{opens}");
+    let (opens, lines) = logged_opens(&log2);
+    assert_eq!(lines, two_disk_opens(&restored, 0), "{opens}");
     let src = env.mock.hypervisor().store.root().to_path_buf();
     let dst = other.mock.hypervisor().store.root().to_path_buf();
     let images = other.admin.scp_objects().await["base_images"].clone();
@@ -2652,51 +2126,34 @@ async fn a_base_image_still_being_written_is_not_reused_by_a_restore() {
     let digest = image_sha256(&env, &base).await;
     let vm = linked_vm(&env, "linked-1", &base, 10, false).await;
     let before = env.admin.server_digests(&vm).await;
-    let report = env.backup(env.provider(), &[&id(&vm)]).await;
-    let b = report.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let b = backup_ok(&env, &env.provider(), &vm).await;
 
     let other = Env::start(|_, _| {}).await;
     let scp2 = other.provider();
     let marker = provider_api::JobInfo::new("job-7", scenarios::scp::now())
         .on_host("another-host", Vec::<String>::new())
         .marker();
-    let half: Value = scp2
-        .client()
-        .call(
-            reqwest::Method::POST,
-            "/janus/20180725/base-images",
-            &[],
-            Some(
-                &json!({"name": "base", "size": 16 * MIB, "storage_id": "storage-local",
+    let half = janus(
+        &scp2,
+        reqwest::Method::POST,
+        "/janus/20180725/base-images",
+        Some(
+            json!({"name": "base", "size": 16 * MIB, "storage_id": "storage-local",
                 "description": format!("[restored from base image {base}] {marker}")}),
-            ),
-        )
-        .await
-        .unwrap();
-    let _: Value = scp2
-        .client()
-        .call(
-            reqwest::Method::PUT,
-            &format!("/janus/20180725/base-images/{}", id(&half)),
-            &[],
-            Some(&json!({"status": "AVAILABLE"})),
-        )
-        .await
-        .unwrap();
-    let r = restore_from(
-        &env.store,
-        scp2.clone(),
-        &b.snapshot.id,
-        RestoreTarget::NewGuest {
-            name: Some("fresh".into()),
-        },
+        ),
     )
-    .await
-    .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&other, &scp2, &r.guest).await, before);
+    .await;
+    janus(
+        &scp2,
+        reqwest::Method::PUT,
+        &format!("/janus/20180725/base-images/{}", id(&half)),
+        Some(json!({"status": "AVAILABLE"})),
+    )
+    .await;
+    assert_eq!(
+        restored_digests(&env, &other, &scp2, &b.snapshot.id, Some("fresh")).await,
+        before
+    );
     let restored = other.admin.server_by_name(&scp2, "fresh").await.unwrap();
     let linked_to = restored["disks"][0]["base_image_id"].as_str().unwrap();
     assert_ne!(linked_to, id(&half), "the incomplete image is not used");
@@ -2729,19 +2186,11 @@ async fn a_base_image_already_stored_is_not_opened_again() {
             .count()
     };
     let scp = env.provider();
-    let first = env.backup(scp.clone(), &[&id(&vm1)]).await;
-    let f = first.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let f = backup_ok(&env, &scp, &vm1).await;
     assert!(f.volumes[0].base_image_stored);
     assert_eq!(base_exports(env.admin.get("/exports").await), 1);
     env.admin.reset_export_history().await;
-    let second = env.backup(scp.clone(), &[&id(&vm2)]).await;
-    let s = second.guests[0]
-        .result
-        .as_ref()
-        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let s = backup_ok(&env, &scp, &vm2).await;
     assert!(!s.volumes[0].base_image_stored);
     assert_eq!(s.snapshot.volumes[0].base.as_ref().unwrap().0, base);
     let exports = env.admin.get("/exports").await;
@@ -2752,15 +2201,8 @@ async fn a_base_image_already_stored_is_not_opened_again() {
     );
     let read = env.admin.bytes_read().await;
     assert!(read <= 2 * MIB + (256 << 10), "read {read} bytes");
-    let r = env
-        .restore(
-            scp.clone(),
-            &s.snapshot.id,
-            RestoreTarget::NewGuest {
-                name: Some("second".into()),
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{}", e.report()));
-    assert_eq!(digests_of(&env, &scp, &r.guest).await, before2);
+    assert_eq!(
+        restored_digests(&env, &env, &scp, &s.snapshot.id, Some("second")).await,
+        before2
+    );
 }

@@ -5,4 +5,5 @@
 pub mod ovirt;
 pub mod python;
 pub mod scp;
+pub mod scp_flow;
 pub mod zstack;
