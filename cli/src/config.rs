@@ -1,5 +1,5 @@
-//! The configuration file and the factory that turns a platform's settings
-//! into a provider.
+//! The configuration file and the registry of platform kinds that turns a
+//! platform's table into a provider.
 //!
 //! ```toml
 //! datastore = "/var/lib/vmbackup"
@@ -35,17 +35,33 @@
 //! advertise_url = "http://10.0.0.5:8099"         # ... by this URL (default http://<restore_listen>)
 //! ```
 //!
+//! Each `[platforms.NAME]` table is kept as written; its `kind` selects a
+//! [`PlatformKind`](provider_kit::registry::PlatformKind) of [`registry`],
+//! whose provider crate owns the table's other keys (its settings type,
+//! e.g. [`provider_scp::ScpSettings`], rejects unknown keys). Adding a
+//! platform is one registration in [`registry`], no change here.
+//! [`Config::load`] checks every table (a known kind, valid keys) without
+//! reading secrets; [`provider`] builds one.
+//!
 //! Passwords are read from the file or the value and never printed: the
-//! settings' `Debug` output redacts them, and errors name the platform and
-//! the file, not the secret.
+//! tables' and the settings' `Debug` output redacts them, and errors name
+//! the platform and the file, not the secret.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
-use provider_api::BackupProvider;
+use anyhow::{Context, Result};
+use provider_kit::registry::{Platform, Registry, Table};
 use serde::Deserialize;
+
+/// The platform kinds this program knows: the one place they are listed.
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    provider_scp::register(&mut registry);
+    provider_ovirt::register(&mut registry);
+    provider_zstack::register(&mut registry);
+    registry
+}
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
@@ -62,142 +78,37 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Platforms by name.
     #[serde(default)]
-    pub platforms: BTreeMap<String, PlatformConfig>,
+    pub platforms: BTreeMap<String, PlatformTable>,
 }
 
-/// One platform's settings.
-#[derive(Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum PlatformConfig {
-    /// Sangfor Cloud Platform.
-    Scp {
-        /// Base URL of the janus API.
-        endpoint: String,
-        /// Account.
-        username: String,
-        /// Password (prefer `password_file`).
-        password: Option<String>,
-        /// File holding the password (first line).
-        password_file: Option<PathBuf>,
-        /// `nbd`, `nbdssl` or `hotadd`.
-        #[serde(default)]
-        access: Option<String>,
-        /// CA of the NBD server's certificate (`nbdssl`).
-        tls_ca: Option<PathBuf>,
-        /// Backup proxy VM (`hotadd`).
-        proxy_server_id: Option<String>,
-        /// Where hot-added disks appear on the proxy, by serial (`hotadd`;
-        /// the proxy's `/dev/disk/by-id`).
-        hotadd_device_root: Option<PathBuf>,
-        /// Access key: requests are signed with it and the secret key
-        /// instead of logging in with a password.
-        access_key: Option<String>,
-        /// Secret key of `access_key` (prefer `secret_key_file`).
-        secret_key: Option<String>,
-        /// File holding the secret key (first line).
-        secret_key_file: Option<PathBuf>,
-        /// Storage restored VMs and base-image replicas go to (default:
-        /// the original VM's).
-        restore_storage_id: Option<String>,
-    },
-    /// oVirt / RHV engine.
-    Ovirt {
-        /// API root, e.g. `https://engine/ovirt-engine/api`.
-        endpoint: String,
-        /// Account, e.g. `admin@internal`.
-        username: String,
-        /// Password (prefer `password_file`).
-        password: Option<String>,
-        /// File holding the password (first line).
-        password_file: Option<PathBuf>,
-        /// Name of the backup appliance VM disks are attached to.
-        appliance: String,
-        /// `auto`, `incremental` or `snapshot-attach`.
-        #[serde(default)]
-        mode: Option<String>,
-        /// CA certificate (PEM) of the engine and its image servers
-        /// (default: the system's roots; always verified).
-        tls_ca: Option<PathBuf>,
-        /// Where attached disks appear on this appliance, by disk id
-        /// (default `/dev/disk/by-id`).
-        device_root: Option<PathBuf>,
-    },
-    /// ZStack.
-    Zstack {
-        /// API root, e.g. `http://zstack:8080/zstack`.
-        endpoint: String,
-        /// Account name.
-        username: String,
-        /// Password (prefer `password_file`).
-        password: Option<String>,
-        /// File holding the password (first line).
-        password_file: Option<PathBuf>,
-        /// Backup storage for temporary images (default: the first).
-        backup_storage_uuid: Option<String>,
-        /// Work directory for downloaded exports.
-        work_dir: Option<PathBuf>,
-        /// Where restores serve their sources over HTTP for ZStack's
-        /// backup storage to fetch (default: loopback, any port, which
-        /// only a ZStack on this host reaches).
-        #[serde(default)]
-        restore_listen: Option<std::net::SocketAddr>,
-        /// The base URL the backup storage reaches `restore_listen` by
-        /// (default `http://<restore_listen>`; used with `restore_listen`).
-        #[serde(default)]
-        advertise_url: Option<String>,
-    },
-}
+/// One platform's table as written: `kind` and the kind's own keys.
+/// `Debug` shows the kind and the keys, never the values.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct PlatformTable(pub toml::Table);
 
-impl PlatformConfig {
-    /// Where restores of this platform serve their sources over HTTP:
-    /// `(restore_listen, advertise_url)`, when configured.
-    pub fn http_restore(&self) -> Option<(std::net::SocketAddr, Option<String>)> {
-        match self {
-            PlatformConfig::Zstack {
-                restore_listen,
-                advertise_url,
-                ..
-            } => restore_listen.map(|l| (l, advertise_url.clone())),
-            _ => None,
+impl PlatformTable {
+    /// The table as the registry takes it.
+    pub fn to_table(&self) -> Result<Table> {
+        match serde_json::to_value(&self.0)? {
+            serde_json::Value::Object(table) => Ok(table),
+            _ => unreachable!("a TOML table converts to a JSON object"),
         }
     }
 }
 
-impl std::fmt::Debug for PlatformConfig {
+impl std::fmt::Debug for PlatformTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PlatformConfig::Scp {
-                endpoint,
-                username,
-                access,
-                ..
-            } => f
-                .debug_struct("Scp")
-                .field("endpoint", endpoint)
-                .field("username", username)
-                .field("access", access)
-                .finish_non_exhaustive(),
-            PlatformConfig::Ovirt {
-                endpoint,
-                username,
-                appliance,
-                mode,
-                ..
-            } => f
-                .debug_struct("Ovirt")
-                .field("endpoint", endpoint)
-                .field("username", username)
-                .field("appliance", appliance)
-                .field("mode", mode)
-                .finish_non_exhaustive(),
-            PlatformConfig::Zstack {
-                endpoint, username, ..
-            } => f
-                .debug_struct("Zstack")
-                .field("endpoint", endpoint)
-                .field("username", username)
-                .finish_non_exhaustive(),
-        }
+        let keys: Vec<&str> = self
+            .0
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "kind")
+            .collect();
+        f.debug_struct("PlatformTable")
+            .field("kind", &self.0.get("kind").and_then(|k| k.as_str()))
+            .field("keys", &keys)
+            .finish()
     }
 }
 
@@ -206,11 +117,23 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+        Config::parse(&text, &registry())
+            .with_context(|| format!("parsing config {}", path.display()))
+    }
+
+    /// Parse a file's text and check every platform's table against
+    /// `registry` (a known kind, keys its settings know, values of the
+    /// right types); no secret is read.
+    pub fn parse(text: &str, registry: &Registry) -> Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        for (name, table) in &config.platforms {
+            registry.check(name, &table.to_table()?)?;
+        }
+        Ok(config)
     }
 
     /// The settings of platform `name`.
-    pub fn platform(&self, name: &str) -> Result<&PlatformConfig> {
+    pub fn platform(&self, name: &str) -> Result<&PlatformTable> {
         self.platforms.get(name).with_context(|| {
             let known: Vec<&str> = self.platforms.keys().map(String::as_str).collect();
             format!(
@@ -221,132 +144,10 @@ impl Config {
     }
 }
 
-fn secret(platform: &str, value: &Option<String>, file: &Option<PathBuf>) -> Result<String> {
-    match (value, file) {
-        (Some(v), None) => Ok(v.clone()),
-        (None, Some(f)) => {
-            let text = std::fs::read_to_string(f).with_context(|| {
-                format!("platform {platform}: reading password file {}", f.display())
-            })?;
-            Ok(text.lines().next().unwrap_or_default().to_owned())
-        }
-        (Some(_), Some(_)) => bail!("platform {platform}: set password or password_file, not both"),
-        (None, None) => bail!("platform {platform}: password or password_file is required"),
-    }
-}
-
-/// SCP settings as the provider's options.
-fn scp_options(name: &str, config: &PlatformConfig) -> Result<provider_scp::ScpOptions> {
-    let PlatformConfig::Scp {
-        endpoint,
-        username,
-        password,
-        password_file,
-        access,
-        tls_ca,
-        proxy_server_id,
-        hotadd_device_root,
-        access_key,
-        secret_key,
-        secret_key_file,
-        restore_storage_id,
-    } = config
-    else {
-        bail!("platform {name} is not an SCP platform");
-    };
-    // With an access key the password is not used: requests are signed.
-    let pw = match access_key {
-        Some(_) if password.is_none() && password_file.is_none() => String::new(),
-        _ => secret(name, password, password_file)?,
-    };
-    let mut options = provider_scp::ScpOptions::new(endpoint.clone(), username.clone(), pw);
-    options.access = match access.as_deref().unwrap_or("nbd") {
-        "nbd" => provider_scp::AccessMode::Nbd,
-        "nbdssl" => {
-            let ca = tls_ca
-                .as_ref()
-                .with_context(|| format!("platform {name}: nbdssl needs tls_ca"))?;
-            provider_scp::AccessMode::NbdSsl {
-                ca_pem: std::fs::read_to_string(ca)
-                    .with_context(|| format!("platform {name}: reading {}", ca.display()))?,
-                server_name: None,
-            }
-        }
-        "hotadd" => provider_scp::AccessMode::HotAdd {
-            proxy_server_id: proxy_server_id
-                .clone()
-                .with_context(|| format!("platform {name}: hotadd needs proxy_server_id"))?,
-        },
-        other => bail!("platform {name}: access {other:?} is not nbd, nbdssl or hotadd"),
-    };
-    options.hotadd_device_root = hotadd_device_root.clone();
-    options.restore_storage_id = restore_storage_id.clone();
-    if let Some(key) = access_key {
-        let secret = match (secret_key, secret_key_file) {
-            (None, None) => {
-                bail!("platform {name}: access_key needs secret_key or secret_key_file")
-            }
-            _ => self::secret(name, secret_key, secret_key_file)?,
-        };
-        options.access_key = Some(key.clone());
-        options.secret_key = Some(provider_scp::Secret::new(secret));
-    } else if secret_key.is_some() || secret_key_file.is_some() {
-        bail!("platform {name}: secret_key without access_key");
-    }
-    Ok(options)
-}
-
-/// The factory: one provider per platform kind.
-pub fn provider(name: &str, config: &PlatformConfig) -> Result<Arc<dyn BackupProvider>> {
-    match config {
-        PlatformConfig::Scp { .. } => Ok(Arc::new(provider_scp::ScpProvider::new(scp_options(
-            name, config,
-        )?)?)),
-        PlatformConfig::Ovirt {
-            endpoint,
-            username,
-            password,
-            password_file,
-            appliance,
-            mode,
-            tls_ca,
-            device_root,
-        } => {
-            let pw = secret(name, password, password_file)?;
-            let mut options = provider_ovirt::OvirtOptions::new(endpoint, username, &pw, appliance);
-            options.tls_ca = tls_ca.clone();
-            if let Some(root) = device_root {
-                options.device_root = root.clone();
-            }
-            options.mode = match mode.as_deref().unwrap_or("auto") {
-                "auto" => provider_ovirt::BackupMode::Auto,
-                "incremental" => provider_ovirt::BackupMode::Incremental,
-                "snapshot-attach" => provider_ovirt::BackupMode::SnapshotAttach,
-                other => bail!(
-                    "platform {name}: mode {other:?} is not auto, incremental or snapshot-attach"
-                ),
-            };
-            Ok(Arc::new(provider_ovirt::OvirtProvider::new(options)?))
-        }
-        PlatformConfig::Zstack {
-            endpoint,
-            username,
-            password,
-            password_file,
-            backup_storage_uuid,
-            work_dir,
-            ..
-        } => {
-            let pw = secret(name, password, password_file)?;
-            let work = work_dir
-                .clone()
-                .unwrap_or_else(|| std::env::temp_dir().join(format!("vmbackup-zstack-{name}")));
-            let mut options =
-                provider_zstack::ZStackOptions::new(endpoint.clone(), username.clone(), pw, work);
-            options.backup_storage_uuid = backup_storage_uuid.clone();
-            Ok(Arc::new(provider_zstack::ZStackProvider::new(options)?))
-        }
-    }
+/// The factory: platform `name`'s provider (and host-side settings), by
+/// its kind in [`registry`].
+pub fn provider(name: &str, table: &PlatformTable) -> Result<Platform> {
+    Ok(registry().build(name, &table.to_table()?)?)
 }
 
 #[cfg(test)]
@@ -375,29 +176,49 @@ kind = "zstack"
 endpoint = "http://127.0.0.1:1/zstack"
 username = "admin"
 password = "pw-zstack"
+restore_listen = "127.0.0.1:8099"
 "#;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, &registry())
+    }
+
+    /// SCP settings as the provider's options.
+    fn scp_options(name: &str, table: &PlatformTable) -> Result<provider_scp::ScpOptions> {
+        let mut table = table.to_table()?;
+        table.remove("kind");
+        let settings: provider_scp::ScpSettings =
+            provider_kit::registry::settings(name, "scp", table)?;
+        Ok(settings.options(name)?)
+    }
 
     #[test]
     fn every_platform_kind_builds_its_provider() {
-        let config: Config = toml::from_str(SAMPLE).unwrap();
+        let config = parse(SAMPLE).unwrap();
         assert_eq!(
             config.datastore.as_deref(),
             Some(Path::new("/var/lib/vmbackup"))
         );
         for (name, kind) in [("lab", "scp"), ("engine", "ovirt"), ("zs", "zstack")] {
             let p = provider(name, config.platform(name).unwrap()).unwrap();
-            assert_eq!(p.provider_name(), kind);
+            assert_eq!(p.provider.provider_name(), kind);
+            // Only ZStack restores serve their sources over HTTP.
+            assert_eq!(p.http_restore.is_some(), kind == "zstack", "{kind}");
         }
+        let zs = provider("zs", config.platform("zs").unwrap()).unwrap();
+        let http = zs.http_restore.unwrap();
+        assert_eq!(http.listen, "127.0.0.1:8099".parse().unwrap());
+        assert_eq!(http.advertise_url, None);
         let debug = format!("{:?}", config.platforms);
         assert!(!debug.contains("pw-"), "{debug}");
     }
 
     #[test]
     fn bad_settings_are_named() {
-        let config: Config = toml::from_str(SAMPLE).unwrap();
+        let config = parse(SAMPLE).unwrap();
         let e = config.platform("nope").unwrap_err().to_string();
         assert!(e.contains("nope") && e.contains("lab"), "{e}");
-        let bad: Config = toml::from_str(
+        let bad = parse(
             "[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess = \"carrier-pigeon\"\npassword = \"p\"\n",
         )
         .unwrap();
@@ -406,16 +227,108 @@ password = "pw-zstack"
             .unwrap()
             .to_string();
         assert!(e.contains("carrier-pigeon"), "{e}");
-        let nopw: Config = toml::from_str(
-            "[platforms.x]\nkind = \"zstack\"\nendpoint = \"http://h\"\nusername = \"u\"\n",
-        )
-        .unwrap();
+        let nopw =
+            parse("[platforms.x]\nkind = \"zstack\"\nendpoint = \"http://h\"\nusername = \"u\"\n")
+                .unwrap();
         let e = provider("x", nopw.platform("x").unwrap())
             .err()
             .unwrap()
             .to_string();
         assert!(e.contains("password"), "{e}");
-        assert!(toml::from_str::<Config>("[platforms.x]\nkind = \"vmware\"\n").is_err());
+        assert!(parse("[platforms.x]\nkind = \"vmware\"\n").is_err());
+    }
+
+    #[test]
+    fn an_unknown_key_names_the_key_and_the_platform() {
+        for (kind, extra) in [
+            ("scp", ""),
+            ("ovirt", "appliance = \"a\"\n"),
+            ("zstack", ""),
+        ] {
+            let text = format!(
+                "[platforms.prod-{kind}]\nkind = \"{kind}\"\nendpoint = \"http://h\"\nusername = \"u\"\npassword = \"p\"\n{extra}pasword_file = \"/x\"\n"
+            );
+            let e = format!("{:#}", parse(&text).unwrap_err());
+            assert!(
+                e.contains("pasword_file") && e.contains(&format!("platform prod-{kind}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_kind_lists_the_known_kinds() {
+        let e = format!(
+            "{:#}",
+            parse("[platforms.x]\nkind = \"vmware\"\n").unwrap_err()
+        );
+        assert!(
+            e.contains("platform x")
+                && e.contains("\"vmware\"")
+                && e.contains("ovirt, scp, zstack"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            parse("[platforms.x]\nendpoint = \"h\"\n").unwrap_err()
+        );
+        assert!(e.contains("kind is required"), "{e}");
+    }
+
+    /// A vendor's platform: its crate registers a kind; the CLI's factory
+    /// is not edited.
+    mod vendor {
+        use std::path::PathBuf;
+        use std::sync::Arc;
+
+        use provider_kit::registry::{Platform, PlatformError, PlatformSettings, Registry};
+        use serde::Deserialize;
+
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct FakeSettings {
+            restore_dir: PathBuf,
+        }
+
+        impl PlatformSettings for FakeSettings {
+            const KIND: &'static str = "fake";
+            fn build(self, _name: &str) -> Result<Platform, PlatformError> {
+                Ok(Platform::new(Arc::new(provider_nbd::NbdProvider::new(
+                    [],
+                    self.restore_dir,
+                ))))
+            }
+        }
+
+        pub fn register(registry: &mut Registry) {
+            registry.register::<FakeSettings>();
+        }
+    }
+
+    #[test]
+    fn a_kind_registered_outside_the_list_is_found_and_built() {
+        let mut registry = registry();
+        vendor::register(&mut registry);
+        let text = format!("{SAMPLE}\n[platforms.v]\nkind = \"fake\"\nrestore_dir = \"/tmp\"\n");
+        assert!(parse(&text).is_err(), "the CLI's own list has no fake kind");
+        let config = Config::parse(&text, &registry).unwrap();
+        let p = registry
+            .build("v", &config.platform("v").unwrap().to_table().unwrap())
+            .unwrap();
+        assert_eq!(p.provider.provider_name(), "nbd");
+        let e = Config::parse(
+            "[platforms.v]\nkind = \"fake\"\nrestore_dir = \"/tmp\"\nzone = 1\n",
+            &registry,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("zone"), "{e:#}");
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn a_kind_registered_twice_panics_at_startup() {
+        let mut registry = registry();
+        provider_scp::register(&mut registry);
     }
 
     #[test]
@@ -427,7 +340,7 @@ password = "pw-zstack"
             "[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess = \"hotadd\"\nproxy_server_id = \"proxy\"\nhotadd_device_root = \"/dev/disk/by-id\"\naccess_key = \"AK\"\nsecret_key_file = \"{}\"\nrestore_storage_id = \"st-2\"\n",
             key.display()
         );
-        let c: Config = toml::from_str(&text).unwrap();
+        let c = parse(&text).unwrap();
         let o = scp_options("x", c.platform("x").unwrap()).unwrap();
         assert_eq!(
             o.hotadd_device_root.as_deref(),
@@ -440,7 +353,7 @@ password = "pw-zstack"
         // A secret without its key, and a key without its secret, are named.
         let e = scp_options(
             "x",
-            toml::from_str::<Config>("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess_key = \"AK\"\n")
+            parse("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\naccess_key = \"AK\"\n")
                 .unwrap()
                 .platform("x")
                 .unwrap(),
@@ -450,7 +363,7 @@ password = "pw-zstack"
         assert!(e.contains("secret_key"), "{e}");
         let e = scp_options(
             "x",
-            toml::from_str::<Config>("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\npassword = \"p\"\nsecret_key = \"s\"\n")
+            parse("[platforms.x]\nkind = \"scp\"\nendpoint = \"http://h\"\nusername = \"u\"\npassword = \"p\"\nsecret_key = \"s\"\n")
                 .unwrap()
                 .platform("x")
                 .unwrap(),

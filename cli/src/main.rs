@@ -595,7 +595,7 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
         match (&args.platform, &args.nbd) {
             (Some(name), _) => (
                 name.clone(),
-                config::provider(name, config.platform(name)?)?,
+                config::provider(name, config.platform(name)?)?.provider,
                 args.guest.iter().map(|g| Guest::vm(g.clone())).collect(),
             ),
             (None, Some(uri)) => {
@@ -691,11 +691,17 @@ async fn nbd_guest(
 async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
     let ds = Arc::new(open_store(&args.store, config)?);
     let id = SnapshotId(args.snapshot.clone());
-    let provider: Arc<dyn provider_api::BackupProvider> = match (&args.platform, &args.to) {
-        (Some(name), _) => config::provider(name, config.platform(name)?)?,
-        (None, Some(to)) => Arc::new(NbdProvider::new([], to.clone())),
-        (None, None) => bail!("restore where? pass --platform NAME or --to DIR"),
-    };
+    // The provider, and where its platform fetches sources over HTTP
+    // (ZStack), if it does.
+    let (provider, http_restore): (Arc<dyn provider_api::BackupProvider>, _) =
+        match (&args.platform, &args.to) {
+            (Some(name), _) => {
+                let platform = config::provider(name, config.platform(name)?)?;
+                (platform.provider, platform.http_restore)
+            }
+            (None, Some(to)) => (Arc::new(NbdProvider::new([], to.clone())), None),
+            (None, None) => bail!("restore where? pass --platform NAME or --to DIR"),
+        };
     let destination = if args.in_place {
         provider_api::RestoreTarget::InPlace
     } else {
@@ -709,10 +715,8 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
         .with_progress(Arc::new(progress::Reporter::new(json)))
         .with_job(job.info.clone());
     // Sources a platform fetches over HTTP (ZStack), where it reaches them.
-    if let Some(name) = &args.platform
-        && let Some((listen, advertise)) = config.platform(name)?.http_restore()
-    {
-        let http = engine::HttpExposer::start(listen, advertise.as_deref()).await?;
+    if let Some(http) = http_restore {
+        let http = engine::HttpExposer::start(http.listen, http.advertise_url.as_deref()).await?;
         driver = driver.with_http_exposer(Arc::new(http));
     }
     let (interrupt, cancel) = jobs::Interrupt::install()?;

@@ -9,11 +9,15 @@
 //! - [`http_export`]: an image behind an HTTP URL (ranged, resumed
 //!   `GET`s) served as a loopback NBD export, with an optional in-order
 //!   check (an md5) over every byte the data mover reads.
+//! - [`registry`]: platform kinds by name, each a factory that builds a
+//!   provider from its configuration table (how a host adds platforms
+//!   without knowing them).
 //!
 //! Providers may use it; nothing in the contract requires it.
 #![warn(missing_docs)]
 
 pub mod http_export;
+pub mod registry;
 pub mod retry;
 
 pub use retry::{RetryPolicy, retry};

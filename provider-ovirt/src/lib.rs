@@ -168,9 +168,11 @@ pub mod metadata;
 pub mod options;
 pub mod ovf;
 pub mod provider;
+pub mod settings;
 
 pub use client::WireFormat;
 pub use metadata::{DiskRecord, OvirtMetadata};
 pub use options::{BackupMode, OvirtOptions};
 pub use provider::OvirtProvider;
 pub use provider_kit::RetryPolicy;
+pub use settings::{OvirtSettings, register};

@@ -158,9 +158,11 @@ pub mod metadata;
 pub mod options;
 pub mod provider;
 pub mod rules;
+pub mod settings;
 
 pub use client::ScpClient;
 pub use options::{AccessMode, HelperCommandOptions, ScpOptions, Secret};
 pub use provider::ScpProvider;
 pub use provider_kit::RetryPolicy;
 pub use rules::{BasePolicy, ScpVersion, base_policy};
+pub use settings::{ScpSettings, register};

@@ -132,6 +132,8 @@ pub mod client;
 pub mod download;
 pub mod options;
 mod provider;
+pub mod settings;
 
 pub use options::ZStackOptions;
 pub use provider::ZStackProvider;
+pub use settings::{ZStackSettings, register};
