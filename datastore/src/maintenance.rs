@@ -15,7 +15,7 @@ use crate::store::{
     BASE_DIR, BASE_MANIFEST_FILE, Datastore, MANIFEST_FILE, PROTECTED_FILE, SnapPath, VERIFY_FILE,
     open_lock_file,
 };
-use crate::util::{civil_from_days, io_err, is_safe_component, now_secs, sync_dir, unique_suffix};
+use crate::util::{io_err, is_safe_component, now_secs, sync_dir, unique_suffix, utc};
 
 /// Retention: how many snapshots to keep per rule (`None` = rule unused).
 /// With no rule set, everything is kept.
@@ -123,29 +123,17 @@ pub struct DatastoreStats {
     pub chunk_bytes: u64,
 }
 
-/// Period keys of a time (UTC) for the retention rules.
+/// Period keys of a time (UTC) for the retention rules: hour, day, ISO
+/// week (the week's Thursday decides its year), month, year.
 fn period_keys(t: i64) -> [i64; 5] {
-    let days = t.div_euclid(86_400);
-    let (y, m, _) = civil_from_days(days);
-    // ISO week: the week's Thursday decides the year.
-    let weekday = (days + 3).rem_euclid(7); // 0 = Monday
-    let thursday = days - weekday + 3;
-    let (iso_year, _, _) = civil_from_days(thursday);
-    let jan1 = {
-        // days from epoch of iso_year-01-01
-        let mut d = thursday;
-        while civil_from_days(d).0 == iso_year {
-            d -= 1;
-        }
-        d + 1
-    };
-    let week = (thursday - jan1) / 7;
+    let d = utc(t);
+    let (iso_year, week, _) = d.to_iso_week_date();
     [
         t.div_euclid(3600),
-        days,
-        iso_year * 100 + week,
-        y * 100 + m as i64,
-        y,
+        t.div_euclid(86_400),
+        i64::from(iso_year) * 100 + i64::from(week),
+        i64::from(d.year()) * 100 + i64::from(u8::from(d.month())),
+        i64::from(d.year()),
     ]
 }
 
@@ -717,6 +705,19 @@ mod tests {
         assert_eq!(d(jan3_2021 + 1) / 100, 2021);
         assert_ne!(d(jan3_2021), d(jan3_2021 + 1));
         assert_eq!(d(jan3_2021 + 1), d(jan3_2021 + 7));
+        // 2026 has 53 ISO weeks: Friday 2027-01-01 is in 2026-W53, with
+        // Thursday 2026-12-31; Monday 2027-01-04 starts 2027-W01.
+        let dec31_2026 = 20_818;
+        assert_eq!(
+            crate::util::rfc3339(dec31_2026 * 86_400),
+            "2026-12-31T00:00:00Z"
+        );
+        assert_eq!(d(dec31_2026), 202_653);
+        assert_eq!(d(dec31_2026 + 1), 202_653);
+        assert_eq!(d(dec31_2026 + 4), 202_701);
+        // Month and year keys follow the calendar, not the ISO year.
+        let k = period_keys((dec31_2026 + 1) * 86_400);
+        assert_eq!((k[3], k[4]), (202_701, 2027));
     }
 
     #[test]

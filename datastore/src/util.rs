@@ -59,31 +59,27 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
     to_hex(&sha2::Sha256::digest(data))
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (H. Hinnant's `civil_from_days`).
-pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+/// Seconds since the epoch as a UTC date-time (the `time` crate's range,
+/// years -9999 to 9999, clamped: times come from this host's clock or
+/// checksummed manifests, and a clamped time still sorts right).
+pub(crate) fn utc(secs: i64) -> time::OffsetDateTime {
+    let min = time::PrimitiveDateTime::MIN.assume_utc().unix_timestamp();
+    let max = time::PrimitiveDateTime::MAX.assume_utc().unix_timestamp();
+    time::OffsetDateTime::from_unix_timestamp(secs.clamp(min, max))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 /// Seconds since the epoch as RFC 3339 UTC, e.g. `2026-11-22T00:17:15Z`.
 pub(crate) fn rfc3339(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
+    let t = utc(secs);
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
     )
 }
 
