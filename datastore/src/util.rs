@@ -1,5 +1,11 @@
 //! Small helpers: errors with paths, hex, time names, path-safe names,
 //! atomic file replacement.
+//!
+//! Kept by hand, with the reason: hex (two 10-line functions on fixed-size
+//! digests; a crate would add a dependency for less code than its
+//! import), path components (`%XX` for everything outside `[A-Za-z0-9_.-]`
+//! *and* a leading `.`, which `percent-encoding`'s byte sets cannot say).
+//! Calendar arithmetic comes from the `time` crate.
 
 use std::fs::{self, File};
 use std::io::Write;
