@@ -532,8 +532,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {
                 println!(
-                    "removed {} chunks ({} bytes), kept {} chunks ({} bytes)",
-                    stats.removed_chunks, stats.removed_bytes, stats.kept_chunks, stats.kept_bytes
+                    "removed {} chunks ({}), kept {} chunks ({})",
+                    stats.removed_chunks,
+                    report::human(stats.removed_bytes),
+                    stats.kept_chunks,
+                    report::human(stats.kept_bytes)
                 );
             }
             Ok(ExitCode::SUCCESS)

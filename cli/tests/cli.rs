@@ -169,3 +169,19 @@ fn prune_and_list_of_an_unknown_guest_say_so() {
         .unwrap();
     assert!(out.status.success());
 }
+
+/// `gc` reports sizes in binary units, not raw byte counts.
+#[test]
+fn gc_reports_sizes_in_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    datastore::Datastore::create(&store, datastore::DatastoreOptions::default()).unwrap();
+    let out = vmbackup().args(["gc", "-d"]).arg(&store).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), "removed 0 chunks (0 B), kept 0 chunks (0 B)");
+}
