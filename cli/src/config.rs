@@ -60,6 +60,7 @@ pub fn registry() -> Registry {
     provider_scp::register(&mut registry);
     provider_ovirt::register(&mut registry);
     provider_zstack::register(&mut registry);
+    provider_template::register(&mut registry);
     registry
 }
 
@@ -265,7 +266,7 @@ restore_listen = "127.0.0.1:8099"
         assert!(
             e.contains("platform x")
                 && e.contains("\"vmware\"")
-                && e.contains("ovirt, scp, zstack"),
+                && e.contains("ovirt, qcow2dir, scp, zstack"),
             "{e}"
         );
         let e = format!(
@@ -329,6 +330,13 @@ restore_listen = "127.0.0.1:8099"
     fn a_kind_registered_twice_panics_at_startup() {
         let mut registry = registry();
         provider_scp::register(&mut registry);
+    }
+
+    #[test]
+    fn the_qcow2dir_kind_is_known() {
+        let config = parse("[platforms.d]\nkind = \"qcow2dir\"\nroot = \"/srv/guests\"\n").unwrap();
+        let p = provider("d", config.platform("d").unwrap()).unwrap();
+        assert_eq!(p.provider.provider_name(), "qcow2dir");
     }
 
     #[test]
