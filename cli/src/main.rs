@@ -245,22 +245,22 @@ struct PruneArgs {
     #[arg(long)]
     id: String,
     /// Keep the newest N. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_last: Option<u64>,
     /// Keep one per hour for the last N hours. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_hourly: Option<u64>,
     /// Keep one per day for the last N days. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_daily: Option<u64>,
     /// Keep one per week for the last N weeks. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_weekly: Option<u64>,
     /// Keep one per month for the last N months. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_monthly: Option<u64>,
     /// Keep one per year for the last N years. (at least 1).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = keep_count)]
     keep_yearly: Option<u64>,
     /// Remove every snapshot of the guest that is not protected (the only
     /// way to keep nothing: a retention of 0 is refused).
@@ -332,7 +332,31 @@ impl std::error::Error for Usage {}
 
 fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
+    if !path.exists() {
+        bail!(
+            "no datastore at {}: the directory does not exist (a first backup creates it)",
+            path.display()
+        );
+    }
+    if path.is_dir() && !path.join(".datastore.json").exists() {
+        bail!(
+            "{} is not a datastore (it has no .datastore.json)",
+            path.display()
+        );
+    }
     Datastore::open(&path).with_context(|| format!("opening datastore {}", path.display()))
+}
+
+/// A retention count: a whole number from 1 (0 would keep nothing of
+/// that kind, which `--keep-none` says explicitly).
+fn keep_count(s: &str) -> std::result::Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => {
+            Err("0 keeps nothing; to remove every unprotected snapshot, use --keep-none".into())
+        }
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a count (a whole number from 1)")),
+    }
 }
 
 fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
@@ -443,7 +467,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(args) => {
             let ds = open_store(&args.store, &config)?;
             let scope = match args.snapshot {
-                Some(s) => VerifyScope::Snapshot(SnapshotId(s)),
+                Some(s) => {
+                    // A snapshot that is not there is a usage error (as
+                    // for `show`), not a failed verification.
+                    drop(ds.open_snapshot(&SnapshotId(s.clone())).await?);
+                    VerifyScope::Snapshot(SnapshotId(s))
+                }
                 None => VerifyScope::All,
             };
             let report = tokio::task::spawn_blocking(move || ds.verify(scope)).await??;
@@ -504,8 +533,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&decisions)?);
             } else {
+                let (keep, remove) = if args.dry_run {
+                    ("would keep", "would remove")
+                } else {
+                    ("kept", "removed")
+                };
                 for (id, kept) in decisions {
-                    println!("{id}: {}", if kept { "keep" } else { "remove" });
+                    println!("{id}: {}", if kept { keep } else { remove });
                 }
             }
             Ok(ExitCode::SUCCESS)
