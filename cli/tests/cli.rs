@@ -185,3 +185,20 @@ fn gc_reports_sizes_in_words() {
     );
     assert_eq!(text.trim(), "removed 0 chunks (0 B), kept 0 chunks (0 B)");
 }
+
+/// A directory that is not a datastore is named as such, not as a missing
+/// internal file.
+#[test]
+fn a_directory_that_is_not_a_datastore_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("photo.jpg"), b"x").unwrap();
+    let out = vmbackup()
+        .args(["list", "-d"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is not a datastore"), "{err}");
+    assert!(!err.contains("os error"), "{err}");
+}
