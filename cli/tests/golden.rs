@@ -40,7 +40,14 @@ const T2: i64 = T1 + 86_400;
 /// disks, a guest configuration and a warning.
 fn fixture(dir: &Path) -> PathBuf {
     let store = dir.join("store");
-    let ds = Datastore::create(&store, DatastoreOptions { chunk_size: 65536 }).unwrap();
+    let ds = Datastore::create(
+        &store,
+        DatastoreOptions {
+            chunk_size: 65536,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

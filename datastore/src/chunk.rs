@@ -33,8 +33,35 @@ const ENC_ZSTD: u8 = 1;
 /// zstd level used for chunks.
 pub const ZSTD_LEVEL: i32 = 1;
 
-/// SHA-256 of a chunk's plaintext. The all-zero digest [`Digest::ZERO`] is
-/// reserved: it stands for a chunk of zeroes that is never stored.
+/// The hash that names a datastore's chunks (fixed per datastore, in its
+/// config): both are 256-bit cryptographic hashes, so a chunk's name
+/// checks its content either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChunkHash {
+    /// SHA-256: format version 1 datastores.
+    Sha256,
+    /// BLAKE3 (256-bit output): format version 2, the default. About four
+    /// times SHA-256's speed per core on this project's machines (SHA-NI
+    /// 0.7–1.2 GB/s, BLAKE3 with AVX-512 3.1–3.2 GB/s on 4 MiB buffers),
+    /// and every backup and every read of a chunk hashes it.
+    #[default]
+    Blake3,
+}
+
+impl ChunkHash {
+    /// The digest of `data`.
+    pub fn digest(self, data: &[u8]) -> Digest {
+        match self {
+            ChunkHash::Sha256 => Digest::of(data),
+            ChunkHash::Blake3 => Digest(*blake3::hash(data).as_bytes()),
+        }
+    }
+}
+
+/// The hash of a chunk's plaintext ([`ChunkHash`]: SHA-256 or BLAKE3, per
+/// datastore). The all-zero digest [`Digest::ZERO`] is reserved: it stands
+/// for a chunk of zeroes that is never stored.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest(pub [u8; 32]);
 
@@ -42,7 +69,8 @@ impl Digest {
     /// The chunk that reads as zeroes (whatever its length); never stored.
     pub const ZERO: Digest = Digest([0; 32]);
 
-    /// SHA-256 of `data`.
+    /// SHA-256 of `data` (the chunk name in a version 1 datastore; see
+    /// [`ChunkStore::digest_of`] for a given datastore's).
     pub fn of(data: &[u8]) -> Digest {
         use sha2::Digest as _;
         Digest(sha2::Sha256::digest(data).into())
@@ -183,8 +211,14 @@ pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
 }
 
 /// Decode a chunk file's bytes, checking header, CRC, sizes (bounded by
-/// `max_len` before any allocation) and the digest.
-pub fn decode_chunk(file: &[u8], digest: &Digest, max_len: usize, path: &Path) -> Result<Vec<u8>> {
+/// `max_len` before any allocation) and the digest (with `hash`).
+pub fn decode_chunk(
+    file: &[u8],
+    digest: &Digest,
+    hash: ChunkHash,
+    max_len: usize,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let bad = |why: &str| {
         corrupt(format!(
             "chunk {digest} at {} is damaged: {why}",
@@ -226,7 +260,7 @@ pub fn decode_chunk(file: &[u8], digest: &Digest, max_len: usize, path: &Path) -
         }
         _ => return Err(bad("unknown encoding")),
     };
-    if Digest::of(&data) != *digest {
+    if hash.digest(&data) != *digest {
         return Err(bad("content does not match its digest"));
     }
     Ok(data)
@@ -247,15 +281,27 @@ pub struct ChunkStore {
     dir: PathBuf,
     lock_path: PathBuf,
     chunk_size: usize,
+    hash: ChunkHash,
 }
 
 impl ChunkStore {
-    pub(crate) fn new(root: &Path, chunk_size: usize) -> Self {
+    pub(crate) fn new(root: &Path, chunk_size: usize, hash: ChunkHash) -> Self {
         ChunkStore {
             dir: root.join(".chunks"),
             lock_path: root.join(".locks").join("chunks.lock"),
             chunk_size,
+            hash,
         }
+    }
+
+    /// The hash naming this store's chunks.
+    pub fn hash(&self) -> ChunkHash {
+        self.hash
+    }
+
+    /// The name `data` has as a chunk of this store.
+    pub fn digest_of(&self, data: &[u8]) -> Digest {
+        self.hash.digest(data)
     }
 
     /// Create the 256 prefix directories.
@@ -402,7 +448,7 @@ impl ChunkStore {
         let mut buf = Vec::with_capacity(len as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| io_err("reading chunk", &path, e))?;
-        decode_chunk(&buf, digest, self.chunk_size, &path)
+        decode_chunk(&buf, digest, self.hash, self.chunk_size, &path)
     }
 
     /// Remove chunks not in `live` whose modification time is before
@@ -515,7 +561,7 @@ mod tests {
         let enc = encode_chunk(&random);
         assert_eq!(enc[8], ENC_PLAIN);
         assert_eq!(
-            decode_chunk(&enc, &d, chunk, Path::new("x")).unwrap(),
+            decode_chunk(&enc, &d, ChunkHash::Sha256, chunk, Path::new("x")).unwrap(),
             random
         );
     }
@@ -529,20 +575,25 @@ mod tests {
         ] {
             let d = Digest::of(&data);
             let enc = encode_chunk(&data);
-            assert_eq!(decode_chunk(&enc, &d, 1 << 20, p).unwrap(), data);
+            assert_eq!(
+                decode_chunk(&enc, &d, ChunkHash::Sha256, 1 << 20, p).unwrap(),
+                data
+            );
             // Any flipped byte is caught.
             for pos in [0, 9, 13, 17, 21, CHUNK_HEADER_LEN, enc.len() - 1] {
                 let mut bad = enc.clone();
                 bad[pos] ^= 0x40;
-                let err = decode_chunk(&bad, &d, 1 << 20, p).unwrap_err();
+                let err = decode_chunk(&bad, &d, ChunkHash::Sha256, 1 << 20, p).unwrap_err();
                 assert_eq!(err.kind(), ErrorKind::Corrupt, "pos {pos}");
                 assert!(err.to_string().contains(&d.to_hex()));
             }
             // Truncation is caught.
-            assert!(decode_chunk(&enc[..enc.len() - 1], &d, 1 << 20, p).is_err());
-            assert!(decode_chunk(&enc[..5], &d, 1 << 20, p).is_err());
+            assert!(
+                decode_chunk(&enc[..enc.len() - 1], &d, ChunkHash::Sha256, 1 << 20, p).is_err()
+            );
+            assert!(decode_chunk(&enc[..5], &d, ChunkHash::Sha256, 1 << 20, p).is_err());
             // A length beyond the chunk size is refused before allocating.
-            assert!(decode_chunk(&enc, &d, 100, p).is_err());
+            assert!(decode_chunk(&enc, &d, ChunkHash::Sha256, 100, p).is_err());
         }
         // Compression is used only when smaller.
         assert_eq!(encode_chunk(&[5u8; 4096])[8], ENC_ZSTD);
@@ -568,7 +619,7 @@ mod tests {
     fn insert_is_idempotent_and_touches() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join(".locks")).unwrap();
-        let store = ChunkStore::new(dir.path(), 1 << 16);
+        let store = ChunkStore::new(dir.path(), 1 << 16, ChunkHash::Sha256);
         store.create().unwrap();
         let data = vec![3u8; 5000];
         let d = Digest::of(&data);

@@ -6,11 +6,12 @@
 //! volume), so any snapshot can be deleted without breaking another;
 //! retention is [`Datastore::prune`] followed by [`Datastore::gc`].
 //!
-//! ## On-disk format (version 1; magic numbers never change)
+//! ## On-disk format (version 2, and version 1 read and written; magic numbers never change)
 //!
 //! ```text
-//! <root>/.datastore.json                  sealed config: format "vmbackup-datastore", version 1, chunk_size
-//! <root>/.chunks/<2 hex>/<64 hex>         chunks, named by the SHA-256 of their plaintext
+//! <root>/.datastore.json                  sealed config: format "vmbackup-datastore", version, chunk_size,
+//!                                         chunk_hash (version 2: "blake3"; version 1 has none: SHA-256)
+//! <root>/.chunks/<2 hex>/<64 hex>         chunks, named by the hash of their plaintext
 //! <root>/.locks/                          lock files (see below); writers/<start-ns>-<pid>-<n>
 //! <root>/<platform>/<guest>/<RFC 3339 time>[-N]/   one snapshot
 //!     <device>.fidx                       fixed index per volume
@@ -31,7 +32,8 @@
 //! - **Chunk** (see [`chunk`]): magic `VBDSCHK1`, encoding (plain or zstd
 //!   level 1, kept only when smaller), plaintext and stored lengths, CRC-32
 //!   over header and stored bytes (checked before decompression), then the
-//!   bytes; the plaintext's SHA-256 is rechecked after. Chunks are fixed
+//!   bytes; the plaintext's hash (the datastore's [`ChunkHash`]: BLAKE3
+//!   in version 2, SHA-256 in version 1) is rechecked after. Chunks are fixed
 //!   size (default 4 MiB, a power of two from 4 KiB to 64 MiB, fixed per
 //!   datastore); a volume's last chunk may be shorter. The all-zero chunk
 //!   is never stored: the index names it with the reserved all-zero digest.
@@ -84,7 +86,7 @@
 //! bounded in bytes ([`DEFAULT_CHUNK_CACHE_BYTES`], 64 MiB, by default;
 //! [`Datastore::set_chunk_cache_bytes`], 0 to cache nothing) and evicted
 //! least recently used first. A chunk enters the cache only after
-//! [`ChunkStore::load`] checked its CRC and SHA-256 and its length matched
+//! [`ChunkStore::load`] checked its CRC and hash and its length matched
 //! the index, so a hit is as trustworthy as a fresh load (damage on disk
 //! after that is found by [`Datastore::verify`], not by reads). Concurrent
 //! misses for one chunk share a single load (single-flight), whose error,
@@ -120,7 +122,7 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<()> {
 //! let dir = tempfile::tempdir()?;
-//! let ds = Datastore::create(dir.path().join("ds"), DatastoreOptions { chunk_size: 64 << 10 })?;
+//! let ds = Datastore::create(dir.path().join("ds"), DatastoreOptions { chunk_size: 64 << 10, ..Default::default() })?;
 //! let spec = SnapshotSpec {
 //!     platform: "scp".into(),
 //!     guest: GuestId::from("vm-1"),
@@ -162,7 +164,7 @@ mod util;
 mod writer;
 
 pub use cache::{ChunkCache, ChunkCacheStats, DEFAULT_CHUNK_CACHE_BYTES};
-pub use chunk::{ChunkStore, Digest};
+pub use chunk::{ChunkHash, ChunkStore, Digest};
 pub use maintenance::{BadChunk, DatastoreStats, GcStats, KeepOptions, VerifyReport, VerifyScope};
 pub use reader::VolReader;
 pub use store::{DEFAULT_CHUNK_SIZE, Datastore, DatastoreOptions};

@@ -12,7 +12,7 @@ use provider_api::{
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES};
-use crate::chunk::ChunkStore;
+use crate::chunk::{ChunkHash, ChunkStore};
 use crate::index::{FixedIndex, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
 use crate::manifest::{
     BaseImageManifest, Manifest, VerifyState, check_manifest, load_sealed, store_sealed,
@@ -23,8 +23,12 @@ use crate::util::{encode_component, io_err, is_safe_component, unique_suffix};
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 /// Format name in `.datastore.json` (never changes).
 pub const DATASTORE_FORMAT: &str = "vmbackup-datastore";
-/// Datastore format version.
-pub const DATASTORE_VERSION: u32 = 1;
+/// Datastore format version written for a BLAKE3 datastore (chunks named
+/// by BLAKE3; `chunk_hash` in the config). A SHA-256 datastore is written
+/// as version 1 (no `chunk_hash`), which every earlier release reads; a
+/// release that knows only version 1 refuses version 2 instead of
+/// misreading its chunk names.
+pub const DATASTORE_VERSION: u32 = 2;
 
 pub(crate) const CONFIG_FILE: &str = ".datastore.json";
 pub(crate) const MANIFEST_FILE: &str = "index.json";
@@ -39,12 +43,16 @@ pub(crate) const BASE_MANIFEST_FILE: &str = "manifest.json";
 pub struct DatastoreOptions {
     /// Chunk size in bytes: a power of two from 4 KiB to 64 MiB.
     pub chunk_size: u64,
+    /// The hash naming chunks (default BLAKE3).
+    #[serde(default)]
+    pub chunk_hash: ChunkHash,
 }
 
 impl Default for DatastoreOptions {
     fn default() -> Self {
         DatastoreOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
+            chunk_hash: ChunkHash::default(),
         }
     }
 }
@@ -54,6 +62,9 @@ struct Config {
     format: String,
     version: u32,
     chunk_size: u64,
+    /// Version 2 only (version 1 is SHA-256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk_hash: Option<ChunkHash>,
 }
 
 pub(crate) struct Inner {
@@ -181,13 +192,18 @@ impl Datastore {
             let p = root.join(d);
             crate::util::create_dir_all_private(&p).map_err(|e| io_err("creating", &p, e))?;
         }
-        ChunkStore::new(&root, cs as usize).create()?;
+        ChunkStore::new(&root, cs as usize, options.chunk_hash).create()?;
+        let (version, chunk_hash) = match options.chunk_hash {
+            ChunkHash::Sha256 => (1, None),
+            other => (DATASTORE_VERSION, Some(other)),
+        };
         store_sealed(
             &root.join(CONFIG_FILE),
             &Config {
                 format: DATASTORE_FORMAT.into(),
-                version: DATASTORE_VERSION,
+                version,
                 chunk_size: cs,
+                chunk_hash,
             },
         )?;
         Datastore::open(root)
@@ -198,7 +214,12 @@ impl Datastore {
         let root = path.as_ref().to_path_buf();
         let cfg_path = root.join(CONFIG_FILE);
         let cfg: Config = load_sealed(&cfg_path)?;
-        if cfg.format != DATASTORE_FORMAT || cfg.version != DATASTORE_VERSION {
+        let hash = match (cfg.format == DATASTORE_FORMAT, cfg.version, cfg.chunk_hash) {
+            (true, 1, None) => Some(ChunkHash::Sha256),
+            (true, 2, Some(h)) => Some(h),
+            _ => None,
+        };
+        let Some(hash) = hash else {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!(
@@ -208,7 +229,7 @@ impl Datastore {
                     cfg.version
                 ),
             ));
-        }
+        };
         let cs = cfg.chunk_size;
         if !cs.is_power_of_two()
             || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros())
@@ -224,7 +245,7 @@ impl Datastore {
             .max(1);
         Ok(Datastore {
             inner: Arc::new(Inner {
-                chunks: ChunkStore::new(&root, cs as usize),
+                chunks: ChunkStore::new(&root, cs as usize, hash),
                 root,
                 chunk_size: cs,
                 workers,

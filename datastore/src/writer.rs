@@ -626,7 +626,7 @@ fn process_chunk(
     if is_all_zero(&data) {
         return Ok((Digest::ZERO, None));
     }
-    let digest = Digest::of(&data);
+    let digest = store.digest_of(&data);
     let ins = store.insert_then(&digest, &data, cpu_done)?;
     Ok((digest, Some(ins)))
 }

@@ -9,7 +9,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use common::*;
-use datastore::{ChunkCache, Datastore, DatastoreOptions, Digest};
+use datastore::{ChunkCache, Datastore, DatastoreOptions};
 use provider_api::*;
 
 /// A datastore of `chunk_size` using `cache`, holding one snapshot of a
@@ -20,9 +20,15 @@ async fn setup(
     cache: ChunkCache,
     data: &[u8],
 ) -> (Datastore, SnapshotId) {
-    let ds = Datastore::create(dir.join("ds"), DatastoreOptions { chunk_size })
-        .unwrap()
-        .with_chunk_cache(cache);
+    let ds = Datastore::create(
+        dir.join("ds"),
+        DatastoreOptions {
+            chunk_size,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .with_chunk_cache(cache);
     let info = backup(
         &ds,
         "vm",
@@ -172,7 +178,7 @@ async fn a_failed_load_fails_every_waiter_and_is_not_cached() {
     let (ds, id) = setup(dir.path(), cs, ChunkCache::default(), &data).await;
     let r = open(&ds, &id).await;
 
-    let digest = Digest::of(&data[cs as usize..2 * cs as usize]);
+    let digest = ds.chunks().digest_of(&data[cs as usize..2 * cs as usize]);
     let path = ds.chunks().path(&digest);
     let good = std::fs::read(&path).unwrap();
     let mut bad = good.clone();

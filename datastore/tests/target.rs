@@ -430,7 +430,7 @@ async fn corruption_is_reported_and_fails_the_snapshot() {
     );
 
     // Flip a byte in the second chunk.
-    let digest = datastore::Digest::of(&data[CS as usize..2 * CS as usize]);
+    let digest = ds.chunks().digest_of(&data[CS as usize..2 * CS as usize]);
     let path = ds.chunks().path(&digest);
     let mut bytes = std::fs::read(&path).unwrap();
     let last = bytes.len() - 1;
@@ -740,7 +740,7 @@ async fn a_missing_base_chunk_fails_the_volume_not_silently() {
     )
     .await
     .unwrap();
-    let d = datastore::Digest::of(&data[..CS as usize]);
+    let d = ds.chunks().digest_of(&data[..CS as usize]);
     std::fs::remove_file(ds.chunks().path(&d)).unwrap();
     let mut snap = ds.begin_snapshot(spec("vm", 2)).await.unwrap();
     let mut w = snap
@@ -791,4 +791,69 @@ async fn the_datastore_is_private_to_its_owner() {
         }
     }
     assert!(seen > 10, "only {seen} entries checked");
+}
+
+/// Chunks are named by the datastore's hash: BLAKE3 in a version 2
+/// datastore (the default), SHA-256 in version 1, which earlier releases
+/// read; each reopens with its own hash, and a config whose version and
+/// hash disagree is refused.
+#[tokio::test]
+async fn chunk_names_follow_the_datastores_hash_and_version() {
+    use datastore::{ChunkHash, Datastore, DatastoreOptions};
+    let data = noise(41, 2 * CS as usize);
+    let blake3_name = datastore::Digest(*blake3::hash(&data[..CS as usize]).as_bytes());
+    let sha256_name = datastore::Digest::of(&data[..CS as usize]);
+    for (hash, version, name, other) in [
+        (ChunkHash::Blake3, 2, blake3_name, sha256_name),
+        (ChunkHash::Sha256, 1, sha256_name, blake3_name),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("ds");
+        let options = DatastoreOptions {
+            chunk_size: CS,
+            chunk_hash: hash,
+        };
+        let ds = Datastore::create(&root, options).unwrap();
+        let info = backup(
+            &ds,
+            "vm",
+            1,
+            vspec("sys", 2 * CS, StartFrom::Empty),
+            &[Op::Data(0, data.clone())],
+        )
+        .await
+        .unwrap();
+        assert!(
+            ds.chunks().path(&name).exists(),
+            "{hash:?}: chunk by its name"
+        );
+        assert!(
+            !ds.chunks().path(&other).exists(),
+            "{hash:?}: not the other hash"
+        );
+        let cfg: serde_json::Value =
+            datastore::manifest::load_sealed(&root.join(".datastore.json")).unwrap();
+        assert_eq!(cfg["version"], version, "{cfg}");
+        assert_eq!(cfg.get("chunk_hash").is_some(), version == 2, "{cfg}");
+
+        let reopened = Datastore::open(&root).unwrap();
+        assert_eq!(reopened.chunks().hash(), hash);
+        let back = read_all(&reopened, &info.id, "sys", Layer::Merged)
+            .await
+            .unwrap();
+        assert_eq!(back, data, "{hash:?}: bytes back");
+        let report = reopened.verify(VerifyScope::All).unwrap();
+        assert!(report.is_ok(), "{hash:?}: {report:?}");
+
+        // Version and hash that disagree: refused, not misread.
+        let mut bad = cfg.clone();
+        if version == 2 {
+            bad.as_object_mut().unwrap().remove("chunk_hash");
+        } else {
+            bad["chunk_hash"] = serde_json::json!("sha256");
+        }
+        datastore::manifest::store_sealed(&root.join(".datastore.json"), &bad).unwrap();
+        let err = Datastore::open(&root).expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{}", err.report());
+    }
 }

@@ -81,6 +81,7 @@ impl Env {
                 dir.path().join("store"),
                 DatastoreOptions {
                     chunk_size: 1 << 20,
+                    ..Default::default()
                 },
             )
             .expect("datastore"),

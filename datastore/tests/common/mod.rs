@@ -8,7 +8,14 @@ use provider_api::*;
 pub const CS: u64 = 4096;
 
 pub fn new_ds(dir: &std::path::Path) -> Datastore {
-    Datastore::create(dir.join("ds"), DatastoreOptions { chunk_size: CS }).unwrap()
+    Datastore::create(
+        dir.join("ds"),
+        DatastoreOptions {
+            chunk_size: CS,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 pub fn spec(guest: &str, time: i64) -> SnapshotSpec {
