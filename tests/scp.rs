@@ -1644,10 +1644,26 @@ fn file_sha256(path: &std::path::Path) -> String {
         .collect()
 }
 
+/// [`children_of_test_named`] once it is empty, or what is left
+/// after 3 s. Tests of this binary run in parallel in one process, so a
+/// zombie (no command line to tell whose it is) may be another test's
+/// helper between its kill and its reaping; a leaked process or zombie
+/// stays, a passing one does not.
+fn children_named(name: &str, marker: &str) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let left = children_of_test_named(name, marker);
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Children of this process running `name` whose command line mentions
 /// `marker` (zombies included; tests run in parallel in this process, so
 /// each looks for its own).
-fn children_named(name: &str, marker: &str) -> Vec<u32> {
+fn children_of_test_named(name: &str, marker: &str) -> Vec<u32> {
     let me = std::process::id();
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

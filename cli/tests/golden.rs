@@ -212,17 +212,20 @@ const CASES: &[(&str, &[&[&str]])] = &[
     ("err_no_datastore_given", &[&["list"]]),
 ];
 
+/// Environment variables that change the CLI's output: removed for every run.
+const SETTINGS_ENV: [&str; 6] = [
+    "VMBACKUP_DATASTORE",
+    "VMBACKUP_CONFIG",
+    "VMBACKUP_LOG",
+    "NO_COLOR",
+    "CLICOLOR",
+    "CLICOLOR_FORCE",
+];
+
 /// The binary with a clean environment for its settings.
 fn vmbackup() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmbackup"));
-    for var in [
-        "VMBACKUP_DATASTORE",
-        "VMBACKUP_CONFIG",
-        "VMBACKUP_LOG",
-        "NO_COLOR",
-        "CLICOLOR",
-        "CLICOLOR_FORCE",
-    ] {
+    for var in SETTINGS_ENV {
         c.env_remove(var);
     }
     c.stdin(Stdio::null());
@@ -271,14 +274,7 @@ fn run_in_terminal(args: &[String], no_color: bool) -> (Option<i32>, String) {
         .join(" ");
     let mut c = Command::new("script");
     c.args(["-qec", &cmd, "/dev/null"]);
-    for var in [
-        "VMBACKUP_DATASTORE",
-        "VMBACKUP_CONFIG",
-        "VMBACKUP_LOG",
-        "NO_COLOR",
-        "CLICOLOR",
-        "CLICOLOR_FORCE",
-    ] {
+    for var in SETTINGS_ENV {
         c.env_remove(var);
     }
     if no_color {
