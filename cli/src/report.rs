@@ -26,12 +26,23 @@ impl Row {
         }
     }
 
-    /// Logical bytes per stored byte.
+    /// Logical bytes per stored byte (infinite when nothing new was
+    /// stored).
     pub fn dedup_ratio(&self) -> f64 {
         if self.bytes_stored > 0 {
             self.logical as f64 / self.bytes_stored as f64
         } else {
             f64::INFINITY
+        }
+    }
+
+    /// The dedup column: `-` when nothing new was stored (an unchanged
+    /// incremental), not "infx".
+    fn dedup_cell(&self) -> String {
+        if self.bytes_stored > 0 {
+            format!("{:.1}x", self.dedup_ratio())
+        } else {
+            "-".into()
         }
     }
 }
@@ -98,8 +109,18 @@ pub fn human(bytes: u64) -> String {
 }
 
 pub fn print_table(rows: &[Row]) {
-    println!(
-        "{:<12} {:<9} {:<12} {:>11} {:>11} {:>7} {:>9} {:>7} {:<8}",
+    print!("{}", table(rows));
+}
+
+/// The job table: a header, one line per guest, errors under their guest.
+pub fn table(rows: &[Row]) -> String {
+    use std::fmt::Write as _;
+    // The guest column is as wide as its longest name (UUIDs included).
+    let gw = rows.iter().map(|r| r.guest.len()).max().unwrap_or(0).max(12);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<gw$} {:<9} {:<12} {:>11} {:>11} {:>7} {:>9} {:>7} {:<8}",
         "guest", "platform", "mode", "read", "stored", "time", "MiB/s", "dedup", "verified"
     );
     for r in rows {
@@ -108,8 +129,9 @@ pub fn print_table(rows: &[Row]) {
             Some(false) => "NO",
             None => "-",
         };
-        println!(
-            "{:<12} {:<9} {:<12} {:>11} {:>11} {:>6.2}s {:>9.0} {:>6.1}x {:<8}",
+        let _ = writeln!(
+            out,
+            "{:<gw$} {:<9} {:<12} {:>11} {:>11} {:>6.2}s {:>9.0} {:>7} {:<8}",
             r.guest,
             r.platform,
             r.mode,
@@ -117,13 +139,14 @@ pub fn print_table(rows: &[Row]) {
             human(r.bytes_stored),
             r.seconds,
             r.mib_per_s(),
-            r.dedup_ratio(),
+            r.dedup_cell(),
             verified
         );
         if let Some(e) = &r.error {
-            println!("  error: {e}");
+            let _ = writeln!(out, "  error: {e}");
         }
     }
+    out
 }
 
 pub fn print_job(report: &JobReport, platform: &str, json: bool) {
@@ -257,5 +280,33 @@ mod tests {
         assert_eq!(mode_words(BitmapMode::Use), "incremental");
         assert_eq!(format_name(&VolumeFormat::Qcow2), "qcow2");
         assert_eq!(format_name(&VolumeFormat::Other("vmdk".into())), "vmdk");
+    }
+
+    #[test]
+    fn the_job_table_fits_long_guest_names_and_shows_no_ratio_when_nothing_was_stored() {
+        let row = |guest: &str, stored| Row {
+            guest: guest.into(),
+            platform: "ovirt".into(),
+            mode: "incremental".into(),
+            bytes_read: 4 << 20,
+            bytes_stored: stored,
+            logical: 8 << 20,
+            seconds: 1.0,
+            verified: None,
+            error: None,
+        };
+        let t = table(&[
+            row("6f9619ff-8b86-d011-b42d-00c04fc964ff", 0),
+            row("web1", 2 << 20),
+        ]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        // Every column starts at the same place on every line.
+        let platform_at = |l: &str| l.find("ovirt").or(l.find("platform"));
+        assert_eq!(platform_at(lines[0]), platform_at(lines[1]), "{t}");
+        assert_eq!(platform_at(lines[1]), platform_at(lines[2]), "{t}");
+        assert!(!t.contains("inf"), "{t}");
+        assert!(lines[1].contains("      - -"), "{t}");
+        assert!(lines[2].contains("   4.0x -"), "{t}");
     }
 }
