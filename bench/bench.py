@@ -9,8 +9,16 @@ Measured, each as wall time and peak RSS of the child process (wait4):
 
   nbdcopy ... null:            the NBD read ceiling
   qemu-img convert -> qcow2    a plain copy of the same export
-  restic backup                the same image as a file, fresh repository
-  vmbackup backup (full)       read, hash, compress, dedup into a datastore
+  nbdcopy --flush -> raw file  the same reads written to the disk the
+                               datastore is on (source and datastore share
+                               one disk here, so a backup's chunk writes
+                               compete with its reads; nbdcopy -> null
+                               writes nothing)
+  vmbackup backup (full)       read, hash, compress, dedup into a datastore;
+                               with --out-dir also into a datastore there
+                               (tmpfs: a datastore on another device)
+  restic backup                the same export through nbdcopy into
+                               `restic backup --stdin`, fresh repository
   vmbackup backup (1%, 10%)    incrementals after qemu-io changes
   qemu-img convert -> raw      the restore peer: qemu-nbd to a raw file
   vmbackup restore             snapshot back into a raw file
@@ -125,7 +133,7 @@ def random_reads(uri, size, count, span, seed):
     return time.monotonic() - start
 
 
-def measure(a, work, raw, image, sock, store, size, mib):
+def measure(a, work, image, sock, store, size, mib):
     """One round of every measurement; returns the rows."""
     rows = []
 
@@ -139,16 +147,34 @@ def measure(a, work, raw, image, sock, store, size, mib):
         s, r, _ = timed(["qemu-img", "convert", "-f", "raw", uri, "-O", "qcow2", out])
         row("qemu-img convert -> qcow2", s, r)
         os.unlink(out)
+        # The write-inclusive peer: the same reads into a raw file on the
+        # disk the datastore lives on, flushed at the end as a backup is.
+        out = os.path.join(work, "copy.raw")
+        s, r, _ = timed(["nbdcopy", "--flush", uri, out])
+        row("nbdcopy -> raw file, flushed (same disk)", s, r)
+        os.unlink(out)
+        if a.out_dir:
+            # The datastore on another device than the source (tmpfs as a
+            # stand-in): the pipeline without the shared disk's writes.
+            fast = os.path.join(a.out_dir, "store-fast")
+            shutil.rmtree(fast, ignore_errors=True)
+            s, r, _ = timed([VMBACKUP, "backup", "-d", fast, "--id", "bench", "--nbd", uri])
+            row("vmbackup backup, full, datastore in --out-dir", s, r)
+            shutil.rmtree(fast)
         s, r, _ = timed([VMBACKUP, "backup", "-d", store, "--id", "bench", "--bitmap", "cbt0",
                          "--nbd", uri])
         row("vmbackup backup, full", s, r)
+        # restic reads the same export (no raw copy of the image kept on
+        # disk: at 16 GiB it would crowd the page cache).
+        repo = os.path.join(work, "restic")
+        shutil.rmtree(repo, ignore_errors=True)
+        env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=repo)
+        subprocess.run(["restic", "init", "-q"], env=env, check=True)
+        s, r, _ = timed(["bash", "-c", 'set -o pipefail; nbdcopy "$1" - | '
+                         'restic backup -q --stdin --stdin-filename disk.raw', "-", uri], env=env)
+        row("restic backup (nbdcopy | restic --stdin)", s, r)
+        shutil.rmtree(repo)
     clear_bitmap(image)
-    repo = os.path.join(work, "restic")
-    shutil.rmtree(repo, ignore_errors=True)
-    env = dict(os.environ, RESTIC_PASSWORD="bench", RESTIC_REPOSITORY=repo)
-    subprocess.run(["restic", "init", "-q"], env=env, check=True)
-    s, r, _ = timed(["restic", "backup", "-q", raw], env=env)
-    row("restic backup (file)", s, r)
 
     for pct in (1, 10):
         changed = change(image, size, pct, pct)
@@ -205,7 +231,7 @@ def report(a, rows):
     """Prints one round's table; returns its ratios by name."""
     by = {n: t for n, _, t, _, _ in rows}
     qemu, ceiling = by["qemu-img convert -> qcow2"], by["nbdcopy -> null (ceiling)"]
-    restic = by["restic backup (file)"]
+    restic = by["restic backup (nbdcopy | restic --stdin)"]
     print(f"\n{a.size_gib:g} GiB image, {os.cpu_count()} CPUs, {os.uname().release}\n")
     print("| run | seconds | MiB/s | vs qemu-img | vs nbdcopy | vs restic | peak RSS MiB | note |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -228,6 +254,11 @@ def report(a, rows):
         "restore peak RSS MiB": [r for n, _, _, r, _ in rows if n == "vmbackup restore -> raw file"][0],
         "full backup / nbdcopy": by["vmbackup backup, full"] / ceiling,
         "full backup / qemu-img convert": by["vmbackup backup, full"] / qemu,
+        "full backup / nbdcopy -> file": by["vmbackup backup, full"]
+        / by["nbdcopy -> raw file, flushed (same disk)"],
+        **({"full backup, datastore in --out-dir / nbdcopy":
+            by["vmbackup backup, full, datastore in --out-dir"] / ceiling}
+           if "vmbackup backup, full, datastore in --out-dir" in by else {}),
         "1% incremental / full time": inc1 / full,
         "restore / qemu-img convert": by["vmbackup restore -> raw file"] / peer,
         "serve / qemu-nbd": by["qemu-img convert vmbackup serve -> raw"] / peer,
@@ -253,6 +284,7 @@ def main():
     print(f"generating {a.size_gib} GiB in {work} ...", file=sys.stderr)
     make_image(raw, size)
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, image], check=True)
+    os.unlink(raw)
     subprocess.run(["qemu-img", "bitmap", "--add", "--enable", "--granularity", "64K",
                     image, "cbt0"], check=True)
     mib = size / (1 << 20)
@@ -261,7 +293,7 @@ def main():
         if a.rounds > 1:
             print(f"round {k + 1} of {a.rounds} ...", file=sys.stderr)
         store_k = store + (f"-{k}" if k else "")
-        rows = measure(a, work, raw, image, sock, store_k, size, mib)
+        rows = measure(a, work, image, sock, store_k, size, mib)
         summaries.append(report(a, rows))
         shutil.rmtree(store_k, ignore_errors=True)
     if a.rounds > 1:

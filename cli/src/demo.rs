@@ -160,7 +160,7 @@ pub async fn run(args: DemoArgs, json: bool) -> Result<ExitCode> {
     let tmp;
     let root = match &args.keep {
         Some(dir) => {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             dir.clone()
         }
         None => {

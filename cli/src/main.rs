@@ -6,6 +6,7 @@
 mod config;
 mod demo;
 mod demo_mock;
+mod docs;
 mod jobs;
 mod progress;
 mod report;
@@ -16,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use datastore::{Datastore, DatastoreOptions, KeepOptions, VerifyScope};
 use engine::{
     BackupDriver, JobOptions, MoverOptions, NbdExposer, RestoreDriver, StandardMover, VolumeExport,
@@ -26,7 +27,7 @@ use provider_nbd::{NbdGuest, NbdProvider};
 
 /// Back up and restore virtual machines into a deduplicating datastore.
 #[derive(Debug, Parser)]
-#[command(name = "vmbackup", version, about, long_about = None)]
+#[command(name = "vmbackup", version, long_about = None)]
 struct Cli {
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -80,6 +81,12 @@ enum Command {
     /// Run the mock hypervisor (SCP, oVirt, ZStack APIs and disks) until
     /// Ctrl-C; prints its endpoints as one JSON line.
     Mock(MockArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish,
+    /// powershell), e.g. `vmbackup completions bash >
+    /// /etc/bash_completion.d/vmbackup`.
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page vmbackup(1), or write every page with --dir.
+    Man(docs::ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -556,6 +563,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(mock.endpoints())?);
             jobs::wait_for_stop_signal().await?;
             mock.shutdown().await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions(args) => {
+            docs::completions(&args, Cli::command())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man(args) => {
+            docs::man(&args, Cli::command())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc(args) => {

@@ -116,7 +116,12 @@ pub fn print_table(rows: &[Row]) {
 pub fn table(rows: &[Row]) -> String {
     use std::fmt::Write as _;
     // The guest column is as wide as its longest name (UUIDs included).
-    let gw = rows.iter().map(|r| r.guest.len()).max().unwrap_or(0).max(12);
+    let gw = rows
+        .iter()
+        .map(|r| r.guest.len())
+        .max()
+        .unwrap_or(0)
+        .max(12);
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -1,5 +1,10 @@
 //! Command-line surface: help texts, the mock subcommand, and errors for
 //! bad input.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -8,8 +13,19 @@ fn vmbackup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbackup"))
 }
 
-const SUBCOMMANDS: [&str; 10] = [
-    "demo", "backup", "list", "show", "restore", "serve", "verify", "prune", "gc", "mock",
+const SUBCOMMANDS: [&str; 12] = [
+    "demo",
+    "backup",
+    "list",
+    "show",
+    "restore",
+    "serve",
+    "verify",
+    "prune",
+    "gc",
+    "mock",
+    "completions",
+    "man",
 ];
 
 #[test]
@@ -201,4 +217,75 @@ fn a_directory_that_is_not_a_datastore_is_named() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("is not a datastore"), "{err}");
     assert!(!err.contains("os error"), "{err}");
+}
+
+#[test]
+fn bash_completions_parse_and_know_every_command_and_option() {
+    let out = vmbackup().args(["completions", "bash"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = String::from_utf8(out.stdout).unwrap();
+    for sub in SUBCOMMANDS {
+        assert!(script.contains(sub), "completion of {sub}");
+    }
+    for opt in ["--keep-last", "--datastore", "--bitmap", "--json"] {
+        assert!(script.contains(opt), "completion of {opt}");
+    }
+    // bash itself accepts the script and defines the completion.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vmbackup.bash");
+    std::fs::write(&path, &script).unwrap();
+    let check = Command::new("bash")
+        .arg("-c")
+        .arg("source \"$1\" && complete -p vmbackup")
+        .arg("-")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(String::from_utf8_lossy(&check.stdout).contains("vmbackup"));
+
+    let bad = vmbackup()
+        .args(["completions", "cmd.exe"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bash"));
+}
+
+#[test]
+fn manual_pages_cover_every_command() {
+    let out = vmbackup().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH vmbackup 1"), "{page}");
+    for sub in SUBCOMMANDS {
+        assert!(page.contains(sub), "vmbackup(1) names {sub}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pages = dir.path().join("man1");
+    let out = vmbackup()
+        .args(["man", "--dir"])
+        .arg(&pages)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for sub in SUBCOMMANDS {
+        let p = pages.join(format!("vmbackup-{sub}.1"));
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(text.contains(".TH vmbackup-"), "{text}");
+    }
+    let prune = std::fs::read_to_string(pages.join("vmbackup-prune.1")).unwrap();
+    assert!(prune.contains("keep\\-last"), "{prune}");
 }

@@ -19,6 +19,11 @@
 //! must equal the piped output once ANSI escape sequences are stripped (a
 //! terminal may get colour, nothing else). Without `script` the terminal
 //! half is skipped, unless `CI` is set, which makes it a failure.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod common;
 

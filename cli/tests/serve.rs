@@ -3,6 +3,11 @@
 //! TLS with client certificates, zero chunks mapped as holes, listening
 //! beyond loopback refused without TLS, a busy port named, and SIGTERM
 //! ending the server promptly while clients are reading.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

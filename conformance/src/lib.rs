@@ -170,7 +170,6 @@
 //! snapshot 1 (full backup) to a new guest: the restored volume differs from what the guest held
 //! at backup time: size differs: expected 5246976 bytes, found 12582912 ...
 //! ```
-#![warn(missing_docs)]
 
 mod checks;
 mod content;

@@ -1,6 +1,11 @@
 //! The kit's self-test: a correct file-backed provider passes every
 //! check, and deliberately broken variants are caught with a message that
 //! names the check, the guest, the volume and the offset.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod fake;
 

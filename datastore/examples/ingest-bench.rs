@@ -6,6 +6,11 @@
 //! ```text
 //! cargo run --release -p datastore --example ingest-bench -- [--gib 2] [--sparse-gib 16] [--runs 2] [--dir /var/tmp] [--no-restic]
 //! ```
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark program: a failed step ends the run"
+)]
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};

@@ -151,7 +151,6 @@
 //! # Ok(())
 //! # }
 //! ```
-#![warn(missing_docs)]
 
 pub mod cache;
 pub mod chunk;

@@ -1,6 +1,11 @@
 //! Crash safety: a child process backing up (incrementally, with prune and
 //! GC) is killed with SIGKILL at random points; afterwards every listed
 //! snapshot is complete and reads back right, and verify passes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod common;
 

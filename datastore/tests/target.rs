@@ -1,5 +1,10 @@
 //! The Target contract on a datastore: full, incremental, base images,
 //! atomicity, bad input, prune, GC and verify.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 mod common;
 

@@ -387,7 +387,7 @@ impl BackupDriver {
             log.warn(w);
         }
 
-        *writer = Some(
+        let w = writer.insert(
             self.target
                 .begin_snapshot(SnapshotSpec {
                     platform,
@@ -397,7 +397,6 @@ impl BackupDriver {
                 })
                 .await?,
         );
-        let w = writer.as_mut().expect("just set");
         w.put_config(ConfigKind::Guest, guest_config).await?;
         if let Some(fw) = firewall_config {
             w.put_config(ConfigKind::Firewall, fw).await?;
@@ -412,7 +411,9 @@ impl BackupDriver {
                 .await?;
             reports.push(report);
         }
-        let w = writer.take().expect("writer present");
+        let w = writer
+            .take()
+            .ok_or_else(|| Error::other("the snapshot writer went missing during the backup"))?;
         Ok((w, warnings, reports))
     }
 
@@ -478,10 +479,10 @@ impl BackupDriver {
         // The base layer first: the volume may start from it.
         let mut start_from = match mode {
             BitmapMode::Use => {
-                let prev = request
-                    .previous
-                    .as_ref()
-                    .expect("host_mode checked the previous backup");
+                let prev = request.previous.as_ref().ok_or_else(|| {
+                    Error::invalid("an incremental backup without a previous backup to start from")
+                        .volume(&device)
+                })?;
                 StartFrom::Previous(prev.snapshot.id.clone())
             }
             _ => StartFrom::Empty,

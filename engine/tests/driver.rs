@@ -1,6 +1,11 @@
 //! The transaction driver against a scripted fake provider: every
 //! guarantee of `engine::backup` and `engine::restore`, with the exact call
 //! sequence asserted and failures injected at each step.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -67,6 +67,11 @@
 //! mock.shutdown().await;
 //! # Ok(()) }
 //! ```
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test double: a poisoned lock or a broken invariant of the mock is a failed test, not a user's error"
+)]
 
 pub mod admin;
 pub mod disk;

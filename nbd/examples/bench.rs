@@ -13,6 +13,11 @@
 //! 2. `nbdcopy` from this crate's server (FileExport) vs from qemu-nbd.
 //!
 //! Needs qemu-nbd and nbdcopy on PATH.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark program: a failed step ends the run"
+)]
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

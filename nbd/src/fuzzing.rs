@@ -1,5 +1,9 @@
 //! Entry points for fuzzing the parsers of untrusted bytes (used by
 //! `nbd/fuzz` and by the bounded property tests below). Not a stable API.
+#![allow(
+    clippy::expect_used,
+    reason = "fuzzing entry points: a runtime that cannot start is a broken fuzz run"
+)]
 
 use crate::proto;
 

@@ -79,10 +79,11 @@
 //! # Ok(()) }
 //! # tokio::runtime::Runtime::new().unwrap().block_on(demo()).unwrap();
 //! ```
-#![warn(missing_docs)]
 
 pub mod client;
 pub mod error;
+/// Entry points for fuzzing (feature `fuzzing`; not a stable API).
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proto;

@@ -134,7 +134,6 @@
 //! std::fs::remove_dir_all(dir).unwrap();
 //! # }
 //! ```
-#![warn(missing_docs)]
 
 pub mod access;
 pub mod error;

@@ -469,11 +469,11 @@ impl HttpExport {
         feeder.data(data.slice((st.next - offset) as usize..));
         st.next = end;
         // Drain what the gap held back.
-        while let Some((&o, _)) = st.pending.first_key_value() {
-            if o > st.next {
+        while let Some(first) = st.pending.first_entry() {
+            if *first.key() > st.next {
                 break;
             }
-            let (o, d) = st.pending.pop_first().expect("peeked");
+            let (o, d) = first.remove_entry();
             st.pending_bytes -= d.len();
             let e = o + d.len() as u64;
             if e > st.next {

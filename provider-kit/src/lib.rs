@@ -3,7 +3,7 @@
 //! `provider-api` is the minimal contract; this crate holds what several
 //! providers need and a vendor would otherwise write again:
 //!
-//! - [`retry`]: retrying an operation whose error is marked retryable
+//! - [`retry`](mod@retry): retrying an operation whose error is marked retryable
 //!   ([`provider_api::Error::is_retryable`]), with capped exponential
 //!   backoff and jitter, a bounded number of times, each attempt logged.
 //! - [`http_export`]: an image behind an HTTP URL (ranged, resumed
@@ -14,7 +14,6 @@
 //!   without knowing them).
 //!
 //! Providers may use it; nothing in the contract requires it.
-#![warn(missing_docs)]
 
 pub mod http_export;
 pub mod registry;

@@ -18,6 +18,11 @@
 //!
 //! Needs `qemu-img` and `qemu-nbd` (Debian `qemu-utils`). Without them the
 //! test skips with a printed reason, unless `CI` is set: then it fails.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::collections::BTreeMap;
 use std::io::Read;

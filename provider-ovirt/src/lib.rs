@@ -20,7 +20,7 @@
 //!   `nbd`, see [Data path](#data-path)). Only `cow` disks with
 //!   `backup=incremental` have checkpoints; other disks are read in full.
 //!   Which disks are read as changes only follows the host's rule
-//!   ([`BackupVmRequest::host_mode`]), never the provider's plan alone: a
+//!   ([`BackupVmRequest::host_mode`](provider_api::BackupVmRequest::host_mode)), never the provider's plan alone: a
 //!   disk resized since the previous backup is read in full.
 //!
 //! ## Data path
@@ -32,7 +32,7 @@
 //! id>` (virtio-scsi), waited for up to [`OvirtOptions::operation_timeout`].
 //! The attachment's `logical_name` is not used: the engine reports it
 //! only once the guest agent has (if ever). A disk that does not appear
-//! in time fails the guest with a [`ErrorKind::Timeout`] naming the disk id
+//! in time fails the guest with a [`ErrorKind::Timeout`](provider_api::ErrorKind::Timeout) naming the disk id
 //! and the directory; the disks attached so far are detached by the
 //! cleanup. (Restore finds the disks it attaches the same way, and also
 //! accepts a `logical_name` that names a device present here.)
@@ -49,7 +49,7 @@
 //!   flags), so holes and zero extents are never read;
 //! - on a disk the host reads as changes only, `qemu:dirty-bitmap:<from
 //!   checkpoint>` answers from `extents?context=dirty` and the volume's
-//!   dirty source is [`DirtySource::NbdBitmap`]: the host's data mover
+//!   dirty source is [`DirtySource::NbdBitmap`](provider_api::DirtySource::NbdBitmap): the host's data mover
 //!   reads only the dirty, allocated ranges, exactly as from qemu-nbd.
 //!
 //! The transfer URL is asked `OPTIONS` once per disk; the extents lists
@@ -60,7 +60,7 @@
 //! every byte; an incremental that needs the dirty extents of such a
 //! server fails, naming the URL. Because the export serves the whole
 //! point-in-time image, the host may always read a disk in full (a resize,
-//! a lost checkpoint), and the access is [`AccessScope::Whole`].
+//! a lost checkpoint), and the access is [`AccessScope::Whole`](provider_api::AccessScope::Whole).
 //!
 //! Memory stays bounded whatever the disk size: the host keeps a few
 //! reads in flight, and the NBD server's in-flight budgets (32 MiB per
@@ -97,10 +97,10 @@
 //! ## Interrupted jobs
 //!
 //! Every object the provider creates carries the job's
-//! [`JobMarker`] (`vmbackup.<host>.<job>`) in its description. `job_init`
+//! [`JobMarker`](provider_api::JobMarker) (`vmbackup.<host>.<job>`) in its description. `job_init`
 //! sweeps what an earlier job of the same host left when it died before
 //! its cleanups (its marker names this host and a job that is not in
-//! [`JobInfo::running_jobs`]): it finalizes (or cancels) that job's image
+//! [`JobInfo::running_jobs`](provider_api::JobInfo::running_jobs)): it finalizes (or cancels) that job's image
 //! transfers and finalizes its backups (a backup left `ready` makes every
 //! later backup of the VM fail), detaches its snapshot disks from the
 //! appliance and deletes its snapshots. Objects of a running job or of
@@ -140,7 +140,7 @@
 //! host (`host:port`) it came from; credentials never appear in
 //! errors or logs ([`OvirtOptions`]' `Debug` hides the password). Answers
 //! are read into the typed shapes of [`api`]: a field the provider acts on
-//! that is missing or malformed is an [`ErrorKind::Platform`] error naming
+//! that is missing or malformed is an [`ErrorKind::Platform`](provider_api::ErrorKind::Platform) error naming
 //! the call and the field.
 //!
 //! ## Example

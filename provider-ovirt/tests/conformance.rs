@@ -1,5 +1,10 @@
 //! The provider against the in-process mock: the conformance kit in both
 //! modes, with a probe over the mock's oVirt inventory.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

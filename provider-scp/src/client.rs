@@ -479,6 +479,10 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// HMAC-SHA256.
+#[allow(
+    clippy::expect_used,
+    reason = "HMAC accepts keys of every length; new_from_slice cannot fail"
+)]
 pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");

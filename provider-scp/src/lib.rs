@@ -149,7 +149,6 @@
 //! // hand it to engine::BackupDriver / RestoreDriver
 //! # let _ = provider; Ok(()) }
 //! ```
-#![warn(missing_docs)]
 
 pub mod api;
 pub mod client;

@@ -5,6 +5,11 @@
 //! Needs `qemu-img`, `qemu-io` and `qemu-nbd` on `PATH`. Without them the
 //! tests say so and pass, except under `CI` (the variable set), where a
 //! missing tool fails them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a failed unwrap is a failed test"
+)]
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

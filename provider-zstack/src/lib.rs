@@ -125,8 +125,6 @@
 //! # let _ = provider; Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
-
 pub mod api;
 pub mod client;
 pub mod download;

@@ -3,6 +3,11 @@
 //! both modes (4.4 incremental backups and snapshot attach).
 //!
 //! `cargo run --release -p scenarios --example ovirt-bench`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark program: a failed step ends the run"
+)]
 
 use engine::JobReport;
 use provider_ovirt::{BackupMode, WireFormat};

@@ -11,6 +11,11 @@
 //! disk allocated and the full backup reads base image + overlay = the
 //! disk size (as qemu-img does from the guest-view export). The 1% of the
 //! incremental is written as clustered 1 MiB runs spread over the disk.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark program: a failed step ends the run"
+)]
 
 use std::time::Instant;
 

@@ -3,6 +3,11 @@
 //! linked root volume's base image stored too.
 //!
 //! `cargo run --release -p scenarios --example zstack-bench`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark program: a failed step ends the run"
+)]
 
 use scenarios::zstack::*;
 use serde_json::json;

@@ -15,7 +15,7 @@
 //!   injected attach fault) is left out: the VM is still created (201) and
 //!   the audit log gets the engine's
 //!   `VM_IMPORT_FROM_CONFIGURATION_ATTACH_DISKS_FAILED` event, "Failed to
-//!   attach Disk(s) <aliases> to VM <name>".
+//!   attach Disk(s) `<aliases>` to VM `<name>`".
 
 use std::sync::Arc;
 

@@ -587,6 +587,7 @@ where
 
 /// Feed arbitrary reply bytes to the reply parser with a few requests in
 /// flight (fuzzing and property tests).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) async fn fuzz_replies(data: &[u8]) -> Result<()> {
     let structured = data.first().is_some_and(|b| b & 1 == 1);
     run_replies(data.get(1..).unwrap_or_default(), structured).await
@@ -595,6 +596,7 @@ pub(crate) async fn fuzz_replies(data: &[u8]) -> Result<()> {
 /// Parse `data` as the replies to four requests in flight: cookie 0 READ
 /// 4096@4096, 1 BLOCK_STATUS 65536@4096, 2 WRITE 512@4096, 3 READ 1@4096;
 /// the export is 1 MiB with contexts 1 (base:allocation) and 2.
+#[cfg(any(test, feature = "fuzzing"))]
 async fn run_replies(data: &[u8], structured: bool) -> Result<()> {
     let info = Negotiated {
         size: 1 << 20,

@@ -699,6 +699,7 @@ impl Client {
 }
 
 /// Run the client handshake against arbitrary server bytes (fuzzing).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) async fn fuzz_handshake(data: &[u8]) {
     let mut io = tokio::io::join(data, tokio::io::sink());
     if handshake::greeting(&mut io).await.is_ok() {
@@ -714,6 +715,7 @@ pub(crate) async fn fuzz_handshake(data: &[u8]) {
 }
 
 /// Run the reply parser against arbitrary bytes (fuzzing).
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) async fn fuzz_replies(data: &[u8]) {
     let _ = conn::fuzz_replies(data).await;
 }

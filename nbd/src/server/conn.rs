@@ -481,6 +481,10 @@ impl Admission {
 }
 
 /// `n` permits of `sem` (`n` ≤ its capacity, at most 32 MiB).
+#[allow(
+    clippy::expect_used,
+    reason = "the admission semaphores live as long as the server and are never closed"
+)]
 async fn acquire(sem: &Arc<Semaphore>, n: usize) -> OwnedSemaphorePermit {
     sem.clone()
         .acquire_many_owned(n as u32)

@@ -300,8 +300,11 @@ pub struct FileExport {
 impl FileExport {
     /// Open `path` read-only.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)?;
-        let size = file.metadata()?.len();
+        let file = std::fs::File::open(path).map_err(|e| file_error("opening", path, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| file_error("reading the size of", path, e))?
+            .len();
         Ok(FileExport {
             file: Arc::new(file),
             size,
@@ -314,14 +317,24 @@ impl FileExport {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(path)?;
-        let size = file.metadata()?.len();
+            .open(path)
+            .map_err(|e| file_error("opening", path, e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| file_error("reading the size of", path, e))?
+            .len();
         Ok(FileExport {
             file: Arc::new(file),
             size,
             writable: true,
         })
     }
+}
+
+/// An I/O error that names the file (the kind stays `Io`).
+fn file_error(what: &str, path: &Path, e: std::io::Error) -> Error {
+    let named = std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    Error::from(named)
 }
 
 async fn blocking<T: Send + 'static>(

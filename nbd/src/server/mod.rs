@@ -380,6 +380,8 @@ pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
 
 /// Run the server handshake and request parser against arbitrary client
 /// bytes (fuzzing).
+#[cfg(any(test, feature = "fuzzing"))]
+#[allow(clippy::expect_used, reason = "the default configuration is valid")]
 pub(crate) async fn fuzz_server(data: &[u8]) {
     let server = Server::new(ServerConfig::default()).expect("config");
     server.add_export("", Arc::new(MemoryExport::new(1 << 20)));

@@ -350,7 +350,13 @@ impl ZStackProvider {
             .map_err(|m| Error::new(ErrorKind::Corrupt, m).api_call(source.call()))?;
         out.flush().map_err(io)?;
         drop(out);
-        std::fs::rename(&tmp, cache).map_err(io)?;
+        std::fs::rename(&tmp, cache).map_err(|e| {
+            Error::new(
+                ErrorKind::Io,
+                format!("renaming {} to {}", tmp.display(), cache.display()),
+            )
+            .with_source(e)
+        })?;
         Ok(())
     }
 

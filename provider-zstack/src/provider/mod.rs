@@ -178,7 +178,10 @@ fn new_uuid(counter: u64) -> String {
 impl ZStackProvider {
     /// A provider; creates the work directory.
     pub fn new(options: ZStackOptions) -> Result<Self> {
-        std::fs::create_dir_all(options.work_dir.join("base-digests"))?;
+        let digests = options.work_dir.join("base-digests");
+        std::fs::create_dir_all(&digests).map_err(|e| {
+            Error::new(ErrorKind::Io, format!("creating {}", digests.display())).with_source(e)
+        })?;
         let client = ZStackClient::new(Connection {
             base_url: options.base_url.clone(),
             account: options.account.clone(),
