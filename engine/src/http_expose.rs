@@ -23,6 +23,7 @@
 //! The server is plain HTTP: run it on a backup network, or put a TLS
 //! proxy in front of it and advertise the proxy's `https://` URL.
 
+use provider_kit::lock;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,10 +53,6 @@ struct Entry {
 }
 
 type Entries = Arc<Mutex<HashMap<String, Arc<Entry>>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Serves stored volumes over HTTP under one-time URLs (see the module
 /// docs). The server stops when the exposer is dropped.

@@ -9,7 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::disk::lock;
 
 use serde::Serialize;
 
@@ -309,10 +311,6 @@ pub struct ExportRegistry {
     active: Mutex<BTreeMap<String, Arc<DiskExport>>>,
     closed: Mutex<Vec<ExportStats>>,
     listener: Mutex<Option<Arc<dyn ExportListener>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ExportRegistry {

@@ -7,6 +7,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::disk::lock;
+
 use serde::{Deserialize, Serialize};
 
 /// An HTTP fault: matches a call by method and path, then delays it and/or
@@ -146,8 +148,4 @@ fn consume<T>(faults: &mut Vec<T>, i: usize, times: impl Fn(&mut T) -> &mut Opti
             faults.remove(i);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -86,18 +86,6 @@
 //!     async fn backup_cleanup(&self, _g: &Guest, _o: &Outcome) -> Result<BackupStats> {
 //!         Ok(BackupStats::default())
 //!     }
-//!     async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-//!         match kind {
-//!             GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-//!             _ => Err(Error::unsupported("container restore")),
-//!         }
-//!     }
-//!     async fn archive_get_guest_config(&self, a: &ArchiveView) -> Result<ConfigBlob> {
-//!         a.guest_config.clone().ok_or_else(|| Error::not_found("no guest config"))
-//!     }
-//!     async fn archive_get_firewall_config(&self, a: &ArchiveView) -> Result<Option<ConfigBlob>> {
-//!         Ok(a.firewall_config.clone())
-//!     }
 //!     async fn restore_vm_init(&self, req: &RestoreVmRequest) -> Result<Guest> {
 //!         match &req.target {
 //!             RestoreTarget::NewGuest { name } => {

@@ -567,8 +567,15 @@ pub trait BackupProvider: Send + Sync {
         Ok(())
     }
 
-    /// How restored data is consumed for this kind of guest.
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism>;
+    /// How restored data is consumed for this kind of guest. By default
+    /// VMs are restored through [`RestoreMechanism::QemuImg`] and
+    /// containers are not supported.
+    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
+        match kind {
+            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
+            GuestKind::Container => Err(Error::unsupported("container restore")),
+        }
+    }
 
     /// Which kind of URL this provider needs in [`RestoreSources`] (for
     /// [`RestoreMechanism::QemuImg`]): NBD unless the provider says
@@ -579,14 +586,27 @@ pub trait BackupProvider: Send + Sync {
         RestoreSourceKind::Nbd
     }
 
-    /// The guest configuration to restore with.
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob>;
+    /// The guest configuration to restore with. By default the one stored
+    /// with the snapshot; a snapshot without one is a `NotFound` error
+    /// naming it.
+    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
+        archive.guest_config.clone().ok_or_else(|| {
+            Error::not_found(format!(
+                "snapshot {} has no guest configuration",
+                archive.snapshot.id
+            ))
+        })
+    }
 
-    /// The firewall configuration to restore with, if any.
+    /// The firewall configuration to restore with, if any. By default the
+    /// one stored with the snapshot; a provider whose platform has none
+    /// returns `None` whatever the snapshot holds.
     async fn archive_get_firewall_config(
         &self,
         archive: &ArchiveView,
-    ) -> Result<Option<ConfigBlob>>;
+    ) -> Result<Option<ConfigBlob>> {
+        Ok(archive.firewall_config.clone())
+    }
 
     /// Create (or prepare, in place) the guest; returns it.
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest>;

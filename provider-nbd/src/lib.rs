@@ -34,10 +34,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use async_trait::async_trait;
 use provider_api::*;
+use provider_kit::lock;
 use serde::{Deserialize, Serialize};
 
 /// Device name of the volume of a single-export guest.
@@ -106,10 +107,6 @@ pub struct NbdProvider {
     /// Restores between restore_vm_init and restore_vm_cleanup, by the
     /// guest id `restore_vm_init` returned.
     restores: Mutex<BTreeMap<String, RestoreDestination>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn read_lock<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -328,27 +325,6 @@ impl BackupProvider for NbdProvider {
     async fn backup_cleanup(&self, guest: &Guest, _outcome: &Outcome) -> Result<BackupStats> {
         lock(&self.active).remove(&guest.id.0);
         Ok(BackupStats::default())
-    }
-
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-        match kind {
-            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-            _ => Err(Error::unsupported("container restore")),
-        }
-    }
-
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
-        archive
-            .guest_config
-            .clone()
-            .ok_or_else(|| Error::not_found("the archive has no guest configuration"))
-    }
-
-    async fn archive_get_firewall_config(
-        &self,
-        archive: &ArchiveView,
-    ) -> Result<Option<ConfigBlob>> {
-        Ok(archive.firewall_config.clone())
     }
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {

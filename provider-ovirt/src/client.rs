@@ -74,28 +74,13 @@ fn form_encode(s: &str) -> String {
 /// The HTTP transport: `timeout` per call; with `tls_ca`, that CA (PEM)
 /// is the only root trusted for the engine and its image servers.
 pub fn http_client(timeout: Duration, tls_ca: Option<&std::path::Path>) -> Result<reqwest::Client> {
-    let mut builder = reqwest::Client::builder().timeout(timeout);
-    if let Some(ca) = tls_ca {
-        let pem = std::fs::read(ca).map_err(|e| {
-            Error::invalid(format!("reading the engine CA {}", ca.display())).with_source(e)
-        })?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-            Error::invalid(format!("the engine CA {} is not PEM", ca.display())).with_source(e)
-        })?;
-        if certs.is_empty() {
-            return Err(Error::invalid(format!(
-                "the engine CA {} holds no certificate",
-                ca.display()
-            )));
-        }
-        builder = builder.tls_built_in_root_certs(false);
-        for c in certs {
-            builder = builder.add_root_certificate(c);
-        }
-    }
-    builder
-        .build()
-        .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))
+    provider_kit::http_client(&provider_kit::HttpClientOptions {
+        platform: "engine",
+        connect_timeout: timeout,
+        timeout: Some(timeout),
+        read_timeout: None,
+        tls_ca,
+    })
 }
 
 impl Client {

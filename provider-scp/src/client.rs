@@ -28,6 +28,7 @@ use rsa::{BigUint, Pkcs1v15Encrypt, RsaPublicKey};
 use sha2::{Digest, Sha256};
 
 use provider_api::{Error, ErrorKind, Result};
+use provider_kit::poll::{self, Poll, PollPolicy};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -109,10 +110,13 @@ pub fn error_code(e: &Error) -> Option<i64> {
 impl ScpClient {
     /// A client (not yet logged in).
     pub fn new(options: &ScpOptions) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(options.request_timeout)
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))?;
+        let http = provider_kit::http_client(&provider_kit::HttpClientOptions {
+            platform: "SCP",
+            connect_timeout: options.request_timeout,
+            timeout: Some(options.request_timeout),
+            read_timeout: None,
+            tls_ca: None,
+        })?;
         Ok(ScpClient {
             http,
             base: options.base_url.trim_end_matches('/').to_owned(),
@@ -362,67 +366,65 @@ impl ScpClient {
     ) -> Result<T> {
         let call = format!("{method} {path}");
         let started: TaskRef = self.call(method, path, &[], body).await?;
-        let task_path = format!("/janus/20180725/tasks/{}", started.task_id);
-        let deadline = Instant::now() + self.options.task_timeout;
-        loop {
-            let task: Task = self.call(Method::GET, &task_path, &[], None).await?;
-            match task.status.as_str() {
-                "finish" => {
-                    return serde_json::from_value(task.entities).map_err(|e| {
-                        Error::new(
-                            ErrorKind::Platform,
-                            format!("SCP task {} result does not parse: {e}", started.task_id),
-                        )
-                        .api_call(&call)
-                    });
-                }
-                "failure" => {
-                    let why = if task.description.is_empty() {
-                        "no description".to_owned()
-                    } else {
-                        task.description.clone()
-                    };
-                    let e = Error::new(
-                        if says_cbt_expired(&why) {
+        let task_path = &format!("/janus/20180725/tasks/{}", started.task_id);
+        let (call, started) = (&call, &started);
+        let policy = PollPolicy::new(self.options.poll_interval, self.options.task_timeout);
+        poll::until(
+            &policy,
+            || async move {
+                let task: Task = self.call(Method::GET, task_path, &[], None).await?;
+                match task.status.as_str() {
+                    "finish" => serde_json::from_value(task.entities)
+                        .map(Poll::Done)
+                        .map_err(|e| {
+                            Error::new(
+                                ErrorKind::Platform,
+                                format!("SCP task {} result does not parse: {e}", started.task_id),
+                            )
+                            .api_call(call)
+                        }),
+                    "failure" => {
+                        let why = if task.description.is_empty() {
+                            "no description".to_owned()
+                        } else {
+                            task.description.clone()
+                        };
+                        let kind = if says_cbt_expired(&why) {
                             ErrorKind::ChangeTrackingLost
                         } else {
                             ErrorKind::Platform
-                        },
-                        format!("SCP task {} failed: {why}", started.task_id),
-                    );
-                    return Err(e.api_call(&call));
-                }
-                "canceled" | "canceling" => {
-                    return Err(Error::new(
+                        };
+                        Err(Error::new(kind, format!("SCP task {} failed: {why}", started.task_id))
+                            .api_call(call))
+                    }
+                    "canceled" | "canceling" => Err(Error::new(
                         ErrorKind::Platform,
                         format!("SCP task {} was canceled", started.task_id),
                     )
-                    .api_call(&call));
-                }
-                "waiting" | "doing" => {}
-                other => {
-                    return Err(Error::new(
+                    .api_call(call)),
+                    "waiting" | "doing" => Ok(Poll::Pending((task.status, task.progress))),
+                    other => Err(Error::new(
                         ErrorKind::Platform,
                         format!(
                             "SCP task {} has an unknown status {other:?}",
                             started.task_id
                         ),
                     )
-                    .api_call(&call));
+                    .api_call(call)),
                 }
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::new(
+            },
+            |_, (status, progress)| {
+                Error::new(
                     ErrorKind::Timeout,
                     format!(
-                        "SCP task {} did not finish within {:?} (last status {}, progress {})",
-                        started.task_id, self.options.task_timeout, task.status, task.progress
+                        "SCP task {} did not finish within {:?} (last status {status}, progress {progress})",
+                        started.task_id, self.options.task_timeout
                     ),
                 )
-                .api_call(&call));
-            }
-            tokio::time::sleep(self.options.poll_interval).await;
-        }
+                .api_call(call)
+            },
+        )
+        .await
     }
 
     /// Every item of a paged list.

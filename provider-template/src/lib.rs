@@ -79,12 +79,13 @@ pub use settings::{TemplateSettings, register};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use provider_api::*;
+use provider_kit::lock;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -160,10 +161,6 @@ fn plain_name(what: &str, name: &str) -> Result<()> {
         return Err(Error::invalid(msg));
     }
     Ok(())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Run a tool; the error names the command line and its stderr.
@@ -439,20 +436,6 @@ impl BackupProvider for TemplateProvider {
             }
         }
         result.map(|()| BackupStats::default())
-    }
-
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-        let vm = (kind == GuestKind::Vm).then_some(RestoreMechanism::QemuImg);
-        vm.ok_or_else(|| Error::unsupported("container restore"))
-    }
-
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
-        let config = archive.guest_config.clone();
-        config.ok_or_else(|| Error::not_found("the archive has no guest.json"))
-    }
-
-    async fn archive_get_firewall_config(&self, view: &ArchiveView) -> Result<Option<ConfigBlob>> {
-        Ok(view.firewall_config.clone())
     }
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {

@@ -20,9 +20,10 @@
 //! job marker and is found by the sweeps).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use provider_api::{Error, ErrorKind, Result};
+use provider_kit::poll::{self, Poll, PollPolicy};
 use provider_kit::{RetryPolicy, retry};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -170,11 +171,10 @@ fn json_body(call: &str, status: StatusCode, body: &[u8]) -> Result<Value> {
 impl ZStackClient {
     /// A client (not logged in yet).
     pub fn new(conn: Connection) -> Result<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(conn.io_timeout)
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Other, "building the HTTP client").with_source(e))?;
+        let http = provider_kit::http_client(&provider_kit::HttpClientOptions {
+            read_timeout: Some(conn.io_timeout),
+            ..provider_kit::HttpClientOptions::new("ZStack")
+        })?;
         Ok(ZStackClient {
             conn,
             http,
@@ -439,21 +439,14 @@ impl ZStackClient {
         };
         let polling = &format!("{call}, polling its API job");
         let location = &location;
-        let started = Instant::now();
-        loop {
-            if started.elapsed() > timeout {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "ZStack job did not finish within {timeout:?} (the object may be stuck, e.g. an image in Downloading)"
-                    ),
-                )
-                .api_call(&call));
-            }
-            tokio::time::sleep(self.conn.poll_interval).await;
-            // 202: running; 200: the result; a ZStack error: the job failed.
-            let poll = self
-                .with_relogin(polling, || {
+        // The job was just accepted: the first look waits one interval.
+        tokio::time::sleep(self.conn.poll_interval).await;
+        let policy = PollPolicy::new(self.conn.poll_interval, timeout);
+        poll::until(
+            &policy,
+            || async move {
+                // 202: running; 200: the result; a ZStack error: the job failed.
+                self.with_relogin(polling, || {
                     retry(&self.conn.retry, polling, |_| async move {
                         let resp = self
                             .request(Method::GET, location)
@@ -463,17 +456,25 @@ impl ZStackClient {
                         let status = resp.status();
                         let bytes = resp.bytes().await.map_err(|e| transport(polling, e))?;
                         match status {
-                            StatusCode::ACCEPTED => Ok(None),
-                            StatusCode::OK => json_body(polling, status, &bytes).map(Some),
+                            StatusCode::ACCEPTED => Ok(Poll::Pending(())),
+                            StatusCode::OK => json_body(polling, status, &bytes).map(Poll::Done),
                             s => Err(platform_error(polling, s, &bytes)),
                         }
                     })
                 })
-                .await?;
-            if let Some(v) = poll {
-                return Ok(v);
-            }
-        }
+                .await
+            },
+            |_, _| {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "ZStack job did not finish within {timeout:?} (the object may be stuck, e.g. an image in Downloading)"
+                    ),
+                )
+                .api_call(&call)
+            },
+        )
+        .await
     }
 
     /// Logs in again after a `401` (the session expired).

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use super::lock;
 
 use super::{BaseImage, VirtualDisk};
 use crate::error::{Error, Result};
@@ -15,10 +17,6 @@ pub struct DiskStore {
     root: PathBuf,
     images: Mutex<BTreeMap<String, Arc<BaseImage>>>,
     disks: Mutex<BTreeMap<String, Arc<VirtualDisk>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {

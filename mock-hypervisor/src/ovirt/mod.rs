@@ -47,8 +47,10 @@ pub mod wire;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
+
+use crate::disk::lock;
 
 use axum::Router;
 use axum::body::Body;
@@ -228,10 +230,6 @@ pub fn parse_version(v: &str) -> Vec<u32> {
     v.split('.')
         .map(|p| p.trim().parse().unwrap_or(0))
         .collect()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl OvirtPlatform {

@@ -30,7 +30,9 @@ pub mod transfer;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::disk::lock;
 
 use axum::Router;
 use axum::extract::{Request, State};
@@ -241,10 +243,6 @@ pub struct ZStackPlatform {
     jobs: Mutex<HashMap<String, Job>>,
     faults: Mutex<Vec<ZsFault>>,
     http_base: RwLock<String>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl ZStackPlatform {

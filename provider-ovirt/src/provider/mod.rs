@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use provider_api::*;
+use provider_kit::poll::{self, Poll, PollPolicy};
+use provider_kit::{GuestStates, lock};
 use serde_json::json;
 
 use crate::api;
@@ -73,8 +75,8 @@ pub struct OvirtProvider {
     appliance_id: Mutex<Option<String>>,
     engine_44: Mutex<Option<bool>>,
     job: Mutex<Option<JobInfo>>,
-    backups: Mutex<HashMap<String, BackupState>>,
-    restores: Mutex<HashMap<String, RestoreState>>,
+    backups: GuestStates<BackupState>,
+    restores: GuestStates<RestoreState>,
 }
 
 impl std::fmt::Debug for OvirtProvider {
@@ -83,10 +85,6 @@ impl std::fmt::Debug for OvirtProvider {
             .field("options", &self.options)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn platform(msg: impl Into<String>) -> Error {
@@ -151,8 +149,8 @@ impl OvirtProvider {
             appliance_id: Mutex::new(None),
             engine_44: Mutex::new(None),
             job: Mutex::new(None),
-            backups: Mutex::new(HashMap::new()),
-            restores: Mutex::new(HashMap::new()),
+            backups: GuestStates::new("backup_init"),
+            restores: GuestStates::new("restore_vm_init"),
         })
     }
 
@@ -165,10 +163,8 @@ impl OvirtProvider {
     /// address per incremental backup between its `backup_vm` and its
     /// `backup_cleanup` (diagnostics and tests).
     pub fn nbd_addresses(&self) -> Vec<std::net::SocketAddr> {
-        lock(&self.backups)
-            .values()
-            .filter_map(|s| s.serving.as_ref().map(|sv| sv.address()))
-            .collect()
+        self.backups
+            .collect(|s| s.serving.as_ref().map(|sv| sv.address()))
     }
 
     async fn poll<T, F, Fut>(&self, what: &str, call: &str, mut f: F) -> Result<T>
@@ -176,23 +172,25 @@ impl OvirtProvider {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<Option<T>>>,
     {
-        let deadline = Instant::now() + self.options.operation_timeout;
-        loop {
-            if let Some(t) = f().await? {
-                return Ok(t);
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::new(
+        let policy = PollPolicy::new(self.options.poll_interval, self.options.operation_timeout);
+        poll::until(
+            &policy,
+            || {
+                let look = f();
+                async move { Ok(look.await?.map_or(Poll::Pending(()), Poll::Done)) }
+            },
+            |_, _| {
+                Error::new(
                     ErrorKind::Timeout,
                     format!(
                         "{what} after {:.1} s",
                         self.options.operation_timeout.as_secs_f64()
                     ),
                 )
-                .api_call(call));
-            }
-            tokio::time::sleep(self.options.poll_interval).await;
-        }
+                .api_call(call)
+            },
+        )
+        .await
     }
 
     /// The device of disk `disk_id` attached to the appliance, found the
@@ -298,11 +296,7 @@ impl OvirtProvider {
     }
 
     fn state<R>(&self, guest: &Guest, f: impl FnOnce(&mut BackupState) -> R) -> Result<R> {
-        let mut all = lock(&self.backups);
-        let st = all.get_mut(&guest.id.0).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidInput, "backup_init was not called").guest(&guest.id)
-        })?;
-        Ok(f(st))
+        self.backups.with(&guest.id, f)
     }
 
     /// What an earlier job of this host that is no longer running left
@@ -436,8 +430,7 @@ impl BackupProvider for OvirtProvider {
     }
 
     async fn job_cleanup(&self) -> Result<()> {
-        let left: Vec<BackupState> = lock(&self.backups).drain().map(|(_, st)| st).collect();
-        for mut st in left {
+        for mut st in self.backups.drain() {
             if let Some(mut sv) = st.serving.take() {
                 sv.close().await;
             }
@@ -458,8 +451,8 @@ impl BackupProvider for OvirtProvider {
         let vm_id = vm.id;
         let mode = self.mode_for().await.map_err(|e| e.guest(&guest.id))?;
         let archive = ArchiveName::new(format!("vm/{vm_id}/{start_time}"))?;
-        lock(&self.backups).insert(
-            guest.id.0.clone(),
+        self.backups.insert(
+            &guest.id.0,
             BackupState {
                 vm_id,
                 tag: self.tag(&format!("vmbackup:{archive}")),
@@ -580,7 +573,7 @@ impl BackupProvider for OvirtProvider {
     }
 
     async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats> {
-        let Some(mut st) = lock(&self.backups).remove(&guest.id.0) else {
+        let Some(mut st) = self.backups.take(&guest.id) else {
             return Ok(BackupStats::default());
         };
         if !outcome.is_success() {
@@ -610,7 +603,7 @@ impl BackupProvider for OvirtProvider {
             None => Ok(stats),
             Some(e) => {
                 // Keep what is left so that a later cleanup retries it.
-                lock(&self.backups).insert(guest.id.0.clone(), st);
+                self.backups.insert(&guest.id.0, st);
                 Err(Error::new(e.kind(), "cleaning up the backup failed")
                     .with_source(e)
                     .guest(&guest.id))
@@ -618,20 +611,8 @@ impl BackupProvider for OvirtProvider {
         }
     }
 
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-        match kind {
-            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-            GuestKind::Container => Err(Error::unsupported("container restore")),
-        }
-    }
-
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
-        archive
-            .guest_config
-            .clone()
-            .ok_or_else(|| Error::not_found("the archive has no OVF configuration"))
-    }
-
+    /// oVirt keeps no firewall configuration with a VM (vNIC profiles
+    /// and network filters belong to the cluster).
     async fn archive_get_firewall_config(
         &self,
         _archive: &ArchiveView,

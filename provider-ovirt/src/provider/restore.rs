@@ -24,11 +24,7 @@ impl OvirtProvider {
         guest: &Guest,
         f: impl FnOnce(&mut RestoreState) -> R,
     ) -> Result<R> {
-        let mut all = lock(&self.restores);
-        let st = all.get_mut(&guest.id.0).ok_or_else(|| {
-            Error::new(ErrorKind::InvalidInput, "restore_vm_init was not called").guest(&guest.id)
-        })?;
-        Ok(f(st))
+        self.restores.with(&guest.id, f)
     }
 
     pub(super) async fn attach_to(
@@ -85,8 +81,8 @@ impl OvirtProvider {
                         .volume(&d.device));
                     }
                 }
-                lock(&self.restores).insert(
-                    meta.vm_id.clone(),
+                self.restores.insert(
+                    &meta.vm_id,
                     RestoreState {
                         vm_id: meta.vm_id.clone(),
                         new_vm: false,
@@ -120,8 +116,8 @@ impl OvirtProvider {
                     .api_call(format!("GET {q}")));
                 }
                 let id = crate::ovf::new_uuid();
-                lock(&self.restores).insert(
-                    id.clone(),
+                self.restores.insert(
+                    &id,
                     RestoreState {
                         vm_id: id.clone(),
                         new_vm: true,
@@ -283,7 +279,7 @@ impl OvirtProvider {
     }
 
     pub(super) async fn cleanup_restore(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
-        let Some(mut st) = lock(&self.restores).remove(&guest.id.0) else {
+        let Some(mut st) = self.restores.take(&guest.id) else {
             return Ok(());
         };
         if !st.new_vm {

@@ -1,6 +1,7 @@
 //! [`ScpProvider`]: the `BackupProvider` implementation (shared plumbing and
 //! the trait here; `backup` and `restore` hold the two halves).
 
+use provider_kit::lock;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,10 +27,6 @@ const RESOURCES: &str = "/janus/20240725/backup-resources";
 const BASE_IMAGES: &str = "/janus/20180725/base-images";
 const ATTRIBUTES: &str = "/janus/20190725/custom-attributes";
 const BINDINGS: &str = "/janus/20190725/custom-attributes/bindings";
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A backup resource kept alive by a background task.
 struct Lease {
@@ -390,27 +387,6 @@ impl BackupProvider for ScpProvider {
             writeln!(f, "{n}")?;
         }
         Ok(())
-    }
-
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-        match kind {
-            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-            GuestKind::Container => Err(Error::unsupported("container restore")),
-        }
-    }
-
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
-        archive
-            .guest_config
-            .clone()
-            .ok_or_else(|| Error::not_found("the snapshot has no guest configuration"))
-    }
-
-    async fn archive_get_firewall_config(
-        &self,
-        archive: &ArchiveView,
-    ) -> Result<Option<ConfigBlob>> {
-        Ok(archive.firewall_config.clone())
     }
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {

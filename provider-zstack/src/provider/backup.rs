@@ -200,9 +200,8 @@ impl ZStackProvider {
     /// one whose answer is lost is deleted too) and counted as used.
     async fn export(&self, bs: &str, image: &str, state_key: &str) -> Result<Exported> {
         let id = (bs.to_string(), image.to_string());
-        if let Some(st) = lock(&self.backups).get_mut(state_key) {
-            st.exports.push(id.clone());
-        }
+        self.backups
+            .with_id(state_key, |st| st.exports.push(id.clone()));
         *lock(&self.export_users).entry(id).or_default() += 1;
         let r: ExportResult = self
             .client
@@ -224,11 +223,13 @@ impl ZStackProvider {
     /// Gives up one use of an export; the last user deletes it.
     async fn release_export(&self, bs: &str, image: &str, state_key: Option<&str>) -> Result<()> {
         let id = (bs.to_string(), image.to_string());
-        if let Some(k) = state_key
-            && let Some(st) = lock(&self.backups).get_mut(k)
-            && let Some(i) = st.exports.iter().position(|e| *e == id)
-        {
-            st.exports.remove(i);
+        if let Some(k) = state_key {
+            // One use released: the same export may be held twice.
+            self.backups.with_id(k, |st| {
+                if let Some(i) = st.exports.iter().position(|e| *e == id) {
+                    st.exports.remove(i);
+                }
+            });
         }
         let last = {
             let mut users = lock(&self.export_users);
@@ -278,35 +279,35 @@ impl ZStackProvider {
             HttpRange::new(self.client.http().clone(), url, what)
                 .retries(self.options.download_retries),
         );
-        if let Some(st) = lock(&self.backups).get_mut(key) {
-            st.sources.push(source.clone());
-        }
+        self.backups
+            .with_id(key, |st| st.sources.push(source.clone()));
         source
     }
 
     /// Serves `export` as `name` on the backup's loopback NBD server.
     async fn serve(&self, key: &str, name: &str, export: HttpExport) -> Result<SnapshotAccess> {
-        let running = lock(&self.backups)
-            .get(key)
-            .and_then(|st| st.serving.as_ref().map(LoopbackNbd::address));
+        let running = self
+            .backups
+            .with_id(key, |st| st.serving.as_ref().map(LoopbackNbd::address))
+            .flatten();
         let address = match running {
             Some(a) => a,
             None => {
                 let server = LoopbackNbd::start().await?;
                 let a = server.address();
-                match lock(&self.backups).get_mut(key) {
-                    Some(st) => st.serving = Some(server),
-                    None => return Err(Error::invalid("backup_vm without backup_init")),
-                }
+                self.backups
+                    .with(&provider_api::GuestId(key.to_owned()), |st| {
+                        st.serving = Some(server)
+                    })?;
                 a
             }
         };
-        if let Some(s) = lock(&self.backups)
-            .get(key)
-            .and_then(|st| st.serving.as_ref())
-        {
-            s.add(name, Arc::new(export));
-        }
+        let export = Arc::new(export);
+        self.backups.with_id(key, |st| {
+            if let Some(s) = &st.serving {
+                s.add(name, export);
+            }
+        });
         Ok(SnapshotAccess::Nbd(NbdAccess::new(
             NbdAddress::Tcp {
                 host: address.ip().to_string(),
@@ -605,13 +606,7 @@ impl ZStackProvider {
         request: &BackupVmRequest,
     ) -> Result<VmBackup> {
         let key = guest.id.0.clone();
-        let tag = {
-            let b = lock(&self.backups);
-            let st = b
-                .get(&key)
-                .ok_or_else(|| Error::invalid("backup_vm without backup_init"))?;
-            st.tag.clone()
-        };
+        let tag = self.backups.with(&guest.id, |st| st.tag.clone())?;
         let (vm, raw_vm) = self.vm(guest).await?;
         // A destroyed VM (recoverable until expunged) has its root volume
         // `Deleted`: ZStack takes no snapshot of it.
@@ -746,7 +741,7 @@ impl ZStackProvider {
         guest: &Guest,
         outcome: &Outcome,
     ) -> Result<BackupStats> {
-        let st = lock(&self.backups).remove(&guest.id.0);
+        let st = self.backups.take(&guest.id);
         let mut stats = BackupStats::default();
         let Some(st) = st else { return Ok(stats) };
         let mut first: Option<Error> = None;

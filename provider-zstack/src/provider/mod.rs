@@ -22,12 +22,11 @@ use provider_api::{
     ArchiveName, ArchiveView, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest,
     BaseImageId, BaseLayer, BitmapMode, Capabilities, ConfigBlob, DirtySource, Error, ErrorKind,
     Guest, GuestKind, IncrementalPlan, JobInfo, JobMarker, Outcome, PreviousBackup,
-    RestoreMechanism, RestoreSourceKind, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest,
-    Result, SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat, VolumeImport,
-    marker_safe,
+    RestoreSourceKind, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result,
+    SnapshotAccess, VmBackup, Volume, VolumeAccess, VolumeFormat, VolumeImport, marker_safe,
 };
-use provider_kit::RetryPolicy;
 use provider_kit::http_export::{HttpRange, LoopbackNbd};
+use provider_kit::{GuestStates, RetryPolicy, lock};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -87,8 +86,8 @@ struct BackupState {
 pub struct ZStackProvider {
     options: ZStackOptions,
     client: ZStackClient,
-    backups: Mutex<HashMap<String, BackupState>>,
-    restores: Mutex<HashMap<String, RestoreState>>,
+    backups: GuestStates<BackupState>,
+    restores: GuestStates<RestoreState>,
     counter: AtomicU64,
     /// One export of a base image at a time: an image's export URL is
     /// shared, so guests on the same cached image (backed up in parallel)
@@ -99,10 +98,6 @@ pub struct ZStackProvider {
     export_users: Mutex<HashMap<(String, String), u32>>,
     /// The job of the last `job_init` (its marker names what we create).
     job: Mutex<Option<JobInfo>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn safe(s: &str) -> String {
@@ -198,8 +193,8 @@ impl ZStackProvider {
         Ok(ZStackProvider {
             options,
             client,
-            backups: Mutex::new(HashMap::new()),
-            restores: Mutex::new(HashMap::new()),
+            backups: GuestStates::new("backup_init"),
+            restores: GuestStates::new("restore_vm_init"),
             counter: AtomicU64::new(0),
             base_exports: Mutex::new(HashMap::new()),
             export_users: Mutex::new(HashMap::new()),
@@ -370,8 +365,8 @@ impl BackupProvider for ZStackProvider {
             format!("b{n}-{}", short(&marker_safe(&guest.id.0))),
         );
         let dir = self.options.work_dir.join(tag.prefix());
-        lock(&self.backups).insert(
-            guest.id.0.clone(),
+        self.backups.insert(
+            &guest.id.0,
             BackupState {
                 tag,
                 dir,
@@ -413,28 +408,13 @@ impl BackupProvider for ZStackProvider {
         self.backup_cleanup_inner(guest, outcome).await
     }
 
-    async fn restore_get_mechanism(&self, kind: GuestKind) -> Result<RestoreMechanism> {
-        match kind {
-            GuestKind::Vm => Ok(RestoreMechanism::QemuImg),
-            GuestKind::Container => Err(Error::unsupported("container restore")),
-        }
-    }
-
     /// ZStack's backup storage host fetches AddImage URLs over http(s):
     /// the host serves the restore sources on an address it can reach.
     fn restore_source_kind(&self) -> RestoreSourceKind {
         RestoreSourceKind::Http
     }
 
-    async fn archive_get_guest_config(&self, archive: &ArchiveView) -> Result<ConfigBlob> {
-        archive.guest_config.clone().ok_or_else(|| {
-            Error::not_found(format!(
-                "snapshot {} has no guest configuration",
-                archive.snapshot.id
-            ))
-        })
-    }
-
+    /// ZStack keeps no firewall configuration with a VM.
     async fn archive_get_firewall_config(
         &self,
         _archive: &ArchiveView,

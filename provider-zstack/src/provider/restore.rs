@@ -39,11 +39,7 @@ enum Compute {
 
 impl ZStackProvider {
     fn restore_state<R>(&self, guest: &Guest, f: impl FnOnce(&mut RestoreState) -> R) -> Result<R> {
-        let mut r = lock(&self.restores);
-        let st = r.get_mut(&guest.id.0).ok_or_else(|| {
-            Error::invalid("no restore in progress for this guest").guest(&guest.id)
-        })?;
-        Ok(f(st))
+        self.restores.with(&guest.id, f)
     }
 
     async fn reusable_image(&self, v: &VolumeMeta) -> Result<Option<String>> {
@@ -358,8 +354,8 @@ impl ZStackProvider {
         let name = name.unwrap_or_else(|| format!("{}-restored", meta.vm_name));
         let marker = self.marker_or(&format!("restore-{}", short(&vm_uuid)));
         let tag = Tag::new(&marker, format!("r{n}-{}", short(&vm_uuid)));
-        lock(&self.restores).insert(
-            vm_uuid.clone(),
+        self.restores.insert(
+            &vm_uuid,
             RestoreState {
                 vm_uuid: vm_uuid.clone(),
                 name: name.clone(),
@@ -521,7 +517,7 @@ impl ZStackProvider {
         guest: &Guest,
         outcome: &Outcome,
     ) -> Result<()> {
-        let Some(st) = lock(&self.restores).remove(&guest.id.0) else {
+        let Some(st) = self.restores.take(&guest.id) else {
             return Ok(());
         };
         let mut result = Ok(());
