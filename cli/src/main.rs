@@ -8,6 +8,7 @@ mod demo;
 mod demo_mock;
 mod docs;
 mod jobs;
+mod keys;
 mod progress;
 mod report;
 
@@ -87,6 +88,8 @@ enum Command {
     Completions(docs::CompletionsArgs),
     /// Print the manual page vmbackup(1), or write every page with --dir.
     Man(docs::ManArgs),
+    /// Manage the passphrase-protected key file of client-side encryption.
+    Key(keys::KeyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -571,6 +574,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Man(args) => {
             docs::man(&args, Cli::command())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Key(args) => {
+            keys::run(args, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Gc(args) => {

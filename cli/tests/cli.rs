@@ -13,7 +13,7 @@ fn vmbackup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbackup"))
 }
 
-const SUBCOMMANDS: [&str; 12] = [
+const SUBCOMMANDS: [&str; 13] = [
     "demo",
     "backup",
     "list",
@@ -26,6 +26,7 @@ const SUBCOMMANDS: [&str; 12] = [
     "mock",
     "completions",
     "man",
+    "key",
 ];
 
 #[test]
@@ -288,4 +289,62 @@ fn manual_pages_cover_every_command() {
     }
     let prune = std::fs::read_to_string(pages.join("vmbackup-prune.1")).unwrap();
     assert!(prune.contains("keep\\-last"), "{prune}");
+}
+
+#[test]
+fn key_files_are_created_checked_and_recovered() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.json");
+    let run = |args: &[&str], pass: &str, stdin: &str| {
+        let mut c = vmbackup()
+            .args(args)
+            .arg("--file")
+            .arg(&key)
+            .env("VMBACKUP_PASSPHRASE", pass)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, created, err) = run(&["key", "create"], "s3cret", "");
+    assert_eq!(code, Some(0), "{err}");
+    let fingerprint = created
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert_eq!(fingerprint.len(), 32, "{created}");
+
+    let (code, shown, _) = run(&["key", "show"], "s3cret", "");
+    assert_eq!(code, Some(0));
+    assert!(shown.contains(&fingerprint), "{shown}");
+    let (code, _, err) = run(&["key", "show"], "wrong", "");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("wrong passphrase"), "{err}");
+    let (code, _, err) = run(&["key", "create"], "s3cret", "");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("never overwritten"), "{err}");
+
+    // The recovery copy brings the same key back under a new passphrase.
+    let (code, master, _) = run(&["key", "export-master"], "s3cret", "");
+    assert_eq!(code, Some(0));
+    assert_eq!(master.trim().len(), 64);
+    std::fs::remove_file(&key).unwrap();
+    let (code, imported, err) = run(&["key", "import-master"], "new pass", &master);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(imported.contains(&fingerprint), "{imported}");
+    let (code, _, _) = run(&["key", "show"], "new pass", "");
+    assert_eq!(code, Some(0));
 }

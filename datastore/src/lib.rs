@@ -44,6 +44,9 @@
 //!   `{"checksum": sha256, "manifest": {...}}`; a snapshot's lists its
 //!   volumes (with the index file's size and SHA-256), blobs (size, SHA-256,
 //!   media type) and warnings.
+//! - **Key files** (see [`key`]): a master key sealed by a passphrase
+//!   (Argon2id + ChaCha20-Poly1305), for client-side encryption; the
+//!   formats above do not use it yet.
 //!
 //! Sizes read from any header are bounded before allocation; a damaged
 //! chunk, index, manifest or blob is reported (kind
@@ -155,6 +158,7 @@
 pub mod cache;
 pub mod chunk;
 pub mod index;
+pub mod key;
 mod maintenance;
 pub mod manifest;
 mod reader;

@@ -113,6 +113,9 @@ struct Inner {
     message: String,
     context: Context,
     retryable: bool,
+    /// The platform's own error code (`ID.1001`, `3005`), for callers that
+    /// act on it; the message names it for people, this is for code.
+    platform_code: Option<String>,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -128,6 +131,7 @@ impl Error {
             message: message.into(),
             context: Context::default(),
             retryable: kind.default_retryable(),
+            platform_code: None,
             source: None,
         }))
     }
@@ -150,6 +154,17 @@ impl Error {
     /// [`ErrorKind::Other`].
     pub fn other(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Other, message)
+    }
+
+    /// Record the platform's error code (not shown: the message names it).
+    pub fn with_platform_code(mut self, code: impl Into<String>) -> Self {
+        self.0.platform_code = Some(code.into());
+        self
+    }
+
+    /// The platform's error code, when the error came from one.
+    pub fn platform_code(&self) -> Option<&str> {
+        self.0.platform_code.as_deref()
     }
 
     /// Attach the underlying cause.
@@ -240,6 +255,14 @@ impl From<std::io::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_platform_code_is_for_code_not_for_the_report() {
+        let e = Error::new(ErrorKind::Auth, "session expired").with_platform_code("ID.1001");
+        assert_eq!(e.platform_code(), Some("ID.1001"));
+        assert!(!e.report().contains("ID.1001"), "{}", e.report());
+        assert_eq!(Error::other("x").platform_code(), None);
+    }
 
     #[test]
     fn display_names_context_and_report_adds_source() {

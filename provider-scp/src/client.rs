@@ -82,6 +82,7 @@ pub fn scp_error(status: StatusCode, code: i64, message: &str, call: &str) -> Er
     )
     .api_call(call)
     .retryable(retryable)
+    .with_platform_code(code.to_string())
 }
 
 /// Whether an HTTP status says "try again later" (a busy platform or a
@@ -103,8 +104,7 @@ pub fn is_cbt_expired(e: &Error) -> bool {
 
 /// The envelope code of an error built by [`scp_error`], if any.
 pub fn error_code(e: &Error) -> Option<i64> {
-    let m = e.message().strip_prefix("SCP answered code ")?;
-    m.split_whitespace().next()?.parse().ok()
+    e.platform_code()?.parse().ok()
 }
 
 impl ScpClient {
@@ -115,7 +115,7 @@ impl ScpClient {
             connect_timeout: options.request_timeout,
             timeout: Some(options.request_timeout),
             read_timeout: None,
-            tls_ca: None,
+            tls_ca: options.api_ca.as_deref(),
         })?;
         Ok(ScpClient {
             http,

@@ -114,6 +114,11 @@ pub struct ScpOptions {
     /// [`crate::disk_access::HelperCommand`]. Refused with `HotAdd`.
     #[serde(default)]
     pub helper_command: Option<HelperCommandOptions>,
+    /// A PEM file of the CA that signs the platform's HTTPS certificate
+    /// (then the only root trusted for the API); `None`: the built-in web
+    /// roots.
+    #[serde(default)]
+    pub api_ca: Option<PathBuf>,
 }
 
 /// The disk helper command ([`ScpOptions::helper_command`]).
@@ -182,6 +187,7 @@ impl ScpOptions {
             hotadd_device_root: None,
             hotadd_device_wait: default_device_wait(),
             helper_command: None,
+            api_ca: None,
         }
     }
 }

@@ -9,6 +9,7 @@
 //! password_file = "/etc/vmbackup/scp.password"   # or password = "..."
 //! access = "nbdssl"                              # nbd | nbdssl | hotadd
 //! tls_ca = "/etc/vmbackup/scp-ca.pem"            # nbdssl: verifies the NBD server
+//! # api_ca = "/etc/vmbackup/scp-api-ca.pem"      # a private CA of the HTTPS API
 //! # proxy_server_id = "..."                      # hotadd: the backup proxy VM
 //! # hotadd_device_root = "/dev/disk/by-id"       # hotadd: where the proxy sees its disks by serial
 //! # access_key = "..."; secret_key_file = "..."  # signed requests instead of the password
@@ -41,6 +42,8 @@ pub struct ScpSettings {
     pub access: Option<String>,
     /// CA of the NBD server's certificate (`nbdssl`).
     pub tls_ca: Option<PathBuf>,
+    /// CA of the API's HTTPS certificate, when it is not a public one.
+    pub api_ca: Option<PathBuf>,
     /// Backup proxy VM (`hotadd`).
     pub proxy_server_id: Option<String>,
     /// Where hot-added disks appear on the proxy, by serial (`hotadd`;
@@ -101,6 +104,7 @@ impl ScpSettings {
             }
         };
         options.hotadd_device_root = self.hotadd_device_root.clone();
+        options.api_ca = self.api_ca.clone();
         options.restore_storage_id = self.restore_storage_id.clone();
         if let Some(key) = &self.access_key {
             if self.secret_key.is_none() && self.secret_key_file.is_none() {
@@ -163,5 +167,20 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         let e = s.options("x").unwrap_err().to_string();
         assert_eq!(e, "platform x: nbdssl needs tls_ca");
+    }
+
+    #[test]
+    fn the_api_ca_reaches_the_client_and_a_missing_one_is_named() {
+        let s = parse(
+            serde_json::json!({"endpoint": "https://h", "username": "u", "password": "p",
+            "api_ca": "/nonexistent/scp-api-ca.pem"}),
+        )
+        .unwrap();
+        let e = s.build("x").err().unwrap();
+        let text = format!("{e}: {:?}", std::error::Error::source(&e));
+        assert!(
+            text.contains("scp-api-ca.pem") && text.contains("SCP CA"),
+            "{text}"
+        );
     }
 }

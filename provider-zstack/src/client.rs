@@ -49,6 +49,8 @@ pub struct Connection {
     pub io_timeout: Duration,
     /// Retries of idempotent calls (login, queries, job polls).
     pub retry: RetryPolicy,
+    /// CA of the API's HTTPS certificate, when it is not a public one.
+    pub api_ca: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -111,7 +113,8 @@ fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
             ),
         )
         .api_call(call)
-        .retryable(gateway);
+        .retryable(gateway)
+        .with_platform_code(format!("HTTP {}", status.as_u16()));
     };
     let code = e.code.as_str();
     let kind = match (status, code) {
@@ -136,6 +139,7 @@ fn platform_error(call: &str, status: StatusCode, body: &[u8]) -> Error {
     )
     .api_call(call)
     .retryable(retry)
+    .with_platform_code(code)
 }
 
 /// Whether a plain-text answer (no ZStack error object) is ZStack's
@@ -173,6 +177,7 @@ impl ZStackClient {
     pub fn new(conn: Connection) -> Result<Self> {
         let http = provider_kit::http_client(&provider_kit::HttpClientOptions {
             read_timeout: Some(conn.io_timeout),
+            tls_ca: conn.api_ca.as_deref(),
             ..provider_kit::HttpClientOptions::new("ZStack")
         })?;
         Ok(ZStackClient {
@@ -528,7 +533,7 @@ impl SessionExpired for Error {
         // Real ZStack answers 503 with `ID.1001` (a failed API reply); a
         // gateway in front of it may answer 401.
         self.kind() == ErrorKind::Auth
-            && (self.report().contains("ID.1001") || self.report().contains("HTTP 401"))
+            && matches!(self.platform_code(), Some("ID.1001" | "HTTP 401"))
     }
 }
 
@@ -557,6 +562,32 @@ fn transport(call: &str, e: reqwest::Error) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A session counts as expired by ZStack's code (or a gateway's bare
+    /// 401), not by words that happen to be in a message.
+    #[test]
+    fn an_expired_session_is_told_by_its_code() {
+        let answer = |code: &str, details: &str| {
+            format!(r#"{{"error":{{"code":"{code}","description":"d","details":"{details}"}}}}"#)
+        };
+        let e = |status: u16, body: String| {
+            platform_error(
+                "GET /v1/vm-instances",
+                StatusCode::from_u16(status).unwrap(),
+                body.as_bytes(),
+            )
+        };
+        assert!(e(503, answer("ID.1001", "session expired")).is_session_expired());
+        assert!(e(401, "Unauthorized".into()).is_session_expired());
+        // Wrong password: an auth error, not an expired session.
+        assert!(!e(503, answer("ID.1000", "wrong password, not ID.1001")).is_session_expired());
+        // A refusal whose text quotes ID.1001 is still a refusal.
+        assert!(!e(409, answer("SYS.1007", "see ID.1001 and HTTP 401")).is_session_expired());
+        assert_eq!(
+            e(503, answer("ID.1001", "x")).platform_code(),
+            Some("ID.1001")
+        );
+    }
 
     /// What ZStack's `RestServer` answers for an API it does not have is
     /// told apart from an API that refuses.

@@ -65,6 +65,11 @@ pub struct ZStackOptions {
     /// backed-up VM's NICs' networks). For a target that lacks them.
     #[serde(default)]
     pub l3_network_uuids: Vec<String>,
+    /// A PEM file of the CA that signs the management node's HTTPS
+    /// certificate (then the only root trusted); `None`: the built-in web
+    /// roots.
+    #[serde(default)]
+    pub api_ca: Option<PathBuf>,
 }
 
 fn default_poll_ms() -> u64 {
@@ -121,6 +126,7 @@ impl ZStackOptions {
             retry_initial_ms: default_retry_ms(),
             instance_offering_uuid: None,
             l3_network_uuids: Vec::new(),
+            api_ca: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! username = "admin"
 //! password_file = "/etc/vmbackup/zstack.password"  # or password = "..."
 //! # backup_storage_uuid = "..."; work_dir = "/var/tmp/vmbackup-zstack"
+//! # api_ca = "/etc/vmbackup/zstack-ca.pem"        # a private CA of an HTTPS endpoint
 //! restore_listen = "0.0.0.0:8099"                # restores: ZStack's backup storage fetches from here
 //! advertise_url = "http://10.0.0.5:8099"         # ... by this URL (default http://<restore_listen>)
 //! ```
@@ -50,6 +51,8 @@ pub struct ZStackSettings {
     /// The base URL the backup storage reaches `restore_listen` by
     /// (default `http://<restore_listen>`; used with `restore_listen`).
     pub advertise_url: Option<String>,
+    /// CA of the API's HTTPS certificate, when it is not a public one.
+    pub api_ca: Option<PathBuf>,
 }
 
 impl ZStackSettings {
@@ -69,6 +72,7 @@ impl ZStackSettings {
         let mut options =
             ZStackOptions::new(self.endpoint.clone(), self.username.clone(), pw, work);
         options.backup_storage_uuid = self.backup_storage_uuid.clone();
+        options.api_ca = self.api_ca.clone();
         Ok(options)
     }
 
@@ -120,5 +124,21 @@ mod tests {
         );
         let o = s.options("zs").unwrap();
         assert_eq!(o.work_dir, std::env::temp_dir().join("vmbackup-zstack-zs"));
+    }
+
+    #[test]
+    fn the_api_ca_reaches_the_client_and_a_missing_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let table = serde_json::json!({"endpoint": "https://z", "username": "u", "password": "p",
+            "work_dir": dir.path(), "api_ca": dir.path().join("zs-ca.pem")});
+        let s: ZStackSettings =
+            provider_kit::registry::settings("zs", "zstack", table.as_object().unwrap().clone())
+                .unwrap();
+        let e = s.build("zs").err().unwrap();
+        let text = format!("{e}: {:?}", std::error::Error::source(&e));
+        assert!(
+            text.contains("zs-ca.pem") && text.contains("ZStack CA"),
+            "{text}"
+        );
     }
 }

@@ -189,6 +189,7 @@ impl ZStackProvider {
                 initial_delay: Duration::from_millis(options.retry_initial_ms),
                 ..RetryPolicy::default()
             },
+            api_ca: options.api_ca.clone(),
         })?;
         Ok(ZStackProvider {
             options,
