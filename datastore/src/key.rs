@@ -2,7 +2,7 @@
 //! wrapped by a passphrase (the first part of client-side encryption;
 //! chunks, indexes and manifests are not encrypted with it yet).
 //!
-//! Key file (JSON, written 0600 with temp file, fsync, rename):
+//! Key file (JSON, written 0600 with temp file, fsync, link; never replaced):
 //!
 //! ```json
 //! {"version":1,"kdf":{"algorithm":"argon2id","memory_kib":65536,"iterations":3,"lanes":1,"salt":"<16 bytes hex>"},
@@ -221,7 +221,9 @@ impl KeyFile {
                     "wrong passphrase for this key file (or the file was altered)",
                 )
             })?;
-        let key = MasterKey::import_master(&hex(&plain))?;
+        let key = <[u8; 32]>::try_from(plain.as_slice())
+            .map(MasterKey)
+            .map_err(|_| Error::new(ErrorKind::Corrupt, "the key file's key is not 32 bytes"))?;
         if key.fingerprint() != self.fingerprint {
             return Err(Error::new(
                 ErrorKind::Corrupt,
@@ -248,18 +250,40 @@ impl KeyFile {
         })
     }
 
-    /// Write the key file (0600; temp file, fsync, rename; an existing
-    /// file is not replaced).
+    /// Write the key file (0600): a temp file, fsynced, then hard-linked
+    /// to `path`, which fails atomically when `path` exists (two
+    /// concurrent creations cannot overwrite each other), then the
+    /// directory fsynced.
     pub fn store_new(&self, path: &Path) -> Result<()> {
-        if path.exists() {
-            return Err(Error::invalid(format!(
+        use std::io::Write;
+        let exists = || {
+            Error::invalid(format!(
                 "{} exists: a key file is never overwritten (its key may protect backups)",
                 path.display()
-            )));
+            ))
+        };
+        if path.exists() {
+            return Err(exists());
         }
         let data = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::other("encoding the key file").with_source(e))?;
-        crate::util::atomic_write(path, &data)
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let tmp = dir.join(format!(".key.tmp-{}", crate::util::unique_suffix()));
+        let written = (|| {
+            let mut f = crate::util::create_private(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::hard_link(&tmp, path)
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        match written {
+            Ok(()) => crate::util::sync_dir(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) => Err(crate::util::io_err("writing key file", path, e)),
+        }
     }
 }
 
@@ -327,6 +351,41 @@ mod tests {
         let rewrapped = KeyFile::seal(&again, "new").unwrap();
         assert_eq!(rewrapped.fingerprint, key.fingerprint());
         assert!(MasterKey::import_master("abc").is_err());
+
+        // Creations racing for one path: exactly one wins, none replaces it.
+        let race = dir.path().join("race.json");
+        let sealed: Vec<(MasterKey, KeyFile)> = (0..8)
+            .map(|_| {
+                let k = MasterKey::generate();
+                let f = KeyFile::seal(&k, "pw").unwrap();
+                (k, f)
+            })
+            .collect();
+        let wins: Vec<usize> = std::thread::scope(|s| {
+            let handles: Vec<_> = sealed
+                .iter()
+                .enumerate()
+                .map(|(i, (_, f))| {
+                    let race = &race;
+                    s.spawn(move || f.store_new(race).is_ok().then_some(i))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(wins.len(), 1, "{wins:?}");
+        assert_eq!(
+            KeyFile::load(&race).unwrap().open("pw").unwrap(),
+            sealed[wins[0]].0
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
 
         std::fs::write(dir.path().join("junk.json"), "{}").unwrap();
         let e = KeyFile::load(&dir.path().join("junk.json")).unwrap_err();
