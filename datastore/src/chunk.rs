@@ -5,23 +5,32 @@
 //! | offset | size | field |
 //! |-------:|-----:|-------|
 //! | 0 | 8 | magic `VBDSCHK1` |
-//! | 8 | 1 | encoding: 0 = plain, 1 = zstd |
+//! | 8 | 1 | encoding: 0 = plain, 1 = zstd; bit 7 set = encrypted |
 //! | 9 | 3 | reserved, zero |
 //! | 12 | 4 | plaintext length (LE u32, at most the datastore's chunk size) |
 //! | 16 | 4 | stored length (LE u32, = file length - 24) |
 //! | 20 | 4 | CRC-32 of bytes 0..20 and of the stored bytes |
 //!
-//! The CRC catches damage before decompression; the SHA-256 of the
+//! The CRC catches damage before decompression; the hash of the
 //! plaintext (the chunk's name) is checked after.
+//!
+//! In an encrypted datastore (see [`crate::crypt`]) the stored bytes are
+//! `nonce (12) ‖ AES-256-GCM(plain or zstd bytes) ‖ tag (16)`, the
+//! associated data being bytes 0..16 of the header and the chunk's name,
+//! and the name is the keyed BLAKE3 of the plaintext. The CRC still covers
+//! the stored bytes, so damage is told apart from a wrong key.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use provider_api::{Error, ErrorKind, Result};
 
+use crate::crypt::Crypt;
 use crate::util::{corrupt, from_hex, io_err, to_hex, unique_suffix};
 
 /// Magic number of a chunk file (never changes).
@@ -30,6 +39,8 @@ pub const CHUNK_MAGIC: [u8; 8] = *b"VBDSCHK1";
 pub const CHUNK_HEADER_LEN: usize = 24;
 const ENC_PLAIN: u8 = 0;
 const ENC_ZSTD: u8 = 1;
+/// Encoding bit: the stored bytes are encrypted.
+const ENC_ENCRYPTED: u8 = 0x80;
 /// zstd level used for chunks.
 pub const ZSTD_LEVEL: i32 = 1;
 
@@ -184,13 +195,21 @@ fn compress(data: &[u8]) -> (u8, Option<Vec<u8>>) {
     }
 }
 
+/// Bytes 0..16 of a chunk header: magic, encoding, plaintext length (the
+/// associated data of an encrypted chunk).
+fn header_prefix(enc: u8, raw_len: usize) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&CHUNK_MAGIC);
+    h[8] = enc;
+    h[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h
+}
+
 /// The header of a chunk file for `raw_len` plaintext bytes stored as
 /// `payload`.
 fn header(enc: u8, raw_len: usize, payload: &[u8]) -> [u8; CHUNK_HEADER_LEN] {
     let mut h = [0u8; CHUNK_HEADER_LEN];
-    h[..8].copy_from_slice(&CHUNK_MAGIC);
-    h[8] = enc;
-    h[12..16].copy_from_slice(&(raw_len as u32).to_le_bytes());
+    h[..16].copy_from_slice(&header_prefix(enc, raw_len));
     h[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
     crc.update(&h[..20]);
@@ -199,23 +218,47 @@ fn header(enc: u8, raw_len: usize, payload: &[u8]) -> [u8; CHUNK_HEADER_LEN] {
     h
 }
 
-/// Encode a chunk: compress when that makes it smaller. Returns the file
-/// bytes.
-pub fn encode_chunk(data: &[u8]) -> Vec<u8> {
+/// A chunk's header and stored bytes: compressed when that makes it
+/// smaller, then encrypted under `crypt` (for the chunk named `digest`).
+fn encode_parts<'a>(
+    data: &'a [u8],
+    digest: &Digest,
+    crypt: Option<&Crypt>,
+) -> Result<([u8; CHUNK_HEADER_LEN], Cow<'a, [u8]>)> {
     let (enc, z) = compress(data);
-    let payload = z.as_deref().unwrap_or(data);
+    match crypt {
+        Some(c) => {
+            let enc = enc | ENC_ENCRYPTED;
+            let body = z.as_deref().unwrap_or(data);
+            let sealed = c.seal_chunk(digest, &header_prefix(enc, data.len()), body)?;
+            Ok((header(enc, data.len(), &sealed), Cow::Owned(sealed)))
+        }
+        None => {
+            let payload = z.map_or(Cow::Borrowed(data), Cow::Owned);
+            Ok((header(enc, data.len(), &payload), payload))
+        }
+    }
+}
+
+/// Encode a chunk named `digest` (its file bytes): compressed when that
+/// makes it smaller, encrypted when `crypt` is given.
+pub fn encode_chunk(data: &[u8], digest: &Digest, crypt: Option<&Crypt>) -> Result<Vec<u8>> {
+    let (head, payload) = encode_parts(data, digest, crypt)?;
     let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
-    out.extend_from_slice(&header(enc, data.len(), payload));
-    out.extend_from_slice(payload);
-    out
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&payload);
+    Ok(out)
 }
 
 /// Decode a chunk file's bytes, checking header, CRC, sizes (bounded by
-/// `max_len` before any allocation) and the digest (with `hash`).
+/// `max_len` before any allocation), authenticity (with `crypt`, which an
+/// encrypted chunk requires and a plain one refuses) and the digest (with
+/// `hash`, or `crypt`'s keyed hash).
 pub fn decode_chunk(
     file: &[u8],
     digest: &Digest,
     hash: ChunkHash,
+    crypt: Option<&Crypt>,
     max_len: usize,
     path: &Path,
 ) -> Result<Vec<u8>> {
@@ -241,15 +284,30 @@ pub fn decode_chunk(
     if stored_len != file.len() - CHUNK_HEADER_LEN {
         return Err(bad("truncated or extended"));
     }
-    let payload = &file[CHUNK_HEADER_LEN..];
+    let stored = &file[CHUNK_HEADER_LEN..];
     let mut h = crc32fast::Hasher::new();
     h.update(&file[..20]);
-    h.update(payload);
+    h.update(stored);
     if h.finalize() != crc {
         return Err(bad("checksum mismatch"));
     }
-    let data = match enc {
-        ENC_PLAIN if stored_len == raw_len => payload.to_vec(),
+    let opened;
+    let payload = match (enc & ENC_ENCRYPTED != 0, crypt) {
+        (true, Some(c)) => {
+            opened = c.open_chunk(digest, &file[..16], stored).ok_or_else(|| {
+                bad(&format!(
+                    "it does not authenticate under key {} (altered, or stored under another name)",
+                    c.fingerprint()
+                ))
+            })?;
+            &opened[..]
+        }
+        (false, None) => stored,
+        (true, None) => return Err(bad("encrypted, but the datastore was opened without a key")),
+        (false, Some(_)) => return Err(bad("not encrypted, in an encrypted datastore")),
+    };
+    let data = match enc & !ENC_ENCRYPTED {
+        ENC_PLAIN if payload.len() == raw_len => payload.to_vec(),
         ENC_ZSTD => {
             let d =
                 zstd::bulk::decompress(payload, raw_len).map_err(|_| bad("zstd stream invalid"))?;
@@ -260,7 +318,11 @@ pub fn decode_chunk(
         }
         _ => return Err(bad("unknown encoding")),
     };
-    if hash.digest(&data) != *digest {
+    let name = match crypt {
+        Some(c) => c.chunk_id(&data),
+        None => hash.digest(&data),
+    };
+    if name != *digest {
         return Err(bad("content does not match its digest"));
     }
     Ok(data)
@@ -282,16 +344,28 @@ pub struct ChunkStore {
     lock_path: PathBuf,
     chunk_size: usize,
     hash: ChunkHash,
+    crypt: Option<Arc<Crypt>>,
 }
 
 impl ChunkStore {
-    pub(crate) fn new(root: &Path, chunk_size: usize, hash: ChunkHash) -> Self {
+    pub(crate) fn new(
+        root: &Path,
+        chunk_size: usize,
+        hash: ChunkHash,
+        crypt: Option<Arc<Crypt>>,
+    ) -> Self {
         ChunkStore {
             dir: root.join(".chunks"),
             lock_path: root.join(".locks").join("chunks.lock"),
             chunk_size,
             hash,
+            crypt,
         }
+    }
+
+    /// The keys of an encrypted store.
+    pub fn crypt(&self) -> Option<&Crypt> {
+        self.crypt.as_deref()
     }
 
     /// The hash naming this store's chunks.
@@ -299,9 +373,13 @@ impl ChunkStore {
         self.hash
     }
 
-    /// The name `data` has as a chunk of this store.
+    /// The name `data` has as a chunk of this store (keyed when the store
+    /// is encrypted).
     pub fn digest_of(&self, data: &[u8]) -> Digest {
-        self.hash.digest(data)
+        match &self.crypt {
+            Some(c) => c.chunk_id(data),
+            None => self.hash.digest(data),
+        }
     }
 
     /// Create the 256 prefix directories.
@@ -393,9 +471,8 @@ impl ChunkStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io_err("opening chunk", &path, e)),
         }
-        let (enc, z) = compress(data);
-        let payload = z.as_deref().unwrap_or(data);
-        let head = header(enc, data.len(), payload);
+        let (head, payload) = encode_parts(data, digest, self.crypt())?;
+        let payload = &payload[..];
         let dir = self.prefix_dir(digest);
         let tmp = dir.join(format!(".{}.tmp-{}", digest.to_hex(), unique_suffix()));
         let res = (|| {
@@ -438,7 +515,10 @@ impl ChunkStore {
             .metadata()
             .map_err(|e| io_err("reading metadata of chunk", &path, e))?
             .len();
-        let max = self.chunk_size as u64 + CHUNK_HEADER_LEN as u64 + 1024;
+        let max = self.chunk_size as u64
+            + CHUNK_HEADER_LEN as u64
+            + crate::crypt::CHUNK_OVERHEAD as u64
+            + 1024;
         if len > max {
             return Err(corrupt(format!(
                 "chunk {digest} at {} is damaged: {len} bytes is more than a chunk can be",
@@ -448,7 +528,14 @@ impl ChunkStore {
         let mut buf = Vec::with_capacity(len as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| io_err("reading chunk", &path, e))?;
-        decode_chunk(&buf, digest, self.hash, self.chunk_size, &path)
+        decode_chunk(
+            &buf,
+            digest,
+            self.hash,
+            self.crypt(),
+            self.chunk_size,
+            &path,
+        )
     }
 
     /// Remove chunks not in `live` whose modification time is before
@@ -558,10 +645,10 @@ mod tests {
         assert!(worth_compressing(&random[..4096]));
         // Plain chunks round-trip like compressed ones.
         let d = Digest::of(&random);
-        let enc = encode_chunk(&random);
+        let enc = encode_chunk(&random, &d, None).unwrap();
         assert_eq!(enc[8], ENC_PLAIN);
         assert_eq!(
-            decode_chunk(&enc, &d, ChunkHash::Sha256, chunk, Path::new("x")).unwrap(),
+            decode_chunk(&enc, &d, ChunkHash::Sha256, None, chunk, Path::new("x")).unwrap(),
             random
         );
     }
@@ -569,39 +656,69 @@ mod tests {
     #[test]
     fn encode_decode_and_damage() {
         let p = Path::new("x");
+        let crypt = Crypt::new(&crate::key::MasterKey::generate());
         for data in [
             vec![7u8; 10_000],
             (0..10_000u32).map(|i| (i * 7919 % 251) as u8).collect(),
         ] {
-            let d = Digest::of(&data);
-            let enc = encode_chunk(&data);
-            assert_eq!(
-                decode_chunk(&enc, &d, ChunkHash::Sha256, 1 << 20, p).unwrap(),
-                data
-            );
-            // Any flipped byte is caught.
-            for pos in [0, 9, 13, 17, 21, CHUNK_HEADER_LEN, enc.len() - 1] {
-                let mut bad = enc.clone();
-                bad[pos] ^= 0x40;
-                let err = decode_chunk(&bad, &d, ChunkHash::Sha256, 1 << 20, p).unwrap_err();
-                assert_eq!(err.kind(), ErrorKind::Corrupt, "pos {pos}");
-                assert!(err.to_string().contains(&d.to_hex()));
+            for crypt in [None, Some(&crypt)] {
+                let d = match crypt {
+                    Some(c) => c.chunk_id(&data),
+                    None => Digest::of(&data),
+                };
+                let dec = |bytes: &[u8], max: usize| {
+                    decode_chunk(bytes, &d, ChunkHash::Sha256, crypt, max, p)
+                };
+                let enc = encode_chunk(&data, &d, crypt).unwrap();
+                assert_eq!(enc[8] & ENC_ENCRYPTED != 0, crypt.is_some());
+                assert_eq!(dec(&enc, 1 << 20).unwrap(), data);
+                // Any flipped byte is caught.
+                for pos in [0, 9, 13, 17, 21, CHUNK_HEADER_LEN, enc.len() - 1] {
+                    let mut bad = enc.clone();
+                    bad[pos] ^= 0x40;
+                    let err = dec(&bad, 1 << 20).unwrap_err();
+                    assert_eq!(err.kind(), ErrorKind::Corrupt, "pos {pos}");
+                    assert!(err.to_string().contains(&d.to_hex()));
+                }
+                // Truncation is caught.
+                assert!(dec(&enc[..enc.len() - 1], 1 << 20).is_err());
+                assert!(dec(&enc[..5], 1 << 20).is_err());
+                // A length beyond the chunk size is refused before allocating.
+                assert!(dec(&enc, 100).is_err());
+                // Encrypted and plain chunks are not mistaken for each other.
+                let other = match crypt {
+                    Some(_) => None,
+                    None => Some(&crypt_for_mixups()),
+                };
+                let err = decode_chunk(&enc, &d, ChunkHash::Sha256, other, 1 << 20, p).unwrap_err();
+                assert!(err.to_string().contains("encrypted"), "{err}");
             }
-            // Truncation is caught.
-            assert!(
-                decode_chunk(&enc[..enc.len() - 1], &d, ChunkHash::Sha256, 1 << 20, p).is_err()
-            );
-            assert!(decode_chunk(&enc[..5], &d, ChunkHash::Sha256, 1 << 20, p).is_err());
-            // A length beyond the chunk size is refused before allocating.
-            assert!(decode_chunk(&enc, &d, ChunkHash::Sha256, 100, p).is_err());
         }
+        // An encrypted chunk whose CRC is fixed up after tampering still
+        // fails: the AEAD tag, not the CRC, is its integrity.
+        let data = vec![1u8; 3000];
+        let d = crypt.chunk_id(&data);
+        let mut enc = encode_chunk(&data, &d, Some(&crypt)).unwrap();
+        enc[CHUNK_HEADER_LEN + 20] ^= 1;
+        let fixed = header(enc[8], data.len(), &enc[CHUNK_HEADER_LEN..]);
+        enc[..CHUNK_HEADER_LEN].copy_from_slice(&fixed);
+        let err = decode_chunk(&enc, &d, ChunkHash::Sha256, Some(&crypt), 1 << 20, p).unwrap_err();
+        assert!(err.to_string().contains("does not authenticate"), "{err}");
         // Compression is used only when smaller.
-        assert_eq!(encode_chunk(&[5u8; 4096])[8], ENC_ZSTD);
+        let five = [5u8; 4096];
+        assert_eq!(
+            encode_chunk(&five, &Digest::of(&five), None).unwrap()[8],
+            ENC_ZSTD
+        );
         let noise: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let e = encode_chunk(&noise);
+        let e = encode_chunk(&noise, &Digest::of(&noise), None).unwrap();
         assert!(e.len() <= noise.len() + CHUNK_HEADER_LEN);
+    }
+
+    fn crypt_for_mixups() -> Crypt {
+        Crypt::new(&crate::key::MasterKey::generate())
     }
 
     #[test]
@@ -619,7 +736,7 @@ mod tests {
     fn insert_is_idempotent_and_touches() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join(".locks")).unwrap();
-        let store = ChunkStore::new(dir.path(), 1 << 16, ChunkHash::Sha256);
+        let store = ChunkStore::new(dir.path(), 1 << 16, ChunkHash::Sha256, None);
         store.create().unwrap();
         let data = vec![3u8; 5000];
         let d = Digest::of(&data);

@@ -20,6 +20,7 @@ use std::path::Path;
 use provider_api::Result;
 
 use crate::chunk::Digest;
+use crate::crypt::{Crypt, FILE_OVERHEAD, open_opt};
 use crate::util::{corrupt, read_bounded, sha256_hex};
 
 /// Magic number of an index file (never changes).
@@ -140,11 +141,15 @@ impl FixedIndex {
     }
 
     /// Read and check an index file; when `expect_sha256` is given, the
-    /// file's SHA-256 (as recorded in a manifest) must match.
-    pub fn load(path: &Path, expect_sha256: Option<&str>) -> Result<Self> {
+    /// file's SHA-256 (as recorded in a manifest) must match. An encrypted
+    /// datastore's index is decrypted with `crypt`.
+    pub fn load(path: &Path, expect_sha256: Option<&str>, crypt: Option<&Crypt>) -> Result<Self> {
         let buf = read_bounded(
             path,
-            HEADER_LEN as u64 + 32 * (MAX_VOLUME_SIZE >> MIN_CHUNK_LOG2) + 32,
+            HEADER_LEN as u64
+                + 32 * (MAX_VOLUME_SIZE >> MIN_CHUNK_LOG2)
+                + 32
+                + FILE_OVERHEAD as u64,
         )?;
         if let Some(expect) = expect_sha256 {
             let got = sha256_hex(&buf);
@@ -155,7 +160,7 @@ impl FixedIndex {
                 )));
             }
         }
-        FixedIndex::decode(&buf, path)
+        FixedIndex::decode(&open_opt(crypt, path, buf)?, path)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Encryption keys: a random 256-bit master key kept in a key file,
-//! wrapped by a passphrase (the first part of client-side encryption;
-//! chunks, indexes and manifests are not encrypted with it yet).
+//! wrapped by a passphrase. [`crate::crypt`] derives the keys that
+//! encrypt a datastore from it.
 //!
 //! Key file (JSON, written 0600 with temp file, fsync, link; never replaced):
 //!
@@ -18,8 +18,8 @@
 //!   whose parameters were lowered or whose fingerprint was swapped does
 //!   not open, the same as a wrong passphrase, and the error says both.
 //! - The fingerprint is BLAKE3's key derivation of the master key under
-//!   its own context, truncated to 16 bytes: it names the key (manifests
-//!   will record it) without revealing anything usable about it.
+//!   its own context, truncated to 16 bytes: it names the key (the
+//!   datastore config and every manifest record it) without revealing anything usable about it.
 //! - `export_master` prints the master key as hex, the recovery copy a
 //!   user keeps offline; `import_master` wraps such a copy under a new
 //!   passphrase.
@@ -69,6 +69,11 @@ impl MasterKey {
     pub fn fingerprint(&self) -> String {
         let d = blake3::derive_key(FINGERPRINT_CONTEXT, &self.0);
         hex(&d[..16])
+    }
+
+    /// The key's bytes (for deriving subkeys).
+    pub(crate) fn bytes(&self) -> &[u8; 32] {
+        &self.0
     }
 
     /// The recovery copy: the key as 64 hex digits.

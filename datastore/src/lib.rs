@@ -157,6 +157,7 @@
 
 pub mod cache;
 pub mod chunk;
+pub mod crypt;
 pub mod index;
 pub mod key;
 mod maintenance;
@@ -168,6 +169,8 @@ mod writer;
 
 pub use cache::{ChunkCache, ChunkCacheStats, DEFAULT_CHUNK_CACHE_BYTES};
 pub use chunk::{ChunkHash, ChunkStore, Digest};
+pub use crypt::Crypt;
+pub use key::{KeyFile, MasterKey};
 pub use maintenance::{BadChunk, DatastoreStats, GcStats, KeepOptions, VerifyReport, VerifyScope};
 pub use reader::VolReader;
-pub use store::{DEFAULT_CHUNK_SIZE, Datastore, DatastoreOptions};
+pub use store::{DATASTORE_VERSION_ENCRYPTED, DEFAULT_CHUNK_SIZE, Datastore, DatastoreOptions};

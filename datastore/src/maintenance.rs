@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunk::Digest;
 use crate::index::FixedIndex;
-use crate::manifest::{BaseImageManifest, VerifyState, load_blob, load_sealed, store_sealed};
+use crate::manifest::{
+    BaseImageManifest, VerifyState, check_key, load_blob, load_sealed, store_sealed,
+};
 use crate::store::{
     BASE_DIR, BASE_MANIFEST_FILE, Datastore, MANIFEST_FILE, PROTECTED_FILE, SnapPath, VERIFY_FILE,
     open_lock_file,
@@ -439,8 +441,14 @@ impl Datastore {
                     }
                     continue;
                 }
-                let m: BaseImageManifest = load_sealed(&dir.join(BASE_MANIFEST_FILE))?;
-                let idx = FixedIndex::load(&dir.join(&m.index.file), Some(&m.index.sha256))?;
+                let mpath = dir.join(BASE_MANIFEST_FILE);
+                let m: BaseImageManifest = load_sealed(&mpath, self.crypt())?;
+                check_key(m.key_fingerprint.as_deref(), self.crypt(), &mpath)?;
+                let idx = FixedIndex::load(
+                    &dir.join(&m.index.file),
+                    Some(&m.index.sha256),
+                    self.crypt(),
+                )?;
                 stats.indexes += 1;
                 marked.extend(idx.digests.iter().filter(|d| !d.is_zero()));
             }
@@ -490,7 +498,11 @@ impl Datastore {
                 Err(e) => return Err(e),
             };
             for v in &m.volumes {
-                let idx = FixedIndex::load(&dir.join(&v.index.file), Some(&v.index.sha256))?;
+                let idx = FixedIndex::load(
+                    &dir.join(&v.index.file),
+                    Some(&v.index.sha256),
+                    self.crypt(),
+                )?;
                 stats.indexes += 1;
                 marked.extend(idx.digests.iter().filter(|d| !d.is_zero()));
             }
@@ -537,12 +549,16 @@ impl Datastore {
                     Err(e) => return Err(e),
                 };
                 for b in &m.blobs {
-                    if let Err(e) = load_blob(&dir, &b.file) {
+                    if let Err(e) = load_blob(&dir, &b.file, self.crypt()) {
                         errors.push(e.report());
                     }
                 }
                 for v in &m.volumes {
-                    match FixedIndex::load(&dir.join(&v.index.file), Some(&v.index.sha256)) {
+                    match FixedIndex::load(
+                        &dir.join(&v.index.file),
+                        Some(&v.index.sha256),
+                        self.crypt(),
+                    ) {
                         Ok(idx) => self.verify_index(&idx, &mut checked, &mut report, &mut errors),
                         Err(e) => errors.push(e.report()),
                     }
@@ -647,6 +663,7 @@ impl Datastore {
                 time: now_secs(),
                 errors: errors.to_vec(),
             },
+            self.crypt(),
         )
     }
 

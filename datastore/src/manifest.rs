@@ -13,6 +13,7 @@ use provider_api::{
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::crypt::{Crypt, FILE_OVERHEAD, open_opt, seal_opt};
 use crate::util::{atomic_write, corrupt, read_bounded, sha256_hex};
 
 /// Format name in every manifest (never changes).
@@ -99,6 +100,10 @@ pub struct Manifest {
     pub blobs: Vec<ManifestBlob>,
     /// Warnings.
     pub warnings: Vec<String>,
+    /// Fingerprint of the key the snapshot is encrypted with (encrypted
+    /// datastores only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
 }
 
 /// A base image's manifest (`manifest.json` next to `image.fidx`).
@@ -118,6 +123,10 @@ pub struct BaseImageManifest {
     pub index: FileRef,
     /// When stored.
     pub time: i64,
+    /// Fingerprint of the key the base image is encrypted with (encrypted
+    /// datastores only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_fingerprint: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -159,19 +168,36 @@ pub fn unseal<T: for<'de> Deserialize<'de>>(buf: &[u8], path: &Path) -> Result<T
     serde_json::from_str(env.manifest.get()).map_err(|_| bad("unexpected content"))
 }
 
-/// Read a sealed manifest file.
-pub fn load_sealed<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let buf = read_bounded(path, MAX_MANIFEST_LEN)?;
-    unseal(&buf, path)
+/// Read a sealed manifest file (decrypting it with `crypt`, which an
+/// encrypted datastore's files require).
+pub fn load_sealed<T: for<'de> Deserialize<'de>>(path: &Path, crypt: Option<&Crypt>) -> Result<T> {
+    let buf = read_bounded(path, MAX_MANIFEST_LEN + FILE_OVERHEAD as u64)?;
+    unseal(&open_opt(crypt, path, buf)?, path)
 }
 
-/// Write a sealed manifest atomically.
-pub fn store_sealed<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    atomic_write(path, &seal(value)?)
+/// Write a sealed manifest atomically (encrypted with `crypt` if given).
+pub fn store_sealed<T: Serialize>(path: &Path, value: &T, crypt: Option<&Crypt>) -> Result<()> {
+    atomic_write(path, &seal_opt(crypt, path, seal(value)?)?)
+}
+
+/// Check that a manifest names the key it was decrypted with (or none in
+/// an unencrypted datastore).
+pub fn check_key(recorded: Option<&str>, crypt: Option<&Crypt>, path: &Path) -> Result<()> {
+    let expected = crypt.map(Crypt::fingerprint);
+    if recorded != expected {
+        return Err(corrupt(format!(
+            "manifest {} records key {}, but the datastore's is {}",
+            path.display(),
+            recorded.unwrap_or("none"),
+            expected.unwrap_or("none")
+        )));
+    }
+    Ok(())
 }
 
 /// Check a snapshot manifest's own fields.
-pub fn check_manifest(m: &Manifest, path: &Path) -> Result<()> {
+pub fn check_manifest(m: &Manifest, path: &Path, crypt: Option<&Crypt>) -> Result<()> {
+    check_key(m.key_fingerprint.as_deref(), crypt, path)?;
     if m.format != SNAPSHOT_FORMAT || m.version != MANIFEST_VERSION {
         return Err(corrupt(format!(
             "manifest {} has format {:?} version {}, expected {SNAPSHOT_FORMAT:?} version {MANIFEST_VERSION}",
@@ -183,10 +209,11 @@ pub fn check_manifest(m: &Manifest, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Read a blob and check it against its manifest entry.
-pub fn load_blob(dir: &Path, file: &FileRef) -> Result<Vec<u8>> {
+/// Read a blob, check it against its manifest entry (size and SHA-256 of
+/// the stored bytes) and decrypt it with `crypt` if given.
+pub fn load_blob(dir: &Path, file: &FileRef, crypt: Option<&Crypt>) -> Result<Vec<u8>> {
     let path = dir.join(&file.file);
-    if file.size > MAX_BLOB_LEN {
+    if file.size > MAX_BLOB_LEN + FILE_OVERHEAD as u64 {
         return Err(corrupt(format!(
             "blob {} is listed with {} bytes, more than the limit",
             path.display(),
@@ -203,7 +230,7 @@ pub fn load_blob(dir: &Path, file: &FileRef) -> Result<Vec<u8>> {
             data.len()
         )));
     }
-    Ok(data)
+    open_opt(crypt, &path, data)
 }
 
 /// Outcome of the last verification, stored as `verify.json` next to the

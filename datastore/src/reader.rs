@@ -60,7 +60,7 @@ impl SnapReader {
             None => Ok(None),
             Some(b) => Ok(Some((
                 b.content_type.clone(),
-                load_blob(&self.dir, &b.file)?,
+                load_blob(&self.dir, &b.file, self.ds.crypt())?,
             ))),
         }
     }
@@ -75,7 +75,13 @@ impl SnapReader {
                 Error::not_found(format!("snapshot {} has no volume {device}", self.info.id))
                     .volume(device)
             })?;
-        let own = || FixedIndex::load(&self.dir.join(&v.index.file), Some(&v.index.sha256));
+        let own = || {
+            FixedIndex::load(
+                &self.dir.join(&v.index.file),
+                Some(&v.index.sha256),
+                self.ds.crypt(),
+            )
+        };
         let base = || -> Result<(File, FixedIndex)> {
             let bid = v.base.as_ref().ok_or_else(|| {
                 Error::invalid(format!("volume {device} is not linked to a base image"))

@@ -13,9 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES};
 use crate::chunk::{ChunkHash, ChunkStore};
+use crate::crypt::Crypt;
 use crate::index::{FixedIndex, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
+use crate::key::MasterKey;
 use crate::manifest::{
-    BaseImageManifest, Manifest, VerifyState, check_manifest, load_sealed, store_sealed,
+    BaseImageManifest, Manifest, VerifyState, check_key, check_manifest, load_sealed, store_sealed,
 };
 use crate::util::{encode_component, io_err, is_safe_component, unique_suffix};
 
@@ -57,18 +59,51 @@ impl Default for DatastoreOptions {
     }
 }
 
+/// Datastore format version of an encrypted datastore (chunks named by
+/// keyed BLAKE3, every chunk and metadata file encrypted; see
+/// [`crate::crypt`]). A release that knows only versions 1 and 2 refuses
+/// it instead of misreading it.
+pub const DATASTORE_VERSION_ENCRYPTED: u32 = 3;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Config {
     format: String,
     version: u32,
     chunk_size: u64,
-    /// Version 2 only (version 1 is SHA-256).
+    /// Versions 2 and 3 (version 1 is SHA-256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     chunk_hash: Option<ChunkHash>,
+    /// Version 3 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption: Option<EncryptionConfig>,
+}
+
+/// How an encrypted datastore is encrypted, authenticated by a keyed
+/// BLAKE3 tag over the whole config (with `auth` empty).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptionConfig {
+    cipher: String,
+    chunk_id: String,
+    key_fingerprint: String,
+    auth: String,
+}
+
+impl Config {
+    /// The bytes the config's tag covers.
+    fn auth_bytes(&self) -> Vec<u8> {
+        let mut c = self.clone();
+        if let Some(e) = &mut c.encryption {
+            e.auth.clear();
+        }
+        serde_json::to_vec(&c).unwrap_or_default()
+    }
 }
 
 pub(crate) struct Inner {
     pub(crate) root: PathBuf,
+    pub(crate) crypt: Option<Arc<Crypt>>,
     pub(crate) chunks: ChunkStore,
     pub(crate) chunk_size: u64,
     pub(crate) workers: usize,
@@ -87,6 +122,7 @@ impl std::fmt::Debug for Datastore {
         f.debug_struct("Datastore")
             .field("root", &self.inner.root)
             .field("chunk_size", &self.inner.chunk_size)
+            .field("crypt", &self.inner.crypt)
             .finish()
     }
 }
@@ -155,9 +191,20 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 impl Datastore {
-    /// Create a new, empty datastore in `path` (created if missing; must be
-    /// empty if it exists).
+    /// Create a new, empty, unencrypted datastore in `path` (created if
+    /// missing; must be empty if it exists).
     pub fn create(path: impl AsRef<Path>, options: DatastoreOptions) -> Result<Datastore> {
+        Datastore::create_with_key(path, options, None)
+    }
+
+    /// Create a new, empty datastore in `path`, encrypted under `key` if
+    /// given (format version 3: keyed BLAKE3 chunk names; see
+    /// [`crate::crypt`]; `options.chunk_hash` must then be BLAKE3).
+    pub fn create_with_key(
+        path: impl AsRef<Path>,
+        options: DatastoreOptions,
+        key: Option<&MasterKey>,
+    ) -> Result<Datastore> {
         let root = path.as_ref().to_path_buf();
         let cs = options.chunk_size;
         if !cs.is_power_of_two()
@@ -192,31 +239,71 @@ impl Datastore {
             let p = root.join(d);
             crate::util::create_dir_all_private(&p).map_err(|e| io_err("creating", &p, e))?;
         }
-        ChunkStore::new(&root, cs as usize, options.chunk_hash).create()?;
-        let (version, chunk_hash) = match options.chunk_hash {
-            ChunkHash::Sha256 => (1, None),
-            other => (DATASTORE_VERSION, Some(other)),
+        ChunkStore::new(&root, cs as usize, options.chunk_hash, None).create()?;
+        let (version, chunk_hash) = match (options.chunk_hash, key) {
+            (ChunkHash::Sha256, None) => (1, None),
+            (other, None) => (DATASTORE_VERSION, Some(other)),
+            (ChunkHash::Blake3, Some(_)) => (DATASTORE_VERSION_ENCRYPTED, Some(ChunkHash::Blake3)),
+            (ChunkHash::Sha256, Some(_)) => {
+                return Err(Error::invalid(
+                    "an encrypted datastore names its chunks by keyed BLAKE3, not SHA-256",
+                ));
+            }
         };
-        store_sealed(
-            &root.join(CONFIG_FILE),
-            &Config {
-                format: DATASTORE_FORMAT.into(),
-                version,
-                chunk_size: cs,
-                chunk_hash,
-            },
-        )?;
-        Datastore::open(root)
+        let mut cfg = Config {
+            format: DATASTORE_FORMAT.into(),
+            version,
+            chunk_size: cs,
+            chunk_hash,
+            encryption: key.map(|k| EncryptionConfig {
+                cipher: crate::crypt::CIPHER.into(),
+                chunk_id: crate::crypt::CHUNK_ID.into(),
+                key_fingerprint: k.fingerprint(),
+                auth: String::new(),
+            }),
+        };
+        if let Some(k) = key {
+            let tag = Crypt::new(k).config_tag(&cfg.auth_bytes());
+            if let Some(e) = &mut cfg.encryption {
+                e.auth = tag;
+            }
+        }
+        store_sealed(&root.join(CONFIG_FILE), &cfg, None)?;
+        Datastore::open_with_key(root, key)
     }
 
-    /// Open an existing datastore.
+    /// Open an existing, unencrypted datastore (an encrypted one is
+    /// refused with an error naming its key's fingerprint).
     pub fn open(path: impl AsRef<Path>) -> Result<Datastore> {
+        Datastore::open_with_key(path, None)
+    }
+
+    /// Whether the datastore at `path` is encrypted, and under which key
+    /// (its fingerprint), without opening it.
+    pub fn key_fingerprint_at(path: impl AsRef<Path>) -> Result<Option<String>> {
+        let cfg: Config = load_sealed(&path.as_ref().join(CONFIG_FILE), None)?;
+        Ok(cfg.encryption.map(|e| e.key_fingerprint))
+    }
+
+    /// Open an existing datastore; `key` must be given for an encrypted
+    /// one (and must be its key), and must not be for an unencrypted one.
+    pub fn open_with_key(path: impl AsRef<Path>, key: Option<&MasterKey>) -> Result<Datastore> {
         let root = path.as_ref().to_path_buf();
         let cfg_path = root.join(CONFIG_FILE);
-        let cfg: Config = load_sealed(&cfg_path)?;
-        let hash = match (cfg.format == DATASTORE_FORMAT, cfg.version, cfg.chunk_hash) {
-            (true, 1, None) => Some(ChunkHash::Sha256),
-            (true, 2, Some(h)) => Some(h),
+        let cfg: Config = load_sealed(&cfg_path, None)?;
+        let hash = match (
+            cfg.format == DATASTORE_FORMAT,
+            cfg.version,
+            cfg.chunk_hash,
+            &cfg.encryption,
+        ) {
+            (true, 1, None, None) => Some(ChunkHash::Sha256),
+            (true, 2, Some(h), None) => Some(h),
+            (true, 3, Some(ChunkHash::Blake3), Some(e))
+                if e.cipher == crate::crypt::CIPHER && e.chunk_id == crate::crypt::CHUNK_ID =>
+            {
+                Some(ChunkHash::Blake3)
+            }
             _ => None,
         };
         let Some(hash) = hash else {
@@ -239,13 +326,54 @@ impl Datastore {
                 format!("{} has an invalid chunk size {cs}", cfg_path.display()),
             ));
         }
+        let crypt = match (&cfg.encryption, key) {
+            (None, None) => None,
+            (None, Some(k)) => {
+                return Err(Error::invalid(format!(
+                    "datastore {} is not encrypted, but key {} was given: refusing to mix \
+                     (create an encrypted datastore for it)",
+                    root.display(),
+                    k.fingerprint()
+                )));
+            }
+            (Some(e), None) => {
+                return Err(Error::invalid(format!(
+                    "datastore {} is encrypted with key {}: open it with that key file",
+                    root.display(),
+                    e.key_fingerprint
+                )));
+            }
+            (Some(e), Some(k)) => {
+                if e.key_fingerprint != k.fingerprint() {
+                    return Err(Error::invalid(format!(
+                        "key {} is not the key of datastore {} (it is encrypted with key {})",
+                        k.fingerprint(),
+                        root.display(),
+                        e.key_fingerprint
+                    )));
+                }
+                let crypt = Crypt::new(k);
+                if crypt.config_tag(&cfg.auth_bytes()) != e.auth {
+                    return Err(Error::new(
+                        ErrorKind::Corrupt,
+                        format!(
+                            "{} does not authenticate under key {}: it was altered",
+                            cfg_path.display(),
+                            e.key_fingerprint
+                        ),
+                    ));
+                }
+                Some(Arc::new(crypt))
+            }
+        };
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .max(1);
         Ok(Datastore {
             inner: Arc::new(Inner {
-                chunks: ChunkStore::new(&root, cs as usize, hash),
+                chunks: ChunkStore::new(&root, cs as usize, hash, crypt.clone()),
+                crypt,
                 root,
                 chunk_size: cs,
                 workers,
@@ -260,6 +388,7 @@ impl Datastore {
         Datastore {
             inner: Arc::new(Inner {
                 root: self.inner.root.clone(),
+                crypt: self.inner.crypt.clone(),
                 chunks: self.inner.chunks.clone(),
                 chunk_size: self.inner.chunk_size,
                 workers: workers.max(1),
@@ -275,6 +404,7 @@ impl Datastore {
         Datastore {
             inner: Arc::new(Inner {
                 root: self.inner.root.clone(),
+                crypt: self.inner.crypt.clone(),
                 chunks: self.inner.chunks.clone(),
                 chunk_size: self.inner.chunk_size,
                 workers: self.inner.workers,
@@ -307,6 +437,16 @@ impl Datastore {
     /// The chunk store.
     pub fn chunks(&self) -> &ChunkStore {
         &self.inner.chunks
+    }
+
+    /// The keys of an encrypted datastore.
+    pub fn crypt(&self) -> Option<&Crypt> {
+        self.inner.crypt.as_deref()
+    }
+
+    /// The fingerprint of an encrypted datastore's key.
+    pub fn key_fingerprint(&self) -> Option<&str> {
+        self.crypt().map(Crypt::fingerprint)
     }
 
     pub(crate) fn locks_dir(&self) -> PathBuf {
@@ -371,8 +511,8 @@ impl Datastore {
         if !mpath.exists() {
             return Err(Error::not_found(format!("snapshot {id} was deleted")));
         }
-        let m: Manifest = load_sealed(&mpath)?;
-        check_manifest(&m, &mpath)?;
+        let m: Manifest = load_sealed(&mpath, self.crypt())?;
+        check_manifest(&m, &mpath, self.crypt())?;
         Ok((f, dir, m))
     }
 
@@ -392,8 +532,13 @@ impl Datastore {
             }
         })?;
         f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
-        let m: BaseImageManifest = load_sealed(&mpath)?;
-        let idx = FixedIndex::load(&dir.join(&m.index.file), Some(&m.index.sha256))?;
+        let m: BaseImageManifest = load_sealed(&mpath, self.crypt())?;
+        check_key(m.key_fingerprint.as_deref(), self.crypt(), &mpath)?;
+        let idx = FixedIndex::load(
+            &dir.join(&m.index.file),
+            Some(&m.index.sha256),
+            self.crypt(),
+        )?;
         Ok((f, idx))
     }
 
@@ -415,7 +560,7 @@ impl Datastore {
         if !p.exists() {
             return None;
         }
-        match load_sealed::<VerifyState>(&p) {
+        match load_sealed::<VerifyState>(&p, self.crypt()) {
             Ok(v) => Some(v.state == "ok"),
             Err(_) => Some(false),
         }
@@ -481,8 +626,8 @@ impl Datastore {
         for sp in self.snapshot_paths(platform, guest)? {
             let dir = self.snap_dir(&sp);
             let mpath = dir.join(MANIFEST_FILE);
-            match load_sealed::<Manifest>(&mpath)
-                .and_then(|m| check_manifest(&m, &mpath).map(|_| m))
+            match load_sealed::<Manifest>(&mpath, self.crypt())
+                .and_then(|m| check_manifest(&m, &mpath, self.crypt()).map(|_| m))
             {
                 Ok(m) => out.push(self.info_of(&sp, &dir, &m)),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}

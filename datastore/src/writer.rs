@@ -15,6 +15,7 @@ use provider_api::{
 use tokio::sync::Semaphore;
 
 use crate::chunk::{ChunkStore, Digest, is_all_zero};
+use crate::crypt::{Crypt, seal_opt};
 use crate::index::{FixedIndex, MAX_VOLUME_SIZE};
 use crate::manifest::{
     BASE_IMAGE_FORMAT, BaseImageManifest, FileRef, MANIFEST_VERSION, Manifest, ManifestBlob,
@@ -36,11 +37,13 @@ fn lock_poisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Write `data` to `path` and fsync it; returns its [`FileRef`].
-fn write_file(path: &Path, data: &[u8]) -> Result<FileRef> {
+/// Write `data` to `path` (encrypted with `crypt` if given) and fsync
+/// it; returns its [`FileRef`] (size and SHA-256 of the stored bytes).
+fn write_file(path: &Path, data: Vec<u8>, crypt: Option<&Crypt>) -> Result<FileRef> {
+    let data = seal_opt(crypt, path, data)?;
     let res = (|| {
         let mut f = crate::util::create_private(path)?;
-        f.write_all(data)?;
+        f.write_all(&data)?;
         f.sync_all()
     })();
     res.map_err(|e| io_err("writing", path, e))?;
@@ -50,7 +53,7 @@ fn write_file(path: &Path, data: &[u8]) -> Result<FileRef> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         size: data.len() as u64,
-        sha256: sha256_hex(data),
+        sha256: sha256_hex(&data),
     })
 }
 
@@ -109,7 +112,7 @@ impl SnapWriter {
         content_type: String,
         data: Vec<u8>,
     ) -> Result<()> {
-        let fr = write_file(&self.tmp.join(file), &data)?;
+        let fr = write_file(&self.tmp.join(file), data, self.ds.crypt())?;
         self.blobs.retain(|b| b.kind != kind);
         self.blobs.push(ManifestBlob {
             kind: kind.into(),
@@ -143,7 +146,11 @@ impl SnapWriter {
                         Error::not_found(format!("snapshot {id} has no volume {device}"))
                             .volume(device)
                     })?;
-                let idx = FixedIndex::load(&dir.join(&v.index.file), Some(&v.index.sha256))?;
+                let idx = FixedIndex::load(
+                    &dir.join(&v.index.file),
+                    Some(&v.index.sha256),
+                    self.ds.crypt(),
+                )?;
                 self.held.push(lock);
                 idx
             }
@@ -190,10 +197,11 @@ impl SnapWriter {
             volumes,
             blobs: self.blobs.clone(),
             warnings,
+            key_fingerprint: self.ds.key_fingerprint().map(str::to_owned),
         };
         // The manifest is written last inside the temp directory; renaming
         // the directory into place publishes the snapshot.
-        store_sealed(&self.tmp.join(MANIFEST_FILE), &m)?;
+        store_sealed(&self.tmp.join(MANIFEST_FILE), &m, self.ds.crypt())?;
         sync_dir(&self.tmp)?;
         let _group_lock = self.ds.lock_group(&self.group)?;
         let base = rfc3339(self.spec.time);
@@ -691,18 +699,18 @@ impl VolumeWriter for VolWriter {
             for d in dirs {
                 sync_dir(&store.prefix_dir(&Digest([d; 32])))?;
             }
-            publish_volume(dest, &index).map_err(|e| e.volume(&device))
+            publish_volume(dest, &index, store.crypt()).map_err(|e| e.volume(&device))
         })
         .await?;
         Ok(stats)
     }
 }
 
-fn publish_volume(dest: Destination, index: &FixedIndex) -> Result<()> {
+fn publish_volume(dest: Destination, index: &FixedIndex, crypt: Option<&Crypt>) -> Result<()> {
     match dest {
         Destination::Snapshot { dir, spec, state } => {
             let file = format!("{}.fidx", encode_component(&spec.volume.device));
-            let fr = write_file(&dir.join(&file), &index.encode())?;
+            let fr = write_file(&dir.join(&file), index.encode(), crypt)?;
             lock_poisoned(&state).volumes.push(ManifestVolume {
                 volume: spec.volume,
                 base: spec.base.or(match spec.start_from {
@@ -721,7 +729,7 @@ fn publish_volume(dest: Destination, index: &FixedIndex) -> Result<()> {
             tmp,
             final_dir,
         } => {
-            let fr = write_file(&tmp.join(BASE_INDEX_FILE), &index.encode())?;
+            let fr = write_file(&tmp.join(BASE_INDEX_FILE), index.encode(), crypt)?;
             store_sealed(
                 &tmp.join(BASE_MANIFEST_FILE),
                 &BaseImageManifest {
@@ -732,7 +740,9 @@ fn publish_volume(dest: Destination, index: &FixedIndex) -> Result<()> {
                     chunk_size: index.chunk_size,
                     index: fr,
                     time: now_secs(),
+                    key_fingerprint: crypt.map(|c| c.fingerprint().to_owned()),
                 },
+                crypt,
             )?;
             match fs::rename(&tmp, &final_dir) {
                 Ok(()) => {}

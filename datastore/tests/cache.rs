@@ -25,14 +25,13 @@ async fn setup(
     cache: ChunkCache,
     data: &[u8],
 ) -> (Datastore, SnapshotId) {
-    let ds = Datastore::create(
-        dir.join("ds"),
+    let ds = create_ds(
+        &dir.join("ds"),
         DatastoreOptions {
             chunk_size,
             ..Default::default()
         },
     )
-    .unwrap()
     .with_chunk_cache(cache);
     let info = backup(
         &ds,

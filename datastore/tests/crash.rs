@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use datastore::{Datastore, KeepOptions, VerifyScope};
+use datastore::{KeepOptions, VerifyScope};
 use provider_api::*;
 
 const SIZE: u64 = 256 * CS;
@@ -39,7 +39,7 @@ fn step(j: i64) -> Op {
 fn crash_child() {
     let Ok(dir) = std::env::var(ENV) else { return };
     let gc_too = std::env::var("DATASTORE_CRASH_CHILD_NO_GC").is_err();
-    let ds = Datastore::open(&dir).unwrap();
+    let ds = open_ds(std::path::Path::new(&dir));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()

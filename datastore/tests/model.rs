@@ -85,7 +85,10 @@ proptest! {
     fn hostile_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), flip in any::<usize>()) {
         let p = Path::new("x");
         let _ = FixedIndex::decode(&bytes, p);
-        let _ = decode_chunk(&bytes, &Digest::ZERO, datastore::ChunkHash::Blake3, 1 << 20, p);
+        let _ = decode_chunk(&bytes, &Digest::ZERO, datastore::ChunkHash::Blake3, None, 1 << 20, p);
+        let crypt = datastore::crypt::Crypt::new(&datastore::key::MasterKey::generate());
+        let _ = decode_chunk(&bytes, &Digest::ZERO, datastore::ChunkHash::Blake3, Some(&crypt), 1 << 20, p);
+        let _ = crypt.open_file(p, &bytes);
         let _ = datastore::manifest::unseal::<serde_json::Value>(&bytes, p);
         // A valid header with a damaged body is refused.
         let idx = FixedIndex { size: 5 * CS, chunk_size: CS, digests: vec![Digest::of(&bytes); 5] };

@@ -837,7 +837,7 @@ async fn chunk_names_follow_the_datastores_hash_and_version() {
             "{hash:?}: not the other hash"
         );
         let cfg: serde_json::Value =
-            datastore::manifest::load_sealed(&root.join(".datastore.json")).unwrap();
+            datastore::manifest::load_sealed(&root.join(".datastore.json"), None).unwrap();
         assert_eq!(cfg["version"], version, "{cfg}");
         assert_eq!(cfg.get("chunk_hash").is_some(), version == 2, "{cfg}");
 
@@ -857,7 +857,7 @@ async fn chunk_names_follow_the_datastores_hash_and_version() {
         } else {
             bad["chunk_hash"] = serde_json::json!("sha256");
         }
-        datastore::manifest::store_sealed(&root.join(".datastore.json"), &bad).unwrap();
+        datastore::manifest::store_sealed(&root.join(".datastore.json"), &bad, None).unwrap();
         let err = Datastore::open(&root).expect_err("refused");
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{}", err.report());
     }

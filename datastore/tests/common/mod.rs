@@ -2,20 +2,50 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use datastore::{Datastore, DatastoreOptions};
+use datastore::{Datastore, DatastoreOptions, MasterKey};
 use provider_api::*;
 
 pub const CS: u64 = 4096;
 
+/// The key of the encrypted runs: `VMBACKUP_TEST_ENCRYPTED=1` runs every
+/// datastore test against an encrypted datastore (`scripts/test` runs the
+/// suite both ways).
+pub fn test_key() -> Option<MasterKey> {
+    match std::env::var("VMBACKUP_TEST_ENCRYPTED").as_deref() {
+        Ok("1") => Some(
+            MasterKey::import_master(
+                "8e3c1f0a2b4d6e8f00112233445566778899aabbccddeeff0123456789abcdef",
+            )
+            .unwrap(),
+        ),
+        _ => None,
+    }
+}
+
+/// Whether this run's datastores are encrypted.
+pub fn encrypted() -> bool {
+    test_key().is_some()
+}
+
+/// A new datastore in `<dir>/ds` (encrypted in the encrypted runs).
 pub fn new_ds(dir: &std::path::Path) -> Datastore {
-    Datastore::create(
-        dir.join("ds"),
+    create_ds(
+        &dir.join("ds"),
         DatastoreOptions {
             chunk_size: CS,
             ..Default::default()
         },
     )
-    .unwrap()
+}
+
+/// A new datastore at `path` (encrypted in the encrypted runs).
+pub fn create_ds(path: &std::path::Path, options: DatastoreOptions) -> Datastore {
+    Datastore::create_with_key(path, options, test_key().as_ref()).unwrap()
+}
+
+/// Open a datastore of this run.
+pub fn open_ds(path: &std::path::Path) -> Datastore {
+    Datastore::open_with_key(path, test_key().as_ref()).unwrap()
 }
 
 pub fn spec(guest: &str, time: i64) -> SnapshotSpec {
