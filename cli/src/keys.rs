@@ -13,8 +13,9 @@ pub struct KeyArgs {
     command: KeyCommand,
 }
 
+/// Where a key file's passphrase comes from.
 #[derive(Debug, Args)]
-struct Passphrase {
+pub struct Passphrase {
     /// File whose first line is the passphrase (default: the
     /// VMBACKUP_PASSPHRASE environment variable).
     #[arg(long)]
@@ -22,7 +23,8 @@ struct Passphrase {
 }
 
 impl Passphrase {
-    fn read(&self) -> Result<String> {
+    /// The passphrase.
+    pub fn read(&self) -> Result<String> {
         if let Some(p) = &self.passphrase_file {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("reading the passphrase file {}", p.display()))?;
@@ -73,6 +75,24 @@ enum KeyCommand {
     },
 }
 
+/// Open the master key in `file` with the passphrase.
+pub fn open_key(file: &std::path::Path, passphrase: &Passphrase) -> Result<MasterKey> {
+    let kf = KeyFile::load(file)?;
+    let pass = passphrase.read()?;
+    Ok(kf
+        .open(&pass)
+        .with_context(|| format!("opening key file {}", file.display()))?)
+}
+
+/// Create a key file with a new master key; returns the key.
+pub fn create_key(file: &std::path::Path, passphrase: &Passphrase) -> Result<MasterKey> {
+    let key = MasterKey::generate();
+    KeyFile::seal(&key, &passphrase.read()?)?
+        .store_new(file)
+        .with_context(|| format!("creating key file {}", file.display()))?;
+    Ok(key)
+}
+
 pub fn run(args: KeyArgs, json: bool) -> Result<()> {
     let show = |file: &KeyFile| {
         if json {
@@ -98,10 +118,7 @@ pub fn run(args: KeyArgs, json: bool) -> Result<()> {
             show(&kf);
         }
         KeyCommand::ExportMaster { file, passphrase } => {
-            let key = KeyFile::load(&file)?
-                .open(&passphrase.read()?)
-                .with_context(|| format!("opening key file {}", file.display()))?;
-            println!("{}", key.export_master());
+            println!("{}", open_key(&file, &passphrase)?.export_master());
         }
         KeyCommand::ImportMaster { file, passphrase } => {
             let mut text = String::new();

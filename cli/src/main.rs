@@ -46,9 +46,23 @@ struct StoreArg {
     /// file's `datastore`).
     #[arg(long, short = 'd', env = "VMBACKUP_DATASTORE")]
     datastore: Option<PathBuf>,
+    /// Key file of an encrypted datastore (see `vmbackup key`); a first
+    /// backup with it creates the datastore encrypted.
+    #[arg(long, env = "VMBACKUP_KEYFILE")]
+    keyfile: Option<PathBuf>,
+    #[command(flatten)]
+    passphrase: keys::Passphrase,
 }
 
 impl StoreArg {
+    /// The master key of `--keyfile`, opened with its passphrase.
+    fn key(&self) -> Result<Option<datastore::MasterKey>> {
+        self.keyfile
+            .as_deref()
+            .map(|f| keys::open_key(f, &self.passphrase))
+            .transpose()
+    }
+
     fn path(&self, config: &config::Config) -> Result<PathBuf> {
         self.datastore
             .clone()
@@ -62,6 +76,9 @@ enum Command {
     /// Run the end-to-end demo: full and incremental backups of generated
     /// guests served over NBD, restores, and byte-for-byte checks.
     Demo(demo::DemoArgs),
+    /// Create a datastore: encrypted with --keyfile (an existing key file,
+    /// or a new one with --new-key), otherwise not.
+    Init(InitArgs),
     /// Back up an NBD export (qemu-nbd, qemu-storage-daemon, nbdkit).
     Backup(BackupArgs),
     /// List finished snapshots.
@@ -150,6 +167,18 @@ struct BackupArgs {
     /// Read at most this many MiB per second from the source (at least 1).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     bwlimit: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Generate a new master key into --keyfile (never overwrites a file).
+    #[arg(long, requires = "keyfile")]
+    new_key: bool,
+    /// Chunk size in bytes: a power of two from 4 KiB to 64 MiB.
+    #[arg(long, default_value_t = datastore::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
 }
 
 #[derive(Debug, Args)]
@@ -354,7 +383,18 @@ fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
             path.display()
         );
     }
-    Datastore::open(&path).with_context(|| format!("opening datastore {}", path.display()))
+    if arg.keyfile.is_none()
+        && let Ok(Some(fp)) = Datastore::key_fingerprint_at(&path)
+    {
+        bail!(
+            "datastore {} is encrypted (key {fp}): pass --keyfile FILE (or set VMBACKUP_KEYFILE) \
+             and its passphrase (--passphrase-file or VMBACKUP_PASSPHRASE)",
+            path.display()
+        );
+    }
+    let key = arg.key()?;
+    Datastore::open_with_key(&path, key.as_ref())
+        .with_context(|| format!("opening datastore {}", path.display()))
 }
 
 /// A retention count: a whole number from 1 (0 would keep nothing of
@@ -377,8 +417,52 @@ fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datas
     if !empty {
         return open_store(arg, config);
     }
-    Datastore::create(&path, DatastoreOptions::default())
+    let key = arg.key()?;
+    Datastore::create_with_key(&path, DatastoreOptions::default(), key.as_ref())
         .with_context(|| format!("creating datastore {}", path.display()))
+}
+
+/// `vmbackup init`: create a datastore, encrypted when a key file is given.
+fn init(args: InitArgs, config: &config::Config, json: bool) -> Result<()> {
+    let path = args.store.path(config)?;
+    let key = match (&args.store.keyfile, args.new_key) {
+        (Some(file), true) => Some(keys::create_key(file, &args.store.passphrase)?),
+        (Some(_), false) => args.store.key()?,
+        (None, true) => bail!("--new-key needs --keyfile FILE: where to write the new key"),
+        (None, false) => None,
+    };
+    let options = DatastoreOptions {
+        chunk_size: args.chunk_size,
+        ..DatastoreOptions::default()
+    };
+    let ds = Datastore::create_with_key(&path, options, key.as_ref())
+        .with_context(|| format!("creating datastore {}", path.display()))?;
+    let fingerprint = ds.key_fingerprint();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "datastore": path,
+                "chunk_size": ds.chunk_size(),
+                "encrypted": fingerprint.is_some(),
+                "key_fingerprint": fingerprint,
+            })
+        );
+    } else {
+        match fingerprint {
+            Some(fp) => println!("created datastore {} (encrypted, key {fp})", path.display()),
+            None => println!("created datastore {} (not encrypted)", path.display()),
+        }
+        if let (Some(file), true) = (&args.store.keyfile, args.new_key) {
+            println!(
+                "new key file {}: without it (or its master key) nothing in this datastore can be \
+                 restored; keep a recovery copy offline: vmbackup key export-master --file {}",
+                file.display(),
+                file.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -389,6 +473,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     };
     match cli.command {
         Command::Demo(args) => demo::run(args, json).await,
+        Command::Init(args) => {
+            init(args, &config, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Backup(args) => backup(args, &config, json).await,
         Command::List(args) => {
             let ds = open_store(&args.store, &config)?;

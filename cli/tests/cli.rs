@@ -13,8 +13,9 @@ fn vmbackup() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vmbackup"))
 }
 
-const SUBCOMMANDS: [&str; 13] = [
+const SUBCOMMANDS: [&str; 14] = [
     "demo",
+    "init",
     "backup",
     "list",
     "show",

@@ -6,11 +6,13 @@
 //! volume), so any snapshot can be deleted without breaking another;
 //! retention is [`Datastore::prune`] followed by [`Datastore::gc`].
 //!
-//! ## On-disk format (version 2, and version 1 read and written; magic numbers never change)
+//! ## On-disk format (versions 1, 2 and 3 read and written; magic numbers never change)
 //!
 //! ```text
 //! <root>/.datastore.json                  sealed config: format "vmbackup-datastore", version, chunk_size,
-//!                                         chunk_hash (version 2: "blake3"; version 1 has none: SHA-256)
+//!                                         chunk_hash (version 2: "blake3"; version 1 has none: SHA-256);
+//!                                         version 3 (encrypted): also encryption {cipher, chunk_id,
+//!                                         key_fingerprint, auth}
 //! <root>/.chunks/<2 hex>/<64 hex>         chunks, named by the hash of their plaintext
 //! <root>/.locks/                          lock files (see below); writers/<start-ns>-<pid>-<n>
 //! <root>/<platform>/<guest>/<RFC 3339 time>[-N]/   one snapshot
@@ -44,9 +46,16 @@
 //!   `{"checksum": sha256, "manifest": {...}}`; a snapshot's lists its
 //!   volumes (with the index file's size and SHA-256), blobs (size, SHA-256,
 //!   media type) and warnings.
+//! - **Encryption** (version 3, see [`crypt`]): chunk names are keyed
+//!   BLAKE3, chunk bodies AES-256-GCM (bit 7 of the encoding byte), and
+//!   every index, manifest, blob and verify state is wrapped as `VBDSENC1 ‖
+//!   salt ‖ nonce ‖ AES-256-GCM ciphertext ‖ tag` (the manifest's
+//!   checksums cover the wrapped bytes; manifests record the key's
+//!   fingerprint). The config stays readable and carries a keyed tag.
+//!   Opening needs the key ([`Datastore::open_with_key`]); a wrong key, a
+//!   missing one, or a key for an unencrypted datastore is refused.
 //! - **Key files** (see [`key`]): a master key sealed by a passphrase
-//!   (Argon2id + ChaCha20-Poly1305), for client-side encryption; the
-//!   formats above do not use it yet.
+//!   (Argon2id + ChaCha20-Poly1305).
 //!
 //! Sizes read from any header are bounded before allocation; a damaged
 //! chunk, index, manifest or blob is reported (kind
