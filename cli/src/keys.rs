@@ -79,9 +79,8 @@ enum KeyCommand {
 pub fn open_key(file: &std::path::Path, passphrase: &Passphrase) -> Result<MasterKey> {
     let kf = KeyFile::load(file)?;
     let pass = passphrase.read()?;
-    Ok(kf
-        .open(&pass)
-        .with_context(|| format!("opening key file {}", file.display()))?)
+    kf.open(&pass)
+        .with_context(|| format!("opening key file {}", file.display()))
 }
 
 /// Create a key file with a new master key; returns the key.
