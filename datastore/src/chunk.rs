@@ -262,6 +262,26 @@ pub fn decode_chunk(
     max_len: usize,
     path: &Path,
 ) -> Result<Vec<u8>> {
+    if file.len() > max_len + CHUNK_HEADER_LEN + crate::crypt::CHUNK_OVERHEAD + 1024 {
+        return Err(corrupt(format!(
+            "chunk {digest} at {} is damaged: {} bytes is more than a chunk can be",
+            path.display(),
+            file.len()
+        )));
+    }
+    decode_chunk_owned(file.to_vec(), digest, hash, crypt, max_len, path)
+}
+
+/// [`decode_chunk`] of a buffer it may reuse: an encrypted chunk is
+/// decrypted in place and a plain one shifted, without a second copy.
+pub(crate) fn decode_chunk_owned(
+    mut file: Vec<u8>,
+    digest: &Digest,
+    hash: ChunkHash,
+    crypt: Option<&Crypt>,
+    max_len: usize,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let bad = |why: &str| {
         corrupt(format!(
             "chunk {digest} at {} is damaged: {why}",
@@ -271,46 +291,48 @@ pub fn decode_chunk(
     if file.len() < CHUNK_HEADER_LEN {
         return Err(bad("shorter than its header"));
     }
-    if file[..8] != CHUNK_MAGIC {
+    let mut head = [0u8; CHUNK_HEADER_LEN];
+    head.copy_from_slice(&file[..CHUNK_HEADER_LEN]);
+    if head[..8] != CHUNK_MAGIC {
         return Err(bad("bad magic"));
     }
-    let enc = file[8];
-    let raw_len = u32::from_le_bytes(file[12..16].try_into().unwrap_or_default()) as usize;
-    let stored_len = u32::from_le_bytes(file[16..20].try_into().unwrap_or_default()) as usize;
-    let crc = u32::from_le_bytes(file[20..24].try_into().unwrap_or_default());
+    let enc = head[8];
+    let raw_len = u32::from_le_bytes(head[12..16].try_into().unwrap_or_default()) as usize;
+    let stored_len = u32::from_le_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
+    let crc = u32::from_le_bytes(head[20..24].try_into().unwrap_or_default());
     if raw_len > max_len {
         return Err(bad("length beyond the chunk size"));
     }
     if stored_len != file.len() - CHUNK_HEADER_LEN {
         return Err(bad("truncated or extended"));
     }
-    let stored = &file[CHUNK_HEADER_LEN..];
     let mut h = crc32fast::Hasher::new();
-    h.update(&file[..20]);
-    h.update(stored);
+    h.update(&head[..20]);
+    h.update(&file[CHUNK_HEADER_LEN..]);
     if h.finalize() != crc {
         return Err(bad("checksum mismatch"));
     }
-    let opened;
-    let payload = match (enc & ENC_ENCRYPTED != 0, crypt) {
+    // `file` becomes the payload: plain or zstd bytes.
+    match (enc & ENC_ENCRYPTED != 0, crypt) {
         (true, Some(c)) => {
-            opened = c.open_chunk(digest, &file[..16], stored).ok_or_else(|| {
-                bad(&format!(
+            if !c.open_chunk(digest, &head[..16], &mut file, CHUNK_HEADER_LEN) {
+                return Err(bad(&format!(
                     "it does not authenticate under key {} (altered, or stored under another name)",
                     c.fingerprint()
-                ))
-            })?;
-            &opened[..]
+                )));
+            }
         }
-        (false, None) => stored,
+        (false, None) => {
+            file.drain(..CHUNK_HEADER_LEN);
+        }
         (true, None) => return Err(bad("encrypted, but the datastore was opened without a key")),
         (false, Some(_)) => return Err(bad("not encrypted, in an encrypted datastore")),
-    };
+    }
     let data = match enc & !ENC_ENCRYPTED {
-        ENC_PLAIN if payload.len() == raw_len => payload.to_vec(),
+        ENC_PLAIN if file.len() == raw_len => file,
         ENC_ZSTD => {
             let d =
-                zstd::bulk::decompress(payload, raw_len).map_err(|_| bad("zstd stream invalid"))?;
+                zstd::bulk::decompress(&file, raw_len).map_err(|_| bad("zstd stream invalid"))?;
             if d.len() != raw_len {
                 return Err(bad("decompressed length mismatch"));
             }

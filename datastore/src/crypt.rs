@@ -175,32 +175,39 @@ impl Crypt {
         Ok(out)
     }
 
-    /// Decrypt what [`Crypt::seal_chunk`] made; `None` when it does not
-    /// authenticate (wrong key, damage, tampering, a renamed chunk).
+    /// Decrypt in place what [`Crypt::seal_chunk`] made, found at
+    /// `buf[from..]`: on success `buf` holds just the plaintext (one pass:
+    /// decrypted and moved to the front together). `false` when it does
+    /// not authenticate (wrong key, damage, tampering, a renamed chunk);
+    /// `buf` is then garbage.
     pub(crate) fn open_chunk(
         &self,
         digest: &Digest,
         header: &[u8],
-        sealed: &[u8],
-    ) -> Option<Vec<u8>> {
-        if sealed.len() < CHUNK_OVERHEAD {
-            return None;
+        buf: &mut Vec<u8>,
+        from: usize,
+    ) -> bool {
+        if buf.len() < from + CHUNK_OVERHEAD {
+            return false;
         }
-        let nonce = <[u8; NONCE_LEN]>::try_from(&sealed[..NONCE_LEN]).ok()?;
-        let mut buf = sealed[NONCE_LEN..].to_vec();
+        let Ok(nonce) = <[u8; NONCE_LEN]>::try_from(&buf[from..from + NONCE_LEN]) else {
+            return false;
+        };
+        let Ok(key) = self.chunk_key(digest) else {
+            return false;
+        };
         let aad = [header, &digest.0].concat();
-        let len = self
-            .chunk_key(digest)
-            .ok()?
-            .open_in_place(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad),
-                &mut buf,
-            )
-            .ok()?
-            .len();
+        let len = match key.open_within(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&aad),
+            &mut buf[..],
+            from + NONCE_LEN..,
+        ) {
+            Ok(plain) => plain.len(),
+            Err(_) => return false,
+        };
         buf.truncate(len);
-        Some(buf)
+        true
     }
 
     fn file_aad(path: &Path) -> Vec<u8> {
@@ -359,13 +366,18 @@ mod tests {
         assert_eq!(Crypt::new(&k1).chunk_id(&data), d1);
         let sealed = c1.seal_chunk(&d1, b"head", &data).unwrap();
         assert_eq!(sealed.len(), data.len() + CHUNK_OVERHEAD);
-        assert_eq!(c1.open_chunk(&d1, b"head", &sealed).unwrap(), data);
-        assert!(c1.open_chunk(&d2, b"head", &sealed).is_none());
-        assert!(c1.open_chunk(&d1, b"hea_", &sealed).is_none());
-        assert!(c2.open_chunk(&d1, b"head", &sealed).is_none());
+        let open = |c: &Crypt, d: &Digest, head: &[u8], bytes: &[u8]| {
+            // Behind 3 bytes of something else, as behind a chunk header.
+            let mut buf = [&b"hdr"[..], bytes].concat();
+            c.open_chunk(d, head, &mut buf, 3).then_some(buf)
+        };
+        assert_eq!(open(&c1, &d1, b"head", &sealed).unwrap(), data);
+        assert!(open(&c1, &d2, b"head", &sealed).is_none());
+        assert!(open(&c1, &d1, b"hea_", &sealed).is_none());
+        assert!(open(&c2, &d1, b"head", &sealed).is_none());
         let mut bad = sealed.clone();
         bad[100] ^= 4;
-        assert!(c1.open_chunk(&d1, b"head", &bad).is_none());
-        assert!(c1.open_chunk(&d1, b"head", &sealed[..10]).is_none());
+        assert!(open(&c1, &d1, b"head", &bad).is_none());
+        assert!(open(&c1, &d1, b"head", &sealed[..10]).is_none());
     }
 }
