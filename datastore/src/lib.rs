@@ -164,6 +164,7 @@
 //! # }
 //! ```
 
+pub mod backend;
 pub mod cache;
 pub mod chunk;
 pub mod crypt;

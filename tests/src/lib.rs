@@ -9,6 +9,7 @@
 
 pub mod ovirt;
 pub mod python;
+pub mod s3;
 pub mod scp;
 pub mod scp_flow;
 pub mod zstack;
