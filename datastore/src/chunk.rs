@@ -30,6 +30,7 @@ use std::time::SystemTime;
 
 use provider_api::{Error, ErrorKind, Result};
 
+use crate::backend::Backend;
 use crate::crypt::Crypt;
 use crate::util::{corrupt, from_hex, io_err, to_hex, unique_suffix};
 
@@ -359,7 +360,21 @@ pub struct Inserted {
     pub stored: u64,
 }
 
-/// The chunk directory of a datastore: `<root>/.chunks/<2 hex>/<64 hex>`.
+/// The chunks of a datastore: `<root>/.chunks/<2 hex>/<64 hex>`, files in
+/// a local directory or objects of a [`Backend`] (same keys).
+///
+/// ## Chunks in an object store
+///
+/// An object store has no `flock` and no cheap way to refresh an object's
+/// time, so a chunk found existing is trusted only when it is *fresh*:
+/// written at or after [`ChunkStore::with_fresh_after`]'s time (by the
+/// store's clock). A writer sets that to the start of its lease (store
+/// time) minus the GC grace period; an older chunk is stored again, which
+/// gives it a new `Last-Modified`. A GC deletes only chunks that no
+/// snapshot names *and* that are older than the oldest running writer's
+/// start minus the grace (see [`crate::backend`]), so a chunk a running
+/// backup relies on is either fresh (kept by age) or in a snapshot
+/// (kept by mark). Without a fresh-after time every insert stores.
 #[derive(Debug, Clone)]
 pub struct ChunkStore {
     dir: PathBuf,
@@ -367,6 +382,13 @@ pub struct ChunkStore {
     chunk_size: usize,
     hash: ChunkHash,
     crypt: Option<Arc<Crypt>>,
+    object: Option<ObjectChunks>,
+}
+
+#[derive(Debug, Clone)]
+struct ObjectChunks {
+    backend: Arc<dyn Backend>,
+    fresh_after: Option<SystemTime>,
 }
 
 impl ChunkStore {
@@ -382,7 +404,52 @@ impl ChunkStore {
             chunk_size,
             hash,
             crypt,
+            object: None,
         }
+    }
+
+    /// The chunks of a datastore on `backend` (under `.chunks/`).
+    pub fn on_backend(
+        backend: Arc<dyn Backend>,
+        chunk_size: usize,
+        hash: ChunkHash,
+        crypt: Option<Arc<Crypt>>,
+    ) -> Self {
+        let root = PathBuf::from(backend.location());
+        ChunkStore {
+            object: Some(ObjectChunks {
+                backend,
+                fresh_after: None,
+            }),
+            ..ChunkStore::new(&root, chunk_size, hash, crypt)
+        }
+    }
+
+    /// This store, trusting existing chunks written at or after `time`
+    /// (store clock; object stores only, see the type's docs).
+    pub fn with_fresh_after(&self, time: SystemTime) -> ChunkStore {
+        let mut s = self.clone();
+        if let Some(o) = &mut s.object {
+            o.fresh_after = Some(time);
+        }
+        s
+    }
+
+    fn key(digest: &Digest) -> String {
+        let hex = digest.to_hex();
+        format!(".chunks/{}/{hex}", &hex[..2])
+    }
+
+    /// Make new chunks' directory entries durable (local directories;
+    /// an object store's writes are durable when they return).
+    pub(crate) fn sync_prefixes(&self, prefixes: impl IntoIterator<Item = u8>) -> Result<()> {
+        if self.object.is_some() {
+            return Ok(());
+        }
+        for d in prefixes {
+            crate::util::sync_dir(&self.prefix_dir(&Digest([d; 32])))?;
+        }
+        Ok(())
     }
 
     /// The keys of an encrypted store.
@@ -406,6 +473,9 @@ impl ChunkStore {
 
     /// Create the 256 prefix directories.
     pub(crate) fn create(&self) -> Result<()> {
+        if self.object.is_some() {
+            return Ok(());
+        }
         for i in 0..256 {
             let d = self.dir.join(format!("{i:02x}"));
             crate::util::create_dir_all_private(&d).map_err(|e| io_err("creating", &d, e))?;
@@ -479,6 +549,9 @@ impl ChunkStore {
         written: impl FnOnce(),
     ) -> Result<Inserted> {
         debug_assert!(!digest.is_zero());
+        if let Some(o) = &self.object {
+            return self.insert_object(o, digest, data, written);
+        }
         let path = self.path(digest);
         let _lock = self.insert_lock()?;
         match crate::util::private_file_options().write(true).open(&path) {
@@ -518,8 +591,61 @@ impl ChunkStore {
         })
     }
 
+    fn insert_object(
+        &self,
+        o: &ObjectChunks,
+        digest: &Digest,
+        data: &[u8],
+        written: impl FnOnce(),
+    ) -> Result<Inserted> {
+        let key = Self::key(digest);
+        if let Some(fresh_after) = o.fresh_after
+            && let Some(m) = o.backend.head(&key)?
+            && m.modified >= fresh_after
+        {
+            return Ok(Inserted {
+                new: false,
+                stored: 0,
+            });
+        }
+        let (head, payload) = encode_parts(data, digest, self.crypt())?;
+        let mut file = Vec::with_capacity(CHUNK_HEADER_LEN + payload.len());
+        file.extend_from_slice(&head);
+        file.extend_from_slice(&payload);
+        drop(payload);
+        written();
+        let stored = file.len() as u64;
+        o.backend.put(&key, bytes::Bytes::from(file))?;
+        Ok(Inserted { new: true, stored })
+    }
+
+    fn max_file_len(&self) -> u64 {
+        self.chunk_size as u64
+            + CHUNK_HEADER_LEN as u64
+            + crate::crypt::CHUNK_OVERHEAD as u64
+            + 1024
+    }
+
     /// Read, check and decode a chunk.
     pub fn load(&self, digest: &Digest) -> Result<Vec<u8>> {
+        if let Some(o) = &self.object {
+            let key = Self::key(digest);
+            let at = format!("{}/{key}", o.backend.location());
+            let Some((buf, _)) = o.backend.get(&key, self.max_file_len())? else {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!("chunk {digest} missing at {at}"),
+                ));
+            };
+            return decode_chunk_owned(
+                buf,
+                digest,
+                self.hash,
+                self.crypt(),
+                self.chunk_size,
+                Path::new(&at),
+            );
+        }
         let path = self.path(digest);
         let mut f = File::open(&path).map_err(|e| {
             let kind = if e.kind() == std::io::ErrorKind::NotFound {
@@ -537,11 +663,7 @@ impl ChunkStore {
             .metadata()
             .map_err(|e| io_err("reading metadata of chunk", &path, e))?
             .len();
-        let max = self.chunk_size as u64
-            + CHUNK_HEADER_LEN as u64
-            + crate::crypt::CHUNK_OVERHEAD as u64
-            + 1024;
-        if len > max {
+        if len > self.max_file_len() {
             return Err(corrupt(format!(
                 "chunk {digest} at {} is damaged: {len} bytes is more than a chunk can be",
                 path.display()
@@ -561,14 +683,32 @@ impl ChunkStore {
     }
 
     /// Remove chunks not in `live` whose modification time is before
-    /// `cutoff`, and temp files left by crashed inserts. Returns (removed
-    /// chunks, removed bytes, kept chunks, kept bytes).
-    pub(crate) fn sweep(
+    /// `cutoff`, and temp files left by crashed inserts: the sweep of a
+    /// garbage collection, whose caller marked every chunk a snapshot
+    /// names and chose the cutoff (see [`crate::Datastore::gc`]). Returns
+    /// (removed chunks, removed bytes, kept chunks, kept bytes).
+    pub fn sweep(
         &self,
         live: &HashSet<Digest>,
         cutoff: SystemTime,
     ) -> Result<(u64, u64, u64, u64)> {
         let (mut removed, mut removed_bytes, mut kept, mut kept_bytes) = (0, 0, 0, 0);
+        if let Some(o) = &self.object {
+            for m in o.backend.list(".chunks/")? {
+                let Some(digest) = m.key.rsplit('/').next().and_then(Digest::from_hex) else {
+                    continue;
+                };
+                if live.contains(&digest) || m.modified >= cutoff {
+                    kept += 1;
+                    kept_bytes += m.size;
+                } else {
+                    o.backend.delete(&m.key)?;
+                    removed += 1;
+                    removed_bytes += m.size;
+                }
+            }
+            return Ok((removed, removed_bytes, kept, kept_bytes));
+        }
         for i in 0..256 {
             let dir = self.dir.join(format!("{i:02x}"));
             // One prefix at a time under the exclusive lock: inserts wait
@@ -611,8 +751,15 @@ impl ChunkStore {
     }
 
     /// Every stored chunk (for stats): (count, bytes).
-    pub(crate) fn usage(&self) -> Result<(u64, u64)> {
+    pub fn usage(&self) -> Result<(u64, u64)> {
         let (mut n, mut bytes) = (0, 0);
+        if let Some(o) = &self.object {
+            for m in o.backend.list(".chunks/")? {
+                n += 1;
+                bytes += m.size;
+            }
+            return Ok((n, bytes));
+        }
         for i in 0..256 {
             let dir = self.dir.join(format!("{i:02x}"));
             let Ok(rd) = fs::read_dir(&dir) else { continue };

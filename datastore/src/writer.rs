@@ -696,9 +696,7 @@ impl VolumeWriter for VolWriter {
         blocking(move || {
             // New chunks' directory entries must be durable before an index
             // that names them.
-            for d in dirs {
-                sync_dir(&store.prefix_dir(&Digest([d; 32])))?;
-            }
+            store.sync_prefixes(dirs)?;
             publish_volume(dest, &index, store.crypt()).map_err(|e| e.volume(&device))
         })
         .await?;
