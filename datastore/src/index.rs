@@ -21,7 +21,8 @@ use provider_api::Result;
 
 use crate::chunk::Digest;
 use crate::crypt::{Crypt, FILE_OVERHEAD, open_opt};
-use crate::util::{corrupt, read_bounded, sha256_hex};
+use crate::storage::Storage;
+use crate::util::{corrupt, sha256_hex};
 
 /// Magic number of an index file (never changes).
 pub const INDEX_MAGIC: [u8; 8] = *b"VBDSFIX1";
@@ -144,7 +145,17 @@ impl FixedIndex {
     /// file's SHA-256 (as recorded in a manifest) must match. An encrypted
     /// datastore's index is decrypted with `crypt`.
     pub fn load(path: &Path, expect_sha256: Option<&str>, crypt: Option<&Crypt>) -> Result<Self> {
-        let buf = read_bounded(
+        FixedIndex::read(&Storage::Local, path, expect_sha256, crypt)
+    }
+
+    /// [`FixedIndex::load`] from a datastore's storage.
+    pub(crate) fn read(
+        st: &Storage,
+        path: &Path,
+        expect_sha256: Option<&str>,
+        crypt: Option<&Crypt>,
+    ) -> Result<Self> {
+        let buf = st.read(
             path,
             HEADER_LEN as u64
                 + 32 * (MAX_VOLUME_SIZE >> MIN_CHUNK_LOG2)

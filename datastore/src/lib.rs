@@ -173,6 +173,7 @@ pub mod key;
 mod maintenance;
 pub mod manifest;
 mod reader;
+mod storage;
 mod store;
 mod util;
 mod writer;

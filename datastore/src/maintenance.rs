@@ -3,16 +3,19 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, TryLockError};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use provider_api::{Error, ErrorKind, GuestId, Result, SnapshotId};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, KeptLease, LeaseInfo};
 use crate::chunk::Digest;
 use crate::index::FixedIndex;
 use crate::manifest::{
-    BaseImageManifest, VerifyState, check_key, load_blob, load_sealed, store_sealed,
+    BaseImageManifest, VerifyState, check_key, load_sealed, read_blob, read_sealed, write_sealed,
 };
+use crate::storage::key_of;
 use crate::store::{
     BASE_DIR, BASE_MANIFEST_FILE, Datastore, MANIFEST_FILE, PROTECTED_FILE, SnapPath, VERIFY_FILE,
     open_lock_file,
@@ -202,20 +205,26 @@ impl Datastore {
     pub fn is_protected(&self, id: &SnapshotId) -> Result<bool> {
         let sp = SnapPath::parse(id)?;
         let dir = self.snap_dir(&sp);
-        if !dir.join(MANIFEST_FILE).exists() {
+        if !self.storage().exists(&dir.join(MANIFEST_FILE))? {
             return Err(Error::not_found(format!("snapshot {id} does not exist")));
         }
-        Ok(dir.join(PROTECTED_FILE).exists())
+        self.storage().exists(&dir.join(PROTECTED_FILE))
     }
 
     /// Protect a snapshot (or lift the protection).
     pub fn protect(&self, id: &SnapshotId, protected: bool) -> Result<()> {
         let sp = SnapPath::parse(id)?;
         let dir = self.snap_dir(&sp);
-        if !dir.join(MANIFEST_FILE).exists() {
+        if !self.storage().exists(&dir.join(MANIFEST_FILE))? {
             return Err(Error::not_found(format!("snapshot {id} does not exist")));
         }
         let p = dir.join(PROTECTED_FILE);
+        if self.storage().object().is_some() {
+            return match protected {
+                true => self.storage().write_atomic(&p, Vec::new()),
+                false => self.storage().remove(&p),
+            };
+        }
         if protected {
             crate::util::create_private(&p).map_err(|e| io_err("creating", &p, e))?;
         } else if p.exists() {
@@ -230,11 +239,20 @@ impl Datastore {
         let sp = SnapPath::parse(id)?;
         let dir = self.snap_dir(&sp);
         let mpath = dir.join(MANIFEST_FILE);
-        if dir.join(PROTECTED_FILE).exists() {
+        if self.storage().exists(&dir.join(PROTECTED_FILE))? {
             return Err(Error::new(
                 ErrorKind::Refused,
                 format!("snapshot {id} is protected"),
             ));
+        }
+        if let Some(b) = self.storage().object() {
+            let _held = self.exclusive_lease(b, &key_of(&dir)?, &format!("snapshot {id}"))?;
+            if !self.storage().exists(&mpath)? {
+                return Err(Error::not_found(format!("snapshot {id} does not exist")));
+            }
+            // The manifest first: from then on the snapshot is invisible.
+            self.storage().remove(&mpath)?;
+            return self.storage().remove_tree(&dir);
         }
         let f = File::open(&mpath).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -298,6 +316,16 @@ impl Datastore {
         }
         let dir = self.base_dir(platform, id);
         let mpath = dir.join(BASE_MANIFEST_FILE);
+        if let Some(b) = self.storage().object() {
+            let _held = self.exclusive_lease(b, &key_of(&dir)?, &format!("base image {id}"))?;
+            if !self.storage().exists(&mpath)? {
+                return Err(Error::not_found(format!(
+                    "base image {id} of {platform} is not stored"
+                )));
+            }
+            self.storage().remove(&mpath)?;
+            return self.storage().remove_tree(&dir);
+        }
         let f = File::open(&mpath).map_err(|e| io_err("opening", &mpath, e))?;
         match f.try_lock() {
             Ok(()) => {}
@@ -332,7 +360,7 @@ impl Datastore {
             &crate::util::encode_component(platform),
             &crate::util::encode_component(&guest.0),
         );
-        if !group.exists() {
+        if self.storage().object().is_none() && !group.exists() {
             return Ok(Vec::new());
         }
         let _lock = self.lock_group(&group)?;
@@ -361,6 +389,9 @@ impl Datastore {
     /// references and that were not written or reused since
     /// `grace` before the oldest running backup began (see the crate docs).
     pub fn gc(&self, grace: Duration) -> Result<GcStats> {
+        if let Some(b) = self.storage().object().cloned() {
+            return self.gc_object(&b, grace);
+        }
         let gc_lock = open_lock_file(&self.locks_dir().join("gc.lock"))?;
         gc_lock
             .lock()
@@ -484,6 +515,89 @@ impl Datastore {
         Ok(stats)
     }
 
+    /// GC on an object store (see [`crate::backend`] for why it is safe
+    /// beside backups on other hosts).
+    fn gc_object(&self, b: &Arc<dyn Backend>, grace: Duration) -> Result<GcStats> {
+        let _gc = KeptLease::acquire(b.clone(), ".locks/gc", "gc", self.inner.lease_ttl)?;
+        let grace = grace.max(self.inner.object_grace);
+        let start = b.now()?;
+        let mut stats = GcStats::default();
+        // Running backups, by their leases; a lapsed lease is a crashed
+        // backup's.
+        let mut oldest = start;
+        let mut live_writers = HashSet::new();
+        for m in b.list(".locks/writers/")? {
+            let Some((data, meta)) = b.get(&m.key, 64 << 10)? else {
+                continue;
+            };
+            match serde_json::from_slice::<LeaseInfo>(&data) {
+                Ok(info) if info.live_at(&meta, start) => {
+                    oldest = oldest.min(info.started_at(&meta));
+                    live_writers.insert(m.key.rsplit('/').next().unwrap_or_default().to_owned());
+                }
+                _ => b.delete(&m.key)?,
+            }
+        }
+        let cutoff = oldest.checked_sub(grace).unwrap_or(UNIX_EPOCH);
+        let mut marked: HashSet<Digest> = HashSet::new();
+        let mut seen: HashSet<SnapshotId> = HashSet::new();
+        loop {
+            let fresh: Vec<SnapPath> = self
+                .snapshot_paths(None, None)?
+                .into_iter()
+                .filter(|sp| seen.insert(sp.id()))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            self.mark_snapshots(&fresh, &mut marked, &mut stats)?;
+        }
+        let bdir = self.root().join(BASE_DIR);
+        for plat in self.storage().children(&bdir)? {
+            for id in self.storage().children(&bdir.join(&plat))? {
+                let dir = bdir.join(&plat).join(&id);
+                let mpath = dir.join(BASE_MANIFEST_FILE);
+                if !self.storage().exists(&mpath)? {
+                    continue;
+                }
+                let m: BaseImageManifest = read_sealed(self.storage(), &mpath, self.crypt())?;
+                check_key(m.key_fingerprint.as_deref(), self.crypt(), &mpath)?;
+                let idx = FixedIndex::read(
+                    self.storage(),
+                    &dir.join(&m.index.file),
+                    Some(&m.index.sha256),
+                    self.crypt(),
+                )?;
+                stats.indexes += 1;
+                marked.extend(idx.digests.iter().filter(|d| !d.is_zero()));
+            }
+        }
+        stats.referenced_chunks = marked.len() as u64;
+        // Temporary files of crashed backups.
+        for plat in self.storage().children(self.root())? {
+            if !is_safe_component(&plat) {
+                continue;
+            }
+            for guest in self.storage().children(&self.root().join(&plat))? {
+                let gdir = self.root().join(&plat).join(&guest);
+                for name in self.storage().children(&gdir)? {
+                    if let Some(reg) = name.strip_prefix(".tmp-")
+                        && !live_writers.contains(reg)
+                    {
+                        self.storage().remove_tree(&gdir.join(&name))?;
+                        stats.removed_temp_dirs += 1;
+                    }
+                }
+            }
+        }
+        let (r, rb, k, kb) = self.chunks().sweep(&marked, cutoff)?;
+        stats.removed_chunks = r;
+        stats.removed_bytes = rb;
+        stats.kept_chunks = k;
+        stats.kept_bytes = kb;
+        Ok(stats)
+    }
+
     fn mark_snapshots(
         &self,
         list: &[SnapPath],
@@ -498,7 +612,8 @@ impl Datastore {
                 Err(e) => return Err(e),
             };
             for v in &m.volumes {
-                let idx = FixedIndex::load(
+                let idx = FixedIndex::read(
+                    self.storage(),
                     &dir.join(&v.index.file),
                     Some(&v.index.sha256),
                     self.crypt(),
@@ -549,12 +664,13 @@ impl Datastore {
                     Err(e) => return Err(e),
                 };
                 for b in &m.blobs {
-                    if let Err(e) = load_blob(&dir, &b.file, self.crypt()) {
+                    if let Err(e) = read_blob(self.storage(), &dir, &b.file, self.crypt()) {
                         errors.push(e.report());
                     }
                 }
                 for v in &m.volumes {
-                    match FixedIndex::load(
+                    match FixedIndex::read(
+                        self.storage(),
                         &dir.join(&v.index.file),
                         Some(&v.index.sha256),
                         self.crypt(),
@@ -653,10 +769,11 @@ impl Datastore {
     }
 
     fn write_verify_state(&self, dir: &Path, errors: &[String]) -> Result<()> {
-        if !dir.exists() {
+        if !self.storage().exists(&dir.join(MANIFEST_FILE))? {
             return Ok(());
         }
-        store_sealed(
+        write_sealed(
+            self.storage(),
             &dir.join(VERIFY_FILE),
             &VerifyState {
                 state: if errors.is_empty() { "ok" } else { "failed" }.into(),
@@ -672,8 +789,10 @@ impl Datastore {
         let snapshots = self.snapshot_paths(None, None)?.len() as u64;
         let bdir = self.root().join(BASE_DIR);
         let mut base_images = 0;
-        for p in read_names(&bdir)? {
-            base_images += read_names(&bdir.join(&p))?
+        for p in self.storage().children(&bdir)? {
+            base_images += self
+                .storage()
+                .children(&bdir.join(&p))?
                 .iter()
                 .filter(|n| !n.starts_with('.'))
                 .count() as u64;

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::crypt::{Crypt, FILE_OVERHEAD, open_opt, seal_opt};
-use crate::util::{atomic_write, corrupt, read_bounded, sha256_hex};
+use crate::storage::Storage;
+use crate::util::{corrupt, sha256_hex};
 
 /// Format name in every manifest (never changes).
 pub const SNAPSHOT_FORMAT: &str = "vmbackup-datastore-snapshot";
@@ -171,13 +172,32 @@ pub fn unseal<T: for<'de> Deserialize<'de>>(buf: &[u8], path: &Path) -> Result<T
 /// Read a sealed manifest file (decrypting it with `crypt`, which an
 /// encrypted datastore's files require).
 pub fn load_sealed<T: for<'de> Deserialize<'de>>(path: &Path, crypt: Option<&Crypt>) -> Result<T> {
-    let buf = read_bounded(path, MAX_MANIFEST_LEN + FILE_OVERHEAD as u64)?;
-    unseal(&open_opt(crypt, path, buf)?, path)
+    read_sealed(&Storage::Local, path, crypt)
 }
 
 /// Write a sealed manifest atomically (encrypted with `crypt` if given).
 pub fn store_sealed<T: Serialize>(path: &Path, value: &T, crypt: Option<&Crypt>) -> Result<()> {
-    atomic_write(path, &seal_opt(crypt, path, seal(value)?)?)
+    write_sealed(&Storage::Local, path, value, crypt)
+}
+
+/// [`load_sealed`] from a datastore's storage.
+pub(crate) fn read_sealed<T: for<'de> Deserialize<'de>>(
+    st: &Storage,
+    path: &Path,
+    crypt: Option<&Crypt>,
+) -> Result<T> {
+    let buf = st.read(path, MAX_MANIFEST_LEN + FILE_OVERHEAD as u64)?;
+    unseal(&open_opt(crypt, path, buf)?, path)
+}
+
+/// [`store_sealed`] to a datastore's storage.
+pub(crate) fn write_sealed<T: Serialize>(
+    st: &Storage,
+    path: &Path,
+    value: &T,
+    crypt: Option<&Crypt>,
+) -> Result<()> {
+    st.write_atomic(path, seal_opt(crypt, path, seal(value)?)?)
 }
 
 /// Check that a manifest names the key it was decrypted with (or none in
@@ -212,6 +232,16 @@ pub fn check_manifest(m: &Manifest, path: &Path, crypt: Option<&Crypt>) -> Resul
 /// Read a blob, check it against its manifest entry (size and SHA-256 of
 /// the stored bytes) and decrypt it with `crypt` if given.
 pub fn load_blob(dir: &Path, file: &FileRef, crypt: Option<&Crypt>) -> Result<Vec<u8>> {
+    read_blob(&Storage::Local, dir, file, crypt)
+}
+
+/// [`load_blob`] from a datastore's storage.
+pub(crate) fn read_blob(
+    st: &Storage,
+    dir: &Path,
+    file: &FileRef,
+    crypt: Option<&Crypt>,
+) -> Result<Vec<u8>> {
     let path = dir.join(&file.file);
     if file.size > MAX_BLOB_LEN + FILE_OVERHEAD as u64 {
         return Err(corrupt(format!(
@@ -220,7 +250,7 @@ pub fn load_blob(dir: &Path, file: &FileRef, crypt: Option<&Crypt>) -> Result<Ve
             file.size
         )));
     }
-    let data = read_bounded(&path, file.size)?;
+    let data = st.read(&path, file.size)?;
     let sum = sha256_hex(&data);
     if data.len() as u64 != file.size || sum != file.sha256 {
         return Err(corrupt(format!(

@@ -1,7 +1,6 @@
 //! Reading snapshots back: configuration, metadata and random access to
 //! volumes with a zero map.
 
-use std::fs::File;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -19,7 +18,8 @@ use provider_api::{
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkStore;
 use crate::index::FixedIndex;
-use crate::manifest::{Manifest, load_blob};
+use crate::manifest::{Manifest, read_blob};
+use crate::storage::Held;
 use crate::store::{Datastore, SnapPath};
 use crate::util::corrupt;
 
@@ -38,7 +38,7 @@ pub(crate) struct SnapReader {
     info: SnapshotInfo,
     dir: PathBuf,
     manifest: Manifest,
-    _lock: Arc<File>,
+    _lock: Arc<Held>,
 }
 
 impl SnapReader {
@@ -60,7 +60,7 @@ impl SnapReader {
             None => Ok(None),
             Some(b) => Ok(Some((
                 b.content_type.clone(),
-                load_blob(&self.dir, &b.file, self.ds.crypt())?,
+                read_blob(self.ds.storage(), &self.dir, &b.file, self.ds.crypt())?,
             ))),
         }
     }
@@ -76,13 +76,14 @@ impl SnapReader {
                     .volume(device)
             })?;
         let own = || {
-            FixedIndex::load(
+            FixedIndex::read(
+                self.ds.storage(),
                 &self.dir.join(&v.index.file),
                 Some(&v.index.sha256),
                 self.ds.crypt(),
             )
         };
-        let base = || -> Result<(File, FixedIndex)> {
+        let base = || -> Result<(Held, FixedIndex)> {
             let bid = v.base.as_ref().ok_or_else(|| {
                 Error::invalid(format!("volume {device} is not linked to a base image"))
                     .volume(device)
@@ -165,7 +166,7 @@ pub struct VolReader {
     base: Option<Arc<FixedIndex>>,
     /// Where the latest read ended (read-ahead's notion of "sequential").
     last_end: AtomicU64,
-    _locks: (Arc<File>, Vec<File>),
+    _locks: (Arc<Held>, Vec<Held>),
 }
 
 impl VolReader {
@@ -174,8 +175,8 @@ impl VolReader {
         cache: ChunkCache,
         index: FixedIndex,
         base: Option<FixedIndex>,
-        snap_lock: Arc<File>,
-        locks: Vec<File>,
+        snap_lock: Arc<Held>,
+        locks: Vec<Held>,
     ) -> Self {
         VolReader {
             store,

@@ -3,6 +3,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use provider_api::{
@@ -11,14 +12,17 @@ use provider_api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::backend::{Backend, KeptLease, LeaseInfo};
 use crate::cache::{ChunkCache, DEFAULT_CHUNK_CACHE_BYTES};
 use crate::chunk::{ChunkHash, ChunkStore};
 use crate::crypt::Crypt;
 use crate::index::{FixedIndex, MAX_CHUNK_LOG2, MIN_CHUNK_LOG2};
 use crate::key::MasterKey;
 use crate::manifest::{
-    BaseImageManifest, Manifest, VerifyState, check_key, check_manifest, load_sealed, store_sealed,
+    BaseImageManifest, Manifest, VerifyState, check_key, check_manifest, load_sealed, read_sealed,
+    store_sealed,
 };
+use crate::storage::{Held, Storage, key_of};
 use crate::util::{encode_component, io_err, is_safe_component, unique_suffix};
 
 /// Default chunk size: 4 MiB.
@@ -31,6 +35,13 @@ pub const DATASTORE_FORMAT: &str = "vmbackup-datastore";
 /// release that knows only version 1 refuses version 2 instead of
 /// misreading its chunk names.
 pub const DATASTORE_VERSION: u32 = 2;
+
+/// Object stores: default lifetime of a lease without renewal (renewed
+/// every third of it).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(120);
+/// Object stores: default freshness window of existing chunks and least
+/// GC grace (see [`ChunkStore`]).
+pub const DEFAULT_OBJECT_GRACE: Duration = Duration::from_secs(3600);
 
 pub(crate) const CONFIG_FILE: &str = ".datastore.json";
 pub(crate) const MANIFEST_FILE: &str = "index.json";
@@ -101,8 +112,15 @@ impl Config {
     }
 }
 
+#[derive(Clone)]
 pub(crate) struct Inner {
     pub(crate) root: PathBuf,
+    pub(crate) storage: Storage,
+    /// Leases of an object-store datastore last this long unless renewed.
+    pub(crate) lease_ttl: Duration,
+    /// Object stores: how far back from its start a writer trusts an
+    /// existing chunk, and the least grace a GC uses (see [`ChunkStore`]).
+    pub(crate) object_grace: Duration,
     pub(crate) crypt: Option<Arc<Crypt>>,
     pub(crate) chunks: ChunkStore,
     pub(crate) chunk_size: u64,
@@ -171,13 +189,28 @@ pub(crate) fn open_lock_file(path: &Path) -> Result<File> {
 /// lock that dies with the process.
 pub(crate) struct WriterRegistration {
     pub(crate) name: String,
-    path: PathBuf,
-    _file: File,
+    path: Option<PathBuf>,
+    held: Held,
+    /// When it began: the store's clock for object stores.
+    pub(crate) started: SystemTime,
+}
+
+impl WriterRegistration {
+    /// Object stores: `LeaseLost` when the writer's lease was not renewed
+    /// in time (a GC may then have judged it dead).
+    pub(crate) fn check(&self) -> Result<()> {
+        match &self.held {
+            Held::Lease(l) => l.check(),
+            Held::File(_) => Ok(()),
+        }
+    }
 }
 
 impl Drop for WriterRegistration {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = fs::remove_file(p);
+        }
     }
 }
 
@@ -214,6 +247,7 @@ impl Datastore {
                 "chunk size {cs} must be a power of two from 4 KiB to 64 MiB"
             )));
         }
+        new_config(&options, key)?;
         crate::util::create_dir_all_private(&root).map_err(|e| io_err("creating", &root, e))?;
         let non_empty = fs::read_dir(&root)
             .map_err(|e| io_err("listing", &root, e))?
@@ -240,36 +274,113 @@ impl Datastore {
             crate::util::create_dir_all_private(&p).map_err(|e| io_err("creating", &p, e))?;
         }
         ChunkStore::new(&root, cs as usize, options.chunk_hash, None).create()?;
-        let (version, chunk_hash) = match (options.chunk_hash, key) {
-            (ChunkHash::Sha256, None) => (1, None),
-            (other, None) => (DATASTORE_VERSION, Some(other)),
-            (ChunkHash::Blake3, Some(_)) => (DATASTORE_VERSION_ENCRYPTED, Some(ChunkHash::Blake3)),
-            (ChunkHash::Sha256, Some(_)) => {
-                return Err(Error::invalid(
-                    "an encrypted datastore names its chunks by keyed BLAKE3, not SHA-256",
-                ));
-            }
-        };
-        let mut cfg = Config {
-            format: DATASTORE_FORMAT.into(),
-            version,
-            chunk_size: cs,
-            chunk_hash,
-            encryption: key.map(|k| EncryptionConfig {
-                cipher: crate::crypt::CIPHER.into(),
-                chunk_id: crate::crypt::CHUNK_ID.into(),
-                key_fingerprint: k.fingerprint(),
-                auth: String::new(),
-            }),
-        };
-        if let Some(k) = key {
-            let tag = Crypt::new(k).config_tag(&cfg.auth_bytes());
-            if let Some(e) = &mut cfg.encryption {
-                e.auth = tag;
-            }
-        }
+        let cfg = new_config(&options, key)?;
         store_sealed(&root.join(CONFIG_FILE), &cfg, None)?;
         Datastore::open_with_key(root, key)
+    }
+
+    /// Create a new, empty datastore on an object store (encrypted under
+    /// `key` if given). Refused where a datastore or anything else already
+    /// is.
+    pub fn create_on(
+        backend: Arc<dyn Backend>,
+        options: DatastoreOptions,
+        key: Option<&MasterKey>,
+    ) -> Result<Datastore> {
+        backend.check()?;
+        let at = backend.location();
+        let cs = options.chunk_size;
+        if !cs.is_power_of_two()
+            || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros())
+        {
+            return Err(Error::invalid(format!(
+                "chunk size {cs} must be a power of two from 4 KiB to 64 MiB"
+            )));
+        }
+        let present = backend.children("")?;
+        if !present.is_empty() {
+            let what = if present.iter().any(|n| n == CONFIG_FILE) {
+                "a datastore is already there".to_owned()
+            } else {
+                format!(
+                    "it already holds objects ({}), and no datastore config",
+                    present
+                        .iter()
+                        .take(3)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("{at}: refusing to create a datastore: {what}"),
+            ));
+        }
+        let cfg = new_config(&options, key)?;
+        let data = crate::manifest::seal(&cfg)?;
+        if backend
+            .put_new(CONFIG_FILE, bytes::Bytes::from(data))?
+            .is_none()
+        {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("{at}: another host created a datastore there at the same time"),
+            ));
+        }
+        Datastore::open_on(backend, key)
+    }
+
+    /// Open an existing datastore on an object store (`key` as for
+    /// [`Datastore::open_with_key`]).
+    pub fn open_on(backend: Arc<dyn Backend>, key: Option<&MasterKey>) -> Result<Datastore> {
+        backend.check()?;
+        let at = backend.location();
+        let Some((data, _)) = backend.get(CONFIG_FILE, crate::manifest::MAX_MANIFEST_LEN)? else {
+            let present = backend.children("")?;
+            return Err(if present.is_empty() {
+                Error::not_found(format!(
+                    "no datastore at {at} (nothing there: create one with vmbackup init)"
+                ))
+            } else {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{at} is not a vmbackup datastore: it holds objects ({}) but no {CONFIG_FILE}",
+                        present
+                            .iter()
+                            .take(3)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            });
+        };
+        let cfg_path = format!("{at}/{CONFIG_FILE}");
+        let cfg: Config = crate::manifest::unseal(&data, Path::new(&cfg_path))?;
+        let (hash, cs, crypt) = check_config(&cfg, &cfg_path, &at, key)?;
+        let chunks = ChunkStore::on_backend(backend.clone(), cs as usize, hash, crypt.clone());
+        Ok(Datastore::assemble(
+            PathBuf::new(),
+            Storage::Object(backend),
+            chunks,
+            cs,
+            crypt,
+        ))
+    }
+
+    /// Where the datastore is: its directory, or its object store's
+    /// location.
+    pub fn location(&self) -> String {
+        match self.inner.storage.object() {
+            Some(b) => b.location(),
+            None => self.inner.root.display().to_string(),
+        }
+    }
+
+    pub(crate) fn storage(&self) -> &Storage {
+        &self.inner.storage
     }
 
     /// Open an existing, unencrypted datastore (an encrypted one is
@@ -291,109 +402,75 @@ impl Datastore {
         let root = path.as_ref().to_path_buf();
         let cfg_path = root.join(CONFIG_FILE);
         let cfg: Config = load_sealed(&cfg_path, None)?;
-        let hash = match (
-            cfg.format == DATASTORE_FORMAT,
-            cfg.version,
-            cfg.chunk_hash,
-            &cfg.encryption,
-        ) {
-            (true, 1, None, None) => Some(ChunkHash::Sha256),
-            (true, 2, Some(h), None) => Some(h),
-            (true, 3, Some(ChunkHash::Blake3), Some(e))
-                if e.cipher == crate::crypt::CIPHER && e.chunk_id == crate::crypt::CHUNK_ID =>
-            {
-                Some(ChunkHash::Blake3)
-            }
-            _ => None,
-        };
-        let Some(hash) = hash else {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!(
-                    "{} is format {:?} version {}, not a datastore this version reads",
-                    cfg_path.display(),
-                    cfg.format,
-                    cfg.version
-                ),
-            ));
-        };
-        let cs = cfg.chunk_size;
-        if !cs.is_power_of_two()
-            || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros())
-        {
-            return Err(Error::new(
-                ErrorKind::Corrupt,
-                format!("{} has an invalid chunk size {cs}", cfg_path.display()),
-            ));
-        }
-        let crypt = match (&cfg.encryption, key) {
-            (None, None) => None,
-            (None, Some(k)) => {
-                return Err(Error::invalid(format!(
-                    "datastore {} is not encrypted, but key {} was given: refusing to mix \
-                     (create an encrypted datastore for it)",
-                    root.display(),
-                    k.fingerprint()
-                )));
-            }
-            (Some(e), None) => {
-                return Err(Error::invalid(format!(
-                    "datastore {} is encrypted with key {}: open it with that key file",
-                    root.display(),
-                    e.key_fingerprint
-                )));
-            }
-            (Some(e), Some(k)) => {
-                if e.key_fingerprint != k.fingerprint() {
-                    return Err(Error::invalid(format!(
-                        "key {} is not the key of datastore {} (it is encrypted with key {})",
-                        k.fingerprint(),
-                        root.display(),
-                        e.key_fingerprint
-                    )));
-                }
-                let crypt = Crypt::new(k);
-                if crypt.config_tag(&cfg.auth_bytes()) != e.auth {
-                    return Err(Error::new(
-                        ErrorKind::Corrupt,
-                        format!(
-                            "{} does not authenticate under key {}: it was altered",
-                            cfg_path.display(),
-                            e.key_fingerprint
-                        ),
-                    ));
-                }
-                Some(Arc::new(crypt))
-            }
-        };
+        let (hash, cs, crypt) = check_config(
+            &cfg,
+            &cfg_path.display().to_string(),
+            &root.display().to_string(),
+            key,
+        )?;
+        Ok(Datastore::assemble(
+            root,
+            Storage::Local,
+            ChunkStore::new(&root_of(&cfg_path), cs as usize, hash, crypt.clone()),
+            cs,
+            crypt,
+        ))
+    }
+
+    fn assemble(
+        root: PathBuf,
+        storage: Storage,
+        chunks: ChunkStore,
+        cs: u64,
+        crypt: Option<Arc<Crypt>>,
+    ) -> Datastore {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .max(1);
-        Ok(Datastore {
+        Datastore {
             inner: Arc::new(Inner {
-                chunks: ChunkStore::new(&root, cs as usize, hash, crypt.clone()),
+                chunks,
                 crypt,
                 root,
+                storage,
+                lease_ttl: DEFAULT_LEASE_TTL,
+                object_grace: DEFAULT_OBJECT_GRACE,
                 chunk_size: cs,
                 workers,
                 cache: ChunkCache::new(DEFAULT_CHUNK_CACHE_BYTES),
             }),
-        })
+        }
     }
 
     /// Number of chunks hashed and compressed at once by each volume writer
     /// (default: the number of cores).
     pub fn with_workers(self, workers: usize) -> Datastore {
+        let mut inner = (*self.inner).clone();
+        inner.workers = workers.max(1);
         Datastore {
-            inner: Arc::new(Inner {
-                root: self.inner.root.clone(),
-                crypt: self.inner.crypt.clone(),
-                chunks: self.inner.chunks.clone(),
-                chunk_size: self.inner.chunk_size,
-                workers: workers.max(1),
-                cache: self.inner.cache.clone(),
-            }),
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Object stores: how long a lease lasts unless renewed (default
+    /// [`DEFAULT_LEASE_TTL`]); a crashed host's leases free up after this.
+    pub fn with_lease_ttl(self, ttl: Duration) -> Datastore {
+        let mut inner = (*self.inner).clone();
+        inner.lease_ttl = ttl.max(Duration::from_secs(2));
+        Datastore {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Object stores: how far back from its start a backup trusts an
+    /// existing chunk without storing it again, which is also the least
+    /// grace period of a GC (default [`DEFAULT_OBJECT_GRACE`]).
+    pub fn with_object_grace(self, grace: Duration) -> Datastore {
+        let mut inner = (*self.inner).clone();
+        inner.object_grace = grace;
+        Datastore {
+            inner: Arc::new(inner),
         }
     }
 
@@ -401,15 +478,10 @@ impl Datastore {
     /// a [`ChunkCache`] of [`DEFAULT_CHUNK_CACHE_BYTES`] created at open,
     /// shared by every clone of the handle).
     pub fn with_chunk_cache(self, cache: ChunkCache) -> Datastore {
+        let mut inner = (*self.inner).clone();
+        inner.cache = cache;
         Datastore {
-            inner: Arc::new(Inner {
-                root: self.inner.root.clone(),
-                crypt: self.inner.crypt.clone(),
-                chunks: self.inner.chunks.clone(),
-                chunk_size: self.inner.chunk_size,
-                workers: self.inner.workers,
-                cache,
-            }),
+            inner: Arc::new(inner),
         }
     }
 
@@ -470,18 +542,53 @@ impl Datastore {
     }
 
     /// The exclusive lock of a snapshot group (naming at commit, prune).
-    pub(crate) fn lock_group(&self, group: &Path) -> Result<File> {
+    pub(crate) fn lock_group(&self, group: &Path) -> Result<Held> {
+        if let Some(b) = self.storage().object() {
+            let key = format!(".locks/groups/{}", key_of(group)?);
+            return self.wait_for_lease(b, &key, "group").map(Held::Lease);
+        }
         crate::util::create_dir_all_private(group).map_err(|e| io_err("creating", group, e))?;
         let f = open_lock_file(&group.join(".lock"))?;
         f.lock().map_err(|e| io_err("locking", group, e))?;
-        Ok(f)
+        Ok(Held::File(f))
+    }
+
+    /// An exclusive lease, waited for (up to two lease lifetimes: a holder
+    /// that crashed is taken over after one).
+    fn wait_for_lease(&self, b: &Arc<dyn Backend>, key: &str, purpose: &str) -> Result<KeptLease> {
+        let deadline =
+            std::time::Instant::now() + 2 * self.inner.lease_ttl + Duration::from_secs(5);
+        loop {
+            match KeptLease::acquire(b.clone(), key, purpose, self.inner.lease_ttl) {
+                Err(e)
+                    if e.kind() == ErrorKind::Refused && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Register a running backup (see the lock table in the crate docs).
     pub(crate) fn register_writer(&self) -> Result<WriterRegistration> {
+        let name = unique_suffix();
+        if let Some(b) = self.storage().object() {
+            let lease = KeptLease::acquire(
+                b.clone(),
+                &format!(".locks/writers/{name}"),
+                "backup",
+                self.inner.lease_ttl,
+            )?;
+            return Ok(WriterRegistration {
+                name,
+                path: None,
+                started: lease.started(),
+                held: Held::Lease(lease),
+            });
+        }
         let dir = self.locks_dir().join("writers");
         crate::util::create_dir_all_private(&dir).map_err(|e| io_err("creating", &dir, e))?;
-        let name = unique_suffix();
         let tmp = dir.join(format!(".new-{name}"));
         let file = open_lock_file(&tmp)?;
         file.lock().map_err(|e| io_err("locking", &tmp, e))?;
@@ -489,31 +596,119 @@ impl Datastore {
         fs::rename(&tmp, &path).map_err(|e| io_err("registering writer", &path, e))?;
         Ok(WriterRegistration {
             name,
-            path,
-            _file: file,
+            path: Some(path),
+            held: Held::File(file),
+            started: SystemTime::now(),
         })
+    }
+
+    /// Object stores: a shared lock on `target` (a snapshot's or base
+    /// image's directory key): a reader lease under
+    /// `.locks/shared/<target>/`, refused while a deletion's lease there
+    /// is live. A reader writes its lease and then looks for a deletion; a
+    /// deletion writes its lease and then looks for readers: with a
+    /// strongly consistent store at least one of them sees the other.
+    pub(crate) fn shared_lease(&self, b: &Arc<dyn Backend>, target: &str) -> Result<Held> {
+        let base = format!(".locks/shared/{target}");
+        let lease = KeptLease::acquire(
+            b.clone(),
+            &format!("{base}/r-{}", unique_suffix()),
+            "read",
+            self.inner.lease_ttl,
+        )?;
+        if let Some((data, meta)) = b.get(&format!("{base}/delete"), 64 << 10)? {
+            let live = serde_json::from_slice::<LeaseInfo>(&data)
+                .map(|i| i.live_at(&meta, b.now().unwrap_or(SystemTime::UNIX_EPOCH)))
+                .unwrap_or(false);
+            if live {
+                drop(lease);
+                return Err(Error::not_found(format!("{target} is being deleted")));
+            }
+        }
+        Ok(Held::Lease(lease))
+    }
+
+    /// Object stores: the exclusive lock a deletion of `target` holds;
+    /// `Refused` while a live reader holds it shared.
+    pub(crate) fn exclusive_lease(
+        &self,
+        b: &Arc<dyn Backend>,
+        target: &str,
+        what: &str,
+    ) -> Result<Held> {
+        let base = format!(".locks/shared/{target}");
+        let lease = KeptLease::acquire(
+            b.clone(),
+            &format!("{base}/delete"),
+            "delete",
+            self.inner.lease_ttl,
+        )
+        .map_err(|e| {
+            Error::new(ErrorKind::Refused, format!("{what} is being deleted: {e}")).retryable(true)
+        })?;
+        let now = b.now()?;
+        for m in b.list(&format!("{base}/"))? {
+            if !m
+                .key
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("r-"))
+            {
+                continue;
+            }
+            let Some((data, meta)) = b.get(&m.key, 64 << 10)? else {
+                continue;
+            };
+            match serde_json::from_slice::<LeaseInfo>(&data) {
+                Ok(i) if i.live_at(&meta, now) => {
+                    drop(lease);
+                    return Err(Error::new(
+                        ErrorKind::Refused,
+                        format!("{what} is in use (being read or the base of a running backup, on {} pid {})", i.host, i.pid),
+                    )
+                    .retryable(true));
+                }
+                // A crashed reader's lease.
+                _ => b.delete(&m.key)?,
+            }
+        }
+        Ok(Held::Lease(lease))
     }
 
     /// Lock a finished snapshot against deletion (shared) and load its
     /// manifest.
-    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<(File, PathBuf, Manifest)> {
+    pub(crate) fn lock_snapshot(&self, id: &SnapshotId) -> Result<(Held, PathBuf, Manifest)> {
         let sp = SnapPath::parse(id)?;
         let dir = self.snap_dir(&sp);
         let mpath = dir.join(MANIFEST_FILE);
-        let f = File::open(&mpath).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::not_found(format!("snapshot {id} does not exist"))
-            } else {
-                io_err("opening", &mpath, e)
+        let held = match self.storage().object() {
+            Some(b) => {
+                let held = self
+                    .shared_lease(b, &key_of(&dir)?)
+                    .map_err(|_| Error::not_found(format!("snapshot {id} does not exist")))?;
+                if !self.storage().exists(&mpath)? {
+                    return Err(Error::not_found(format!("snapshot {id} does not exist")));
+                }
+                held
             }
-        })?;
-        f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
-        if !mpath.exists() {
-            return Err(Error::not_found(format!("snapshot {id} was deleted")));
-        }
-        let m: Manifest = load_sealed(&mpath, self.crypt())?;
+            None => {
+                let f = File::open(&mpath).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Error::not_found(format!("snapshot {id} does not exist"))
+                    } else {
+                        io_err("opening", &mpath, e)
+                    }
+                })?;
+                f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
+                if !mpath.exists() {
+                    return Err(Error::not_found(format!("snapshot {id} was deleted")));
+                }
+                Held::File(f)
+            }
+        };
+        let m: Manifest = read_sealed(self.storage(), &mpath, self.crypt())?;
         check_manifest(&m, &mpath, self.crypt())?;
-        Ok((f, dir, m))
+        Ok((held, dir, m))
     }
 
     /// Lock a base image against deletion (shared) and load its index.
@@ -521,25 +716,41 @@ impl Datastore {
         &self,
         platform: &str,
         id: &BaseImageId,
-    ) -> Result<(File, FixedIndex)> {
+    ) -> Result<(Held, FixedIndex)> {
         let dir = self.base_dir(platform, id);
         let mpath = dir.join(BASE_MANIFEST_FILE);
-        let f = File::open(&mpath).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::not_found(format!("base image {id} of {platform} is not stored"))
-            } else {
-                io_err("opening", &mpath, e)
+        let missing = || Error::not_found(format!("base image {id} of {platform} is not stored"));
+        let held = match self.storage().object() {
+            Some(b) => {
+                let held = self
+                    .shared_lease(b, &key_of(&dir)?)
+                    .map_err(|_| missing())?;
+                if !self.storage().exists(&mpath)? {
+                    return Err(missing());
+                }
+                held
             }
-        })?;
-        f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
-        let m: BaseImageManifest = load_sealed(&mpath, self.crypt())?;
+            None => {
+                let f = File::open(&mpath).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        missing()
+                    } else {
+                        io_err("opening", &mpath, e)
+                    }
+                })?;
+                f.lock_shared().map_err(|e| io_err("locking", &mpath, e))?;
+                Held::File(f)
+            }
+        };
+        let m: BaseImageManifest = read_sealed(self.storage(), &mpath, self.crypt())?;
         check_key(m.key_fingerprint.as_deref(), self.crypt(), &mpath)?;
-        let idx = FixedIndex::load(
+        let idx = FixedIndex::read(
+            self.storage(),
             &dir.join(&m.index.file),
             Some(&m.index.sha256),
             self.crypt(),
         )?;
-        Ok((f, idx))
+        Ok((held, idx))
     }
 
     pub(crate) fn info_of(&self, sp: &SnapPath, dir: &Path, m: &Manifest) -> SnapshotInfo {
@@ -557,10 +768,10 @@ impl Datastore {
 
     pub(crate) fn verify_state(&self, dir: &Path) -> Option<bool> {
         let p = dir.join(VERIFY_FILE);
-        if !p.exists() {
+        if !self.storage().exists(&p).unwrap_or(false) {
             return None;
         }
-        match load_sealed::<VerifyState>(&p, self.crypt()) {
+        match read_sealed::<VerifyState>(self.storage(), &p, self.crypt()) {
             Ok(v) => Some(v.state == "ok"),
             Err(_) => Some(false),
         }
@@ -574,6 +785,46 @@ impl Datastore {
         guest: Option<&str>,
     ) -> Result<Vec<SnapPath>> {
         let mut out = Vec::new();
+        if let Some(b) = self.storage().object() {
+            let dirs = |dir: &Path| -> Result<Vec<String>> {
+                Ok(self
+                    .storage()
+                    .children(dir)?
+                    .into_iter()
+                    .filter(|n| is_safe_component(n))
+                    .collect())
+            };
+            let platforms = match platform {
+                Some(p) => vec![encode_component(p)],
+                None => dirs(&self.inner.root)?,
+            };
+            for p in platforms {
+                let guests = match guest {
+                    Some(g) => vec![encode_component(g)],
+                    None => dirs(&self.inner.root.join(&p))?,
+                };
+                for g in guests {
+                    let prefix = format!("{}/", key_of(&self.group_dir(&p, &g))?);
+                    let mut names: Vec<String> = b
+                        .list(&prefix)?
+                        .into_iter()
+                        .filter_map(|m| {
+                            let rest = m.key.strip_prefix(&prefix)?;
+                            let (name, file) = rest.split_once('/')?;
+                            (file == MANIFEST_FILE && is_safe_component(name))
+                                .then(|| name.to_owned())
+                        })
+                        .collect();
+                    names.sort();
+                    out.extend(names.into_iter().map(|name| SnapPath {
+                        platform: p.clone(),
+                        guest: g.clone(),
+                        name,
+                    }));
+                }
+            }
+            return Ok(out);
+        }
         let list = |dir: &Path| -> Result<Vec<String>> {
             let mut v = Vec::new();
             let rd = match fs::read_dir(dir) {
@@ -626,7 +877,7 @@ impl Datastore {
         for sp in self.snapshot_paths(platform, guest)? {
             let dir = self.snap_dir(&sp);
             let mpath = dir.join(MANIFEST_FILE);
-            match load_sealed::<Manifest>(&mpath, self.crypt())
+            match read_sealed::<Manifest>(self.storage(), &mpath, self.crypt())
                 .and_then(|m| check_manifest(&m, &mpath, self.crypt()).map(|_| m))
             {
                 Ok(m) => out.push(self.info_of(&sp, &dir, &m)),
@@ -650,6 +901,124 @@ impl Datastore {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The config of a new datastore.
+fn new_config(options: &DatastoreOptions, key: Option<&MasterKey>) -> Result<Config> {
+    let cs = options.chunk_size;
+    let (version, chunk_hash) = match (options.chunk_hash, key) {
+        (ChunkHash::Sha256, None) => (1, None),
+        (other, None) => (DATASTORE_VERSION, Some(other)),
+        (ChunkHash::Blake3, Some(_)) => (DATASTORE_VERSION_ENCRYPTED, Some(ChunkHash::Blake3)),
+        (ChunkHash::Sha256, Some(_)) => {
+            return Err(Error::invalid(
+                "an encrypted datastore names its chunks by keyed BLAKE3, not SHA-256",
+            ));
+        }
+    };
+    let mut cfg = Config {
+        format: DATASTORE_FORMAT.into(),
+        version,
+        chunk_size: cs,
+        chunk_hash,
+        encryption: key.map(|k| EncryptionConfig {
+            cipher: crate::crypt::CIPHER.into(),
+            chunk_id: crate::crypt::CHUNK_ID.into(),
+            key_fingerprint: k.fingerprint(),
+            auth: String::new(),
+        }),
+    };
+    if let Some(k) = key {
+        let tag = Crypt::new(k).config_tag(&cfg.auth_bytes());
+        if let Some(e) = &mut cfg.encryption {
+            e.auth = tag;
+        }
+    }
+    Ok(cfg)
+}
+
+/// Check a datastore config against the key given: (chunk hash, chunk
+/// size, keys).
+fn check_config(
+    cfg: &Config,
+    cfg_path: &str,
+    root: &str,
+    key: Option<&MasterKey>,
+) -> Result<(ChunkHash, u64, Option<Arc<Crypt>>)> {
+    let hash = match (
+        cfg.format == DATASTORE_FORMAT,
+        cfg.version,
+        cfg.chunk_hash,
+        &cfg.encryption,
+    ) {
+        (true, 1, None, None) => Some(ChunkHash::Sha256),
+        (true, 2, Some(h), None) => Some(h),
+        (true, 3, Some(ChunkHash::Blake3), Some(e))
+            if e.cipher == crate::crypt::CIPHER && e.chunk_id == crate::crypt::CHUNK_ID =>
+        {
+            Some(ChunkHash::Blake3)
+        }
+        _ => None,
+    };
+    let Some(hash) = hash else {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!(
+                "{} is format {:?} version {}, not a datastore this version reads",
+                cfg_path, cfg.format, cfg.version
+            ),
+        ));
+    };
+    let cs = cfg.chunk_size;
+    if !cs.is_power_of_two() || !(MIN_CHUNK_LOG2..=MAX_CHUNK_LOG2).contains(&cs.trailing_zeros()) {
+        return Err(Error::new(
+            ErrorKind::Corrupt,
+            format!("{} has an invalid chunk size {cs}", cfg_path),
+        ));
+    }
+    let crypt = match (&cfg.encryption, key) {
+        (None, None) => None,
+        (None, Some(k)) => {
+            return Err(Error::invalid(format!(
+                "datastore {} is not encrypted, but key {} was given: refusing to mix \
+                     (create an encrypted datastore for it)",
+                root,
+                k.fingerprint()
+            )));
+        }
+        (Some(e), None) => {
+            return Err(Error::invalid(format!(
+                "datastore {} is encrypted with key {}: open it with that key file",
+                root, e.key_fingerprint
+            )));
+        }
+        (Some(e), Some(k)) => {
+            if e.key_fingerprint != k.fingerprint() {
+                return Err(Error::invalid(format!(
+                    "key {} is not the key of datastore {} (it is encrypted with key {})",
+                    k.fingerprint(),
+                    root,
+                    e.key_fingerprint
+                )));
+            }
+            let crypt = Crypt::new(k);
+            if crypt.config_tag(&cfg.auth_bytes()) != e.auth {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "{} does not authenticate under key {}: it was altered",
+                        cfg_path, e.key_fingerprint
+                    ),
+                ));
+            }
+            Some(Arc::new(crypt))
+        }
+    };
+    Ok((hash, cs, crypt))
+}
+
+fn root_of(cfg_path: &Path) -> PathBuf {
+    cfg_path.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 #[async_trait]

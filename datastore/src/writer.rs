@@ -1,8 +1,7 @@
 //! Writing snapshots and base images.
 
 use std::collections::BTreeSet;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -14,6 +13,7 @@ use provider_api::{
 };
 use tokio::sync::Semaphore;
 
+use crate::backend::Backend;
 use crate::chunk::{ChunkStore, Digest, is_all_zero};
 use crate::crypt::{Crypt, seal_opt};
 use crate::index::{FixedIndex, MAX_VOLUME_SIZE};
@@ -21,6 +21,7 @@ use crate::manifest::{
     BASE_IMAGE_FORMAT, BaseImageManifest, FileRef, MANIFEST_VERSION, Manifest, ManifestBlob,
     ManifestVolume, SNAPSHOT_FORMAT, store_sealed,
 };
+use crate::storage::{Held, Storage, key_of};
 use crate::store::{
     BASE_INDEX_FILE, BASE_MANIFEST_FILE, Datastore, MANIFEST_FILE, SnapPath, WriterRegistration,
     blocking,
@@ -37,16 +38,11 @@ fn lock_poisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Write `data` to `path` (encrypted with `crypt` if given) and fsync
-/// it; returns its [`FileRef`] (size and SHA-256 of the stored bytes).
-fn write_file(path: &Path, data: Vec<u8>, crypt: Option<&Crypt>) -> Result<FileRef> {
+/// Write `data` to `path` (encrypted with `crypt` if given), durably;
+/// returns its [`FileRef`] (size and SHA-256 of the stored bytes).
+fn write_file(st: &Storage, path: &Path, data: Vec<u8>, crypt: Option<&Crypt>) -> Result<FileRef> {
     let data = seal_opt(crypt, path, data)?;
-    let res = (|| {
-        let mut f = crate::util::create_private(path)?;
-        f.write_all(&data)?;
-        f.sync_all()
-    })();
-    res.map_err(|e| io_err("writing", path, e))?;
+    st.write_new(path, &data)?;
     Ok(FileRef {
         file: path
             .file_name()
@@ -72,7 +68,7 @@ pub(crate) struct SnapWriter {
     state: Arc<Mutex<SnapState>>,
     blobs: Vec<ManifestBlob>,
     /// Shared locks on snapshots and base images this one starts from.
-    held: Vec<File>,
+    held: Vec<Held>,
     done: bool,
 }
 
@@ -86,9 +82,12 @@ impl SnapWriter {
             &encode_component(&spec.platform),
             &encode_component(&spec.guest.0),
         );
-        crate::util::create_dir_all_private(&group).map_err(|e| io_err("creating", &group, e))?;
         let tmp = group.join(format!(".tmp-{}", reg.name));
-        crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        if ds.storage().object().is_none() {
+            crate::util::create_dir_all_private(&group)
+                .map_err(|e| io_err("creating", &group, e))?;
+            crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        }
         Ok(SnapWriter {
             ds,
             spec,
@@ -112,7 +111,12 @@ impl SnapWriter {
         content_type: String,
         data: Vec<u8>,
     ) -> Result<()> {
-        let fr = write_file(&self.tmp.join(file), data, self.ds.crypt())?;
+        let fr = write_file(
+            self.ds.storage(),
+            &self.tmp.join(file),
+            data,
+            self.ds.crypt(),
+        )?;
         self.blobs.retain(|b| b.kind != kind);
         self.blobs.push(ManifestBlob {
             kind: kind.into(),
@@ -146,7 +150,8 @@ impl SnapWriter {
                         Error::not_found(format!("snapshot {id} has no volume {device}"))
                             .volume(device)
                     })?;
-                let idx = FixedIndex::load(
+                let idx = FixedIndex::read(
+                    self.ds.storage(),
                     &dir.join(&v.index.file),
                     Some(&v.index.sha256),
                     self.ds.crypt(),
@@ -199,6 +204,12 @@ impl SnapWriter {
             warnings,
             key_fingerprint: self.ds.key_fingerprint().map(str::to_owned),
         };
+        // A backup whose lease lapsed may have lost chunks to a GC that
+        // judged it dead: it must not publish.
+        self.reg.check()?;
+        if let Some(b) = self.ds.storage().object().cloned() {
+            return self.commit_object(&b, m);
+        }
         // The manifest is written last inside the temp directory; renaming
         // the directory into place publishes the snapshot.
         store_sealed(&self.tmp.join(MANIFEST_FILE), &m, self.ds.crypt())?;
@@ -222,12 +233,77 @@ impl SnapWriter {
         };
         Ok(self.ds.info_of(&sp, &dest, &m))
     }
+
+    /// Object stores: under the group's lease, choose the name, copy the
+    /// temporary files into it, and create the manifest last (`put_new`:
+    /// the commit; a reader lists only snapshots with a manifest).
+    fn commit_object(&mut self, b: &Arc<dyn Backend>, m: Manifest) -> Result<SnapshotInfo> {
+        let _group_lock = self.ds.lock_group(&self.group)?;
+        let base = rfc3339(self.spec.time);
+        let mut name = base.clone();
+        let mut n = 1;
+        let taken = |name: &str| -> Result<bool> {
+            Ok(!b
+                .list(&format!("{}/", key_of(&self.group.join(name))?))?
+                .is_empty())
+        };
+        while taken(&name)? {
+            name = format!("{base}-{n}");
+            n += 1;
+        }
+        let dest = self.group.join(&name);
+        let tmp_prefix = format!("{}/", key_of(&self.tmp)?);
+        for obj in b.list(&tmp_prefix)? {
+            let Some(file) = obj.key.strip_prefix(&tmp_prefix) else {
+                continue;
+            };
+            let (data, _) = b.get(&obj.key, obj.size)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Io,
+                    format!("{}/{} vanished before the commit", b.location(), obj.key),
+                )
+            })?;
+            b.put(&key_of(&dest.join(file))?, bytes::Bytes::from(data))?;
+        }
+        let mpath = dest.join(MANIFEST_FILE);
+        let sealed = seal_opt(self.ds.crypt(), &mpath, crate::manifest::seal(&m)?)?;
+        self.reg.check()?;
+        if b.put_new(&key_of(&mpath)?, bytes::Bytes::from(sealed))?
+            .is_none()
+        {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("snapshot name {name} was taken during the commit (group lease lost?)"),
+            ));
+        }
+        self.done = true;
+        if let Err(e) = self.ds.storage().remove_tree(&self.tmp) {
+            tracing::warn!("removing {}: {}", self.tmp.display(), e.report());
+        }
+        let sp = SnapPath {
+            platform: encode_component(&self.spec.platform),
+            guest: encode_component(&self.spec.guest.0),
+            name,
+        };
+        Ok(self.ds.info_of(&sp, &dest, &m))
+    }
+
+    /// The chunk store of this backup: on an object store, existing
+    /// chunks are trusted back to the grace before this backup began.
+    fn chunk_store(&self) -> ChunkStore {
+        let fresh = self
+            .reg
+            .started
+            .checked_sub(self.ds.inner.object_grace)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        self.ds.chunks().with_fresh_after(fresh)
+    }
 }
 
 impl Drop for SnapWriter {
     fn drop(&mut self) {
         if !self.done {
-            let _ = fs::remove_dir_all(&self.tmp);
+            let _ = self.ds.storage().remove_tree(&self.tmp);
         }
         let _ = &self.reg;
     }
@@ -264,16 +340,19 @@ impl SnapshotWriter for SnapWriter {
         }
         let parent = self.ds.base_dir(&self.spec.platform, id);
         let parent = parent.parent().map(Path::to_path_buf).unwrap_or_default();
-        crate::util::create_dir_all_private(&parent).map_err(|e| io_err("creating", &parent, e))?;
         let tmp = parent.join(format!(".tmp-{}", self.reg.name_for_base()));
-        crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        if self.ds.storage().object().is_none() {
+            crate::util::create_dir_all_private(&parent)
+                .map_err(|e| io_err("creating", &parent, e))?;
+            crate::util::create_dir_private(&tmp).map_err(|e| io_err("creating", &tmp, e))?;
+        }
         let dest = Destination::BaseImage {
             platform: self.spec.platform.clone(),
             id: id.clone(),
             tmp,
             final_dir: self.ds.base_dir(&self.spec.platform, id),
         };
-        let w = VolWriter::new(&self.ds, size, None, dest, id.0.clone())?;
+        let w = VolWriter::new(&self.ds, self.chunk_store(), size, None, dest, id.0.clone())?;
         Ok(Some(Box::new(w)))
     }
 
@@ -282,7 +361,8 @@ impl SnapshotWriter for SnapWriter {
         {
             let st = lock_poisoned(&self.state);
             let file = format!("{}.fidx", encode_component(&device));
-            if self.tmp.join(&file).exists() || st.volumes.iter().any(|v| v.volume.device == device)
+            if st.volumes.iter().any(|v| v.volume.device == device)
+                || self.ds.storage().exists(&self.tmp.join(&file))?
             {
                 return Err(
                     Error::invalid(format!("volume {device} written twice")).volume(&device)
@@ -296,7 +376,14 @@ impl SnapshotWriter for SnapWriter {
             spec: spec.clone(),
             state: self.state.clone(),
         };
-        let w = VolWriter::new(&self.ds, spec.volume.size, start, dest, device)?;
+        let w = VolWriter::new(
+            &self.ds,
+            self.chunk_store(),
+            spec.volume.size,
+            start,
+            dest,
+            device,
+        )?;
         Ok(Box::new(w))
     }
 
@@ -305,12 +392,9 @@ impl SnapshotWriter for SnapWriter {
     }
 
     async fn abort(self: Box<Self>) -> Result<()> {
-        let tmp = self.tmp.clone();
+        let (tmp, storage) = (self.tmp.clone(), self.ds.storage().clone());
         drop(self);
-        if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(|e| io_err("removing", &tmp, e))?;
-        }
-        Ok(())
+        blocking(move || storage.remove_tree(&tmp)).await
     }
 }
 
@@ -388,11 +472,13 @@ pub(crate) struct VolWriter {
     bytes_written: u64,
     dest: Destination,
     device: String,
+    storage: Storage,
 }
 
 impl VolWriter {
     fn new(
         ds: &Datastore,
+        store: ChunkStore,
         size: u64,
         start: Option<FixedIndex>,
         dest: Destination,
@@ -418,7 +504,8 @@ impl VolWriter {
         let permits = ds.inner.workers as u32;
         let inflight_permits = permits * INFLIGHT_PER_WORKER;
         Ok(VolWriter {
-            store: ds.chunks().clone(),
+            storage: ds.storage().clone(),
+            store,
             chunk_size: cs,
             size,
             pos: 0,
@@ -683,6 +770,7 @@ impl VolumeWriter for VolWriter {
             )
         };
         let store = self.store.clone();
+        let storage = self.storage.clone();
         let device = self.device.clone();
         let dest = std::mem::replace(
             &mut self.dest,
@@ -697,18 +785,23 @@ impl VolumeWriter for VolWriter {
             // New chunks' directory entries must be durable before an index
             // that names them.
             store.sync_prefixes(dirs)?;
-            publish_volume(dest, &index, store.crypt()).map_err(|e| e.volume(&device))
+            publish_volume(&storage, dest, &index, store.crypt()).map_err(|e| e.volume(&device))
         })
         .await?;
         Ok(stats)
     }
 }
 
-fn publish_volume(dest: Destination, index: &FixedIndex, crypt: Option<&Crypt>) -> Result<()> {
+fn publish_volume(
+    st: &Storage,
+    dest: Destination,
+    index: &FixedIndex,
+    crypt: Option<&Crypt>,
+) -> Result<()> {
     match dest {
         Destination::Snapshot { dir, spec, state } => {
             let file = format!("{}.fidx", encode_component(&spec.volume.device));
-            let fr = write_file(&dir.join(&file), index.encode(), crypt)?;
+            let fr = write_file(st, &dir.join(&file), index.encode(), crypt)?;
             lock_poisoned(&state).volumes.push(ManifestVolume {
                 volume: spec.volume,
                 base: spec.base.or(match spec.start_from {
@@ -727,7 +820,10 @@ fn publish_volume(dest: Destination, index: &FixedIndex, crypt: Option<&Crypt>) 
             tmp,
             final_dir,
         } => {
-            let fr = write_file(&tmp.join(BASE_INDEX_FILE), index.encode(), crypt)?;
+            if let Some(b) = st.object() {
+                return publish_base_object(b, &tmp, &final_dir, platform, id, index, crypt);
+            }
+            let fr = write_file(st, &tmp.join(BASE_INDEX_FILE), index.encode(), crypt)?;
             store_sealed(
                 &tmp.join(BASE_MANIFEST_FILE),
                 &BaseImageManifest {
@@ -760,4 +856,43 @@ fn publish_volume(dest: Destination, index: &FixedIndex, crypt: Option<&Crypt>) 
             Ok(())
         }
     }
+}
+
+/// Object stores: a base image's index goes under its final directory by
+/// a name of its own, then its manifest is created (`put_new`); a writer
+/// that finds the manifest there (another stored the same image first)
+/// removes its index again.
+fn publish_base_object(
+    b: &Arc<dyn Backend>,
+    tmp: &Path,
+    final_dir: &Path,
+    platform: String,
+    id: BaseImageId,
+    index: &FixedIndex,
+    crypt: Option<&Crypt>,
+) -> Result<()> {
+    let own = tmp
+        .file_name()
+        .map(|n| n.to_string_lossy().trim_start_matches(".tmp-").to_owned())
+        .unwrap_or_default();
+    let ipath = final_dir.join(format!("image-{own}.fidx"));
+    let fr = write_file(&Storage::Object(b.clone()), &ipath, index.encode(), crypt)?;
+    let mpath = final_dir.join(BASE_MANIFEST_FILE);
+    let m = BaseImageManifest {
+        format: BASE_IMAGE_FORMAT.into(),
+        version: MANIFEST_VERSION,
+        platform,
+        id,
+        chunk_size: index.chunk_size,
+        index: fr,
+        time: now_secs(),
+        key_fingerprint: crypt.map(|c| c.fingerprint().to_owned()),
+    };
+    let sealed = seal_opt(crypt, &mpath, crate::manifest::seal(&m)?)?;
+    if b.put_new(&key_of(&mpath)?, bytes::Bytes::from(sealed))?
+        .is_none()
+    {
+        b.delete(&key_of(&ipath)?)?;
+    }
+    Ok(())
 }

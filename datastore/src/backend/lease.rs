@@ -46,6 +46,26 @@ pub struct LeaseInfo {
     pub purpose: String,
     /// Seconds the lease lasts after its last write.
     pub ttl_secs: u64,
+    /// When it was first taken, store time (Unix seconds); written from
+    /// the first renewal on (before it, the object's own time is that).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<i64>,
+}
+
+impl LeaseInfo {
+    /// When the lease was first taken, given its object's metadata.
+    pub fn started_at(&self, meta: &super::ObjectMeta) -> SystemTime {
+        match self.started {
+            Some(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s.max(0) as u64),
+            None => meta.modified,
+        }
+    }
+
+    /// Whether the lease is live at store time `now`, given its object's
+    /// metadata.
+    pub fn live_at(&self, meta: &super::ObjectMeta, now: SystemTime) -> bool {
+        now < meta.modified + Duration::from_secs(self.ttl_secs)
+    }
 }
 
 /// A held lease (see the module docs). Dropping it does not release it:
@@ -86,17 +106,13 @@ impl Lease {
             pid: std::process::id(),
             purpose: purpose.to_owned(),
             ttl_secs: ttl.as_secs().max(1),
+            started: None,
         };
         let data = encode(&info)?;
         // A few rounds: the object may vanish or change between reads.
         for _ in 0..8 {
             if let Some(version) = backend.put_new(key, data.clone())? {
-                return Ok(Lease {
-                    backend,
-                    key: key.to_owned(),
-                    info,
-                    version,
-                });
+                return Lease::taken(backend, key, info, version);
             }
             let Some((bytes, meta)) = backend.get(key, 64 << 10)? else {
                 continue;
@@ -125,12 +141,7 @@ impl Lease {
                     backend.location(),
                     held
                 );
-                return Ok(Lease {
-                    backend,
-                    key: key.to_owned(),
-                    info,
-                    version,
-                });
+                return Lease::taken(backend, key, info, version);
             }
         }
         Err(Error::new(
@@ -139,9 +150,44 @@ impl Lease {
         ))
     }
 
+    /// A lease just written: its start is the object's time.
+    fn taken(
+        backend: Arc<dyn Backend>,
+        key: &str,
+        mut info: LeaseInfo,
+        version: String,
+    ) -> Result<Lease> {
+        if let Some(m) = backend.head(key)?
+            && m.version == version
+        {
+            let secs = m
+                .modified
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            info.started = Some(secs);
+        }
+        Ok(Lease {
+            backend,
+            key: key.to_owned(),
+            info,
+            version,
+        })
+    }
+
     /// Who holds it.
     pub fn info(&self) -> &LeaseInfo {
         &self.info
+    }
+
+    /// When it was first taken, by the store's clock (whole seconds).
+    pub fn started(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.info.started.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     /// Extend the lease by its ttl from now (store time); `LeaseLost` when
@@ -180,6 +226,109 @@ impl Lease {
         match self.backend.head(&self.key)? {
             Some(m) if m.version == self.version => self.backend.delete(&self.key),
             _ => Ok(()),
+        }
+    }
+}
+
+/// A [`Lease`] renewed by a background thread every third of its ttl, and
+/// released when dropped. [`KeptLease::check`] says whether it is still
+/// held (a renewal that failed means it may have been taken over).
+#[derive(Debug)]
+pub struct KeptLease {
+    state: Arc<std::sync::Mutex<KeptState>>,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    key: String,
+    started: SystemTime,
+}
+
+#[derive(Debug)]
+struct KeptState {
+    lease: Option<Lease>,
+    lost: Option<String>,
+}
+
+impl KeptLease {
+    /// Take the lease (see [`Lease::acquire`]) and keep it.
+    pub fn acquire(
+        backend: Arc<dyn Backend>,
+        key: &str,
+        purpose: &str,
+        ttl: Duration,
+    ) -> Result<KeptLease> {
+        let lease = Lease::acquire(backend, key, purpose, ttl)?;
+        let started = lease.started();
+        let state = Arc::new(std::sync::Mutex::new(KeptState {
+            lease: Some(lease),
+            lost: None,
+        }));
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let st = state.clone();
+        let every = (ttl / 3).max(Duration::from_millis(300));
+        let thread = std::thread::Builder::new()
+            .name("vmbackup-lease".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+                    if g.lost.is_some() {
+                        continue;
+                    }
+                    if let Some(l) = g.lease.as_mut()
+                        && let Err(e) = l.renew()
+                    {
+                        tracing::warn!("{}", e.report());
+                        g.lost = Some(e.to_string());
+                    }
+                }
+            })
+            .map_err(|e| {
+                Error::new(ErrorKind::Io, "starting a lease renewal thread").with_source(e)
+            })?;
+        Ok(KeptLease {
+            state,
+            stop: Some(tx),
+            thread: Some(thread),
+            key: key.to_owned(),
+            started,
+        })
+    }
+
+    /// When it was first taken, by the store's clock.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// `LeaseLost` once a renewal failed.
+    pub fn check(&self) -> Result<()> {
+        let g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &g.lost {
+            None => Ok(()),
+            Some(why) => Err(Error::new(ErrorKind::LeaseLost, why.clone())),
+        }
+    }
+}
+
+impl Drop for KeptLease {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let lease = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lease
+            .take();
+        if let Some(l) = lease
+            && let Err(e) = l.release()
+        {
+            tracing::warn!("releasing lease {}: {}", self.key, e.report());
         }
     }
 }

@@ -36,7 +36,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use provider_api::Result;
 
-pub use lease::{Lease, LeaseInfo};
+pub use lease::{KeptLease, Lease, LeaseInfo};
 pub use local::LocalBackend;
 pub use s3::{S3Backend, S3Options};
 
@@ -88,6 +88,30 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// The store's clock now (the time a write made now would record).
     fn now(&self) -> Result<SystemTime>;
+
+    /// Names directly under `prefix` (a key prefix ending in `/`, or
+    /// empty): objects and "directories" (common prefixes), sorted.
+    fn children(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self
+            .list(prefix)?
+            .into_iter()
+            .filter_map(|m| {
+                m.key
+                    .strip_prefix(prefix)
+                    .and_then(|rest| rest.split('/').next())
+                    .map(str::to_owned)
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// One request that reaches the store: a wrong location or bad
+    /// credentials fail here with one clear error.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Whether `key` is one this crate writes: non-empty `/`-separated

@@ -465,6 +465,38 @@ impl Backend for S3Backend {
         }
     }
 
+    fn children(&self, prefix: &str) -> Result<Vec<String>> {
+        let trimmed = prefix.trim_end_matches('/');
+        let path = match (trimmed.is_empty(), self.prefix.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(
+                ObjPath::parse(&self.prefix)
+                    .map_err(|e| Error::invalid(format!("prefix {:?}: {e}", self.prefix)))?,
+            ),
+            (false, _) => Some(self.path(trimmed)?),
+        };
+        let store = self.store.clone();
+        let res = self.run(async move { store.list_with_delimiter(path.as_ref()).await })?;
+        match res {
+            Ok(r) => {
+                let mut v: Vec<String> = r
+                    .common_prefixes
+                    .iter()
+                    .chain(r.objects.iter().map(|o| &o.location))
+                    .filter_map(|p| p.filename().map(str::to_owned))
+                    .collect();
+                v.sort();
+                v.dedup();
+                Ok(v)
+            }
+            Err(e) => Err(self.err("list", prefix, e)),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        S3Backend::check(self)
+    }
+
     fn now(&self) -> Result<SystemTime> {
         let key = format!(".clock/{}", unique_suffix());
         self.put(&key, Bytes::from_static(b"clock"))?;
