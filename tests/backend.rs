@@ -402,3 +402,29 @@ fn chunks_on_s3() {
         assert_eq!(store.usage().unwrap().0, 2);
     }
 }
+
+/// Synchronous backend calls made from inside an async task (as the CLI
+/// and tests call `prune`, `gc` or `delete_snapshot`) keep working past
+/// tokio's cooperative budget of ~128 polls per task: waiting on the
+/// request's join handle used to spend it, and the deferred wake-up then
+/// never came (the caller's runtime was blocked by the wait).
+#[tokio::test]
+async fn s3_calls_from_an_async_task_do_not_stall() {
+    let Some(moto) = Moto::start(false) else {
+        return;
+    };
+    moto.create_bucket("vmbackup-async");
+    let s3 = S3Backend::new(&moto.options("vmbackup-async", "p")).unwrap();
+    s3.put("x", b("x")).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(Duration::from_secs(120)).is_err() {
+            eprintln!("s3_calls_from_an_async_task_do_not_stall: stalled");
+            std::process::exit(101);
+        }
+    });
+    for _ in 0..400 {
+        assert!(s3.head("x").unwrap().is_some());
+    }
+    done_tx.send(()).unwrap();
+}

@@ -581,8 +581,11 @@ impl Datastore {
             for guest in self.storage().children(&self.root().join(&plat))? {
                 let gdir = self.root().join(&plat).join(&guest);
                 for name in self.storage().children(&gdir)? {
+                    // A writer that began after the listing above has its
+                    // lease before its first temporary file: ask again.
                     if let Some(reg) = name.strip_prefix(".tmp-")
                         && !live_writers.contains(reg)
+                        && !self.object_writer_is_live(b, reg)?
                     {
                         self.storage().remove_tree(&gdir.join(&name))?;
                         stats.removed_temp_dirs += 1;
@@ -596,6 +599,17 @@ impl Datastore {
         stats.kept_chunks = k;
         stats.kept_bytes = kb;
         Ok(stats)
+    }
+
+    /// Object stores: whether the backup registered as `name` holds a
+    /// live lease now.
+    fn object_writer_is_live(&self, b: &Arc<dyn Backend>, name: &str) -> Result<bool> {
+        let Some((data, meta)) = b.get(&format!(".locks/writers/{name}"), 64 << 10)? else {
+            return Ok(false);
+        };
+        Ok(serde_json::from_slice::<LeaseInfo>(&data)
+            .map(|i| i.live_at(&meta, b.now().unwrap_or(UNIX_EPOCH)))
+            .unwrap_or(false))
     }
 
     fn mark_snapshots(

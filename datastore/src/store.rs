@@ -379,6 +379,11 @@ impl Datastore {
         }
     }
 
+    /// The object store under the datastore, if it is on one.
+    pub fn backend(&self) -> Option<&Arc<dyn Backend>> {
+        self.inner.storage.object()
+    }
+
     pub(crate) fn storage(&self) -> &Storage {
         &self.inner.storage
     }
@@ -629,7 +634,8 @@ impl Datastore {
     }
 
     /// Object stores: the exclusive lock a deletion of `target` holds;
-    /// `Refused` while a live reader holds it shared.
+    /// `Refused` while a live reader holds it shared (after waiting a
+    /// little: a GC or verify holds it only briefly).
     pub(crate) fn exclusive_lease(
         &self,
         b: &Arc<dyn Backend>,
@@ -637,15 +643,41 @@ impl Datastore {
         what: &str,
     ) -> Result<Held> {
         let base = format!(".locks/shared/{target}");
-        let lease = KeptLease::acquire(
-            b.clone(),
-            &format!("{base}/delete"),
-            "delete",
-            self.inner.lease_ttl,
-        )
-        .map_err(|e| {
-            Error::new(ErrorKind::Refused, format!("{what} is being deleted: {e}")).retryable(true)
-        })?;
+        let mut tries = 0;
+        loop {
+            let lease = KeptLease::acquire(
+                b.clone(),
+                &format!("{base}/delete"),
+                "delete",
+                self.inner.lease_ttl,
+            )
+            .map_err(|e| {
+                Error::new(ErrorKind::Refused, format!("{what} is being deleted: {e}"))
+                    .retryable(true)
+            })?;
+            match self.live_reader(b, &base)? {
+                None => return Ok(Held::Lease(lease)),
+                Some(_) if tries < 20 => {
+                    drop(lease);
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Some(who) => {
+                    return Err(Error::new(
+                        ErrorKind::Refused,
+                        format!(
+                            "{what} is in use (being read or the base of a running backup, on {who})"
+                        ),
+                    )
+                    .retryable(true));
+                }
+            }
+        }
+    }
+
+    /// A live reader lease under `base/` (host and pid), removing lapsed
+    /// ones (crashed readers').
+    fn live_reader(&self, b: &Arc<dyn Backend>, base: &str) -> Result<Option<String>> {
         let now = b.now()?;
         for m in b.list(&format!("{base}/"))? {
             if !m
@@ -661,18 +693,12 @@ impl Datastore {
             };
             match serde_json::from_slice::<LeaseInfo>(&data) {
                 Ok(i) if i.live_at(&meta, now) => {
-                    drop(lease);
-                    return Err(Error::new(
-                        ErrorKind::Refused,
-                        format!("{what} is in use (being read or the base of a running backup, on {} pid {})", i.host, i.pid),
-                    )
-                    .retryable(true));
+                    return Ok(Some(format!("{} pid {}", i.host, i.pid)));
                 }
-                // A crashed reader's lease.
                 _ => b.delete(&m.key)?,
             }
         }
-        Ok(Held::Lease(lease))
+        Ok(None)
     }
 
     /// Lock a finished snapshot against deletion (shared) and load its

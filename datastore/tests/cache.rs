@@ -184,11 +184,11 @@ async fn a_failed_load_fails_every_waiter_and_is_not_cached() {
 
     let digest = ds.chunks().digest_of(&data[cs as usize..2 * cs as usize]);
     let path = ds.chunks().path(&digest);
-    let good = std::fs::read(&path).unwrap();
+    let good = raw_read(&ds, &path);
     let mut bad = good.clone();
     let last = bad.len() - 1;
     bad[last] ^= 1;
-    std::fs::write(&path, &bad).unwrap();
+    raw_write(&ds, &path, &bad);
 
     for (_, res) in concurrent_reads(&r, 32, |k| (cs + k * 4096, 4096)).await {
         let err = res.unwrap_err();
@@ -208,7 +208,7 @@ async fn a_failed_load_fails_every_waiter_and_is_not_cached() {
     assert!(st.load_failures >= 2, "{st:?}");
 
     // Repaired: the next read loads it again and succeeds.
-    std::fs::write(&path, &good).unwrap();
+    raw_write(&ds, &path, &good);
     assert_eq!(
         r.read_at(cs, 4096).await.unwrap()[..],
         data[cs as usize..cs as usize + 4096]

@@ -259,7 +259,12 @@ impl S3Backend {
             .rt
             .as_ref()
             .ok_or_else(|| Error::other("the S3 client was shut down"))?;
-        futures::executor::block_on(rt.spawn(f))
+        // Unconstrained: polled from a caller's async task, the join handle
+        // would spend that task's cooperative budget, and once it is spent
+        // tokio defers the wake-up to the caller's runtime, which this
+        // blocking wait keeps from ever running (a hang after ~128
+        // requests in one task).
+        futures::executor::block_on(tokio::task::unconstrained(rt.spawn(f)))
             .map_err(|e| Error::other("an S3 request task failed").with_source(e))
     }
 
