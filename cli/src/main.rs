@@ -10,6 +10,7 @@ mod docs;
 mod jobs;
 mod keys;
 mod progress;
+mod repo;
 mod report;
 
 use std::net::SocketAddr;
@@ -42,8 +43,9 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct StoreArg {
-    /// Datastore directory (created on first backup; default: the config
-    /// file's `datastore`).
+    /// Datastore: a directory (created on first backup) or
+    /// s3://bucket/prefix (created by `init`; AWS_* environment for
+    /// credentials and endpoint); default: the config file's `datastore`.
     #[arg(long, short = 'd', env = "VMBACKUP_DATASTORE")]
     datastore: Option<PathBuf>,
     /// Key file of an encrypted datastore (see `vmbackup key`); a first
@@ -176,6 +178,9 @@ struct InitArgs {
     /// Generate a new master key into --keyfile (never overwrites a file).
     #[arg(long, requires = "keyfile")]
     new_key: bool,
+    /// Store in clear on object storage (encrypted is the default there).
+    #[arg(long, conflicts_with = "keyfile")]
+    no_encryption: bool,
     /// Chunk size in bytes: a power of two from 4 KiB to 64 MiB.
     #[arg(long, default_value_t = datastore::DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
@@ -371,6 +376,21 @@ impl std::error::Error for Usage {}
 
 fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
+    if let repo::Repo::S3(b) = repo::Repo::parse(&path)? {
+        let at = b.location();
+        if arg.keyfile.is_none()
+            && let Ok(Some(fp)) = Datastore::key_fingerprint_on(&b)
+        {
+            bail!(
+                "datastore {at} is encrypted (key {fp}): pass --keyfile FILE (or set \
+                 VMBACKUP_KEYFILE) and its passphrase (--passphrase-file or VMBACKUP_PASSPHRASE)"
+            );
+        }
+        let key = arg.key()?;
+        return Datastore::open_on(b, key.as_ref())
+            .map(repo::settings)
+            .with_context(|| format!("opening datastore {at}"));
+    }
     if !path.exists() {
         bail!(
             "no datastore at {}: the directory does not exist (a first backup creates it)",
@@ -411,6 +431,10 @@ fn keep_count(s: &str) -> std::result::Result<u64, String> {
 
 fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
+    if path.to_string_lossy().starts_with("s3://") {
+        // Created by `vmbackup init` only: there, encryption is chosen.
+        return open_store(arg, config);
+    }
     let empty = std::fs::read_dir(&path)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true);
@@ -435,8 +459,21 @@ fn init(args: InitArgs, config: &config::Config, json: bool) -> Result<()> {
         chunk_size: args.chunk_size,
         ..DatastoreOptions::default()
     };
-    let ds = Datastore::create_with_key(&path, options, key.as_ref())
-        .with_context(|| format!("creating datastore {}", path.display()))?;
+    let ds = match repo::Repo::parse(&path)? {
+        repo::Repo::S3(b) => {
+            if key.is_none() && !args.no_encryption {
+                bail!(
+                    "a datastore on object storage is encrypted unless you say otherwise: pass \
+                     --keyfile FILE (--new-key to create one), or --no-encryption"
+                );
+            }
+            Datastore::create_on(b, options, key.as_ref())
+                .map(repo::settings)
+                .with_context(|| format!("creating datastore {}", path.display()))?
+        }
+        repo::Repo::Dir => Datastore::create_with_key(&path, options, key.as_ref())
+            .with_context(|| format!("creating datastore {}", path.display()))?,
+    };
     let fingerprint = ds.key_fingerprint();
     if json {
         println!(

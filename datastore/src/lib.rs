@@ -1,7 +1,13 @@
 //! # datastore: the default backup target
 //!
 //! A content-addressed, deduplicating, crash-safe repository of VM
-//! snapshots in a local directory, implementing [`provider_api::Target`].
+//! snapshots in a local directory or on S3-compatible object storage
+//! ([`Datastore::create_on`], [`backend`]), implementing
+//! [`provider_api::Target`]. The same formats and guarantees hold on both;
+//! where a local datastore renames directories and takes `flock`s, one on
+//! an object store copies a snapshot's few small files into place, commits
+//! with a conditional create of its manifest, and locks with leases (the
+//! "Object stores" section below).
 //! Every snapshot is logically full (an index naming every chunk of every
 //! volume), so any snapshot can be deleted without breaking another;
 //! retention is [`Datastore::prune`] followed by [`Datastore::gc`].
@@ -125,6 +131,59 @@
 //! against deletion until it ends. Timestamps are set explicitly from the
 //! same clock as the cutoff; a grace period covers clock steps.
 //!
+//! ## Object stores: several hosts on one datastore
+//!
+//! The layout (keys) is the local one. What differs, and why it is safe
+//! with backups on several hosts and a GC on another, none sharing
+//! anything but the store (S3 is strongly consistent for reads after
+//! writes and for listings; conditional writes make creations atomic):
+//!
+//! - **Leases instead of `flock`s** ([`backend::lease`]): a backup holds
+//!   `.locks/writers/<name>`, a GC `.locks/gc`, a commit or prune
+//!   `.locks/groups/<platform>/<guest>`, a reader of a snapshot or base
+//!   image `.locks/shared/<dir>/r-<id>`, a deletion `.locks/shared/<dir>/delete`.
+//!   Each is renewed every third of its lifetime ([`DEFAULT_LEASE_TTL`])
+//!   and expires by the store's clock, so a crashed host's locks free
+//!   themselves. A backup whose lease could not be renewed refuses to
+//!   commit.
+//! - **Commit**: the backup writes its indexes and blobs under
+//!   `<group>/.tmp-<writer>/`; under the group's lease it picks a free
+//!   name, copies them there, and creates the manifest with `put_new`
+//!   (`If-None-Match: *`). Listings show only snapshots with a manifest,
+//!   so a reader never sees half a snapshot; a name is never given twice.
+//! - **Deletion against readers**: a reader writes its lease, then looks
+//!   for a deletion's lease; a deletion writes its lease, then looks for
+//!   live readers. With a consistent store one of them sees the other, so
+//!   a snapshot being restored, or the base of a running incremental,
+//!   is never deleted under it. The manifest is deleted first: the
+//!   snapshot vanishes at once, its files after.
+//! - **GC against running backups (no referenced chunk is deleted)**.
+//!   Let `S` be a backup's start (its lease object's time, store clock)
+//!   and `G` the object grace ([`DEFAULT_OBJECT_GRACE`]). The backup
+//!   reuses an existing chunk only if the chunk's `Last-Modified` is at or
+//!   after `S - G`; otherwise it stores it again (a new `Last-Modified`).
+//!   Chunks of its incremental base are reused by index without a check;
+//!   that snapshot is held by its reader lease, so it stays and is marked.
+//!   A GC takes `T0` = store time, lists live writer leases, sets
+//!   `cutoff = min(T0, their S) - max(grace, G)`, marks every snapshot and
+//!   base image (listing again until nothing new appears), and deletes
+//!   only unmarked chunks older than `cutoff`. A chunk a running backup
+//!   relies on was written or checked at or after `S - G >= cutoff` if
+//!   the GC saw that backup's lease, or is younger than `T0 - G >= cutoff`
+//!   if the backup began after the GC's listing (its lease, hence `S`,
+//!   comes after `T0`); either way the sweep keeps it. Every time compared
+//!   is the store's. A snapshot committed after the GC's last listing
+//!   names only such chunks and its base's. A GC's own lease keeps two
+//!   GCs apart; temp directories are removed only when their writer's
+//!   lease is gone when asked.
+//! - **What the tests run**: the whole datastore suite against moto
+//!   (`scripts/test`, `VMBACKUP_TEST_S3`), including processes killed
+//!   mid-backup and GCs concurrent with backups; `tests/backend.rs` (the
+//!   storage contract, leases taken over by exactly one of four racing
+//!   hosts, injected 503/500/resets); `cli/tests/s3.rs` (three `vmbackup`
+//!   processes and looping GCs on one encrypted S3 datastore, one backup
+//!   and one GC killed, every snapshot restored byte for byte).
+//!
 //! ## Example
 //!
 //! ```
@@ -184,4 +243,7 @@ pub use crypt::Crypt;
 pub use key::{KeyFile, MasterKey};
 pub use maintenance::{BadChunk, DatastoreStats, GcStats, KeepOptions, VerifyReport, VerifyScope};
 pub use reader::VolReader;
-pub use store::{DATASTORE_VERSION_ENCRYPTED, DEFAULT_CHUNK_SIZE, Datastore, DatastoreOptions};
+pub use store::{
+    DATASTORE_VERSION_ENCRYPTED, DEFAULT_CHUNK_SIZE, DEFAULT_LEASE_TTL, DEFAULT_OBJECT_GRACE,
+    Datastore, DatastoreOptions,
+};

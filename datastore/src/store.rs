@@ -331,6 +331,17 @@ impl Datastore {
         Datastore::open_on(backend, key)
     }
 
+    /// Whether the datastore on `backend` is encrypted, and under which key
+    /// (its fingerprint), without opening it; `None` also when there is no
+    /// datastore (opening says why).
+    pub fn key_fingerprint_on(backend: &Arc<dyn Backend>) -> Result<Option<String>> {
+        let Some((data, _)) = backend.get(CONFIG_FILE, crate::manifest::MAX_MANIFEST_LEN)? else {
+            return Ok(None);
+        };
+        let cfg: Config = crate::manifest::unseal(&data, Path::new(CONFIG_FILE))?;
+        Ok(cfg.encryption.map(|e| e.key_fingerprint))
+    }
+
     /// Open an existing datastore on an object store (`key` as for
     /// [`Datastore::open_with_key`]).
     pub fn open_on(backend: Arc<dyn Backend>, key: Option<&MasterKey>) -> Result<Datastore> {
