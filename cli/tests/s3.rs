@@ -2,7 +2,7 @@
 //! `vmbackup` processes: `init` (encrypted by default there), two backups
 //! at once with a GC looping beside them, a third backup and a GC killed
 //! (`kill -9`) half-way, then every snapshot listed restores byte for byte
-//! and verifies, the killed backup's guest backs up again once its leases
+//! (and one through `serve` and qemu-img) and verifies, the killed backup's guest backs up again once its leases
 //! lapse, and a foreign bucket, a missing bucket and a wrong key are one
 //! clear error each.
 #![allow(
@@ -230,6 +230,32 @@ fn several_hosts_share_an_encrypted_datastore_on_s3() {
     run(&mut keyed(&["verify"]));
     run(&mut keyed(&["gc"]));
     run(&mut keyed(&["verify"]));
+
+    // Instant restore from S3: `serve`, read back by qemu-img.
+    let first = snaps[0]["id"].as_str().unwrap();
+    let g: usize = snaps[0]["guest"].as_str().unwrap()[2..].parse().unwrap();
+    let mut serve = keyed(&["serve", "--listen", "127.0.0.1:0", first, "disk0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(serve.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let serve = Killed(serve);
+    let uri = line
+        .split_whitespace()
+        .find(|w| w.starts_with("nbd://"))
+        .unwrap_or_else(|| panic!("no URI in {line:?}"))
+        .to_owned();
+    let served = dir.path().join("served.raw");
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", &uri, "-O", "raw"])
+        .arg(&served));
+    drop(serve);
+    assert_eq!(sha256(&served), sha256(&images[g]), "served {first}");
 
     // One clear error each: no key, a wrong passphrase, a missing bucket, a
     // bucket holding something else.
