@@ -239,6 +239,20 @@ impl S3Backend {
         ObjPath::parse(&full).map_err(|e| Error::invalid(format!("object key {key:?}: {e}")))
     }
 
+    /// The object path a listing of `prefix` (a key prefix ending in `/`,
+    /// or empty) starts from; `None` for the whole bucket.
+    fn prefix_path(&self, prefix: &str) -> Result<Option<ObjPath>> {
+        let trimmed = prefix.trim_end_matches('/');
+        Ok(match (trimmed.is_empty(), self.prefix.is_empty()) {
+            (true, true) => None,
+            (true, false) => Some(
+                ObjPath::parse(&self.prefix)
+                    .map_err(|e| Error::invalid(format!("prefix {:?}: {e}", self.prefix)))?,
+            ),
+            (false, _) => Some(self.path(trimmed)?),
+        })
+    }
+
     fn key_of(&self, path: &ObjPath) -> String {
         let p = path.as_ref();
         match self.prefix.is_empty() {
@@ -448,15 +462,7 @@ impl Backend for S3Backend {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let trimmed = prefix.trim_end_matches('/');
-        let path = match (trimmed.is_empty(), self.prefix.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(
-                ObjPath::parse(&self.prefix)
-                    .map_err(|e| Error::invalid(format!("prefix {:?}: {e}", self.prefix)))?,
-            ),
-            (false, _) => Some(self.path(trimmed)?),
-        };
+        let path = self.prefix_path(prefix)?;
         let store = self.store.clone();
         let res = self.run(async move {
             store
@@ -471,15 +477,7 @@ impl Backend for S3Backend {
     }
 
     fn children(&self, prefix: &str) -> Result<Vec<String>> {
-        let trimmed = prefix.trim_end_matches('/');
-        let path = match (trimmed.is_empty(), self.prefix.is_empty()) {
-            (true, true) => None,
-            (true, false) => Some(
-                ObjPath::parse(&self.prefix)
-                    .map_err(|e| Error::invalid(format!("prefix {:?}: {e}", self.prefix)))?,
-            ),
-            (false, _) => Some(self.path(trimmed)?),
-        };
+        let path = self.prefix_path(prefix)?;
         let store = self.store.clone();
         let res = self.run(async move { store.list_with_delimiter(path.as_ref()).await })?;
         match res {
