@@ -620,11 +620,23 @@ impl Datastore {
 
     /// Object stores: a shared lock on `target` (a snapshot's or base
     /// image's directory key): a reader lease under
-    /// `.locks/shared/<target>/`, refused while a deletion's lease there
-    /// is live. A reader writes its lease and then looks for a deletion; a
+    /// `.locks/shared/<target>/`, held while no deletion of `target` is
+    /// live. A reader writes its lease and then looks for a deletion; a
     /// deletion writes its lease and then looks for readers: with a
     /// strongly consistent store at least one of them sees the other.
-    pub(crate) fn shared_lease(&self, b: &Arc<dyn Backend>, target: &str) -> Result<Held> {
+    ///
+    /// A live deletion lease is waited out: either the deletion finishes
+    /// (`gone` reports the target's manifest missing: `NotFound`), or it
+    /// backs off because it saw this reader, or its holder crashed and the
+    /// lease lapses (within one lease lifetime). `what` names the target
+    /// in errors.
+    pub(crate) fn shared_lease(
+        &self,
+        b: &Arc<dyn Backend>,
+        target: &str,
+        what: &str,
+        gone: &dyn Fn() -> Result<bool>,
+    ) -> Result<Held> {
         let base = format!(".locks/shared/{target}");
         let lease = KeptLease::acquire(
             b.clone(),
@@ -632,16 +644,47 @@ impl Datastore {
             "read",
             self.inner.lease_ttl,
         )?;
-        if let Some((data, meta)) = b.get(&format!("{base}/delete"), 64 << 10)? {
-            let live = serde_json::from_slice::<LeaseInfo>(&data)
-                .map(|i| i.live_at(&meta, b.now().unwrap_or(SystemTime::UNIX_EPOCH)))
-                .unwrap_or(false);
-            if live {
+        let deadline = std::time::Instant::now() + self.inner.lease_ttl + Duration::from_secs(5);
+        let mut waited = false;
+        loop {
+            let deleter = match b.get(&format!("{base}/delete"), 64 << 10)? {
+                None => None,
+                Some((data, meta)) => {
+                    let now = b.now()?;
+                    serde_json::from_slice::<LeaseInfo>(&data)
+                        .ok()
+                        .filter(|i| i.live_at(&meta, now))
+                }
+            };
+            let Some(deleter) = deleter else {
+                return Ok(Held::Lease(lease));
+            };
+            if gone()? {
                 drop(lease);
-                return Err(Error::not_found(format!("{target} is being deleted")));
+                return Err(Error::not_found(format!("{what} does not exist")));
             }
+            if std::time::Instant::now() >= deadline {
+                drop(lease);
+                return Err(Error::new(
+                    ErrorKind::Refused,
+                    format!(
+                        "{what} is being deleted (by {} pid {}, whose lease is still renewed)",
+                        deleter.host, deleter.pid
+                    ),
+                )
+                .retryable(true));
+            }
+            if !waited {
+                tracing::info!(
+                    "{what} is being deleted by {} pid {}: waiting for the deletion to end \
+                     or its lease to lapse",
+                    deleter.host,
+                    deleter.pid
+                );
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(Held::Lease(lease))
     }
 
     /// Object stores: the exclusive lock a deletion of `target` holds;
@@ -720,9 +763,9 @@ impl Datastore {
         let mpath = dir.join(MANIFEST_FILE);
         let held = match self.storage().object() {
             Some(b) => {
-                let held = self
-                    .shared_lease(b, &key_of(&dir)?)
-                    .map_err(|_| Error::not_found(format!("snapshot {id} does not exist")))?;
+                let gone = || Ok(!self.storage().exists(&mpath)?);
+                let held =
+                    self.shared_lease(b, &key_of(&dir)?, &format!("snapshot {id}"), &gone)?;
                 if !self.storage().exists(&mpath)? {
                     return Err(Error::not_found(format!("snapshot {id} does not exist")));
                 }
@@ -759,9 +802,14 @@ impl Datastore {
         let missing = || Error::not_found(format!("base image {id} of {platform} is not stored"));
         let held = match self.storage().object() {
             Some(b) => {
-                let held = self
-                    .shared_lease(b, &key_of(&dir)?)
-                    .map_err(|_| missing())?;
+                let gone = || Ok(!self.storage().exists(&mpath)?);
+                let what = format!("base image {id} of {platform}");
+                let held =
+                    self.shared_lease(b, &key_of(&dir)?, &what, &gone)
+                        .map_err(|e| match e.kind() {
+                            ErrorKind::NotFound => missing(),
+                            _ => e,
+                        })?;
                 if !self.storage().exists(&mpath)? {
                     return Err(missing());
                 }

@@ -620,6 +620,85 @@ async fn prune_protect_delete_and_gc() {
     assert!(ds.verify(VerifyScope::All).unwrap().is_ok());
 }
 
+/// Object stores: a deletion holds a lease on the snapshot, and a reader
+/// meeting it waits — for the manifest to go (then "does not exist"), for
+/// the lease to be released, or for a crashed deleter's lease to lapse —
+/// and never reports a listed snapshot missing because of a dead host.
+/// (A local deletion's `flock` dies with its process: nothing to wait.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_wait_out_deletions_and_crashed_deleters() {
+    use datastore::backend::{KeptLease, Lease};
+    let dir = tempfile::tempdir().unwrap();
+    let ds = new_ds(dir.path());
+    let Some(b) = ds.backend().cloned() else {
+        return;
+    };
+    let data = noise(7, 3 * CS as usize);
+    let mut ids = Vec::new();
+    for t in 0..3 {
+        let s = backup(
+            &ds,
+            "vm",
+            1_700_000_000 + t,
+            vspec("sys", 3 * CS, StartFrom::Empty),
+            &[Op::Data(0, data.clone())],
+        )
+        .await
+        .unwrap();
+        ids.push(s.id);
+    }
+    let snap_dir = |id: &SnapshotId| ds.root().join(&id.0);
+    let delete_key =
+        |id: &SnapshotId| format!(".locks/shared/{}/delete", raw_key(&ds, &snap_dir(id)));
+    let ttl = Duration::from_secs(2);
+
+    // 1. A deleter that crashed after taking its lease: the snapshot stays
+    //    listed and readable once the lease lapses.
+    let crashed = Lease::acquire(b.clone(), &delete_key(&ids[0]), "delete", ttl).unwrap();
+    drop(crashed); // not released: what a killed process leaves
+    let t = std::time::Instant::now();
+    assert_eq!(
+        read_all(&ds, &ids[0], "sys", Layer::Merged).await.unwrap(),
+        data
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "it waited for the lapse"
+    );
+    ds.delete_snapshot(&ids[0]).unwrap();
+
+    // 2. A live deletion that completes: the reader gets NotFound as soon
+    //    as the manifest is gone, not after a lease lifetime.
+    let live = KeptLease::acquire(b.clone(), &delete_key(&ids[1]), "delete", ttl).unwrap();
+    let manifest = snap_dir(&ids[1]).join("index.json");
+    let (ds2, m2) = (ds.clone(), manifest.clone());
+    let deleter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        raw_remove(&ds2, &m2);
+        drop(live);
+    });
+    let err = match ds.open_snapshot(&ids[1]).await {
+        Err(e) => e,
+        Ok(_) => panic!("a deleted snapshot opened"),
+    };
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains(&ids[1].0), "{err}");
+    deleter.join().unwrap();
+
+    // 3. A live deletion that gives up (it saw this reader): the reader
+    //    goes on as soon as the lease is released.
+    let live = KeptLease::acquire(b.clone(), &delete_key(&ids[2]), "delete", ttl).unwrap();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(live);
+    });
+    assert_eq!(
+        read_all(&ds, &ids[2], "sys", Layer::Merged).await.unwrap(),
+        data
+    );
+    releaser.join().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_concurrent_with_backups_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

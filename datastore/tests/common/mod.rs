@@ -218,7 +218,7 @@ pub async fn backup(
 
 /// The object key of a path `ds` reported (a chunk's path, or `root()`
 /// joined with a relative path).
-fn raw_key(ds: &Datastore, path: &std::path::Path) -> String {
+pub fn raw_key(ds: &Datastore, path: &std::path::Path) -> String {
     let p = path.to_string_lossy().into_owned();
     let loc = format!("{}/", ds.location());
     p.strip_prefix(&loc).unwrap_or(&p).to_owned()
