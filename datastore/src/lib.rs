@@ -223,6 +223,7 @@
 //! # }
 //! ```
 
+pub mod archive;
 pub mod backend;
 pub mod cache;
 pub mod chunk;

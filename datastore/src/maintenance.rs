@@ -635,6 +635,11 @@ impl Datastore {
                 stats.indexes += 1;
                 marked.extend(idx.digests.iter().filter(|d| !d.is_zero()));
             }
+            for a in &m.archives {
+                let (cat, data) = self.archive_indexes(&dir, a)?;
+                stats.indexes += 2;
+                marked.extend(cat.chunks.iter().chain(&data.chunks).map(|c| c.1));
+            }
         }
         Ok(())
     }
@@ -720,6 +725,16 @@ impl Datastore {
                         }
                     }
                 }
+                for a in &m.archives {
+                    match self.archive_indexes(&dir, a) {
+                        Ok((cat, data)) => {
+                            for idx in [&cat, &data] {
+                                self.verify_dynamic(idx, &mut checked, &mut report, &mut errors);
+                            }
+                        }
+                        Err(e) => errors.push(e.report()),
+                    }
+                }
                 self.write_verify_state(&dir, &errors)
             })();
             if let Err(e) = res {
@@ -739,46 +754,59 @@ impl Datastore {
         errors: &mut Vec<String>,
     ) {
         for (i, d) in idx.digests.iter().enumerate() {
-            if d.is_zero() {
-                continue;
+            if !d.is_zero() {
+                self.verify_chunk(d, idx.chunk_len(i), checked, report, errors);
             }
-            let ok = match checked.get(d) {
-                Some(ok) => *ok,
-                None => {
-                    report.chunks_checked += 1;
-                    let ok = match self.chunks().load(d) {
-                        Ok(data) if data.len() as u64 == idx.chunk_len(i) => true,
-                        Ok(data) => {
-                            report.bad_chunks.push(BadChunk {
-                                digest: d.to_hex(),
-                                path: self.chunks().path(d).display().to_string(),
-                                error: format!(
-                                    "{} bytes, expected {}",
-                                    data.len(),
-                                    idx.chunk_len(i)
-                                ),
-                            });
-                            false
-                        }
-                        Err(e) => {
-                            report.bad_chunks.push(BadChunk {
-                                digest: d.to_hex(),
-                                path: self.chunks().path(d).display().to_string(),
-                                error: e.report(),
-                            });
-                            false
-                        }
-                    };
-                    checked.insert(*d, ok);
-                    ok
+        }
+    }
+
+    /// Load and check one chunk of `len` bytes (once per verify).
+    fn verify_chunk(
+        &self,
+        d: &Digest,
+        len: u64,
+        checked: &mut HashMap<Digest, bool>,
+        report: &mut VerifyReport,
+        errors: &mut Vec<String>,
+    ) {
+        let ok = match checked.get(d) {
+            Some(ok) => *ok,
+            None => {
+                report.chunks_checked += 1;
+                let bad = match self.chunks().load(d) {
+                    Ok(data) if data.len() as u64 == len => None,
+                    Ok(data) => Some(format!("{} bytes, expected {len}", data.len())),
+                    Err(e) => Some(e.report()),
+                };
+                if let Some(error) = &bad {
+                    report.bad_chunks.push(BadChunk {
+                        digest: d.to_hex(),
+                        path: self.chunks().path(d).display().to_string(),
+                        error: error.clone(),
+                    });
                 }
-            };
-            if !ok {
-                errors.push(format!(
-                    "chunk {d} at {} is damaged or missing",
-                    self.chunks().path(d).display()
-                ));
+                checked.insert(*d, bad.is_none());
+                bad.is_none()
             }
+        };
+        if !ok {
+            errors.push(format!(
+                "chunk {d} at {} is damaged or missing",
+                self.chunks().path(d).display()
+            ));
+        }
+    }
+
+    /// [`Self::verify_index`] for a file archive's stream.
+    fn verify_dynamic(
+        &self,
+        idx: &crate::archive::DynamicIndex,
+        checked: &mut HashMap<Digest, bool>,
+        report: &mut VerifyReport,
+        errors: &mut Vec<String>,
+    ) {
+        for (i, (end, d)) in idx.chunks.iter().enumerate() {
+            self.verify_chunk(d, end - idx.start(i), checked, report, errors);
         }
     }
 

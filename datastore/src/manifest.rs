@@ -23,6 +23,8 @@ pub const SNAPSHOT_FORMAT: &str = "vmbackup-datastore-snapshot";
 pub const BASE_IMAGE_FORMAT: &str = "vmbackup-datastore-base-image";
 /// Manifest format version.
 pub const MANIFEST_VERSION: u32 = 1;
+/// Manifest version of snapshots with file archives.
+pub const MANIFEST_VERSION_ARCHIVES: u32 = 2;
 /// Largest manifest accepted.
 pub const MAX_MANIFEST_LEN: u64 = 16 << 20;
 /// Largest blob accepted.
@@ -99,6 +101,11 @@ pub struct Manifest {
     pub volumes: Vec<ManifestVolume>,
     /// Blobs.
     pub blobs: Vec<ManifestBlob>,
+    /// File archives (directory trees): only in manifests of version 2,
+    /// which older versions refuse to read (and so never collect the
+    /// chunks of).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub archives: Vec<crate::archive::ManifestArchive>,
     /// Warnings.
     pub warnings: Vec<String>,
     /// Fingerprint of the key the snapshot is encrypted with (encrypted
@@ -218,7 +225,12 @@ pub fn check_key(recorded: Option<&str>, crypt: Option<&Crypt>, path: &Path) -> 
 /// Check a snapshot manifest's own fields.
 pub fn check_manifest(m: &Manifest, path: &Path, crypt: Option<&Crypt>) -> Result<()> {
     check_key(m.key_fingerprint.as_deref(), crypt, path)?;
-    if m.format != SNAPSHOT_FORMAT || m.version != MANIFEST_VERSION {
+    let version_ok = match m.version {
+        MANIFEST_VERSION => m.archives.is_empty(),
+        MANIFEST_VERSION_ARCHIVES => true,
+        _ => false,
+    };
+    if m.format != SNAPSHOT_FORMAT || !version_ok {
         return Err(corrupt(format!(
             "manifest {} has format {:?} version {}, expected {SNAPSHOT_FORMAT:?} version {MANIFEST_VERSION}",
             path.display(),

@@ -11,10 +11,11 @@ use std::task::Poll;
 use async_trait::async_trait;
 use bytes::Bytes;
 use provider_api::{
-    ConfigBlob, ConfigKind, Error, Extent, Layer, PlatformMetadata, Region, RegionKind, Result,
-    SnapshotId, SnapshotInfo, SnapshotReader, VolumeReader,
+    ConfigBlob, ConfigKind, Error, Extent, FileArchiveReader, Layer, PlatformMetadata, Region,
+    RegionKind, Result, SnapshotId, SnapshotInfo, SnapshotReader, VolumeReader,
 };
 
+use crate::archive::{ArchiveReader, StreamReader};
 use crate::cache::ChunkCache;
 use crate::chunk::ChunkStore;
 use crate::index::FixedIndex;
@@ -153,6 +154,41 @@ impl SnapshotReader for SnapReader {
 
     async fn open_volume(&self, device: &str, layer: Layer) -> Result<Arc<dyn VolumeReader>> {
         Ok(Arc::new(self.open_volume_sync(device, layer)?))
+    }
+
+    fn file_archives(&self) -> Vec<String> {
+        self.manifest
+            .archives
+            .iter()
+            .map(|a| a.name.clone())
+            .collect()
+    }
+
+    async fn open_file_archive(&self, name: &str) -> Result<Arc<dyn FileArchiveReader>> {
+        let a = self
+            .manifest
+            .archives
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "snapshot {} has no file archive {name} (it has: {})",
+                    self.info.id,
+                    self.file_archives().join(", ")
+                ))
+            })?;
+        let (cat, data) = self.ds.archive_indexes(&self.dir, a)?;
+        let what = |s: &str| format!("{s} of archive {name} in snapshot {}", self.info.id);
+        Ok(Arc::new(ArchiveReader {
+            entries: a.entries,
+            catalog: Arc::new(StreamReader::new(
+                self.ds.chunks().clone(),
+                cat,
+                what("catalog"),
+            )),
+            data: StreamReader::new(self.ds.chunks().clone(), data, what("data")),
+            _lock: self._lock.clone(),
+        }))
     }
 }
 

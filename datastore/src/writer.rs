@@ -8,18 +8,22 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 use provider_api::{
-    BaseImageId, ConfigBlob, ConfigKind, Error, ErrorKind, PlatformMetadata, Result, SnapshotInfo,
-    SnapshotSpec, SnapshotWriter, StartFrom, VolumeSpec, VolumeStats, VolumeWriter,
+    BaseImageId, ConfigBlob, ConfigKind, Error, ErrorKind, FileArchiveWriter, PlatformMetadata,
+    Result, SnapshotId, SnapshotInfo, SnapshotSpec, SnapshotWriter, StartFrom, VolumeSpec,
+    VolumeStats, VolumeWriter,
 };
 use tokio::sync::Semaphore;
 
+use crate::archive::{
+    ArchiveWriter, CatalogIter, DynamicIndex, ManifestArchive, Previous, StreamReader,
+};
 use crate::backend::Backend;
 use crate::chunk::{ChunkStore, Digest, is_all_zero};
 use crate::crypt::{Crypt, seal_opt};
 use crate::index::{FixedIndex, MAX_VOLUME_SIZE};
 use crate::manifest::{
-    BASE_IMAGE_FORMAT, BaseImageManifest, FileRef, MANIFEST_VERSION, Manifest, ManifestBlob,
-    ManifestVolume, SNAPSHOT_FORMAT, store_sealed,
+    BASE_IMAGE_FORMAT, BaseImageManifest, FileRef, MANIFEST_VERSION, MANIFEST_VERSION_ARCHIVES,
+    Manifest, ManifestBlob, ManifestVolume, SNAPSHOT_FORMAT, store_sealed,
 };
 use crate::storage::{Held, Storage, key_of};
 use crate::store::{
@@ -56,6 +60,8 @@ fn write_file(st: &Storage, path: &Path, data: Vec<u8>, crypt: Option<&Crypt>) -
 struct SnapState {
     volumes: Vec<ManifestVolume>,
     begun: usize,
+    archives: Vec<ManifestArchive>,
+    archives_begun: Vec<String>,
 }
 
 /// A snapshot being written in `<group>/.tmp-<writer>/`.
@@ -97,6 +103,8 @@ impl SnapWriter {
             state: Arc::new(Mutex::new(SnapState {
                 volumes: Vec::new(),
                 begun: 0,
+                archives: Vec::new(),
+                archives_begun: Vec::new(),
             })),
             blobs: Vec::new(),
             held: Vec::new(),
@@ -179,7 +187,7 @@ impl SnapWriter {
     }
 
     fn commit_sync(&mut self, warnings: Vec<String>) -> Result<SnapshotInfo> {
-        let volumes = {
+        let (volumes, archives) = {
             let st = lock_poisoned(&self.state);
             if st.volumes.len() != st.begun {
                 return Err(Error::invalid(format!(
@@ -187,13 +195,26 @@ impl SnapWriter {
                     st.begun - st.volumes.len()
                 )));
             }
+            if st.archives.len() != st.archives_begun.len() {
+                return Err(Error::invalid(format!(
+                    "{} file archive(s) begun but not finished",
+                    st.archives_begun.len() - st.archives.len()
+                )));
+            }
             let mut v = st.volumes.clone();
             v.sort_by(|a, b| a.volume.device.cmp(&b.volume.device));
-            v
+            let mut a = st.archives.clone();
+            a.sort_by(|x, y| x.name.cmp(&y.name));
+            (v, a)
         };
         let m = Manifest {
             format: SNAPSHOT_FORMAT.into(),
-            version: MANIFEST_VERSION,
+            version: if archives.is_empty() {
+                MANIFEST_VERSION
+            } else {
+                MANIFEST_VERSION_ARCHIVES
+            },
+            archives,
             platform: self.spec.platform.clone(),
             guest: self.spec.guest.clone(),
             archive: self.spec.archive.clone(),
@@ -385,6 +406,47 @@ impl SnapshotWriter for SnapWriter {
             device,
         )?;
         Ok(Box::new(w))
+    }
+
+    async fn begin_file_archive(
+        &mut self,
+        name: &str,
+        previous: Option<&SnapshotId>,
+    ) -> Result<Box<dyn FileArchiveWriter>> {
+        if name.is_empty() || name.len() > 100 {
+            return Err(Error::invalid(format!(
+                "file archive name {name:?} is empty or too long"
+            )));
+        }
+        {
+            let mut st = lock_poisoned(&self.state);
+            if st.archives_begun.iter().any(|n| n == name) {
+                return Err(Error::invalid(format!("file archive {name} written twice")));
+            }
+            st.archives_begun.push(name.to_owned());
+        }
+        let previous = match previous {
+            None => None,
+            Some(id) => {
+                let ds = self.ds.clone();
+                let (id, name) = (id.clone(), name.to_owned());
+                blocking(move || ds.previous_archive(&id, &name)).await?
+            }
+        };
+        let state = self.state.clone();
+        let finish: crate::archive::Finish = Box::new(move |rec: ManifestArchive| {
+            lock_poisoned(&state).archives.push(rec);
+            Ok(())
+        });
+        Ok(Box::new(ArchiveWriter::new(
+            name,
+            self.ds.storage().clone(),
+            self.ds.crypt().cloned(),
+            self.chunk_store(),
+            self.tmp.clone(),
+            previous,
+            finish,
+        )))
     }
 
     async fn commit(mut self: Box<Self>, warnings: Vec<String>) -> Result<SnapshotInfo> {
@@ -895,4 +957,44 @@ fn publish_base_object(
         b.delete(&key_of(&ipath)?)?;
     }
     Ok(())
+}
+
+impl Datastore {
+    /// The archive `name` of snapshot `id`, locked, for an incremental
+    /// archive to reuse (`None` when that snapshot has no such archive, or
+    /// failed verification: the new archive is then read in full).
+    pub(crate) fn previous_archive(&self, id: &SnapshotId, name: &str) -> Result<Option<Previous>> {
+        let (lock, dir, m) = self.lock_snapshot(id)?;
+        if self.verify_state(&dir) == Some(false) {
+            tracing::warn!("snapshot {id} failed verification: archive {name} is read in full");
+            return Ok(None);
+        }
+        let Some(a) = m.archives.iter().find(|a| a.name == name) else {
+            return Ok(None);
+        };
+        let (cat, data) = self.archive_indexes(&dir, a)?;
+        let stream = Arc::new(StreamReader::new(
+            self.chunks().clone(),
+            cat,
+            format!("catalog of archive {name} in snapshot {id}"),
+        ));
+        Ok(Some(Previous {
+            data,
+            entries: CatalogIter::new(stream),
+            peeked: None,
+            _lock: lock,
+        }))
+    }
+
+    /// The catalog and data indexes of a stored archive.
+    pub(crate) fn archive_indexes(
+        &self,
+        dir: &Path,
+        a: &ManifestArchive,
+    ) -> Result<(DynamicIndex, DynamicIndex)> {
+        let read = |f: &FileRef| {
+            DynamicIndex::read(self.storage(), &dir.join(&f.file), &f.sha256, self.crypt())
+        };
+        Ok((read(&a.catalog)?, read(&a.data)?))
+    }
 }

@@ -125,6 +125,7 @@
 
 pub mod access;
 pub mod error;
+pub mod files;
 pub mod provider;
 pub mod target;
 #[cfg(feature = "testing")]
@@ -139,6 +140,7 @@ pub use access::{
 /// implementor (a test double wrapping a reader) needs no `bytes` of its own.
 pub use bytes::Bytes;
 pub use error::{Context, Error, ErrorKind, Result};
+pub use files::{ArchiveStats, FileArchiveReader, FileArchiveWriter, FileEntry, FileKind};
 pub use provider::{
     ArchiveView, BackupMechanism, BackupProvider, BackupVmRequest, Capabilities, ContainerBackup,
     IncrementalPlan, LayerWrite, Outcome, PreviousBackup, RestoreContainerRequest,

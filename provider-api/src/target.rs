@@ -19,6 +19,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::files::{FileArchiveReader, FileArchiveWriter};
 use crate::types::{
     ArchiveName, BaseImageId, BitmapMode, Checkpoint, ConfigBlob, Extent, GuestId,
     PlatformMetadata, Volume,
@@ -128,6 +129,21 @@ pub trait SnapshotWriter: Send {
     ) -> Result<Option<Box<dyn VolumeWriter>>>;
     /// Start writing a volume.
     async fn begin_volume(&mut self, spec: VolumeSpec) -> Result<Box<dyn VolumeWriter>>;
+    /// Start a file archive (a directory tree, see [`crate::files`]) named
+    /// `name`; with `previous`, regular files whose metadata did not change
+    /// since that snapshot's archive of the same name can be reused
+    /// without reading them. Targets without file archives answer
+    /// `Unsupported`.
+    async fn begin_file_archive(
+        &mut self,
+        name: &str,
+        previous: Option<&SnapshotId>,
+    ) -> Result<Box<dyn FileArchiveWriter>> {
+        let _ = previous;
+        Err(crate::Error::unsupported(format!(
+            "file archives (archive {name}) in this target"
+        )))
+    }
     /// Publish the snapshot atomically, with the warnings to show with it.
     async fn commit(self: Box<Self>, warnings: Vec<String>) -> Result<SnapshotInfo>;
     /// Discard everything written.
@@ -234,6 +250,17 @@ pub trait SnapshotReader: Send + Sync {
     /// Open a volume in one of its layers (`Base` and `Overlay` only for
     /// linked volumes).
     async fn open_volume(&self, device: &str, layer: Layer) -> Result<Arc<dyn VolumeReader>>;
+    /// Names of the file archives the snapshot holds.
+    fn file_archives(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Open a file archive (see [`crate::files`]).
+    async fn open_file_archive(&self, name: &str) -> Result<Arc<dyn FileArchiveReader>> {
+        Err(crate::Error::not_found(format!(
+            "snapshot {} has no file archive {name}",
+            self.info().id
+        )))
+    }
 }
 
 /// Whether the target already holds a base image, so that a provider reads
