@@ -7,6 +7,7 @@ mod config;
 mod demo;
 mod demo_mock;
 mod docs;
+mod files;
 mod jobs;
 mod keys;
 mod progress;
@@ -42,7 +43,7 @@ struct Cli {
 }
 
 #[derive(Debug, Args)]
-struct StoreArg {
+pub(crate) struct StoreArg {
     /// Datastore: a directory (created on first backup) or
     /// s3://bucket/prefix (created by `init`; AWS_* environment for
     /// credentials and endpoint); default: the config file's `datastore`.
@@ -109,6 +110,11 @@ enum Command {
     Man(docs::ManArgs),
     /// Manage the passphrase-protected key file of client-side encryption.
     Key(keys::KeyArgs),
+    /// List a tree snapshot's entries (the catalog only: nothing else is
+    /// read), under PATH, or everything below it with -r.
+    Ls(files::LsArgs),
+    /// Restore one file or directory of a tree snapshot into a directory.
+    RestoreFile(files::RestoreFileArgs),
 }
 
 #[derive(Debug, Args)]
@@ -135,8 +141,18 @@ struct BackupArgs {
     #[command(flatten)]
     store: StoreArg,
     /// A platform of the config file whose guests to back up (with --guest).
-    #[arg(long, conflicts_with = "nbd", requires = "guest")]
+    #[arg(long, conflicts_with_all = ["nbd", "dir"], requires = "guest")]
     platform: Option<String>,
+    /// A directory tree (a container's root file system, or any tree),
+    /// backed up as a container guest under --id: incremental, unchanged
+    /// files are not read again.
+    #[arg(long, conflicts_with = "nbd", requires = "id")]
+    dir: Option<PathBuf>,
+    /// With --dir, an unprivileged container's owner id mapping
+    /// HOST_BASE:COUNT (e.g. 100000:65536): host ids are stored as the
+    /// container sees them.
+    #[arg(long, requires = "dir", value_parser = files::parse_id_map)]
+    id_map: Option<provider_api::IdMap>,
     /// Guest (VM id on the platform); repeat for several.
     #[arg(long)]
     guest: Vec<String>,
@@ -225,6 +241,11 @@ struct RestoreArgs {
     /// Name of the restored guest (default: GUEST-restored).
     #[arg(long)]
     name: Option<String>,
+    /// Container snapshots: hand the tree over as a tar stream (the `tar`
+    /// restore mechanism, extracted by GNU tar) instead of writing the
+    /// directory directly.
+    #[arg(long, requires = "to")]
+    tar: bool,
 }
 
 #[derive(Debug, Args)]
@@ -374,7 +395,7 @@ impl std::fmt::Display for Usage {
 
 impl std::error::Error for Usage {}
 
-fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
+pub(crate) fn open_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
     if let repo::Repo::S3(b) = repo::Repo::parse(&path)? {
         let at = b.location();
@@ -429,7 +450,7 @@ fn keep_count(s: &str) -> std::result::Result<u64, String> {
     }
 }
 
-fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
+pub(crate) fn open_or_create_store(arg: &StoreArg, config: &config::Config) -> Result<Datastore> {
     let path = arg.path(config)?;
     if path.to_string_lossy().starts_with("s3://") {
         // Created by `vmbackup init` only: there, encryption is chosen.
@@ -541,6 +562,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Restore(args) => restore(args, &config, json).await,
+        Command::Ls(args) => files::ls(args, &config, json).await,
+        Command::RestoreFile(args) => files::restore_file(args, &config, json).await,
         Command::Show(args) => {
             let ds = open_store(&args.store, &config)?;
             let reader = ds.open_snapshot(&SnapshotId(args.snapshot.clone())).await?;
@@ -774,6 +797,10 @@ fn parse_nbd_uri(uri: &str, files: ClientTls<'_>) -> Result<NbdAccess> {
 }
 
 async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
+    if let Some(dir) = &args.dir {
+        let id = args.id.as_deref().context("--dir needs --id")?;
+        return files::backup_dir(&args.store, dir, id, args.id_map, config, json).await;
+    }
     let work = tempfile::tempdir()?;
     let (platform, provider, guests): (String, Arc<dyn provider_api::BackupProvider>, Vec<Guest>) =
         match (&args.platform, &args.nbd) {
@@ -797,7 +824,9 @@ async fn backup(args: BackupArgs, config: &config::Config, json: bool) -> Result
                 )
             }
             (None, None) => {
-                bail!("back up what? pass --platform NAME --guest ID or --nbd URI --id NAME")
+                bail!(
+                    "back up what? pass --platform NAME --guest ID, --nbd URI --id NAME or --dir PATH --id NAME"
+                )
             }
         };
     // The sources are checked before the datastore is created or opened.
@@ -873,8 +902,17 @@ async fn nbd_guest(
 }
 
 async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Result<ExitCode> {
-    let ds = Arc::new(open_store(&args.store, config)?);
     let id = SnapshotId(args.snapshot.clone());
+    if let Some(to) = &args.to {
+        let ds = open_store(&args.store, config)?;
+        if files::is_container_snapshot(&ds, &id).await? {
+            return files::restore_container(ds, &id, to, args.name.clone(), args.tar, json).await;
+        }
+        if args.tar {
+            bail!("--tar is for tree (container) snapshots; {id} holds VM volumes");
+        }
+    }
+    let ds = Arc::new(open_store(&args.store, config)?);
     // The provider, and where its platform fetches sources over HTTP
     // (ZStack), if it does.
     let (provider, http_restore): (Arc<dyn provider_api::BackupProvider>, _) =
@@ -983,7 +1021,7 @@ async fn serve(args: ServeArgs, config: &config::Config) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

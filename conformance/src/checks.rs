@@ -159,7 +159,7 @@ pub(crate) async fn capability_honesty(s: &mut Session<'_>) -> CheckResult {
             RestoreTarget::NewGuest {
                 name: Some(format!("{}-container", g.id())),
             },
-            std::env::temp_dir(),
+            RestoreMechanism::Directory,
         );
         let r = p.restore_container_init(&request).await.map(|_| ());
         expect_unsupported(s, "restore_container_init", r)?;

@@ -11,8 +11,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use provider_api::{
     ArchiveName, ArchiveView, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest,
-    Capabilities, ConfigBlob, ContainerBackup, Guest, GuestKind, IncrementalPlan, JobInfo, Outcome,
-    PreviousBackup, RestoreContainerRequest, RestoreMechanism, RestoreVmRequest,
+    Capabilities, ConfigBlob, ContainerBackup, ContainerRestore, Guest, GuestKind, IncrementalPlan,
+    JobInfo, Outcome, PreviousBackup, RestoreContainerRequest, RestoreMechanism, RestoreVmRequest,
     RestoreVolumeRequest, Result, VmBackup, VolumeImport,
 };
 
@@ -251,7 +251,10 @@ impl BackupProvider for Recorder {
         self.inner.restore_vm_cleanup(guest, outcome).await
     }
 
-    async fn restore_container_init(&self, request: &RestoreContainerRequest) -> Result<Guest> {
+    async fn restore_container_init(
+        &self,
+        request: &RestoreContainerRequest,
+    ) -> Result<ContainerRestore> {
         self.inner.restore_container_init(request).await
     }
 

@@ -38,6 +38,9 @@ use crate::cancel::CancelToken;
 use crate::guest_log::GuestLog;
 use crate::mover::{BackupCopy, CopyStats, DataMover, NoProgress, Progress};
 
+/// The file archive a container's tree is stored as.
+pub const CONTAINER_ARCHIVE: &str = "root";
+
 /// Settings of a backup job.
 #[derive(Debug, Clone)]
 pub struct JobOptions {
@@ -355,12 +358,13 @@ impl BackupDriver {
         go_on()?;
         check_mechanism(guest.kind, mechanism)?;
         log.line(format!("mechanism {mechanism:?}"));
-        if guest.kind == GuestKind::Container {
-            return Err(Error::unsupported(
-                "container backup in the reference host (directory archives)",
-            ));
-        }
         let platform = provider.provider_name().to_owned();
+        if guest.kind == GuestKind::Container {
+            let (w, warnings) = self
+                .backup_container(guest, platform, archive, start_time, log, writer, cancel)
+                .await?;
+            return Ok((w, warnings, Vec::new()));
+        }
         let previous = self.previous_backup(&platform, guest).await?;
         let answer = provider
             .backup_vm_query_incremental(guest, previous.as_ref())
@@ -415,6 +419,98 @@ impl BackupDriver {
             .take()
             .ok_or_else(|| Error::other("the snapshot writer went missing during the backup"))?;
         Ok((w, warnings, reports))
+    }
+
+    /// A container: the provider prepares and exposes its tree, the host
+    /// walks it into the snapshot's file archive [`CONTAINER_ARCHIVE`]
+    /// (incremental against the previous snapshot's: unchanged files are
+    /// not read).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the attempt's state, passed down"
+    )]
+    async fn backup_container(
+        &self,
+        guest: &Guest,
+        platform: String,
+        archive: ArchiveName,
+        start_time: i64,
+        log: &GuestLog,
+        writer: &mut Option<Box<dyn SnapshotWriter>>,
+        cancel: &CancelToken,
+    ) -> Result<(Box<dyn SnapshotWriter>, Vec<String>)> {
+        let provider = &*self.provider;
+        // The typed capability, checked before any container call.
+        if !provider.capabilities().containers {
+            return Err(Error::unsupported(format!(
+                "container backup by provider {platform}"
+            )));
+        }
+        provider.backup_container_prepare(guest).await?;
+        let ct = provider.backup_container(guest).await?;
+        if cancel.is_cancelled() {
+            return Err(interrupted("while backing up"));
+        }
+        log.line(format!("container tree {}", ct.directory.display()));
+        let previous = self
+            .target
+            .latest_good_snapshot(&platform, &guest.id)
+            .await?
+            .map(|s| s.id);
+        let w = writer.insert(
+            self.target
+                .begin_snapshot(SnapshotSpec {
+                    platform,
+                    guest: guest.id.clone(),
+                    archive,
+                    time: start_time,
+                })
+                .await?,
+        );
+        w.put_config(ConfigKind::Guest, ct.guest_config).await?;
+        if let Some(fw) = ct.firewall_config {
+            w.put_config(ConfigKind::Firewall, fw).await?;
+        }
+        w.put_metadata(ct.metadata).await?;
+        let mut aw = w
+            .begin_file_archive(CONTAINER_ARCHIVE, previous.as_ref())
+            .await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opts = filetree::WalkOptions {
+            id_map: ct.id_map,
+            one_file_system: false,
+            stop: Some(stop.clone()),
+        };
+        let dir = ct.directory.clone();
+        let walk = tokio::task::spawn_blocking(move || {
+            let warnings = filetree::backup_tree(&dir, &mut *aw, &opts)?;
+            let stats = aw.finish()?;
+            Ok::<_, Error>((stats, warnings))
+        });
+        let watch = {
+            let cancel = cancel.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                cancel.cancelled().await;
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
+        let walked = walk
+            .await
+            .map_err(|e| Error::other(format!("the tree walk panicked: {e}")));
+        watch.abort();
+        let (stats, warnings) = walked??;
+        log.line(format!(
+            "archive {CONTAINER_ARCHIVE}: {} entries, {} files read ({} bytes), {} unchanged files reused, {} bytes stored",
+            stats.entries, stats.files_read, stats.bytes_read, stats.files_reused, stats.bytes_stored
+        ));
+        for w in &warnings {
+            log.warn(w);
+        }
+        let w = writer
+            .take()
+            .ok_or_else(|| Error::other("the snapshot writer went missing during the backup"))?;
+        Ok((w, warnings))
     }
 
     async fn previous_backup(

@@ -32,7 +32,9 @@ pub mod jobs;
 pub mod mover;
 pub mod restore;
 
-pub use backup::{BackupDriver, GuestBackup, GuestOutcome, JobOptions, JobReport, VolumeReport};
+pub use backup::{
+    BackupDriver, CONTAINER_ARCHIVE, GuestBackup, GuestOutcome, JobOptions, JobReport, VolumeReport,
+};
 pub use cancel::{CancelToken, Canceller, cancel_pair};
 pub use data_mover::{MoverOptions, StandardMover};
 pub use expose::{NbdExposer, VolumeExport};

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use provider_api::{
     ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, JobInfo, Layer,
-    Outcome, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget, RestoreVmRequest,
-    RestoreVolumeRequest, Result, SnapshotId, SnapshotReader, StoredVolume, Target,
+    Outcome, RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources,
+    RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result, SnapshotId, SnapshotReader,
+    StoredVolume, Target,
 };
 use tracing::Instrument;
 
@@ -147,6 +148,126 @@ impl RestoreDriver {
         let report = result?;
         cleanup.map_err(|e| Error::new(e.kind(), "job_cleanup failed").with_source(e))?;
         Ok(report)
+    }
+
+    /// Restore a container snapshot (its file archive
+    /// [`crate::CONTAINER_ARCHIVE`]) to `destination`, through the
+    /// provider's mechanism: the host writes the tree into the directory
+    /// the provider prepared, or streams it as a tar to the path it gave.
+    /// The provider's cleanup runs on every path.
+    pub async fn restore_container(
+        &self,
+        snapshot: &SnapshotId,
+        destination: RestoreTarget,
+        cancel: CancelToken,
+    ) -> Result<RestoreReport> {
+        let started = Instant::now();
+        if !self.provider.capabilities().containers {
+            return Err(Error::unsupported(format!(
+                "container restore by provider {}",
+                self.provider.provider_name()
+            )));
+        }
+        let reader: Arc<dyn SnapshotReader> = Arc::from(self.target.open_snapshot(snapshot).await?);
+        let files = reader.open_file_archive(crate::CONTAINER_ARCHIVE).await?;
+        let mechanism = self
+            .provider
+            .restore_get_mechanism(GuestKind::Container)
+            .await?;
+        if !matches!(
+            mechanism,
+            RestoreMechanism::Directory | RestoreMechanism::Tar
+        ) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("restore mechanism {mechanism:?} is not valid for a container"),
+            ));
+        }
+        let info = reader.info().clone();
+        let archive = ArchiveView::new(
+            info.clone(),
+            reader.config(ConfigKind::Guest).await?,
+            reader.config(ConfigKind::Firewall).await?,
+            reader.metadata().await?,
+        );
+        let request = RestoreContainerRequest::new(archive, destination, mechanism);
+        let prepared = match self.provider.restore_container_init(&request).await {
+            Ok(p) => p,
+            Err(e) => {
+                let original = Guest::container(info.guest.0.clone());
+                if let Err(c) = self
+                    .provider
+                    .restore_container_cleanup(&original, &Outcome::failed(&e))
+                    .await
+                {
+                    tracing::warn!(error = %c.report(), "restore_container_cleanup failed");
+                }
+                return Err(e.guest(&info.guest));
+            }
+        };
+        let stop = cancel.clone();
+        let dest = prepared.destination.clone();
+        let id_map = prepared.id_map;
+        let work = tokio::task::spawn_blocking(move || -> Result<u64> {
+            match mechanism {
+                RestoreMechanism::Tar => {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(&dest)
+                        .map_err(|e| {
+                            Error::new(
+                                ErrorKind::Io,
+                                format!("opening the tar destination {}: {e}", dest.display()),
+                            )
+                        })?;
+                    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                    for warning in filetree::write_tar(&*files, &mut w, None)? {
+                        tracing::warn!("{warning}");
+                    }
+                    use std::io::Write;
+                    w.flush().map_err(|e| {
+                        Error::new(ErrorKind::Io, format!("writing {}: {e}", dest.display()))
+                    })?;
+                    Ok(0)
+                }
+                _ => {
+                    let opts = filetree::RestoreOptions {
+                        id_map,
+                        ..Default::default()
+                    };
+                    let rep = filetree::restore_tree(&*files, &dest, &opts)?;
+                    for warning in &rep.warnings {
+                        tracing::warn!("{warning}");
+                    }
+                    Ok(rep.bytes)
+                }
+            }
+        });
+        let result = tokio::select! {
+            r = work => r.map_err(|e| Error::other(format!("the restore thread panicked: {e}"))).and_then(|r| r),
+            () = stop.cancelled() => Err(Error::new(ErrorKind::Other, "restore interrupted")),
+        };
+        let outcome = match &result {
+            Ok(_) => Outcome::ok(),
+            Err(e) => Outcome::failed(e),
+        };
+        let cleanup = self
+            .provider
+            .restore_container_cleanup(&prepared.guest, &outcome)
+            .await;
+        let bytes = result.map_err(|e| e.guest(&prepared.guest.id))?;
+        cleanup.map_err(|e| {
+            Error::new(e.kind(), "restore_container_cleanup failed")
+                .with_source(e)
+                .guest(&prepared.guest.id)
+        })?;
+        Ok(RestoreReport {
+            guest: prepared.guest,
+            volumes: vec![(crate::CONTAINER_ARCHIVE.to_owned(), bytes)],
+            elapsed: started.elapsed(),
+        })
     }
 
     async fn restore_inner(

@@ -39,28 +39,7 @@ pub use restore::{RestoreOptions, RestoreReport, restore_tree};
 pub use tar_out::write_tar;
 pub use walk::{WalkOptions, backup_tree};
 
-/// Owner id shift of an unprivileged container: host ids `host_base ..
-/// host_base + count` are the container's `0 .. count` (Proxmox maps
-/// `100000..165535` by default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdMap {
-    /// First host id of the range.
-    pub host_base: u32,
-    /// Number of ids mapped.
-    pub count: u32,
-}
-
-impl IdMap {
-    /// The container's id for a host id (`None` outside the range).
-    pub fn to_archive(&self, host: u32) -> Option<u32> {
-        host.checked_sub(self.host_base).filter(|i| *i < self.count)
-    }
-
-    /// The host id for a container's id (`None` outside the range).
-    pub fn to_host(&self, archived: u32) -> Option<u32> {
-        (archived < self.count).then(|| self.host_base + archived)
-    }
-}
+pub use provider_api::IdMap;
 
 /// `/proc/self/fd/<dir>/<name>`: a path to `name` in an open directory
 /// that the kernel resolves through the descriptor.

@@ -27,6 +27,8 @@ pub struct WalkOptions {
     /// Do not descend into other file systems (mount points are stored as
     /// empty directories).
     pub one_file_system: bool,
+    /// Set to stop the walk (it then fails with an "interrupted" error).
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 const READ_BUF: usize = 1 << 20;
@@ -154,6 +156,14 @@ impl Walker<'_> {
 
     fn one(&mut self, dirfd: &OwnedFd, dir: &[u8], name: &[u8]) -> Result<()> {
         let path = join(dir, name);
+        if let Some(stop) = &self.opts.stop
+            && stop.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(Error::new(
+                provider_api::ErrorKind::Other,
+                format!("interrupted at {}", String::from_utf8_lossy(&path)),
+            ));
+        }
         let os = OsStr::from_bytes(name);
         let st = match rustix::fs::statat(dirfd, os, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => st,

@@ -89,8 +89,14 @@ fn hostile_archives_write_nothing_outside_the_target() {
                 .link(b"up", FileKind::Symlink, b"../outside")
                 .file(b"up/pwned", b"x"),
         ),
-        ("a path with ..", Mem::default().dir(b"").file(b"../outside/pwned", b"x")),
-        ("an absolute path", Mem::default().dir(b"").file(b"/tmp/pwned", b"x")),
+        (
+            "a path with ..",
+            Mem::default().dir(b"").file(b"../outside/pwned", b"x"),
+        ),
+        (
+            "an absolute path",
+            Mem::default().dir(b"").file(b"/tmp/pwned", b"x"),
+        ),
         (
             "a hard link to a file outside",
             Mem::default()
@@ -111,14 +117,17 @@ fn hostile_archives_write_nothing_outside_the_target() {
     ];
     for (i, (what, archive)) in cases.into_iter().enumerate() {
         let target = tmp.path().join(format!("t{i}"));
-        let err = restore_tree(&archive, &target, &RestoreOptions::default())
-            .expect_err(what);
+        let err = restore_tree(&archive, &target, &RestoreOptions::default()).expect_err(what);
         assert!(
             matches!(err.kind(), ErrorKind::Refused | ErrorKind::Corrupt),
             "{what}: {err}"
         );
         assert_eq!(listing(&outside), vec!["keep"], "{what}: {err}");
-        assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"untouched", "{what}");
+        assert_eq!(
+            std::fs::read(outside.join("keep")).unwrap(),
+            b"untouched",
+            "{what}"
+        );
         assert_eq!(
             std::fs::metadata(outside.join("keep")).unwrap().len(),
             9,
@@ -146,7 +155,11 @@ fn symlinks_already_in_the_target_are_replaced_not_followed() {
         .file(b"f", b"file");
     restore_tree(&archive, &target, &RestoreOptions::default()).unwrap();
     assert!(listing(&outside).is_empty(), "{:?}", listing(&outside));
-    assert!(std::fs::symlink_metadata(target.join("d")).unwrap().is_dir());
+    assert!(
+        std::fs::symlink_metadata(target.join("d"))
+            .unwrap()
+            .is_dir()
+    );
     assert_eq!(std::fs::read(target.join("d/inner")).unwrap(), b"in");
     assert_eq!(std::fs::read(target.join("f")).unwrap(), b"file");
 }
@@ -172,7 +185,10 @@ fn restore_of_one_path_takes_hard_link_content_from_outside_the_selection() {
     )
     .unwrap();
     assert_eq!(listing(&target), vec!["b"]);
-    assert_eq!(std::fs::read(target.join("b/second")).unwrap(), b"shared content");
+    assert_eq!(
+        std::fs::read(target.join("b/second")).unwrap(),
+        b"shared content"
+    );
     assert_eq!(std::fs::read(target.join("b/own")).unwrap(), b"own");
     assert_eq!(rep.entries, 3);
     let err = restore_tree(
@@ -250,8 +266,14 @@ fn entries_that_vanish_or_change_during_the_walk_are_warnings() {
     };
     let warnings = backup_tree(&root, &mut m, &WalkOptions::default()).unwrap();
     assert_eq!(warnings.len(), 2, "{warnings:?}");
-    assert!(warnings[0].contains("v/b") && warnings[0].contains("vanished"), "{warnings:?}");
-    assert!(warnings[1].contains("v/c") && warnings[1].contains("changed"), "{warnings:?}");
+    assert!(
+        warnings[0].contains("v/b") && warnings[0].contains("vanished"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].contains("v/c") && warnings[1].contains("changed"),
+        "{warnings:?}"
+    );
     assert_eq!(*m.log.lock().unwrap(), vec![".", "v", "v/a", "v/c", "v/d"]);
     assert_eq!(m.owed, 0);
     // What was stored restores: "c" as it was when its size was taken.

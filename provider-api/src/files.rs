@@ -22,6 +22,29 @@
 
 use crate::error::Result;
 
+/// Owner id shift of an unprivileged container: host ids `host_base ..
+/// host_base + count` are the container's `0 .. count` (Proxmox maps
+/// `100000..165535` by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    /// First host id of the range.
+    pub host_base: u32,
+    /// Number of ids mapped.
+    pub count: u32,
+}
+
+impl IdMap {
+    /// The container's id for a host id (`None` outside the range).
+    pub fn to_archive(&self, host: u32) -> Option<u32> {
+        host.checked_sub(self.host_base).filter(|i| *i < self.count)
+    }
+
+    /// The host id for a container's id (`None` outside the range).
+    pub fn to_host(&self, archived: u32) -> Option<u32> {
+        (archived < self.count).then(|| self.host_base.saturating_add(archived))
+    }
+}
+
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FileKind {

@@ -140,12 +140,12 @@ pub use access::{
 /// implementor (a test double wrapping a reader) needs no `bytes` of its own.
 pub use bytes::Bytes;
 pub use error::{Context, Error, ErrorKind, Result};
-pub use files::{ArchiveStats, FileArchiveReader, FileArchiveWriter, FileEntry, FileKind};
+pub use files::{ArchiveStats, FileArchiveReader, FileArchiveWriter, FileEntry, FileKind, IdMap};
 pub use provider::{
     ArchiveView, BackupMechanism, BackupProvider, BackupVmRequest, Capabilities, ContainerBackup,
-    IncrementalPlan, LayerWrite, Outcome, PreviousBackup, RestoreContainerRequest,
-    RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget, RestoreVmRequest,
-    RestoreVolumeRequest, VolumeImport,
+    ContainerRestore, IncrementalPlan, LayerWrite, Outcome, PreviousBackup,
+    RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget,
+    RestoreVmRequest, RestoreVolumeRequest, VolumeImport,
 };
 pub use target::{
     BaseImageCatalog, ConfigKind, Layer, Region, RegionKind, SnapshotId, SnapshotInfo,

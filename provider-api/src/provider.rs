@@ -245,6 +245,9 @@ pub struct ContainerBackup {
     pub metadata: PlatformMetadata,
     /// The filesystem tree.
     pub directory: PathBuf,
+    /// Owner id mapping of an unprivileged container: the tree's host ids
+    /// are stored as the container sees them.
+    pub id_map: Option<crate::files::IdMap>,
 }
 
 impl ContainerBackup {
@@ -255,7 +258,14 @@ impl ContainerBackup {
             firewall_config: None,
             metadata: PlatformMetadata::Null,
             directory,
+            id_map: None,
         }
+    }
+
+    /// With an owner id mapping.
+    pub fn with_id_map(mut self, id_map: crate::files::IdMap) -> Self {
+        self.id_map = Some(id_map);
+        self
     }
 }
 
@@ -492,18 +502,50 @@ pub struct RestoreContainerRequest {
     pub archive: ArchiveView,
     /// Where to.
     pub target: RestoreTarget,
-    /// Directory or tar path, per the mechanism.
-    pub source: PathBuf,
+    /// How the host hands over the tree (from
+    /// [`BackupProvider::restore_get_mechanism`]).
+    pub mechanism: RestoreMechanism,
 }
 
 impl RestoreContainerRequest {
-    /// Restore `archive` to `target` from `source`.
-    pub fn new(archive: ArchiveView, target: RestoreTarget, source: PathBuf) -> Self {
+    /// Restore `archive` to `target` through `mechanism`.
+    pub fn new(archive: ArchiveView, target: RestoreTarget, mechanism: RestoreMechanism) -> Self {
         RestoreContainerRequest {
             archive,
             target,
-            source,
+            mechanism,
         }
+    }
+}
+
+/// Where the host puts a container's tree, as the provider prepared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ContainerRestore {
+    /// The guest being restored.
+    pub guest: Guest,
+    /// [`RestoreMechanism::Directory`]: an empty directory the host writes
+    /// the tree into. [`RestoreMechanism::Tar`]: a path the host writes a
+    /// tar stream to (a file, or a FIFO the provider reads from).
+    pub destination: PathBuf,
+    /// Owner id mapping to apply (unprivileged containers).
+    pub id_map: Option<crate::files::IdMap>,
+}
+
+impl ContainerRestore {
+    /// The host writes to `destination`.
+    pub fn new(guest: Guest, destination: PathBuf) -> Self {
+        ContainerRestore {
+            guest,
+            destination,
+            id_map: None,
+        }
+    }
+
+    /// With an owner id mapping.
+    pub fn with_id_map(mut self, id_map: crate::files::IdMap) -> Self {
+        self.id_map = Some(id_map);
+        self
     }
 }
 
@@ -625,8 +667,13 @@ pub trait BackupProvider: Send + Sync {
     /// After the whole VM, on every path.
     async fn restore_vm_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()>;
 
-    /// Restore a container from a directory or tar.
-    async fn restore_container_init(&self, request: &RestoreContainerRequest) -> Result<Guest> {
+    /// Prepare a container restore: the host then writes the tree where
+    /// the answer says, and calls `restore_container_cleanup` (which, on
+    /// success, finishes the guest: e.g. extracts the tar it was given).
+    async fn restore_container_init(
+        &self,
+        request: &RestoreContainerRequest,
+    ) -> Result<ContainerRestore> {
         let _ = request;
         Err(Error::unsupported("container restore"))
     }

@@ -54,6 +54,15 @@ impl Guest {
             name: None,
         }
     }
+
+    /// A container with this id.
+    pub fn container(id: impl Into<String>) -> Self {
+        Guest {
+            id: GuestId(id.into()),
+            kind: GuestKind::Container,
+            name: None,
+        }
+    }
 }
 
 /// The name under which one guest's backup is stored
