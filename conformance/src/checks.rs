@@ -139,7 +139,7 @@ pub(crate) async fn capability_honesty(s: &mut Session<'_>) -> CheckResult {
 
     if caps.containers {
         s.notes.push(
-            "containers are claimed but not exercised: the reference host backs up VMs only".into(),
+            "containers are claimed: the ContainerKit checks them (Check::Containers)".into(),
         );
     } else {
         let mut cg = g.guest.clone();

@@ -130,6 +130,8 @@ impl Kit {
             Check::MultiGuest => crate::checks::multi_guest(&mut session).await,
             Check::RestoreCleanups => crate::checks::restore_cleanups(&mut session).await,
             Check::FailureInjection => crate::checks::failure_injection(&mut session).await,
+            // Skipped above: the ContainerKit runs it.
+            Check::Containers => Ok(()),
         };
         let notes = session.finish(result).await?;
         Ok(CheckReport {
@@ -181,6 +183,7 @@ impl Kit {
             return Some(r.clone());
         }
         match check {
+            Check::Containers => Some("container checks run in ContainerKit".into()),
             Check::IncrementalReads if !self.provider.capabilities().incremental => {
                 Some("capabilities().incremental is false".into())
             }

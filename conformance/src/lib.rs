@@ -172,6 +172,7 @@
 //! ```
 
 mod checks;
+mod containers;
 mod content;
 pub mod driver;
 mod kit;
@@ -179,6 +180,7 @@ mod recorder;
 pub mod report;
 mod target;
 
+pub use containers::{ContainerDriver, ContainerKit};
 pub use driver::{DriverVolume, PlatformDriver};
 pub use kit::{DEFAULT_VOLUME_SIZES, Kit};
 pub use report::{Check, CheckReport, Failure, Report, Status};

@@ -35,6 +35,11 @@ pub enum Check {
     /// cleanups run, no snapshot is published, nothing is left behind, and
     /// the next backup still holds every change.
     FailureInjection,
+    /// Containers ([`crate::ContainerKit`], not in [`Check::ALL`]): the
+    /// directory mechanism, full and incremental tree backups restored
+    /// through the provider's mechanism and compared entry by entry
+    /// (content, type, mode, times, links), refusals that leave nothing.
+    Containers,
 }
 
 impl Check {
@@ -59,6 +64,7 @@ impl Check {
             Check::MultiGuest => "multi-guest",
             Check::RestoreCleanups => "restore-cleanups",
             Check::FailureInjection => "failure-injection",
+            Check::Containers => "containers",
         }
     }
 
@@ -77,6 +83,9 @@ impl Check {
             }
             Check::MultiGuest => "two guests in one job with parallelism 2, restored and compared",
             Check::RestoreCleanups => "every restore runs its cleanups and leaves nothing behind",
+            Check::Containers => {
+                "container trees: full and incremental, restored and compared entry by entry"
+            }
             Check::FailureInjection => {
                 "failure at every step: cleanups run, nothing published or leaked, no change lost"
             }
