@@ -364,25 +364,96 @@ pub fn cdc_sizes(chunk_size: usize) -> (usize, usize, usize) {
     (min, avg, max)
 }
 
+/// A chunk's digest and insertion, computed on a worker.
+type Stored = Result<(Digest, crate::chunk::Inserted)>;
+type Job = (Vec<u8>, ChunkStore, std::sync::mpsc::SyncSender<Stored>);
+
+/// Worker threads that hash, compress (and encrypt) and store the chunks
+/// of an archive's streams while the walk goes on; results are taken in
+/// order, so the index stays in stream order.
+pub(crate) struct Pool {
+    tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Chunks in flight per stream (bounds memory: each is at most the
+    /// largest chunk).
+    depth: usize,
+}
+
+impl Pool {
+    pub(crate) fn new() -> Pool {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 8);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(n);
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = (0..n)
+            .map(|_| {
+                let rx = rx.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        let Ok((data, store, reply)) = job else { return };
+                        let d = store.digest_of(&data);
+                        let r = store.insert(&d, &data).map(|ins| (d, ins));
+                        let _ = reply.send(r);
+                    }
+                })
+            })
+            .collect();
+        Pool {
+            tx: Some(tx),
+            threads,
+            depth: 2 * n,
+        }
+    }
+
+    fn submit(&self, data: Vec<u8>, store: ChunkStore) -> Result<std::sync::mpsc::Receiver<Stored>> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send((data, store, reply)).ok())
+            .ok_or_else(|| Error::other("the chunk workers stopped"))?;
+        Ok(rx)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One stream being cut into chunks and stored.
 struct StreamWriter {
     store: ChunkStore,
+    pool: Arc<Pool>,
     sizes: (usize, usize, usize),
     buf: Vec<u8>,
     index: DynamicIndex,
+    /// Chunks cut and not yet stored: (end offset, result to come).
+    in_flight: std::collections::VecDeque<(u64, std::sync::mpsc::Receiver<Stored>)>,
+    /// End of the last chunk cut (stored or in flight).
+    cut_end: u64,
     prefixes: BTreeSet<u8>,
     stored: u64,
     what: String,
 }
 
 impl StreamWriter {
-    fn new(store: ChunkStore, what: String) -> StreamWriter {
+    fn new(store: ChunkStore, pool: Arc<Pool>, what: String) -> StreamWriter {
         let sizes = cdc_sizes(store.chunk_size());
         StreamWriter {
             store,
+            pool,
             sizes,
             buf: Vec::new(),
             index: DynamicIndex::default(),
+            in_flight: std::collections::VecDeque::new(),
+            cut_end: 0,
             prefixes: BTreeSet::new(),
             stored: 0,
             what,
@@ -391,7 +462,7 @@ impl StreamWriter {
 
     /// Current length of the stream (cut and pending).
     fn pos(&self) -> u64 {
-        self.index.size() + self.buf.len() as u64
+        self.cut_end + self.buf.len() as u64
     }
 
     fn push(&mut self, mut data: &[u8]) -> Result<()> {
@@ -402,58 +473,79 @@ impl StreamWriter {
             self.buf.extend_from_slice(now);
             data = rest;
             while self.buf.len() >= max {
-                let (min, avg, max) = self.sizes;
-                let cut = fastcdc::v2020::FastCDC::new(&self.buf, min, avg, max)
-                    .next()
-                    .map(|c| c.length)
-                    .unwrap_or(self.buf.len());
+                let cut = self.cut_point();
                 self.emit(cut)?;
             }
         }
         Ok(())
     }
 
+    fn cut_point(&self) -> usize {
+        let (min, avg, max) = self.sizes;
+        fastcdc::v2020::FastCDC::new(&self.buf, min, avg, max)
+            .next()
+            .map(|c| c.length)
+            .unwrap_or(self.buf.len())
+    }
+
     /// Cut whatever is pending (before reused chunks, and at the end).
     fn flush(&mut self) -> Result<()> {
         while !self.buf.is_empty() {
-            let (min, avg, max) = self.sizes;
-            let cut = fastcdc::v2020::FastCDC::new(&self.buf, min, avg, max)
-                .next()
-                .map(|c| c.length)
-                .unwrap_or(self.buf.len());
+            let cut = self.cut_point();
             self.emit(cut)?;
         }
         Ok(())
     }
 
     fn emit(&mut self, len: usize) -> Result<()> {
-        let data = &self.buf[..len];
-        let d = self.store.digest_of(data);
-        let ins = self.store.insert(&d, data).map_err(|e| {
-            let pos = self.index.size();
-            e.context_str(&format!("storing the chunk at {pos} of {}", self.what))
-        })?;
+        let data: Vec<u8> = self.buf.drain(..len).collect();
+        let rx = self.pool.submit(data, self.store.clone())?;
+        self.cut_end += len as u64;
+        self.in_flight.push_back((self.cut_end, rx));
+        while self.in_flight.len() > self.pool.depth {
+            self.settle_one()?;
+        }
+        Ok(())
+    }
+
+    /// Take the oldest chunk in flight into the index.
+    fn settle_one(&mut self) -> Result<()> {
+        let Some((end, rx)) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let start = self.index.size();
+        let (d, ins) = rx
+            .recv()
+            .map_err(|_| Error::other("a chunk worker stopped"))?
+            .map_err(|e| e.context_str(&format!("storing the chunk at {start} of {}", self.what)))?;
         if ins.new {
             self.prefixes.insert(d.0[0]);
             self.stored += ins.stored;
         }
-        let end = self.index.size() + len as u64;
         self.index.chunks.push((end, d));
-        self.buf.drain(..len);
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_one()?;
+        }
         Ok(())
     }
 
     /// Append an existing chunk (of `len` bytes) as it is.
-    fn append_chunk(&mut self, len: u64, d: Digest) {
+    fn append_chunk(&mut self, len: u64, d: Digest) -> Result<()> {
         debug_assert!(self.buf.is_empty());
-        let end = self.index.size() + len;
-        self.index.chunks.push((end, d));
+        self.settle()?;
+        self.cut_end += len;
+        self.index.chunks.push((self.cut_end, d));
+        Ok(())
     }
 
     fn finish(mut self) -> Result<(DynamicIndex, u64)> {
         self.flush()?;
-        self.store
-            .sync_prefixes(std::mem::take(&mut self.prefixes))?;
+        self.settle()?;
+        self.store.sync_prefixes(std::mem::take(&mut self.prefixes))?;
         Ok((self.index, self.stored))
     }
 }
@@ -516,13 +608,14 @@ impl ArchiveWriter {
         previous: Option<Previous>,
         finish: Finish,
     ) -> ArchiveWriter {
+        let pool = Arc::new(Pool::new());
         ArchiveWriter {
             name: name.to_owned(),
             storage,
             crypt,
             dir,
-            data: StreamWriter::new(store.clone(), format!("archive {name}'s data")),
-            catalog: StreamWriter::new(store, format!("archive {name}'s catalog")),
+            data: StreamWriter::new(store.clone(), pool.clone(), format!("archive {name}'s data")),
+            catalog: StreamWriter::new(store, pool, format!("archive {name}'s catalog")),
             record: Vec::new(),
             previous,
             last_reused: None,
@@ -690,7 +783,7 @@ impl FileArchiveWriter for ArchiveWriter {
             for i in from..=last {
                 start = self.data.pos();
                 let len = prev.data.chunks[i].0 - prev.data.start(i);
-                self.data.append_chunk(len, prev.data.chunks[i].1);
+                self.data.append_chunk(len, prev.data.chunks[i].1)?;
             }
             if from <= last {
                 self.last_reused = Some((last, start));
@@ -709,13 +802,14 @@ impl FileArchiveWriter for ArchiveWriter {
                 self.name, self.owed
             )));
         }
+        let pool = self.data.pool.clone();
         let data = std::mem::replace(
             &mut self.data,
-            StreamWriter::new(self.catalog.store.clone(), String::new()),
+            StreamWriter::new(self.catalog.store.clone(), pool.clone(), String::new()),
         );
         let catalog = std::mem::replace(
             &mut self.catalog,
-            StreamWriter::new(data.store.clone(), String::new()),
+            StreamWriter::new(data.store.clone(), pool, String::new()),
         );
         let (didx, s1) = data.finish()?;
         let (cidx, s2) = catalog.finish()?;
