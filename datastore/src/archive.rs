@@ -393,7 +393,9 @@ impl Pool {
                 std::thread::spawn(move || {
                     loop {
                         let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-                        let Ok((data, store, reply)) = job else { return };
+                        let Ok((data, store, reply)) = job else {
+                            return;
+                        };
                         let d = store.digest_of(&data);
                         let r = store.insert(&d, &data).map(|ins| (d, ins));
                         let _ = reply.send(r);
@@ -408,7 +410,11 @@ impl Pool {
         }
     }
 
-    fn submit(&self, data: Vec<u8>, store: ChunkStore) -> Result<std::sync::mpsc::Receiver<Stored>> {
+    fn submit(
+        &self,
+        data: Vec<u8>,
+        store: ChunkStore,
+    ) -> Result<std::sync::mpsc::Receiver<Stored>> {
         let (reply, rx) = std::sync::mpsc::sync_channel(1);
         self.tx
             .as_ref()
@@ -517,7 +523,9 @@ impl StreamWriter {
         let (d, ins) = rx
             .recv()
             .map_err(|_| Error::other("a chunk worker stopped"))?
-            .map_err(|e| e.context_str(&format!("storing the chunk at {start} of {}", self.what)))?;
+            .map_err(|e| {
+                e.context_str(&format!("storing the chunk at {start} of {}", self.what))
+            })?;
         if ins.new {
             self.prefixes.insert(d.0[0]);
             self.stored += ins.stored;
@@ -545,7 +553,8 @@ impl StreamWriter {
     fn finish(mut self) -> Result<(DynamicIndex, u64)> {
         self.flush()?;
         self.settle()?;
-        self.store.sync_prefixes(std::mem::take(&mut self.prefixes))?;
+        self.store
+            .sync_prefixes(std::mem::take(&mut self.prefixes))?;
         Ok((self.index, self.stored))
     }
 }
@@ -614,7 +623,11 @@ impl ArchiveWriter {
             storage,
             crypt,
             dir,
-            data: StreamWriter::new(store.clone(), pool.clone(), format!("archive {name}'s data")),
+            data: StreamWriter::new(
+                store.clone(),
+                pool.clone(),
+                format!("archive {name}'s data"),
+            ),
             catalog: StreamWriter::new(store, pool, format!("archive {name}'s catalog")),
             record: Vec::new(),
             previous,
