@@ -27,7 +27,11 @@ impl Drop for Killed {
 
 fn vmbackup() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmbackup"));
-    for var in ["VMBACKUP_KEYFILE", "VMBACKUP_PASSPHRASE", "VMBACKUP_DATASTORE"] {
+    for var in [
+        "VMBACKUP_KEYFILE",
+        "VMBACKUP_PASSPHRASE",
+        "VMBACKUP_DATASTORE",
+    ] {
         c.env_remove(var);
     }
     c
@@ -64,7 +68,9 @@ fn files_come_out_of_a_served_ext4_disk_with_nbdfuse_and_debugfs() {
     std::fs::create_dir_all(src.join("etc")).unwrap();
     std::fs::create_dir_all(src.join("var/lib")).unwrap();
     std::fs::write(src.join("etc/hostname"), b"guest-42\n").unwrap();
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
     std::fs::write(src.join("var/lib/data.bin"), &big).unwrap();
     let image = dir.path().join("disk.raw");
     run(Command::new("mkfs.ext4")
@@ -86,7 +92,9 @@ fn files_come_out_of_a_served_ext4_disk_with_nbdfuse_and_debugfs() {
     wait_for(&sock);
     let store = dir.path().join("store");
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    run(vmbackup().args(["backup", "--id", "vm1", "--nbd", &uri, "-d"]).arg(&store));
+    run(vmbackup()
+        .args(["backup", "--id", "vm1", "--nbd", &uri, "-d"])
+        .arg(&store));
     let list: serde_json::Value =
         serde_json::from_str(&run(vmbackup().args(["--json", "list", "-d"]).arg(&store))).unwrap();
     let snap = list[0]["id"].as_str().unwrap().to_owned();
@@ -99,7 +107,9 @@ fn files_come_out_of_a_served_ext4_disk_with_nbdfuse_and_debugfs() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(serve.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(serve.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let _serve = Killed(serve);
     let served = line
         .split_whitespace()

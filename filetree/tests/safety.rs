@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use filetree::{RestoreOptions, WalkOptions, backup_tree, restore_tree};
+use filetree::{IdMap, RestoreOptions, WalkOptions, backup_tree, restore_tree};
 use provider_api::*;
 
 /// An archive in memory (entries and one data stream).
@@ -281,4 +281,85 @@ fn entries_that_vanish_or_change_during_the_walk_are_warnings() {
     restore_tree(&m.inner, &out, &RestoreOptions::default()).unwrap();
     assert_eq!(std::fs::read(out.join("v/c")).unwrap(), b"c");
     assert_eq!(std::fs::read(out.join("v/d")).unwrap(), b"d");
+}
+
+#[test]
+fn unprivileged_container_ids_are_stored_shifted_and_restored_back() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipping: chown needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ct");
+    std::fs::create_dir_all(root.join("home")).unwrap();
+    std::fs::write(root.join("home/user-file"), b"x").unwrap();
+    std::fs::write(root.join("stray"), b"y").unwrap();
+    let own = |p: &Path, id: u32| {
+        rustix::fs::chown(
+            p,
+            Some(rustix::fs::Uid::from_raw(id)),
+            Some(rustix::fs::Gid::from_raw(id)),
+        )
+        .unwrap()
+    };
+    own(&root, 100_000);
+    own(&root.join("home"), 100_000);
+    own(&root.join("home/user-file"), 101_000);
+    own(&root.join("stray"), 5); // outside the map
+    let map = IdMap {
+        host_base: 100_000,
+        count: 65_536,
+    };
+    let mut m = Meddler {
+        inner: Mem::default(),
+        root: &root,
+        owed: 0,
+        log: Mutex::new(Vec::new()),
+    };
+    let warnings = backup_tree(
+        &root,
+        &mut m,
+        &WalkOptions {
+            id_map: Some(map),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("stray") && warnings[0].contains("outside"),
+        "{warnings:?}"
+    );
+    let ids: Vec<(String, u32)> = m
+        .inner
+        .entries
+        .iter()
+        .map(|e| (e.display_path(), e.uid))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (".".into(), 0),
+            ("home".into(), 0),
+            ("home/user-file".into(), 1000),
+            ("stray".into(), 65534)
+        ]
+    );
+    let out = tmp.path().join("out");
+    restore_tree(
+        &m.inner,
+        &out,
+        &RestoreOptions {
+            id_map: Some(map),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(out.join("home/user-file")).unwrap().uid(),
+        101_000
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().uid(), 100_000);
+    assert_eq!(std::fs::metadata(out.join("stray")).unwrap().uid(), 165_534);
 }
