@@ -13,34 +13,10 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn vmbackup() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmbackup"));
-    for var in [
-        "VMBACKUP_KEYFILE",
-        "VMBACKUP_PASSPHRASE",
-        "VMBACKUP_DATASTORE",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod common;
+use common::{run, text, vmbackup};
 
 fn fails(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

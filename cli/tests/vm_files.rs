@@ -12,41 +12,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 mod common;
-use common::have;
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vmbackup() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmbackup"));
-    for var in [
-        "VMBACKUP_KEYFILE",
-        "VMBACKUP_PASSPHRASE",
-        "VMBACKUP_DATASTORE",
-    ] {
-        c.env_remove(var);
-    }
-    c
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use common::{Killed, have, run, vmbackup};
 
 fn wait_for(p: &Path) {
     for _ in 0..200 {

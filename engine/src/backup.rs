@@ -391,21 +391,16 @@ impl BackupDriver {
             log.warn(w);
         }
 
+        let spec = SnapshotSpec {
+            platform,
+            guest: guest.id.clone(),
+            archive,
+            time: start_time,
+        };
         let w = writer.insert(
-            self.target
-                .begin_snapshot(SnapshotSpec {
-                    platform,
-                    guest: guest.id.clone(),
-                    archive,
-                    time: start_time,
-                })
+            self.begin(spec, guest_config, firewall_config, metadata)
                 .await?,
         );
-        w.put_config(ConfigKind::Guest, guest_config).await?;
-        if let Some(fw) = firewall_config {
-            w.put_config(ConfigKind::Firewall, fw).await?;
-        }
-        w.put_metadata(metadata).await?;
 
         let mut reports = Vec::with_capacity(volumes.len());
         for access in volumes {
@@ -457,21 +452,16 @@ impl BackupDriver {
             .latest_good_snapshot(&platform, &guest.id)
             .await?
             .map(|s| s.id);
+        let spec = SnapshotSpec {
+            platform,
+            guest: guest.id.clone(),
+            archive,
+            time: start_time,
+        };
         let w = writer.insert(
-            self.target
-                .begin_snapshot(SnapshotSpec {
-                    platform,
-                    guest: guest.id.clone(),
-                    archive,
-                    time: start_time,
-                })
+            self.begin(spec, ct.guest_config, ct.firewall_config, ct.metadata)
                 .await?,
         );
-        w.put_config(ConfigKind::Guest, ct.guest_config).await?;
-        if let Some(fw) = ct.firewall_config {
-            w.put_config(ConfigKind::Firewall, fw).await?;
-        }
-        w.put_metadata(ct.metadata).await?;
         let mut aw = w
             .begin_file_archive(CONTAINER_ARCHIVE, previous.as_ref())
             .await?;
@@ -511,6 +501,34 @@ impl BackupDriver {
             .take()
             .ok_or_else(|| Error::other("the snapshot writer went missing during the backup"))?;
         Ok((w, warnings))
+    }
+
+    /// Start the snapshot with its configuration and metadata.
+    async fn begin(
+        &self,
+        spec: SnapshotSpec,
+        guest_config: provider_api::ConfigBlob,
+        firewall_config: Option<provider_api::ConfigBlob>,
+        metadata: provider_api::PlatformMetadata,
+    ) -> Result<Box<dyn SnapshotWriter>> {
+        let mut w = self.target.begin_snapshot(spec).await?;
+        let put = async {
+            w.put_config(ConfigKind::Guest, guest_config).await?;
+            if let Some(fw) = firewall_config {
+                w.put_config(ConfigKind::Firewall, fw).await?;
+            }
+            w.put_metadata(metadata).await
+        }
+        .await;
+        match put {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                if let Err(a) = w.abort().await {
+                    tracing::warn!(error = %a.report(), "aborting the snapshot failed");
+                }
+                Err(e)
+            }
+        }
     }
 
     async fn previous_backup(

@@ -184,12 +184,7 @@ impl RestoreDriver {
             ));
         }
         let info = reader.info().clone();
-        let archive = ArchiveView::new(
-            info.clone(),
-            reader.config(ConfigKind::Guest).await?,
-            reader.config(ConfigKind::Firewall).await?,
-            reader.metadata().await?,
-        );
+        let archive = archive_view(&*reader).await?;
         let request = RestoreContainerRequest::new(archive, destination, mechanism);
         let prepared = match self.provider.restore_container_init(&request).await {
             Ok(p) => p,
@@ -292,12 +287,7 @@ impl RestoreDriver {
                 .exposer_for(self.provider.restore_source_kind())
                 .await?;
             let info = reader.info().clone();
-            let archive = ArchiveView::new(
-                info.clone(),
-                reader.config(ConfigKind::Guest).await?,
-                reader.config(ConfigKind::Firewall).await?,
-                reader.metadata().await?,
-            );
+            let archive = archive_view(&*reader).await?;
             let guest_config = self.provider.archive_get_guest_config(&archive).await?;
             let firewall_config = self.provider.archive_get_firewall_config(&archive).await?;
             let request =
@@ -406,6 +396,16 @@ impl RestoreDriver {
         })?;
         Ok(total)
     }
+}
+
+/// What a provider sees of a stored snapshot.
+async fn archive_view(reader: &dyn SnapshotReader) -> Result<ArchiveView> {
+    Ok(ArchiveView::new(
+        reader.info().clone(),
+        reader.config(ConfigKind::Guest).await?,
+        reader.config(ConfigKind::Firewall).await?,
+        reader.metadata().await?,
+    ))
 }
 
 /// Restore targets a caller can name on a command line.
