@@ -86,16 +86,18 @@ async fn killed_backups_leave_only_complete_snapshots() {
     let mut seed = 0x5eed_u64;
     let mut max_t = -1;
     // On S3 a backup of these 4 KiB chunks is a few hundred requests: fewer,
-    // longer rounds.
+    // longer rounds. A round in which the child committed nothing (a slow
+    // or loaded machine) doubles the time the next one gets, so that the
+    // test always sees progress as well as kills at random points.
     let rounds = if on_s3() { 5 } else { 8 };
-    for round in 0..rounds {
+    let mut scale = if on_s3() { 20 } else { 1 };
+    let mut round = 0;
+    while round < rounds || (max_t < 3 && round < 40) {
         seed = seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
-        // Requests to an object store take milliseconds each: give the
-        // child time to commit something there too.
-        let scale = if on_s3() { 20 } else { 1 };
         let delay = (150 + (seed >> 33) % 400) * scale;
+        let before = max_t;
         let mut child = Command::new(&exe)
             .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
             .env(ENV, ds_path(dir.path()))
@@ -122,6 +124,10 @@ async fn killed_backups_leave_only_complete_snapshots() {
             "round {round}: killed after {delay} ms, {} snapshot(s) listed, newest t={max_t}",
             list.len()
         );
+        if max_t == before {
+            scale = (scale * 2).min(400);
+        }
+        round += 1;
     }
     assert!(max_t >= 3, "the child made progress ({max_t})");
     // Leftovers of killed writers are cleaned, and nothing referenced goes.
