@@ -147,7 +147,7 @@ pub struct RestoreFileArgs {
     /// they hold).
     path: String,
     /// Directory to restore into (created if missing); the entry lands
-    /// as DIR/<its name>.
+    /// as DIR/NAME (NAME: its last path component).
     #[arg(long)]
     to: PathBuf,
     /// File archive (default: the container tree).
