@@ -7,8 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use provider_api::testing::PlatformProbe;
 use provider_api::{
-    ArchiveView, BitmapMode, ErrorKind, GuestKind, Outcome, PlatformMetadata,
-    RestoreContainerRequest, RestoreMechanism, RestoreTarget, SnapshotInfo, StartFrom,
+    BitmapMode, ErrorKind, GuestKind, RestoreMechanism, RestoreTarget, SnapshotInfo, StartFrom,
 };
 
 use crate::content::{CHUNK, Span, expand, first_outside, merge, pattern, size_text, spans_text};
@@ -137,35 +136,27 @@ pub(crate) async fn capability_honesty(s: &mut Session<'_>) -> CheckResult {
             .guest(g.id()));
     }
 
+    if caps.containers != p.containers().is_some() {
+        return Err(s.fail(format!(
+            "capabilities().containers is {} but containers() {} the container half",
+            caps.containers,
+            if p.containers().is_some() {
+                "gives"
+            } else {
+                "does not give"
+            }
+        )));
+    }
     if caps.containers {
         s.notes.push(
             "containers are claimed: the ContainerKit checks them (Check::Containers)".into(),
         );
     } else {
-        let mut cg = g.guest.clone();
-        cg.kind = GuestKind::Container;
-        let r = p.backup_container_prepare(&cg).await;
-        expect_unsupported(s, "backup_container_prepare", r)?;
-        let r = p.backup_container(&cg).await.map(|_| ());
-        expect_unsupported(s, "backup_container", r)?;
         let r = p
             .restore_get_mechanism(GuestKind::Container)
             .await
             .map(|_| ());
         expect_unsupported(s, "restore_get_mechanism(Container)", r)?;
-        let view = ArchiveView::new(second.snapshot.clone(), None, None, PlatformMetadata::Null);
-        let request = RestoreContainerRequest::new(
-            view,
-            RestoreTarget::NewGuest {
-                name: Some(format!("{}-container", g.id())),
-            },
-            RestoreMechanism::Directory,
-        );
-        let r = p.restore_container_init(&request).await.map(|_| ());
-        expect_unsupported(s, "restore_container_init", r)?;
-        let r = p.restore_container_cleanup(&cg, &Outcome::ok()).await;
-        expect_unsupported(s, "restore_container_cleanup", r)?;
-        s.leftovers("the container calls").await?;
     }
 
     if caps.restore_in_place {

@@ -11,9 +11,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use provider_api::{
     ArchiveName, ArchiveView, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest,
-    Capabilities, ConfigBlob, ContainerBackup, ContainerRestore, Guest, GuestKind, IncrementalPlan,
-    JobInfo, Outcome, PreviousBackup, RestoreContainerRequest, RestoreMechanism, RestoreVmRequest,
-    RestoreVolumeRequest, Result, VmBackup, VolumeImport,
+    Capabilities, ConfigBlob, Guest, GuestKind, IncrementalPlan, JobInfo, Outcome, PreviousBackup,
+    RestoreMechanism, RestoreVmRequest, RestoreVolumeRequest, Result, VmBackup, VolumeImport,
 };
 
 use crate::target::{Fault, Faults, injected};
@@ -158,12 +157,8 @@ impl BackupProvider for Recorder {
         self.fail_after(Fault::BackupVm, r)
     }
 
-    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()> {
-        self.inner.backup_container_prepare(guest).await
-    }
-
-    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup> {
-        self.inner.backup_container(guest).await
+    fn containers(&self) -> Option<&dyn provider_api::ContainerProvider> {
+        self.inner.containers()
     }
 
     async fn backup_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<BackupStats> {
@@ -249,16 +244,5 @@ impl BackupProvider for Recorder {
             success: outcome.is_success(),
         });
         self.inner.restore_vm_cleanup(guest, outcome).await
-    }
-
-    async fn restore_container_init(
-        &self,
-        request: &RestoreContainerRequest,
-    ) -> Result<ContainerRestore> {
-        self.inner.restore_container_init(request).await
-    }
-
-    async fn restore_container_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
-        self.inner.restore_container_cleanup(guest, outcome).await
     }
 }

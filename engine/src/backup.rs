@@ -351,6 +351,13 @@ impl BackupDriver {
                 Ok(())
             }
         };
+        if guest.kind == GuestKind::Container && provider.containers().is_none() {
+            // The typed capability, asked before any call for the guest.
+            return Err(Error::unsupported(format!(
+                "containers in provider {}",
+                provider.provider_name()
+            )));
+        }
         let archive: ArchiveName = provider.backup_init(guest, start_time).await?;
         go_on()?;
         log.line(format!("archive {archive}"));
@@ -435,14 +442,14 @@ impl BackupDriver {
         cancel: &CancelToken,
     ) -> Result<(Box<dyn SnapshotWriter>, Vec<String>)> {
         let provider = &*self.provider;
-        // The typed capability, checked before any container call.
-        if !provider.capabilities().containers {
+        // The typed capability, asked before any container call.
+        let Some(containers) = provider.containers() else {
             return Err(Error::unsupported(format!(
                 "container backup by provider {platform}"
             )));
-        }
-        provider.backup_container_prepare(guest).await?;
-        let ct = provider.backup_container(guest).await?;
+        };
+        containers.backup_container_prepare(guest).await?;
+        let ct = containers.backup_container(guest).await?;
         if cancel.is_cancelled() {
             return Err(interrupted("while backing up"));
         }

@@ -162,12 +162,12 @@ impl RestoreDriver {
         cancel: CancelToken,
     ) -> Result<RestoreReport> {
         let started = Instant::now();
-        if !self.provider.capabilities().containers {
+        let Some(containers) = self.provider.containers() else {
             return Err(Error::unsupported(format!(
                 "container restore by provider {}",
                 self.provider.provider_name()
             )));
-        }
+        };
         let reader: Arc<dyn SnapshotReader> = Arc::from(self.target.open_snapshot(snapshot).await?);
         let files = reader.open_file_archive(crate::CONTAINER_ARCHIVE).await?;
         let mechanism = self
@@ -186,12 +186,11 @@ impl RestoreDriver {
         let info = reader.info().clone();
         let archive = archive_view(&*reader).await?;
         let request = RestoreContainerRequest::new(archive, destination, mechanism);
-        let prepared = match self.provider.restore_container_init(&request).await {
+        let prepared = match containers.restore_container_init(&request).await {
             Ok(p) => p,
             Err(e) => {
                 let original = Guest::container(info.guest.0.clone());
-                if let Err(c) = self
-                    .provider
+                if let Err(c) = containers
                     .restore_container_cleanup(&original, &Outcome::failed(&e))
                     .await
                 {
@@ -248,8 +247,7 @@ impl RestoreDriver {
             Ok(_) => Outcome::ok(),
             Err(e) => Outcome::failed(e),
         };
-        let cleanup = self
-            .provider
+        let cleanup = containers
             .restore_container_cleanup(&prepared.guest, &outcome)
             .await;
         let bytes = result.map_err(|e| e.guest(&prepared.guest.id))?;

@@ -364,6 +364,33 @@ async fn successful_job_calls_the_lifecycle_in_order_and_stores_identical_data()
 }
 
 #[tokio::test]
+async fn a_container_of_a_provider_without_containers_is_refused_before_any_guest_call() {
+    let s = setup(&["vm1"]);
+    let report = s
+        .driver
+        .run_job(&s.options, vec![Guest::container("ct1"), Guest::vm("vm1")])
+        .await;
+    let ct = report
+        .guests
+        .iter()
+        .find(|o| o.guest.id.0 == "ct1")
+        .unwrap();
+    let err = ct.result.as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    let calls = s.fake.calls_of("ct1");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("backup_init")),
+        "no container call before the capability: {calls:?}"
+    );
+    let vm = report
+        .guests
+        .iter()
+        .find(|o| o.guest.id.0 == "vm1")
+        .unwrap();
+    assert!(vm.result.is_ok(), "the VM of the same job is backed up");
+}
+
+#[tokio::test]
 async fn failed_job_init_still_gets_job_cleanup_and_touches_no_guest() {
     let s = setup(&["vm1"]);
     s.fake.fail_at("job_init");

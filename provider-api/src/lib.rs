@@ -37,8 +37,10 @@
 //! ## Optional abilities
 //!
 //! [`Capabilities`] says what a provider offers beyond VM backup and
-//! restore; the default methods for containers answer
-//! [`ErrorKind::Unsupported`]. A provider without change tracking returns an
+//! restore. Containers are a typed capability: a provider that offers
+//! them implements [`ContainerProvider`] and returns it from
+//! [`BackupProvider::containers`] (`None` by default), and the host asks
+//! before any container call. A provider without change tracking returns an
 //! empty [`IncrementalPlan`]: every volume is then read in full.
 //!
 //! ## Example: a small provider
@@ -117,8 +119,7 @@
 //! let archive = provider.backup_init(&guest, 1_700_000_000).await.unwrap();
 //! assert_eq!(archive.as_str(), "vm/vm1/1700000000");
 //! assert!(!provider.capabilities().containers);
-//! let err = provider.backup_container(&guest).await.unwrap_err();
-//! assert_eq!(err.kind(), ErrorKind::Unsupported);
+//! assert!(provider.containers().is_none());
 //! std::fs::remove_dir_all(dir).unwrap();
 //! # }
 //! ```
@@ -143,7 +144,7 @@ pub use error::{Context, Error, ErrorKind, Result};
 pub use files::{ArchiveStats, FileArchiveReader, FileArchiveWriter, FileEntry, FileKind, IdMap};
 pub use provider::{
     ArchiveView, BackupMechanism, BackupProvider, BackupVmRequest, Capabilities, ContainerBackup,
-    ContainerRestore, IncrementalPlan, LayerWrite, Outcome, PreviousBackup,
+    ContainerProvider, ContainerRestore, IncrementalPlan, LayerWrite, Outcome, PreviousBackup,
     RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget,
     RestoreVmRequest, RestoreVolumeRequest, VolumeImport,
 };

@@ -587,16 +587,12 @@ pub trait BackupProvider: Send + Sync {
     /// the metadata. Access stays valid until `backup_cleanup`.
     async fn backup_vm(&self, guest: &Guest, request: BackupVmRequest) -> Result<VmBackup>;
 
-    /// Privileged preparation of a container backup.
-    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()> {
-        let _ = guest;
-        Err(Error::unsupported("container backup"))
-    }
-
-    /// Expose a container's filesystem.
-    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup> {
-        let _ = guest;
-        Err(Error::unsupported("container backup"))
+    /// The container half of the API, for a provider that offers it
+    /// (and says so in [`Capabilities::containers`]); `None` by default.
+    /// The host asks before any container call: a provider without
+    /// containers has no container methods to get wrong.
+    fn containers(&self) -> Option<&dyn ContainerProvider> {
+        None
     }
 
     /// End of one guest's backup, on every path: delete snapshots, detach
@@ -666,6 +662,26 @@ pub trait BackupProvider: Send + Sync {
 
     /// After the whole VM, on every path.
     async fn restore_vm_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()>;
+}
+
+/// The optional container half of the provider API (Proxmox:
+/// `backup_container_prepare`, `backup_container`,
+/// `restore_container_init`, `restore_container_cleanup`), which a
+/// provider opts into through [`BackupProvider::containers`]. The
+/// mechanisms: backup is always [`BackupMechanism::Directory`] (the host
+/// walks the tree `backup_container` returns); restore is what
+/// [`BackupProvider::restore_get_mechanism`] answers for
+/// [`GuestKind::Container`] ([`RestoreMechanism::Directory`] or
+/// [`RestoreMechanism::Tar`]).
+#[async_trait]
+pub trait ContainerProvider: Send + Sync {
+    /// Privileged preparation of a container backup (check the tree,
+    /// freeze or snapshot the container's file system).
+    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()>;
+
+    /// Expose a container's file system as a directory tree, with its
+    /// configuration; valid until `backup_cleanup`.
+    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup>;
 
     /// Prepare a container restore: the host then writes the tree where
     /// the answer says, and calls `restore_container_cleanup` (which, on
@@ -673,14 +689,9 @@ pub trait BackupProvider: Send + Sync {
     async fn restore_container_init(
         &self,
         request: &RestoreContainerRequest,
-    ) -> Result<ContainerRestore> {
-        let _ = request;
-        Err(Error::unsupported("container restore"))
-    }
+    ) -> Result<ContainerRestore>;
 
-    /// After a container restore, on every path.
-    async fn restore_container_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()> {
-        let _ = (guest, outcome);
-        Err(Error::unsupported("container restore"))
-    }
+    /// After a container restore, on every path: on failure, remove what
+    /// the restore created.
+    async fn restore_container_cleanup(&self, guest: &Guest, outcome: &Outcome) -> Result<()>;
 }

@@ -23,9 +23,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use provider_api::{
     ArchiveName, BackupMechanism, BackupProvider, BackupStats, BackupVmRequest, Capabilities,
-    ConfigBlob, ContainerBackup, ContainerRestore, Error, ErrorKind, Guest, GuestKind, IdMap,
-    IncrementalPlan, JobInfo, Outcome, PreviousBackup, RestoreContainerRequest, RestoreMechanism,
-    RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result, VmBackup, VolumeImport,
+    ConfigBlob, ContainerBackup, ContainerProvider, ContainerRestore, Error, ErrorKind, Guest,
+    GuestKind, IdMap, IncrementalPlan, JobInfo, Outcome, PreviousBackup, RestoreContainerRequest,
+    RestoreMechanism, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result, VmBackup,
+    VolumeImport,
 };
 
 /// The provider's name (groups its snapshots in a datastore).
@@ -126,6 +127,10 @@ impl BackupProvider for DirProvider {
         Capabilities::none().containers(true).incremental(true)
     }
 
+    fn containers(&self) -> Option<&dyn ContainerProvider> {
+        Some(self)
+    }
+
     async fn job_init(&self, _job: &JobInfo) -> Result<()> {
         Ok(())
     }
@@ -154,42 +159,6 @@ impl BackupProvider for DirProvider {
 
     async fn backup_vm(&self, _guest: &Guest, _request: BackupVmRequest) -> Result<VmBackup> {
         Err(vm_unsupported())
-    }
-
-    /// The tree must be a directory this process can list.
-    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()> {
-        let tree = self.tree(guest)?.clone();
-        let meta = tokio::fs::metadata(&tree)
-            .await
-            .map_err(|e| io(e, "the tree of guest", &tree).guest(&guest.id))?;
-        if !meta.is_dir() {
-            return Err(Error::invalid(format!(
-                "the tree of guest {} ({}) is not a directory",
-                guest.id,
-                tree.display()
-            )));
-        }
-        let mut list = tokio::fs::read_dir(&tree)
-            .await
-            .map_err(|e| io(e, "listing the tree", &tree).guest(&guest.id))?;
-        list.next_entry()
-            .await
-            .map_err(|e| io(e, "listing the tree", &tree).guest(&guest.id))?;
-        Ok(())
-    }
-
-    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup> {
-        let tree = self.tree(guest)?.clone();
-        let config = serde_json::json!({
-            "kind": "directory",
-            "path": tree.to_string_lossy(),
-            "id_map": self.id_map.map(|m| [m.host_base, m.count]),
-        });
-        let mut ct = ContainerBackup::new(ConfigBlob::json(&config), tree);
-        if let Some(m) = self.id_map {
-            ct = ct.with_id_map(m);
-        }
-        Ok(ct)
     }
 
     async fn backup_cleanup(&self, _guest: &Guest, _outcome: &Outcome) -> Result<BackupStats> {
@@ -225,6 +194,45 @@ impl BackupProvider for DirProvider {
 
     async fn restore_vm_cleanup(&self, _guest: &Guest, _outcome: &Outcome) -> Result<()> {
         Err(vm_unsupported())
+    }
+}
+
+#[async_trait]
+impl ContainerProvider for DirProvider {
+    /// The tree must be a directory this process can list.
+    async fn backup_container_prepare(&self, guest: &Guest) -> Result<()> {
+        let tree = self.tree(guest)?.clone();
+        let meta = tokio::fs::metadata(&tree)
+            .await
+            .map_err(|e| io(e, "the tree of guest", &tree).guest(&guest.id))?;
+        if !meta.is_dir() {
+            return Err(Error::invalid(format!(
+                "the tree of guest {} ({}) is not a directory",
+                guest.id,
+                tree.display()
+            )));
+        }
+        let mut list = tokio::fs::read_dir(&tree)
+            .await
+            .map_err(|e| io(e, "listing the tree", &tree).guest(&guest.id))?;
+        list.next_entry()
+            .await
+            .map_err(|e| io(e, "listing the tree", &tree).guest(&guest.id))?;
+        Ok(())
+    }
+
+    async fn backup_container(&self, guest: &Guest) -> Result<ContainerBackup> {
+        let tree = self.tree(guest)?.clone();
+        let config = serde_json::json!({
+            "kind": "directory",
+            "path": tree.to_string_lossy(),
+            "id_map": self.id_map.map(|m| [m.host_base, m.count]),
+        });
+        let mut ct = ContainerBackup::new(ConfigBlob::json(&config), tree);
+        if let Some(m) = self.id_map {
+            ct = ct.with_id_map(m);
+        }
+        Ok(ct)
     }
 
     /// A new, empty directory `<restore root>/<name>` (default
