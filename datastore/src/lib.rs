@@ -23,6 +23,8 @@
 //! <root>/.locks/                          lock files (see below); writers/<start-ns>-<pid>-<n>
 //! <root>/<platform>/<guest>/<RFC 3339 time>[-N]/   one snapshot
 //!     <device>.fidx                       fixed index per volume
+//!     <archive>.data.didx <archive>.catalog.didx   file archive: dynamic indexes of its data and
+//!                                         catalog streams (see [`archive`]; manifest version 2)
 //!     guest.conf.blob firewall.conf.blob metadata.json.blob
 //!     index.json                          the manifest (sealed); its presence makes the snapshot
 //!     verify.json                         last verification (sealed), optional
