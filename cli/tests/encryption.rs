@@ -11,20 +11,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::have;
+use common::{Killed, have, spawn_listening};
 
 const MARKER: &[u8] = b"==encrypted-store-marker-5d1e==";
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn vmbackup() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmbackup"));
@@ -60,20 +52,13 @@ fn fails(cmd: &mut Command) -> String {
 }
 
 fn qemu_nbd(image: &Path, sock: &Path) -> Killed {
-    let child = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-x", "disk", "-f", "raw", "-k"])
-        .arg(sock)
-        .arg(image)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(sock.exists(), "qemu-nbd did not start");
-    Killed(child)
+    spawn_listening(
+        Command::new("qemu-nbd")
+            .args(["-r", "-t", "-x", "disk", "-f", "raw", "-k"])
+            .arg(sock)
+            .arg(image),
+        sock,
+    )
 }
 
 fn sha256(path: &Path) -> String {

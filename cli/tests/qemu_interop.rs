@@ -11,10 +11,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 mod common;
-use common::have;
+use common::{Killed, have, spawn_listening};
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -27,32 +27,17 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn qemu_nbd(image: &Path, sock: &Path) -> Killed {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", "--bitmap", "cbt0", "-k",
-        ])
-        .arg(sock)
-        .arg(image)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(sock.exists(), "qemu-nbd did not start");
-    Killed(child)
+    spawn_listening(
+        Command::new("qemu-nbd")
+            .args([
+                "-r", "-t", "-e", "4", "-x", "disk", "-f", "qcow2", "--bitmap", "cbt0", "-k",
+            ])
+            .arg(sock)
+            .arg(image),
+        sock,
+    )
 }
 
 fn vmbackup() -> Command {

@@ -12,21 +12,13 @@
 )]
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use scenarios::s3::Moto;
 
 mod common;
-use common::have;
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::{Killed, have, spawn_listening};
 
 fn text(out: &Output) -> String {
     format!(
@@ -50,20 +42,13 @@ fn fails(cmd: &mut Command) -> String {
 }
 
 fn qemu_nbd(image: &Path, sock: &Path) -> Killed {
-    let child = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-e", "8", "-x", "disk", "-f", "raw", "-k"])
-        .arg(sock)
-        .arg(image)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(sock.exists(), "qemu-nbd did not start");
-    Killed(child)
+    spawn_listening(
+        Command::new("qemu-nbd")
+            .args(["-r", "-t", "-e", "8", "-x", "disk", "-f", "raw", "-k"])
+            .arg(sock)
+            .arg(image),
+        sock,
+    )
 }
 
 fn sha256(path: &Path) -> String {

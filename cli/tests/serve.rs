@@ -11,13 +11,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::have;
+use common::{Killed, have, spawn_listening};
 
 const MIB: u64 = 1 << 20;
 
@@ -42,14 +42,6 @@ fn run(cmd: &mut Command) -> String {
 fn sha256(path: &Path) -> String {
     let data = std::fs::read(path).unwrap();
     format!("{:x}", Sha256::digest(&data))
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A 64 MiB raw disk: data in the first and last bytes, a 4 MiB chunk of
@@ -81,19 +73,13 @@ fn make_disk(path: &Path) {
 /// Back `disk` up into `store` through qemu-nbd; returns the snapshot id.
 fn backup_disk(dir: &Path, disk: &Path, store: &Path) -> String {
     let sock = dir.join("src.sock");
-    let nbd = Command::new("qemu-nbd")
-        .args(["-r", "-t", "-x", "disk", "-f", "raw", "-k"])
-        .arg(&sock)
-        .arg(disk)
-        .spawn()
-        .unwrap();
-    let _nbd = Killed(nbd);
-    for _ in 0..200 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let _nbd = spawn_listening(
+        Command::new("qemu-nbd")
+            .args(["-r", "-t", "-x", "disk", "-f", "raw", "-k"])
+            .arg(&sock)
+            .arg(disk),
+        &sock,
+    );
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     run(vmbackup()
         .args(["--json", "backup", "--id", "vm", "--nbd", &uri, "-d"])

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 mod common;
-use common::{Killed, have, run, vmbackup};
+use common::{Killed, have, run, spawn_listening, vmbackup};
 
 fn wait_for(p: &Path) {
     for _ in 0..200 {
@@ -50,15 +50,13 @@ fn files_come_out_of_a_served_ext4_disk_with_nbdfuse_and_debugfs() {
 
     // Back the disk up from a qemu-nbd export.
     let sock = dir.path().join("nbd.sock");
-    let _nbd = Killed(
+    let _nbd = spawn_listening(
         Command::new("qemu-nbd")
             .args(["-r", "-t", "-x", "disk", "-f", "raw", "-k"])
             .arg(&sock)
-            .arg(&image)
-            .spawn()
-            .unwrap(),
+            .arg(&image),
+        &sock,
     );
-    wait_for(&sock);
     let store = dir.path().join("store");
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     run(vmbackup()

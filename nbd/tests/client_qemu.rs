@@ -194,26 +194,18 @@ async fn unix_socket_and_uri() {
         dir.path(),
     );
     let sock = dir.path().join("n.sock");
-    let mut child = Command::new("qemu-nbd")
-        .current_dir(dir.path())
-        .args([
-            "-t",
-            "-k",
-            sock.to_str().unwrap(),
-            "-x",
-            "d",
-            "-f",
-            "raw",
-            "d.raw",
-        ])
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.current_dir(dir.path()).args([
+        "-t",
+        "-k",
+        sock.to_str().unwrap(),
+        "-x",
+        "d",
+        "-f",
+        "raw",
+        "d.raw",
+    ]);
+    let _peer = spawn_unix(cmd, &sock);
     let c = Client::connect_uri(&format!("nbd+unix:///d?socket={}", sock.display()))
         .await
         .unwrap();
@@ -225,8 +217,6 @@ async fn unix_socket_and_uri() {
     assert_eq!(&c.read(4096, 5).await.unwrap()[..], b"world");
     assert!(c.read(0, 5).await.unwrap().iter().all(|&b| b == 0));
     drop(c);
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

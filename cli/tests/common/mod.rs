@@ -66,3 +66,30 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// Spawn `cmd` (a server such as qemu-nbd) and wait until the unix socket
+/// `sock` accepts connections: the socket file appears at `bind`, before
+/// `listen`, so its existence is not enough. Killed on drop.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub fn spawn_listening(cmd: &mut Command, sock: &std::path::Path) -> Killed {
+    let mut child = Killed(
+        cmd.stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+    );
+    let t0 = std::time::Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            return child;
+        }
+        if let Ok(Some(st)) = child.0.try_wait() {
+            panic!("{cmd:?} exited early: {st}");
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(15),
+            "{cmd:?} never listened on {}",
+            sock.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

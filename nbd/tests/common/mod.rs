@@ -87,6 +87,38 @@ pub fn spawn_tcp(mut cmd: Command, port: u16) -> Peer {
     }
 }
 
+/// Spawn `cmd` and wait until the unix socket `sock` accepts connections
+/// (the socket file appears at `bind`, before `listen`: its existence is
+/// not enough).
+pub fn spawn_unix(mut cmd: Command, sock: &Path) -> Peer {
+    let name = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut peer = Peer {
+        child,
+        port: 0,
+        name,
+    };
+    let t0 = Instant::now();
+    loop {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            return peer;
+        }
+        if let Ok(Some(st)) = peer.child.try_wait() {
+            panic!("{} exited early: {st}", peer.name);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "{} never listened",
+            peer.name
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Run a command to completion, panicking with its stderr on failure.
 pub fn run(cmd: &mut Command) -> Vec<u8> {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
