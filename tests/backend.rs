@@ -6,11 +6,6 @@
 //! then, on S3 only, recovery from injected 503s, 500s and connection
 //! resets, and one clear error each for bad credentials, a missing bucket
 //! and a store that keeps failing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,11 +5,6 @@
 //! cleanup run. (A dropped TCP connection, reconnected once for all
 //! concurrent readers, is covered by the engine's own unit tests behind a
 //! flaky proxy: the mock's `disconnect` fault stops the export for good.)
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::time::{Duration, Instant};
 

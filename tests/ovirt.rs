@@ -5,11 +5,6 @@
 //! Every failure test ends with a leak check through the mock's inventory
 //! (snapshots, appliance attachments and their files, backups, transfers,
 //! exports).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 use std::time::Duration;

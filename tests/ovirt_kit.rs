@@ -9,11 +9,6 @@
 //! downloads through the image server into a staging file. The second is
 //! where a disk grown since the previous backup must be downloaded in full
 //! (issue 12's resize case: the round-trip check grows a disk).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 

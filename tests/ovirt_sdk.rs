@@ -10,11 +10,6 @@
 //!   `backup_vm.py` (full, then incremental from the checkpoint, downloaded
 //!   by imageio into qcow2 files), whose images are compared by sha256 with
 //!   the mock's disk contents at each backup point.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,11 +1,6 @@
 //! SCP linked VMs end to end: provider-scp against the in-process mock
 //! hypervisor (real HTTP and NBD sockets), through engine::BackupDriver /
 //! RestoreDriver with the StandardMover and NbdExposer, into a datastore.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 

@@ -6,11 +6,6 @@
 //! pools and tasks (through their states, and one failing with the
 //! platform's error) must work as the client expects. Skipped without the
 //! Python environment unless `CI` is set (then it fails).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use scenarios::python;
 use scenarios::scp::Env;

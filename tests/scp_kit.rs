@@ -1,11 +1,6 @@
 //! The conformance kit (every check, bytes compared) against provider-scp
 //! on the mock's SCP, over NBD and over HotAdd, with linked VMs of three
 //! disks of different sizes (`scenarios::scp::ScpDriver`).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 

@@ -1,10 +1,5 @@
 //! ZStack end to end: provider-zstack against the mock's ZStack module,
 //! through engine::BackupDriver / RestoreDriver into a real datastore.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 

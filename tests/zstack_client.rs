@@ -9,11 +9,6 @@
 //! re-login after its session is ended must work as the client expects.
 //! Skipped without the Python environment unless `CI` is set (then it
 //! fails).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use scenarios::python;
 use scenarios::zstack::Zs;

@@ -4,11 +4,6 @@
 //! provider-zstack claims no incremental, no containers and no in-place
 //! restore, so the kit skips `incremental-reads` and the in-place parts
 //! of its checks by itself; nothing is skipped here.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::sync::Arc;
 

@@ -1,10 +1,5 @@
 //! Command-line surface: help texts, the mock subcommand, and errors for
 //! bad input.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

@@ -2,11 +2,6 @@
 //! `vmbackup` prints (stdout and stderr, with trace logging) during a
 //! successful backup and restore, and during failures, is captured and
 //! searched for the password.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

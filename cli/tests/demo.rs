@@ -1,10 +1,5 @@
 //! The demo is the README's main job: it must pass, and its checks must be
 //! real (a corrupted restored byte makes it fail).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::process::Command;
 

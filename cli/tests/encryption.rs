@@ -3,17 +3,12 @@
 //! the key file (restore compared byte for byte, `serve` read back by
 //! qemu-img, verify, prune, gc), clear errors without the key or with a
 //! wrong passphrase, and none of the disk's bytes readable in the store.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-mod common;
+use crate::common;
 use common::{Killed, have, spawn_listening};
 
 const MARKER: &[u8] = b"==encrypted-store-marker-5d1e==";

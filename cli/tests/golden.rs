@@ -19,13 +19,8 @@
 //! must equal the piped output once ANSI escape sequences are stripped (a
 //! terminal may get colour, nothing else). Without `script` the terminal
 //! half is skipped, unless `CI` is set, which makes it a failure.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -10,11 +10,6 @@
 //!   same host sweeps them in `job_init` (their job marker names a job
 //!   that no longer runs), backs the guest up and leaves the platform
 //!   clean.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

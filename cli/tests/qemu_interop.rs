@@ -3,17 +3,12 @@
 //! up incrementally (only the dirty extents are read), served with
 //! `vmbackup serve`, converted back with qemu-img, and `qemu-img compare`
 //! finds it identical to the source.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-mod common;
+use crate::common;
 use common::{Killed, have, spawn_listening};
 
 fn run(cmd: &mut Command) -> String {

@@ -4,11 +4,6 @@
 //! second truncating the first, and the command reported success), and a
 //! second restore under the same name is refused without touching the
 //! first one's files.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};

@@ -5,11 +5,6 @@
 //! (and one through `serve` and qemu-img) and verifies, the killed backup's guest backs up again once its leases
 //! lapse, and a foreign bucket, a missing bucket and a wrong key are one
 //! clear error each.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -17,7 +12,7 @@ use std::time::Duration;
 
 use scenarios::s3::Moto;
 
-mod common;
+use crate::common;
 use common::{Killed, have, spawn_listening};
 
 fn text(out: &Output) -> String {

@@ -3,11 +3,6 @@
 //! TLS with client certificates, zero chunks mapped as holes, listening
 //! beyond loopback refused without TLS, a busy port named, and SIGTERM
 //! ending the server promptly while clients are reading.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -16,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-mod common;
+use crate::common;
 use common::{Killed, have, spawn_listening};
 
 const MIB: u64 = 1 << 20;

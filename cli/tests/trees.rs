@@ -4,18 +4,13 @@
 //! compared with the tree as it was (content, modes, times, links); a
 //! failed restore leaves nothing behind; VM snapshots point to the
 //! file-level recipe.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-mod common;
+use crate::common;
 use common::{run, text, vmbackup};
 
 fn fails(cmd: &mut Command) -> String {

@@ -4,17 +4,12 @@
 //! qemu-nbd export; `vmbackup serve` exports the snapshot's volume;
 //! `nbdfuse` shows it as a file; `debugfs` reads files out of it. Only
 //! the blocks those reads touch are read from the datastore.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-mod common;
+use crate::common;
 use common::{Killed, have, run, spawn_listening, vmbackup};
 
 fn wait_for(p: &Path) {

@@ -3,13 +3,8 @@
 //! reuses unchanged files' chunks without their bytes, GC keeps what any
 //! snapshot's archive names, verify finds a damaged index, and bad input
 //! is refused.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,13 +1,8 @@
 //! The shared chunk cache: single-flight loads, the byte bound, failures
 //! not cached, cancellation, the decode limit and concurrent multi-chunk
 //! reads.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::task::Poll;

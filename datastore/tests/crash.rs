@@ -1,13 +1,8 @@
 //! Crash safety: a child process backing up (incrementally, with prune and
 //! GC) is killed with SIGKILL at random points; afterwards every listed
 //! snapshot is complete and reads back right, and verify passes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -32,6 +27,15 @@ fn step(j: i64) -> Op {
     let len = 5 * CS + 77;
     let off = (j as u64 * 7919 * 13) % (SIZE - len);
     Op::Data(off, noise(j as u64 + 1000, len as usize))
+}
+
+/// The name the test harness knows `crash_child` by (its module path
+/// without the crate's name).
+fn child_test() -> String {
+    match module_path!().split_once("::") {
+        Some((_, module)) => format!("{module}::crash_child"),
+        None => "crash_child".to_owned(),
+    }
 }
 
 /// Not a test on its own: the child's body, run when the parent sets `ENV`.
@@ -99,7 +103,7 @@ async fn killed_backups_leave_only_complete_snapshots() {
         let delay = (150 + (seed >> 33) % 400) * scale;
         let before = max_t;
         let mut child = Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([&child_test(), "--exact", "--nocapture", "--test-threads=1"])
             .env(ENV, ds_path(dir.path()))
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -151,7 +155,7 @@ async fn processes_share_a_datastore() {
     let exe = std::env::current_exe().unwrap();
     let spawn = || {
         Command::new(&exe)
-            .args(["crash_child", "--exact", "--nocapture", "--test-threads=1"])
+            .args([&child_test(), "--exact", "--nocapture", "--test-threads=1"])
             .env(ENV, ds_path(dir.path()))
             .env("DATASTORE_CRASH_CHILD_NO_GC", "1")
             .stdout(std::process::Stdio::null())

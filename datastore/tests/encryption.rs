@@ -3,13 +3,8 @@
 //! and checked, chunk names are keyed, and any altered chunk, index,
 //! manifest or config is refused, never restored. (The rest of the suite
 //! also runs against encrypted datastores: `VMBACKUP_TEST_ENCRYPTED=1`.)
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

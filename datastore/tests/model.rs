@@ -1,12 +1,7 @@
 //! Property tests: random writes and incremental snapshots read back equal
 //! to a model disk; parsers never panic on hostile bytes.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

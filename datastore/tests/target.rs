@@ -1,12 +1,7 @@
 //! The Target contract on a datastore: full, incremental, base images,
 //! atomicity, bad input, prune, GC and verify.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

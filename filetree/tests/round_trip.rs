@@ -3,11 +3,6 @@
 //! owners and nanosecond times; restored as a directory and as a tar that
 //! GNU tar extracts; incrementals that read only changed files; hostile
 //! archives and targets that must not make a restore write outside.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;

@@ -1,11 +1,6 @@
 //! A restore never writes outside its target, whatever the archive holds
 //! or the target already contains; a walk reports entries that vanish or
 //! change under it as warnings and goes on.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -1,9 +1,4 @@
 //! The binary prints one JSON line with its endpoints and serves.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};

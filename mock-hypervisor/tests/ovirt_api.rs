@@ -1,11 +1,6 @@
 //! oVirt emulation: auth, XML and JSON, the snapshot-attach flow with
 //! appliance files, the 4.4 backup flow (phases, checkpoints, transfers,
 //! image server), upload, faults and the objects listing.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use mock_hypervisor::{MockConfig, MockHypervisor, RunningMock};
 use reqwest::{Method, StatusCode};

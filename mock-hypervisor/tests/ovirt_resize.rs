@@ -3,11 +3,6 @@
 //! and what a backup application sees afterwards: the new size on the disk,
 //! on a new NBD connection and in the dirty extents of an incremental (the
 //! grown tail is not dirty), while a snapshot taken before keeps its size.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use mock_hypervisor::{MockConfig, MockHypervisor, RunningMock};
 use reqwest::{Method, StatusCode};

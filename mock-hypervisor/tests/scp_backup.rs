@@ -1,12 +1,7 @@
 //! SCP backup flows: linked VM full + incremental over NBD, with the
 //! seed's base image rules, hot-add, and leak checks.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::{MIB, read_allocated, start};
 use reqwest::Method;

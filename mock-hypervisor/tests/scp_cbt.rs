@@ -1,12 +1,7 @@
 //! CBT rules: platform version gating, desktop VMs, expiry after revert and
 //! restore, reset, paging, revert mode.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::{MIB, start, start_with};
 use reqwest::{Method, StatusCode};

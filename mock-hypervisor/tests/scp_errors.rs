@@ -1,12 +1,7 @@
 //! Bad input, authentication, injected faults, lease expiry, NBDSSL,
 //! restart persistence and the demo seed.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

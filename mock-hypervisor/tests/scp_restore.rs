@@ -1,13 +1,8 @@
 //! SCP restore flows: base image restore over NBD, replica sync, custom
 //! attributes, restore to a new linked VM, interrupted base image restore,
 //! overwrite restore with recovery-baseimage, hot-add for write.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use common::{MIB, sha_of, start};
 use reqwest::{Method, StatusCode};

@@ -1,10 +1,5 @@
 //! The ZStack module over HTTP: login, API jobs, queries, the image
 //! lifecycle, exports with Range, AddImage from URLs, quota, demo seed.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use mock_hypervisor::{MockConfig, MockHypervisor, RunningMock, Seed};
 use reqwest::{Method, StatusCode};

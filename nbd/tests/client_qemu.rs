@@ -1,11 +1,6 @@
 //! Client against qemu-nbd: reads, block status, TLS.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -1,12 +1,7 @@
 //! Server against our client and against real clients (qemu-img, nbdcopy,
 //! nbdinfo).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;

@@ -1,11 +1,6 @@
 //! The server's bounds: in-flight budgets, cancellation when a client goes
 //! away, bounded shutdown and I/O timeouts. Exports here count (or block)
 //! their reads so that the tests see what the server asks of them.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test code: a failed unwrap is a failed test"
-)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
