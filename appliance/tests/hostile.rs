@@ -27,8 +27,11 @@ fn header(name: &[u8], size: u64, kind: u8, link: &[u8]) -> [u8; 512] {
     h
 }
 
-/// A tar of `members` (name, type, link, data), two zero blocks at the end.
-fn tar(members: &[(&[u8], u8, &[u8], &[u8])]) -> Vec<u8> {
+/// One member: name, type flag, link target, data.
+type Raw<'a> = (&'a [u8], u8, &'a [u8], &'a [u8]);
+
+/// A tar of `members`, two zero blocks at the end.
+fn tar(members: &[Raw<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, kind, link, data) in members {
         out.extend_from_slice(&header(name, data.len() as u64, *kind, link));
