@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a backup, restore or check failed (or the
 //! datastore, config or platform could not be used); 2 bad usage.
 
+mod appliance;
 mod config;
 mod demo;
 mod demo_mock;
@@ -115,6 +116,12 @@ enum Command {
     Ls(files::LsArgs),
     /// Restore one file or directory of a tree snapshot into a directory.
     RestoreFile(files::RestoreFileArgs),
+    /// Import an appliance (OVA, or OVF with its files beside it) as a
+    /// snapshot: disks read in place, configuration kept platform-neutral.
+    Import(appliance::ImportArgs),
+    /// Write a snapshot as an OVA (streamOptimized VMDKs, OVF 1.0, SHA-256
+    /// manifest) that VMware, VirtualBox, oVirt and Proxmox import.
+    Export(appliance::ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -564,6 +571,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restore(args) => restore(args, &config, json).await,
         Command::Ls(args) => files::ls(args, &config, json).await,
         Command::RestoreFile(args) => files::restore_file(args, &config, json).await,
+        Command::Import(args) => appliance::import(args, &config, json).await,
+        Command::Export(args) => appliance::export(args, &config, json).await,
         Command::Show(args) => {
             let ds = open_store(&args.store, &config)?;
             let reader = ds.open_snapshot(&SnapshotId(args.snapshot.clone())).await?;
