@@ -7,4 +7,5 @@
 )]
 
 mod hostile;
+mod roundtrip;
 mod samples;
