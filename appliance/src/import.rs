@@ -15,7 +15,7 @@
 //! [`OvaProvider`] serves each disk with `qemu-nbd --read-only` on a unix
 //! socket in a private directory for the time of the backup (killed at
 //! `backup_cleanup`, and on drop), and returns them with the guest's
-//! [`GuestSpec`](crate::GuestSpec) as its configuration. It only backs up:
+//! `GuestSpec` as its configuration. It only backs up:
 //! an imported snapshot restores through any other provider.
 
 use std::path::{Path, PathBuf};

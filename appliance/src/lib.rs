@@ -6,7 +6,7 @@
 //! - [`ovf`]: a tolerant parser of OVF descriptors as real exporters write
 //!   them, hardened against hostile XML; a writer for exports.
 //! - [`spec`]: the platform-neutral guest specification an import stores
-//!   and a cross-platform restore maps.
+//!   (`provider_api::spec`, re-exported: it is part of the contract).
 //! - [`units`]: allocation units (`byte * 2^30`, `MegaBytes`).
 //!
 //! Why by hand: no maintained crate parses OVF (the format is a DMTF XML
@@ -17,8 +17,8 @@ pub mod error;
 pub mod import;
 pub mod ova;
 pub mod ovf;
-pub mod spec;
+pub use provider_api::spec;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};
-pub use spec::GuestSpec;
+pub use provider_api::GuestSpec;

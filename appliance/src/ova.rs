@@ -24,7 +24,7 @@
 //!
 //! ## Writing
 //!
-//! [`write`] puts the descriptor first, then the manifest, then the disks
+//! [`write()`] puts the descriptor first, then the manifest, then the disks
 //! (the order the OVF standard prescribes), as ustar members, under a
 //! temporary name renamed into place once complete and synced.
 

@@ -17,7 +17,7 @@
 //!   elements, only the predefined and numeric character references.
 //!
 //! [`Descriptor::guest`] turns a parsed descriptor into the platform-neutral
-//! [`GuestSpec`] and the list of disks to import; [`write`] does the reverse
+//! [`GuestSpec`] and the list of disks to import; [`write()`] does the reverse
 //! for exports.
 
 use std::collections::BTreeMap;

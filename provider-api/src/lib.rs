@@ -128,6 +128,7 @@ pub mod access;
 pub mod error;
 pub mod files;
 pub mod provider;
+pub mod spec;
 pub mod target;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -148,6 +149,7 @@ pub use provider::{
     RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget,
     RestoreVmRequest, RestoreVolumeRequest, VolumeImport,
 };
+pub use spec::GuestSpec;
 pub use target::{
     BaseImageCatalog, ConfigKind, Layer, Region, RegionKind, SnapshotId, SnapshotInfo,
     SnapshotReader, SnapshotSpec, SnapshotWriter, StartFrom, StoredVolume, Target, TargetExt,

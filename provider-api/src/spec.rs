@@ -1,6 +1,6 @@
 //! The platform-neutral guest specification.
 //!
-//! What an imported appliance (or, for cross-platform restores, any
+//! What an imported appliance (and, for restores across platforms, any
 //! snapshot) says about the machine, in terms every platform maps: CPUs,
 //! memory, firmware, disks with their bus, NICs with model, MAC and the
 //! network they were on. Stored as the snapshot's guest configuration
@@ -96,8 +96,8 @@ pub struct GuestSpec {
 
 impl GuestSpec {
     /// As a guest configuration blob.
-    pub fn to_config(&self) -> provider_api::ConfigBlob {
-        provider_api::ConfigBlob {
+    pub fn to_config(&self) -> crate::ConfigBlob {
+        crate::ConfigBlob {
             content_type: CONTENT_TYPE.to_owned(),
             data: serde_json::to_vec_pretty(self).unwrap_or_default(),
         }
@@ -105,7 +105,7 @@ impl GuestSpec {
 
     /// From a guest configuration blob of [`CONTENT_TYPE`]; `None` for
     /// other content types.
-    pub fn from_config(blob: &provider_api::ConfigBlob) -> Option<serde_json::Result<Self>> {
+    pub fn from_config(blob: &crate::ConfigBlob) -> Option<serde_json::Result<Self>> {
         (blob.content_type == CONTENT_TYPE).then(|| serde_json::from_slice(&blob.data))
     }
 }
