@@ -8,6 +8,7 @@
 )]
 
 mod backend;
+mod cross_platform;
 mod nbd_retry;
 mod ovirt;
 mod ovirt_kit;

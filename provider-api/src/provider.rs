@@ -331,6 +331,34 @@ pub struct ArchiveView {
 }
 
 impl ArchiveView {
+    /// Whether the snapshot was taken on another platform than
+    /// `provider` (or imported): its metadata and configuration are then
+    /// not that provider's, only its [`ArchiveView::guest_spec`] is.
+    pub fn is_foreign_to(&self, provider: &str) -> bool {
+        self.snapshot.platform != provider
+    }
+
+    /// The platform-neutral description of the guest, when the snapshot
+    /// holds one (imported appliances store it as their configuration).
+    /// `None` when it does not; an error when it does and it does not
+    /// parse.
+    pub fn guest_spec(&self) -> Result<Option<crate::GuestSpec>> {
+        self.guest_config
+            .as_ref()
+            .and_then(crate::GuestSpec::from_config)
+            .transpose()
+            .map_err(|e| {
+                Error::new(
+                    crate::ErrorKind::Corrupt,
+                    format!(
+                        "the guest spec stored with snapshot {} does not parse",
+                        self.snapshot.id
+                    ),
+                )
+                .with_source(e)
+            })
+    }
+
     /// The view of `snapshot` with what the target holds for it.
     pub fn new(
         snapshot: SnapshotInfo,

@@ -64,7 +64,13 @@
 //! `instance_offering_uuid` and `l3_network_uuids` override them for a
 //! target that lacks the originals; a missing one is a `NotFound` error
 //! naming it and the option, before anything is created) and picks the new
-//! VM's UUID (`resourceUuid`). Per volume,
+//! VM's UUID (`resourceUuid`). A snapshot of another platform, or of an
+//! imported appliance, restores from its platform-neutral guest spec
+//! ([`ArchiveView::guest_spec`](provider_api::ArchiveView::guest_spec)):
+//! the first volume becomes the root volume, CPUs and memory come from the
+//! spec, networks from `l3_network_uuids` (required: the source's networks
+//! mean nothing here), and what ZStack does not take (NIC models and MACs,
+//! firmware, disk buses) is logged as a warning. Per volume,
 //! an image already on the platform with the same md5, size and media type
 //! (`Ready`, `Enabled`) is reused; otherwise AddImage with the host's
 //! HTTP URL ([`RestoreSources::merged`](provider_api::RestoreSources))

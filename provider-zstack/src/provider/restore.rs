@@ -37,6 +37,85 @@ enum Compute {
     CpuMemory(u32, u64),
 }
 
+/// The metadata and VM shape of a snapshot taken on another platform or
+/// imported, from its platform-neutral guest spec: the first volume is
+/// the root volume, the others data volumes, CPUs and memory as the spec
+/// says; networks come from the provider options (`l3_network_uuids`),
+/// the source's networks mean nothing here. What ZStack does not take
+/// (NIC models and MACs, firmware, disk buses) is logged as a warning.
+fn foreign(archive: &ArchiveView) -> Result<(Metadata, Option<VmInventory>)> {
+    let snapshot = &archive.snapshot;
+    let spec = archive.guest_spec()?.ok_or_else(|| {
+        Error::invalid(format!(
+            "snapshot {} was taken on platform {} and holds no platform-neutral guest spec: \
+             it restores onto {} only (or into raw files with restore --to)",
+            snapshot.id, snapshot.platform, snapshot.platform
+        ))
+    })?;
+    if snapshot.volumes.is_empty() {
+        return Err(Error::invalid(format!(
+            "snapshot {} holds no volumes",
+            snapshot.id
+        )));
+    }
+    let windows = spec
+        .os
+        .as_deref()
+        .is_some_and(|o| o.to_ascii_lowercase().contains("win"));
+    let volumes = snapshot
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(n, v)| VolumeMeta {
+            device: v.volume.device.clone(),
+            uuid: String::new(),
+            kind: if n == 0 { "Root" } else { "Data" }.to_owned(),
+            size: v.volume.size,
+            md5: String::new(),
+            root_image_uuid: None,
+            device_id: n as u64,
+            name: format!("{}-{}", spec.name, v.volume.device),
+        })
+        .collect();
+    let meta = Metadata {
+        vm_uuid: snapshot.guest.0.clone(),
+        vm_name: spec.name.clone(),
+        platform: if windows { "Windows" } else { "Linux" }.to_owned(),
+        backup_storage_uuid: String::new(),
+        volumes,
+    };
+    let inventory: VmInventory = serde_json::from_value(serde_json::json!({
+        "uuid": snapshot.guest.0,
+        "name": spec.name,
+        "allVolumes": [],
+        "cpuNum": spec.cpus,
+        "memorySize": spec.memory_mib << 20,
+    }))
+    .map_err(|e| Error::invalid("the guest spec does not map to a ZStack VM").with_source(e))?;
+    let mut unmapped = Vec::new();
+    if !spec.nics.is_empty() {
+        unmapped.push(format!(
+            "{} NIC(s): models and MAC addresses are not kept, networks come from l3_network_uuids",
+            spec.nics.len()
+        ));
+    }
+    if spec.firmware == provider_api::spec::Firmware::Efi {
+        unmapped
+            .push("UEFI firmware: the VM is created with the instance's default boot mode".into());
+    }
+    if spec
+        .disks
+        .iter()
+        .any(|d| d.bus != provider_api::spec::Bus::Virtio)
+    {
+        unmapped.push("disk buses: ZStack attaches volumes as virtio".into());
+    }
+    for w in unmapped {
+        tracing::warn!(snapshot = %snapshot.id, from = %snapshot.platform, "not mapped onto ZStack: {w}");
+    }
+    Ok((meta, Some(inventory)))
+}
+
 impl ZStackProvider {
     fn restore_state<R>(&self, guest: &Guest, f: impl FnOnce(&mut RestoreState) -> R) -> Result<R> {
         self.restores.with(&guest.id, f)
@@ -322,21 +401,26 @@ impl ZStackProvider {
             RestoreTarget::NewGuest { name } => name.clone(),
             _ => return Err(Error::unsupported("restore in place")),
         };
-        let meta: Metadata =
-            serde_json::from_value(request.archive.metadata.clone()).map_err(|e| {
-                Error::new(
-                    ErrorKind::Corrupt,
-                    "the snapshot's ZStack metadata does not parse",
-                )
-                .with_source(e)
-            })?;
+        let (meta, backed) = if request.archive.is_foreign_to(self.provider_name()) {
+            foreign(&request.archive)?
+        } else {
+            let meta: Metadata =
+                serde_json::from_value(request.archive.metadata.clone()).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Corrupt,
+                        "the snapshot's ZStack metadata does not parse",
+                    )
+                    .with_source(e)
+                })?;
+            // The guest configuration is the backed-up VM's inventory.
+            let backed: Option<VmInventory> = request
+                .archive
+                .guest_config
+                .as_ref()
+                .and_then(|c| serde_json::from_slice(&c.data).ok());
+            (meta, backed)
+        };
         self.client.ensure_session().await?;
-        // The guest configuration is the backed-up VM's inventory.
-        let backed: Option<VmInventory> = request
-            .archive
-            .guest_config
-            .as_ref()
-            .and_then(|c| serde_json::from_slice(&c.data).ok());
         let shape = self.vm_shape(backed.as_ref()).await?;
         let bs = match &self.options.backup_storage_uuid {
             Some(b) => b.clone(),
