@@ -10,10 +10,10 @@ use appliance::import::{Appliance, OvaProvider};
 use appliance::ovf::ExportDisk;
 use appliance::spec::{Bus, DiskSpec, GuestSpec};
 use clap::Args;
-use engine::{BackupDriver, JobOptions, NbdExposer, SourceExposer, StandardMover};
+use engine::{NbdExposer, SourceExposer};
 use provider_api::{ConfigKind, Guest, Layer, SnapshotId, Target};
 
-use crate::{StoreArg, config, jobs, open_or_create_store, open_store, progress, report};
+use crate::{StoreArg, config, open_or_create_store, open_store};
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
@@ -56,32 +56,16 @@ pub async fn import(args: ImportArgs, config: &config::Config, json: bool) -> Re
     let work = tempfile::tempdir()?;
     let provider = OvaProvider::new(args.id.clone(), appliance, work.path().join("sockets"));
     let ds = open_or_create_store(&args.store, config)?;
-    let driver = BackupDriver::new(
+    crate::files::one_guest_job(
         Arc::new(provider),
-        Arc::new(ds),
-        Arc::new(StandardMover::default()),
+        ds,
+        Guest::vm(args.id.clone()),
+        appliance::import::PLATFORM,
+        config,
+        work.path(),
+        json,
     )
-    .with_progress(Arc::new(progress::Reporter::new(json)));
-    let job = jobs::register(config, "import", crate::now())?;
-    let options = JobOptions {
-        info: job.info.clone(),
-        parallelism: 1,
-        log_dir: work.path().join("logs"),
-    };
-    let (interrupt, cancel) = jobs::Interrupt::install()?;
-    let report = driver
-        .run_job_cancellable(&options, vec![Guest::vm(args.id.clone())], cancel)
-        .await;
-    report::print_job(&report, appliance::import::PLATFORM, json);
-    if let Some(code) = interrupt.exit_code() {
-        eprintln!("import interrupted; nothing was published");
-        return Ok(ExitCode::from(code));
-    }
-    Ok(if report.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    .await
 }
 
 /// Characters safe in a member name.

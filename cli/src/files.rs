@@ -43,25 +43,44 @@ pub async fn backup_dir(
         provider = provider.with_id_map(m);
     }
     let ds = open_or_create_store(store, config)?;
-    let driver = BackupDriver::new(
+    one_guest_job(
         Arc::new(provider),
-        Arc::new(ds),
-        Arc::new(StandardMover::default()),
+        ds,
+        Guest::container(id),
+        provider_dir::PROVIDER_NAME,
+        config,
+        work.path(),
+        json,
     )
-    .with_progress(Arc::new(progress::Reporter::new(json)));
+    .await
+}
+
+/// One guest's backup through `provider` into `ds` as a job of this host:
+/// progress, the job's report, interruption by a signal (its exit code).
+pub(crate) async fn one_guest_job(
+    provider: Arc<dyn provider_api::BackupProvider>,
+    ds: Datastore,
+    guest: Guest,
+    platform: &str,
+    config: &config::Config,
+    work: &Path,
+    json: bool,
+) -> Result<ExitCode> {
+    let driver = BackupDriver::new(provider, Arc::new(ds), Arc::new(StandardMover::default()))
+        .with_progress(Arc::new(progress::Reporter::new(json)));
     let job = jobs::register(config, "backup", crate::now())?;
     let options = JobOptions {
         info: job.info.clone(),
         parallelism: 1,
-        log_dir: work.path().join("logs"),
+        log_dir: work.join("logs"),
     };
     let (interrupt, cancel) = jobs::Interrupt::install()?;
     let report = driver
-        .run_job_cancellable(&options, vec![Guest::container(id)], cancel)
+        .run_job_cancellable(&options, vec![guest], cancel)
         .await;
-    report::print_job(&report, provider_dir::PROVIDER_NAME, json);
+    report::print_job(&report, platform, json);
     if let Some(code) = interrupt.exit_code() {
-        eprintln!("backup interrupted; nothing was published");
+        eprintln!("interrupted; cleanups ran, nothing was published");
         return Ok(ExitCode::from(code));
     }
     Ok(if report.success() {
