@@ -274,7 +274,24 @@ impl Appliance {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "imported".to_owned());
-        let (descriptor, windows_of): (Vec<u8>, WindowOf) = if is_ovf {
+        // An OVA's headers are read once: the members checked are the
+        // members read.
+        let ova = if is_ovf { None } else { Some(Ova::open(path)?) };
+        let (descriptor, windows_of): (Vec<u8>, WindowOf) = if let Some(ova) = &ova {
+            let xml = ova.read(ova.descriptor()?, MAX_DESCRIPTOR as u64)?;
+            let archive = ova.clone();
+            (
+                xml,
+                Box::new(move |href: &str| {
+                    let m = archive.member(href)?;
+                    Ok(Window {
+                        path: archive.path().to_owned(),
+                        offset: m.offset,
+                        size: m.size,
+                    })
+                }),
+            )
+        } else {
             let meta = std::fs::metadata(path).map_err(|e| Error::io(&shown, e))?;
             if meta.len() > MAX_DESCRIPTOR as u64 {
                 return Err(Error::new(
@@ -302,21 +319,6 @@ impl Appliance {
                     })
                 }),
             )
-        } else {
-            let ova = Ova::open(path)?;
-            let xml = ova.read(ova.descriptor()?, MAX_DESCRIPTOR as u64)?;
-            let archive = ova.clone();
-            (
-                xml,
-                Box::new(move |href: &str| {
-                    let m = archive.member(href)?;
-                    Ok(Window {
-                        path: archive.path().to_owned(),
-                        offset: m.offset,
-                        size: m.size,
-                    })
-                }),
-            )
         };
         let parsed = ovf::parse(&descriptor).map_err(|e| e.within(&shown))?;
         let (mut spec, disks, mut warnings) =
@@ -328,14 +330,13 @@ impl Appliance {
         let mut names: Vec<&str> = disks.iter().filter_map(|d| d.href.as_deref()).collect();
         names.sort_unstable();
         names.dedup();
-        if is_ovf {
-            warnings.extend(verify_beside(path, &names)?);
-        } else {
-            let ova = Ova::open(path)?;
-            let mut all = names.clone();
-            let desc = ova.descriptor()?.name.clone();
-            all.push(&desc);
-            warnings.extend(ova.verify(&all)?);
+        match &ova {
+            None => warnings.extend(verify_beside(path, &names)?),
+            Some(ova) => {
+                let mut all = names.clone();
+                all.push(&ova.descriptor()?.name);
+                warnings.extend(ova.verify(&all)?);
+            }
         }
         let mut prepared = Vec::with_capacity(disks.len());
         for (d, spec_disk) in disks.iter().zip(spec.disks.iter_mut()) {
