@@ -29,11 +29,20 @@ impl Drop for Moto {
     }
 }
 
+/// A free port below Linux's ephemeral range (32768-60999): the servers
+/// of the tests running beside this one in the process listen on port 0
+/// and could take an ephemeral port between this check and moto's bind.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 1200) * 10 + 5;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + ((start + n) % 12000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Moto {

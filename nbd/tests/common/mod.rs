@@ -28,20 +28,20 @@ pub fn require(tools: &[&str]) -> bool {
 }
 
 /// A free TCP port on 127.0.0.1, never one this process handed out
-/// before: tests of one binary run in parallel, and two peers started on
-/// one port made a client talk to the other test's peer (a reset seen in
-/// CI).
+/// before, and below Linux's ephemeral range (32768-60999): the tests of
+/// this binary run in parallel and its own servers listen on port 0, so a
+/// port from that range could be taken by one of them between this check
+/// and the peer's bind (a client then talked to the wrong server: resets
+/// seen in CI).
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread concurrent test processes apart.
+    let start = (std::process::id() % 1200) * 10;
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20000 + ((start + n) % 12000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
