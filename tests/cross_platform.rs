@@ -1,8 +1,12 @@
-//! Restores across platforms: a snapshot of an imported appliance (its
-//! configuration a platform-neutral guest spec) restores onto the ZStack
-//! mock with the disks identical and CPUs and memory mapped; networks come
-//! from the target's provider options, and without them the restore fails
-//! naming the option and leaves nothing on the platform.
+//! Restores across platforms. A snapshot of an imported appliance (its
+//! configuration a platform-neutral guest spec) restores onto the ZStack,
+//! oVirt and SCP mocks; an oVirt backup restores onto ZStack and an SCP
+//! backup onto oVirt (platform backups store a spec beside the platform's
+//! own configuration). Every case compares the restored disks' SHA-256
+//! with the source's and the mapped CPUs and memory with the source's; a
+//! target that needs a choice the snapshot cannot make (ZStack's networks,
+//! oVirt's storage domain) fails naming the option and leaves nothing on
+//! the platform; what a platform cannot take is a warning of the restore.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,10 +14,13 @@ use std::sync::Arc;
 use appliance::import::{Appliance, OvaProvider};
 use appliance::ovf::ExportDisk;
 use appliance::spec::{Bus, DiskSpec, Firmware, GuestSpec, NicSpec};
+use datastore::Datastore;
 use engine::{BackupDriver, JobOptions, StandardMover};
-use provider_api::{BackupProvider, Guest, JobInfo, Target};
+use provider_api::{BackupProvider, ConfigKind, Guest, JobInfo, RestoreTarget, SnapshotId, Target};
+use provider_ovirt::{BackupMode, OvirtProvider, WireFormat};
 use provider_zstack::ZStackOptions;
 use scenarios::zstack::*;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
@@ -120,6 +127,100 @@ fn appliance(dir: &Path) -> (std::path::PathBuf, GuestSpec, Vec<String>) {
     (ova, spec, digests)
 }
 
+/// Imports the OVA at `ova` into `store` (its disks through qemu-nbd);
+/// the snapshot.
+async fn import(ova: &Path, store: &Arc<Datastore>, dir: &Path) -> SnapshotId {
+    let loaded = Appliance::load(ova, None).unwrap();
+    let importer = Arc::new(OvaProvider::new("web", loaded, dir.join("sockets")));
+    backup_into(importer, store, "web", dir).await
+}
+
+/// Backs up guest `guest` with `provider` into `store` (whatever the
+/// provider's platform): the snapshot.
+async fn backup_into(
+    provider: Arc<dyn BackupProvider>,
+    store: &Arc<Datastore>,
+    guest: &str,
+    dir: &Path,
+) -> SnapshotId {
+    let report = BackupDriver::new(
+        provider,
+        store.clone() as Arc<dyn Target>,
+        Arc::new(StandardMover::default()),
+    )
+    .run_job(
+        &JobOptions {
+            info: JobInfo::new("cross", now()),
+            parallelism: 1,
+            log_dir: dir.join("logs"),
+        },
+        vec![Guest::vm(guest)],
+    )
+    .await;
+    assert_ok(&report);
+    snapshot_of(&report, 0)
+}
+
+/// The spec stored beside a platform backup's configuration.
+async fn stored_spec(store: &Arc<Datastore>, snapshot: &SnapshotId) -> GuestSpec {
+    let reader = store.open_snapshot(snapshot).await.unwrap();
+    let blob = reader
+        .config(ConfigKind::Spec)
+        .await
+        .unwrap()
+        .expect("a platform backup stores a guest spec");
+    GuestSpec::from_config(&blob).unwrap().unwrap()
+}
+
+/// A number the oVirt API gives as a number or a decimal string.
+fn num(v: &Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// CPUs and memory (MiB) of an oVirt VM as the engine API shows it.
+async fn ovirt_hardware(ov: &scenarios::ovirt::Env, vm: &str) -> (u64, u64) {
+    let v = ov.api_get(&format!("/vms/{vm}")).await;
+    let t = &v["cpu"]["topology"];
+    (
+        num(&t["sockets"]) * num(&t["cores"]) * num(&t["threads"]),
+        num(&v["memory"]) >> 20,
+    )
+}
+
+/// An oVirt provider for `ov`'s mock that restores onto its storage
+/// domain `data` and its network `ovirtmgmt`.
+fn ovirt_target(ov: &scenarios::ovirt::Env) -> Arc<OvirtProvider> {
+    let mut o = ov.options(BackupMode::Auto, WireFormat::Json);
+    o.storage_domain = Some("data".into());
+    o.network = Some("ovirtmgmt".into());
+    Arc::new(OvirtProvider::new(o).unwrap())
+}
+
+/// The restored oVirt VM's disks in the snapshot's order (their aliases
+/// are `<name>-<device>`): (disk id, format, interface, bootable).
+fn restored_disks(
+    ov: &scenarios::ovirt::Env,
+    vm: &str,
+    name: &str,
+    devices: &[&str],
+) -> Vec<(String, String, String, bool)> {
+    let disks = ov.disks_of(vm);
+    devices
+        .iter()
+        .map(|dev| {
+            let alias = format!("{name}-{dev}");
+            let (_, id, format, interface, boot) = disks
+                .iter()
+                .find(|d| d.0 == alias)
+                .unwrap_or_else(|| panic!("no restored disk {alias} in {disks:?}"))
+                .clone();
+            (id, format, interface, boot)
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_imported_appliance_restores_onto_zstack_with_identical_disks() {
     if !(have("qemu-img") && have("qemu-nbd")) {
@@ -130,24 +231,7 @@ async fn an_imported_appliance_restores_onto_zstack_with_identical_disks() {
     let (ova, spec, digests) = appliance(dir.path());
 
     // Import: the appliance's disks through qemu-nbd into the datastore.
-    let loaded = Appliance::load(&ova, None).unwrap();
-    let importer = Arc::new(OvaProvider::new("web", loaded, dir.path().join("sockets")));
-    let report = BackupDriver::new(
-        importer as Arc<dyn BackupProvider>,
-        zs.env.store.clone() as Arc<dyn Target>,
-        Arc::new(StandardMover::default()),
-    )
-    .run_job(
-        &JobOptions {
-            info: JobInfo::new("import", now()),
-            parallelism: 1,
-            log_dir: dir.path().join("logs"),
-        },
-        vec![Guest::vm("web")],
-    )
-    .await;
-    assert_ok(&report);
-    let snapshot = snapshot_of(&report, 0);
+    let snapshot = import(&ova, &zs.env.store, dir.path()).await;
 
     // Without a target network the restore names the option and leaves
     // nothing behind.
@@ -184,4 +268,230 @@ async fn an_imported_appliance_restores_onto_zstack_with_identical_disks() {
     assert_eq!(inv["defaultL3NetworkUuid"], l3.as_str());
     assert_eq!(inv["name"], "web-restored");
     zs.assert_no_leftovers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_imported_appliance_restores_onto_ovirt_and_scp_with_identical_disks() {
+    if !(have("qemu-img") && have("qemu-nbd")) {
+        return;
+    }
+    let ov = scenarios::ovirt::Env::start("down").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ova, spec, digests) = appliance(dir.path());
+    let snapshot = import(&ova, &ov.store, dir.path()).await;
+
+    // oVirt: without a storage domain the snapshot names none of this
+    // engine's; the restore says which option is missing and creates
+    // nothing.
+    let e = ov
+        .restore(
+            ov.provider(BackupMode::Auto, WireFormat::Json),
+            &snapshot,
+            RestoreTarget::NewGuest {
+                name: Some("web-ovirt".into()),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.report().contains("storage_domain"), "{}", e.report());
+    assert_eq!(ov.leftovers().await, Vec::<String>::new());
+
+    let r = ov
+        .restore(
+            ovirt_target(&ov),
+            &snapshot,
+            RestoreTarget::NewGuest {
+                name: Some("web-ovirt".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let vm = r.guest.id.0.clone();
+    let disks = restored_disks(&ov, &vm, "appliance-web", &["disk0", "disk1"]);
+    let ids: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
+    assert_eq!(ov.shas(&ids).await, digests, "restored oVirt disks");
+    // SCSI → virtio_scsi; thin qcow2 disks ready for incremental backup;
+    // no boot disk named: the first boots.
+    for (n, (_, format, interface, boot)) in disks.iter().enumerate() {
+        assert_eq!(
+            (format.as_str(), interface.as_str(), *boot),
+            ("cow", "virtio_scsi", n == 0)
+        );
+    }
+    assert_eq!(
+        ovirt_hardware(&ov, &vm).await,
+        (u64::from(spec.cpus), spec.memory_mib)
+    );
+    let warned = |text: &str| r.warnings.iter().any(|w| w.contains(text));
+    assert!(
+        warned("VmxNet3") && warned("MAC") && warned("other_linux"),
+        "{:?}",
+        r.warnings
+    );
+    assert_eq!(ov.leftovers().await, Vec::<String>::new());
+
+    // SCP: the same snapshot as a new server on its storage.
+    let scp_env = scenarios::scp::Env::start(|_, _| {}).await;
+    let mut o = scp_env.options(provider_scp::AccessMode::Nbd);
+    o.restore_storage_id = Some("storage-local".into());
+    let scp = scp_env.provider_with(o);
+    let r = scenarios::scp::restore_from(
+        &ov.store,
+        scp.clone(),
+        &snapshot,
+        RestoreTarget::NewGuest {
+            name: Some("web-scp".into()),
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.report()));
+    assert_eq!(
+        scenarios::scp_flow::digests_of(&scp_env, &scp, &r.guest).await,
+        digests,
+        "restored SCP disks"
+    );
+    let server = scenarios::scp_flow::janus(
+        &scp,
+        reqwest::Method::GET,
+        &format!("/janus/20250725/servers/{}", r.guest.id.0),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (num(&server["cores"]), num(&server["memory_mb"])),
+        (u64::from(spec.cpus), spec.memory_mib)
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("NIC")),
+        "{:?}",
+        r.warnings
+    );
+    scenarios::scp_flow::assert_clean(&scp_env).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ovirt_backup_restores_onto_zstack_with_identical_disks() {
+    let ov = scenarios::ovirt::Env::start("down").await;
+    let zs = Zs::start().await;
+    let before = ov.shas(&ov.disks).await;
+    let snapshot = backup_into(
+        ov.provider(BackupMode::Auto, WireFormat::Json),
+        &zs.env.store,
+        &ov.vm,
+        zs.env.dir.path(),
+    )
+    .await;
+    assert_eq!(ov.leftovers().await, Vec::<String>::new());
+
+    // The backup stored the VM platform-neutrally beside its OVF.
+    let spec = stored_spec(&zs.env.store, &snapshot).await;
+    let (cpus, memory) = ovirt_hardware(&ov, &ov.vm).await;
+    assert_eq!((u64::from(spec.cpus), spec.memory_mib), (cpus, memory));
+    let shape: Vec<_> = spec.disks.iter().map(|d| (d.bus, d.boot_order)).collect();
+    assert_eq!(
+        shape,
+        [(Bus::Virtio, Some(0)), (Bus::Scsi, None)],
+        "system disk (virtio, bootable), data disk (virtio_scsi)"
+    );
+
+    let (_, l3) = zs.default_offering_and_l3().await;
+    let provider = zs.provider_with(ZStackOptions {
+        l3_network_uuids: vec![l3],
+        ..zs.options()
+    });
+    let r = zs
+        .restore(provider, &snapshot, "vm1-from-ovirt")
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let vm = r.guest.id.0.clone();
+    assert_eq!(
+        zs.digests(&vm).await,
+        before,
+        "root = system disk, then data"
+    );
+    let p = zs.provider();
+    p.client().login().await.unwrap();
+    let hits: Vec<Value> = p
+        .client()
+        .query("/vm-instances", &[format!("uuid={vm}")])
+        .await
+        .unwrap();
+    assert_eq!(
+        (num(&hits[0]["cpuNum"]), num(&hits[0]["memorySize"]) >> 20),
+        (cpus, memory)
+    );
+    assert!(
+        r.warnings.iter().any(|w| w.contains("virtio")),
+        "the data disk's bus is a warning: {:?}",
+        r.warnings
+    );
+    zs.assert_no_leftovers().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_scp_backup_restores_onto_ovirt_with_identical_disks() {
+    const MIB: u64 = 1 << 20;
+    let scp_env = scenarios::scp::Env::start(|_, _| {}).await;
+    // Odd sizes, data at the first and last bytes and across chunk
+    // boundaries (1 MiB chunks in this datastore).
+    let server = scp_env
+        .admin
+        .server(
+            json!({"name": "plain", "storage_id": "storage-local", "disks": [
+            {"size": 20 * MIB + 512, "fill": [
+                {"offset": 0, "length": MIB + 4096, "pattern": "random", "seed": 21},
+                {"offset": 20 * MIB - 4096, "length": 4096 + 512, "pattern": "text", "seed": 22}]},
+            {"size": 6 * MIB, "fill": [
+                {"offset": 2 * MIB - 100, "length": 200, "pattern": "random", "seed": 23},
+                {"offset": 6 * MIB - 1, "length": 1, "pattern": "random", "seed": 24}]}]}),
+        )
+        .await;
+    let before = scp_env.admin.server_digests(&server).await;
+    let ov = scenarios::ovirt::Env::start("down").await;
+    let snapshot = backup_into(
+        scp_env.provider(),
+        &ov.store,
+        &scenarios::scp_flow::id(&server),
+        ov.dir.path(),
+    )
+    .await;
+    scenarios::scp_flow::assert_clean(&scp_env).await;
+    let spec = stored_spec(&ov.store, &snapshot).await;
+    assert_eq!(
+        spec.disks
+            .iter()
+            .map(|d| d.device.as_str())
+            .collect::<Vec<_>>(),
+        ["scsi0", "scsi1"]
+    );
+
+    let r = ov
+        .restore(
+            ovirt_target(&ov),
+            &snapshot,
+            RestoreTarget::NewGuest {
+                name: Some("plain-from-scp".into()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}", e.report()));
+    let vm = r.guest.id.0.clone();
+    let disks = restored_disks(&ov, &vm, "plain", &["scsi0", "scsi1"]);
+    let ids: Vec<String> = disks.iter().map(|d| d.0.clone()).collect();
+    assert_eq!(ov.shas(&ids).await, before, "restored disks");
+    let shape: Vec<_> = disks.iter().map(|d| (d.2.as_str(), d.3)).collect();
+    assert_eq!(shape, [("virtio_scsi", true), ("virtio_scsi", false)]);
+    assert_eq!(
+        ovirt_hardware(&ov, &vm).await,
+        (u64::from(spec.cpus), spec.memory_mib)
+    );
+    assert_eq!((spec.cpus, spec.memory_mib), (2, 2048), "the server's");
+    assert!(
+        r.warnings.iter().any(|w| w.contains("MAC")),
+        "{:?}",
+        r.warnings
+    );
+    assert_eq!(ov.leftovers().await, Vec::<String>::new());
+    // The source VM is untouched.
+    assert_eq!(scp_env.admin.server_digests(&server).await, before);
 }

@@ -128,7 +128,7 @@ pub async fn restore_container(
     if json {
         println!(
             "{}",
-            serde_json::json!({"guest": done.guest.id, "directory": dest, "bytes_written": done.volumes.first().map(|v| v.1), "seconds": done.elapsed.as_secs_f64()})
+            serde_json::json!({"guest": done.guest.id, "directory": dest, "bytes_written": done.volumes.first().map(|v| v.1), "seconds": done.elapsed.as_secs_f64(), "warnings": done.warnings})
         );
     } else {
         println!(
@@ -136,6 +136,9 @@ pub async fn restore_container(
             dest.display(),
             done.elapsed.as_secs_f64()
         );
+        for w in &done.warnings {
+            println!("warning: {w}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

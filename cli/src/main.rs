@@ -966,7 +966,7 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
     if json {
         println!(
             "{}",
-            serde_json::json!({"guest": done.guest.id, "volumes": done.volumes, "bytes_written": written, "seconds": done.elapsed.as_secs_f64()})
+            serde_json::json!({"guest": done.guest.id, "volumes": done.volumes, "bytes_written": written, "seconds": done.elapsed.as_secs_f64(), "warnings": done.warnings})
         );
     } else {
         println!(
@@ -975,6 +975,9 @@ async fn restore(args: RestoreArgs, config: &config::Config, json: bool) -> Resu
             done.guest.id,
             done.elapsed.as_secs_f64()
         );
+        for w in &done.warnings {
+            println!("warning: {w}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -133,6 +133,7 @@ impl SnapshotReader for SnapReader {
         let k = match kind {
             ConfigKind::Guest => "guest",
             ConfigKind::Firewall => "firewall",
+            ConfigKind::Spec => "spec",
         };
         Ok(self
             .blob(k)?

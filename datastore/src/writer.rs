@@ -336,6 +336,7 @@ impl SnapshotWriter for SnapWriter {
         let (k, f) = match kind {
             ConfigKind::Guest => ("guest", "guest.conf.blob"),
             ConfigKind::Firewall => ("firewall", "firewall.conf.blob"),
+            ConfigKind::Spec => ("spec", "spec.json.blob"),
         };
         self.put_blob(k, f, blob.content_type, blob.data)
     }

@@ -391,9 +391,11 @@ impl BackupDriver {
             metadata,
             volumes,
             mut warnings,
+            spec: guest_spec,
             ..
         } = vm;
         check_volumes(&volumes)?;
+        let guest_spec = guest_spec.map(|s| spec_of_backed_up(s, &volumes, &mut warnings));
         for w in &warnings {
             log.warn(w);
         }
@@ -408,6 +410,9 @@ impl BackupDriver {
             self.begin(spec, guest_config, firewall_config, metadata)
                 .await?,
         );
+        if let Some(s) = guest_spec {
+            w.put_config(ConfigKind::Spec, s.to_config()).await?;
+        }
 
         let mut reports = Vec::with_capacity(volumes.len());
         for access in volumes {
@@ -780,4 +785,26 @@ fn log_path(options: &JobOptions, guest: &Guest) -> PathBuf {
         })
         .collect();
     options.log_dir.join(format!("{safe}.log"))
+}
+
+/// The provider's guest spec restricted to the volumes it exposes: a
+/// disk the spec names that is not backed up (skipped by the provider)
+/// is left out with a warning, so that a restore from the spec never
+/// expects a volume the snapshot lacks.
+fn spec_of_backed_up(
+    mut spec: provider_api::GuestSpec,
+    volumes: &[provider_api::VolumeAccess],
+    warnings: &mut Vec<String>,
+) -> provider_api::GuestSpec {
+    spec.disks.retain(|d| {
+        let kept = volumes.iter().any(|v| v.volume.device == d.device);
+        if !kept {
+            warnings.push(format!(
+                "the guest spec names disk {} which is not backed up: left out of the stored spec",
+                d.device
+            ));
+        }
+        kept
+    });
+    spec
 }

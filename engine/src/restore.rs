@@ -34,6 +34,9 @@ pub struct RestoreReport {
     pub volumes: Vec<(String, u64)>,
     /// Duration.
     pub elapsed: Duration,
+    /// What the provider could not carry over (configuration a platform
+    /// does not map, defaults it assumed).
+    pub warnings: Vec<String>,
 }
 
 /// Runs restores.
@@ -202,7 +205,7 @@ impl RestoreDriver {
         let stop = cancel.clone();
         let dest = prepared.destination.clone();
         let id_map = prepared.id_map;
-        let work = tokio::task::spawn_blocking(move || -> Result<u64> {
+        let work = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>)> {
             match mechanism {
                 RestoreMechanism::Tar => {
                     let f = std::fs::OpenOptions::new()
@@ -217,14 +220,12 @@ impl RestoreDriver {
                             )
                         })?;
                     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-                    for warning in filetree::write_tar(&*files, &mut w, None)? {
-                        tracing::warn!("{warning}");
-                    }
+                    let warnings = filetree::write_tar(&*files, &mut w, None)?;
                     use std::io::Write;
                     w.flush().map_err(|e| {
                         Error::new(ErrorKind::Io, format!("writing {}: {e}", dest.display()))
                     })?;
-                    Ok(0)
+                    Ok((0, warnings))
                 }
                 _ => {
                     let opts = filetree::RestoreOptions {
@@ -232,10 +233,7 @@ impl RestoreDriver {
                         ..Default::default()
                     };
                     let rep = filetree::restore_tree(&*files, &dest, &opts)?;
-                    for warning in &rep.warnings {
-                        tracing::warn!("{warning}");
-                    }
-                    Ok(rep.bytes)
+                    Ok((rep.bytes, rep.warnings))
                 }
             }
         });
@@ -250,7 +248,10 @@ impl RestoreDriver {
         let cleanup = containers
             .restore_container_cleanup(&prepared.guest, &outcome)
             .await;
-        let bytes = result.map_err(|e| e.guest(&prepared.guest.id))?;
+        let (bytes, warnings) = result.map_err(|e| e.guest(&prepared.guest.id))?;
+        for warning in &warnings {
+            tracing::warn!("{warning}");
+        }
         cleanup.map_err(|e| {
             Error::new(e.kind(), "restore_container_cleanup failed")
                 .with_source(e)
@@ -260,6 +261,7 @@ impl RestoreDriver {
             guest: prepared.guest,
             volumes: vec![(crate::CONTAINER_ARCHIVE.to_owned(), bytes)],
             elapsed: started.elapsed(),
+            warnings,
         })
     }
 
@@ -323,6 +325,10 @@ impl RestoreDriver {
                 Err(e) => Outcome::failed(e),
             };
             let cleanup = self.provider.restore_vm_cleanup(&guest, &outcome).await;
+            let warnings = request.warnings.list();
+            for warning in &warnings {
+                tracing::warn!(guest = %guest.id, "{warning}");
+            }
             result.map_err(|e| e.guest(&guest.id))?;
             cleanup.map_err(|e| {
                 Error::new(e.kind(), "restore_vm_cleanup failed")
@@ -333,6 +339,7 @@ impl RestoreDriver {
                 guest,
                 volumes: written,
                 elapsed: started.elapsed(),
+                warnings,
             })
         }
         .instrument(span)
@@ -403,7 +410,8 @@ async fn archive_view(reader: &dyn SnapshotReader) -> Result<ArchiveView> {
         reader.config(ConfigKind::Guest).await?,
         reader.config(ConfigKind::Firewall).await?,
         reader.metadata().await?,
-    ))
+    )
+    .with_spec(reader.config(ConfigKind::Spec).await?))
 }
 
 /// Restore targets a caller can name on a command line.

@@ -339,6 +339,10 @@ pub struct VmBackup {
     pub volumes: Vec<VolumeAccess>,
     /// Warnings stored with the snapshot (fallback to full, skipped disks).
     pub warnings: Vec<String>,
+    /// The guest described platform-neutrally (CPUs, memory, firmware,
+    /// disks with their bus, NICs), stored beside the platform's own
+    /// configuration so that the snapshot restores onto other platforms.
+    pub spec: Option<crate::GuestSpec>,
 }
 
 impl VmBackup {
@@ -351,7 +355,14 @@ impl VmBackup {
             metadata: serde_json::Value::Null,
             volumes,
             warnings: Vec::new(),
+            spec: None,
         }
+    }
+
+    /// With the platform-neutral description of the guest.
+    pub fn spec(mut self, spec: crate::GuestSpec) -> Self {
+        self.spec = Some(spec);
+        self
     }
 
     /// With `firewall_config`.

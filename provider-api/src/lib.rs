@@ -147,7 +147,7 @@ pub use provider::{
     ArchiveView, BackupMechanism, BackupProvider, BackupVmRequest, Capabilities, ContainerBackup,
     ContainerProvider, ContainerRestore, IncrementalPlan, LayerWrite, Outcome, PreviousBackup,
     RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources, RestoreTarget,
-    RestoreVmRequest, RestoreVolumeRequest, VolumeImport,
+    RestoreVmRequest, RestoreVolumeRequest, RestoreWarnings, VolumeImport,
 };
 pub use spec::GuestSpec;
 pub use target::{

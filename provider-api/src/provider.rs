@@ -328,6 +328,9 @@ pub struct ArchiveView {
     pub firewall_config: Option<ConfigBlob>,
     /// Stored provider metadata.
     pub metadata: PlatformMetadata,
+    /// The platform-neutral guest spec stored beside the platform's
+    /// configuration ([`ConfigKind::Spec`](crate::ConfigKind)), if any.
+    pub spec: Option<ConfigBlob>,
 }
 
 impl ArchiveView {
@@ -339,13 +342,19 @@ impl ArchiveView {
     }
 
     /// The platform-neutral description of the guest, when the snapshot
-    /// holds one (imported appliances store it as their configuration).
-    /// `None` when it does not; an error when it does and it does not
-    /// parse.
+    /// holds one: the spec a platform backup stored beside its own
+    /// configuration, or the configuration itself when it is a spec
+    /// (imported appliances). `None` when it holds none; an error when it
+    /// does and it does not parse.
     pub fn guest_spec(&self) -> Result<Option<crate::GuestSpec>> {
-        self.guest_config
+        self.spec
             .as_ref()
             .and_then(crate::GuestSpec::from_config)
+            .or_else(|| {
+                self.guest_config
+                    .as_ref()
+                    .and_then(crate::GuestSpec::from_config)
+            })
             .transpose()
             .map_err(|e| {
                 Error::new(
@@ -371,7 +380,14 @@ impl ArchiveView {
             guest_config,
             firewall_config,
             metadata,
+            spec: None,
         }
+    }
+
+    /// With the stored platform-neutral spec.
+    pub fn with_spec(mut self, spec: Option<ConfigBlob>) -> Self {
+        self.spec = spec;
+        self
     }
 }
 
@@ -403,9 +419,49 @@ pub struct RestoreVmRequest {
     /// The firewall configuration to apply (from
     /// `archive_get_firewall_config`).
     pub firewall_config: Option<ConfigBlob>,
+    /// What the provider could not carry over ([`RestoreVmRequest::warn`]):
+    /// the host reports them with the restore.
+    pub warnings: RestoreWarnings,
 }
 
+/// Warnings a provider gives while restoring (configuration it could not
+/// map onto its platform, defaults it assumed). Shared: clones of a
+/// request see the same list.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreWarnings(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl RestoreWarnings {
+    /// Adds one.
+    pub fn push(&self, warning: impl Into<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(warning.into());
+    }
+
+    /// Everything given so far.
+    pub fn list(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl PartialEq for RestoreWarnings {
+    fn eq(&self, other: &Self) -> bool {
+        self.list() == other.list()
+    }
+}
+
+impl Eq for RestoreWarnings {}
+
 impl RestoreVmRequest {
+    /// Records a warning for the restore report (the host logs it).
+    pub fn warn(&self, warning: impl Into<String>) {
+        self.warnings.push(warning);
+    }
+
     /// Restore `archive` to `target` with these configurations.
     pub fn new(
         archive: ArchiveView,
@@ -418,6 +474,7 @@ impl RestoreVmRequest {
             target,
             guest_config,
             firewall_config,
+            warnings: RestoreWarnings::default(),
         }
     }
 }

@@ -57,6 +57,10 @@ pub enum ConfigKind {
     Guest,
     /// The firewall configuration.
     Firewall,
+    /// The platform-neutral [`GuestSpec`](crate::GuestSpec) a provider
+    /// gave with a platform backup ([`VmBackup::spec`](crate::VmBackup)),
+    /// for restores onto other platforms.
+    Spec,
 }
 
 /// Where a volume's content starts before the written regions are applied.

@@ -465,6 +465,7 @@ pub mod memory {
         match kind {
             ConfigKind::Guest => "guest",
             ConfigKind::Firewall => "firewall",
+            ConfigKind::Spec => "spec",
         }
     }
 

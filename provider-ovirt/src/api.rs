@@ -97,6 +97,17 @@ pub(crate) fn opt_text<'de, D: Deserializer<'de>>(
     }
 }
 
+/// An optional non-negative integer: absent, null and empty read as `None`.
+pub(crate) fn opt_number<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<u64>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        v => number(v).map(Some).map_err(D::Error::custom),
+    }
+}
+
 /// A list given as an array, one element, or an empty element.
 pub(crate) fn list<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
 where
@@ -206,6 +217,49 @@ pub struct Vm {
     /// Present with `all_content=true`: the OVF.
     #[serde(default)]
     pub initialization: Option<Initialization>,
+    /// Memory in bytes (read for the platform-neutral spec only).
+    #[serde(default, deserialize_with = "opt_number")]
+    pub memory: Option<u64>,
+    /// `cpu.topology`.
+    #[serde(default)]
+    pub cpu: Option<VmCpu>,
+    /// `bios.type`: `i440fx_sea_bios`, `q35_sea_bios`, `q35_ovmf`,
+    /// `q35_secure_boot`, `cluster_default`.
+    #[serde(default)]
+    pub bios: Option<TypeOnly>,
+    /// `os.type` (`other_linux`, `rhel_8x64`, `windows_2019x64`, ...).
+    #[serde(default)]
+    pub os: Option<TypeOnly>,
+}
+
+/// `vm.cpu`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct VmCpu {
+    /// `cpu.topology`.
+    #[serde(default)]
+    pub topology: Option<CpuTopology>,
+}
+
+/// `vm.cpu.topology`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CpuTopology {
+    /// Sockets.
+    #[serde(default, deserialize_with = "opt_number")]
+    pub sockets: Option<u64>,
+    /// Cores per socket.
+    #[serde(default, deserialize_with = "opt_number")]
+    pub cores: Option<u64>,
+    /// Threads per core.
+    #[serde(default, deserialize_with = "opt_number")]
+    pub threads: Option<u64>,
+}
+
+/// An element read for its `type` only (`bios`, `os`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TypeOnly {
+    /// `type`.
+    #[serde(default, rename = "type", deserialize_with = "opt_text")]
+    pub kind: Option<String>,
 }
 
 /// `vm.initialization`.

@@ -169,6 +169,7 @@ pub mod options;
 pub mod ovf;
 pub mod provider;
 pub mod settings;
+mod spec;
 
 pub use client::WireFormat;
 pub use metadata::{DiskRecord, OvirtMetadata};

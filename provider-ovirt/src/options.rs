@@ -40,8 +40,12 @@ pub struct OvirtOptions {
     pub mode: BackupMode,
     /// Cluster of restored VMs.
     pub cluster: String,
-    /// Storage domain of restored disks (default: the saved one).
+    /// Storage domain of restored disks (default: the saved one; required
+    /// for snapshots taken on other platforms).
     pub storage_domain: Option<String>,
+    /// Network the NICs of a VM restored from another platform connect to
+    /// (none: such a VM gets no NICs, with a warning).
+    pub network: Option<String>,
     /// Pause between status polls.
     pub poll_interval: Duration,
     /// How long a snapshot may stay `locked`, a backup may take to get
@@ -99,6 +103,7 @@ impl OvirtOptions {
             mode: BackupMode::Auto,
             cluster: "Default".into(),
             storage_domain: None,
+            network: None,
             poll_interval: Duration::from_secs(1),
             operation_timeout: Duration::from_secs(600),
             http_timeout: Duration::from_secs(120),

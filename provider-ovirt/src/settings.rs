@@ -11,6 +11,10 @@
 //! mode = "auto"                                  # auto | incremental | snapshot-attach
 //! tls_ca = "/etc/pki/ovirt-engine/ca.pem"        # the engine's CA (always verified)
 //! # device_root = "/dev/disk/by-id"              # where the appliance sees attached disks
+//! # cluster = "Default"                          # cluster of restored VMs
+//! # storage_domain = "data"                      # domain of restored disks (default: the saved one;
+//! #                                              # required to restore a snapshot from another platform)
+//! # network = "ovirtmgmt"                        # network of restored NICs (from another platform)
 //! ```
 
 use std::path::PathBuf;
@@ -45,6 +49,14 @@ pub struct OvirtSettings {
     /// Where attached disks appear on this appliance, by disk id (default
     /// `/dev/disk/by-id`).
     pub device_root: Option<PathBuf>,
+    /// Cluster restored VMs are created in (default `Default`).
+    pub cluster: Option<String>,
+    /// Storage domain (name) of restored disks (default: the domain the
+    /// backup recorded; required for snapshots from other platforms).
+    pub storage_domain: Option<String>,
+    /// Network (name) the NICs of a VM restored from another platform
+    /// connect to (without it such a VM gets no NICs, with a warning).
+    pub network: Option<String>,
 }
 
 impl OvirtSettings {
@@ -62,6 +74,11 @@ impl OvirtSettings {
         if let Some(root) = &self.device_root {
             options.device_root = root.clone();
         }
+        if let Some(cluster) = &self.cluster {
+            options.cluster = cluster.clone();
+        }
+        options.storage_domain = self.storage_domain.clone();
+        options.network = self.network.clone();
         options.mode = match self.mode.as_deref().unwrap_or("auto") {
             "auto" => BackupMode::Auto,
             "incremental" => BackupMode::Incremental,

@@ -158,6 +158,7 @@ pub mod options;
 pub mod provider;
 pub mod rules;
 pub mod settings;
+mod spec;
 
 pub use client::ScpClient;
 pub use options::{AccessMode, HelperCommandOptions, ScpOptions, Secret};

@@ -152,6 +152,9 @@ pub struct VmNicInventory {
     /// Device id (order of the NICs).
     #[serde(default)]
     pub device_id: Option<u32>,
+    /// MAC address (nullable).
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// Any inventory, by UUID only (existence checks).

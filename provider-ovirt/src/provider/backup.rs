@@ -69,14 +69,16 @@ impl OvirtProvider {
         Ok(out)
     }
 
-    pub(super) async fn ovf(&self, vm_id: &str) -> Result<(String, ConfigBlob)> {
+    /// The VM (`GET /vms/{id}?all_content=true`) and its OVF.
+    pub(super) async fn ovf(&self, vm_id: &str) -> Result<(api::Vm, ConfigBlob)> {
         let call = format!("GET /vms/{vm_id}");
-        let vm: api::Vm = self
+        let mut vm: api::Vm = self
             .client
             .get_as(&format!("/vms/{vm_id}?all_content=true"))
             .await?;
         let data = vm
             .initialization
+            .take()
             .map(|i| i.configuration.data)
             .ok_or_else(|| {
                 bad_answer(
@@ -88,7 +90,7 @@ impl OvirtProvider {
         client::xml_to_value(&data)
             .map_err(|e| bad_answer(&call, format!("the OVF is not valid XML: {e}")))?;
         Ok((
-            vm.name,
+            vm,
             ConfigBlob {
                 content_type: "application/ovf+xml".into(),
                 data: data.into_bytes(),

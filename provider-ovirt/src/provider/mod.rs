@@ -58,6 +58,9 @@ struct RestoreState {
     name: String,
     /// New VM: the saved OVF.
     ovf: String,
+    /// New VM from another platform's snapshot: its spec (the OVF is
+    /// built from it once the disks exist) and the restore's warnings.
+    foreign: Option<(GuestSpec, RestoreWarnings)>,
     /// New VM: every disk created (deleted when the restore fails).
     created: Vec<String>,
     /// New VM: the volumes written, by device.
@@ -544,7 +547,7 @@ impl BackupProvider for OvirtProvider {
             if disks.is_empty() {
                 return Err(Error::invalid("the VM has no disks to back up"));
             }
-            let (vm_name, guest_config) = self.ovf(&vm_id).await?;
+            let (vm, guest_config) = self.ovf(&vm_id).await?;
             let volumes = match mode {
                 BackupMode::Incremental => {
                     self.backup_incremental(guest, &vm_id, &tag, &disks, &request)
@@ -555,9 +558,10 @@ impl BackupProvider for OvirtProvider {
                         .await?
                 }
             };
+            let spec = crate::spec::of_vm(&vm, &disks);
             let metadata = OvirtMetadata {
                 vm_id: vm_id.clone(),
-                vm_name,
+                vm_name: vm.name,
                 mode,
                 disks,
             };
@@ -566,7 +570,8 @@ impl BackupProvider for OvirtProvider {
                 .map_err(|e| Error::other("encoding the oVirt metadata").with_source(e))?;
             Ok(VmBackup::new(guest_config, volumes)
                 .metadata(metadata)
-                .warnings(warnings))
+                .warnings(warnings)
+                .spec(spec))
         }
         .await;
         r.map_err(|e| e.guest(&guest.id))

@@ -45,7 +45,20 @@ impl OvirtProvider {
     }
 
     pub(super) async fn init_restore(&self, request: &RestoreVmRequest) -> Result<Guest> {
-        let meta = metadata_of(&request.archive)?;
+        let foreign = request.archive.is_foreign_to(self.provider_name());
+        if foreign && !matches!(request.target, RestoreTarget::NewGuest { .. }) {
+            return Err(Error::invalid(format!(
+                "snapshot {} comes from platform {}: it restores onto oVirt as a new VM only",
+                request.archive.snapshot.id, request.archive.snapshot.platform
+            )));
+        }
+        let (meta, spec) = if foreign {
+            let (meta, spec) =
+                crate::spec::foreign_metadata(request, self.options.storage_domain.as_deref())?;
+            (meta, Some(spec))
+        } else {
+            (metadata_of(&request.archive)?, None)
+        };
         self.appliance().await?;
         match &request.target {
             RestoreTarget::InPlace => {
@@ -100,11 +113,17 @@ impl OvirtProvider {
                 let name = name
                     .clone()
                     .unwrap_or_else(|| format!("{}-restored", meta.vm_name));
-                let ovf = String::from_utf8(request.guest_config.data.clone())
-                    .map_err(|_| Error::invalid("the saved OVF is not UTF-8"))?;
-                crate::ovf::ids(&ovf).map_err(|e| {
-                    Error::invalid(format!("the saved OVF cannot be restored from: {e}"))
-                })?;
+                let ovf = if spec.is_some() {
+                    // Built from the spec once the disks exist.
+                    String::new()
+                } else {
+                    let ovf = String::from_utf8(request.guest_config.data.clone())
+                        .map_err(|_| Error::invalid("the saved OVF is not UTF-8"))?;
+                    crate::ovf::ids(&ovf).map_err(|e| {
+                        Error::invalid(format!("the saved OVF cannot be restored from: {e}"))
+                    })?;
+                    ovf
+                };
                 let q = format!("/vms?search=name%3D{}", search_value(&name));
                 let list: api::Vms = self.client.get_as(&q).await?;
                 if let Some(vm) = list.vm.iter().find(|v| v.name == name) {
@@ -124,6 +143,7 @@ impl OvirtProvider {
                         metadata: Some(meta),
                         name: name.clone(),
                         ovf,
+                        foreign: spec.map(|s| (s, request.warnings.clone())),
                         ..RestoreState::default()
                     },
                 );
@@ -319,9 +339,44 @@ impl OvirtProvider {
                 new_image: disk.and_then(|x| x.image_id),
             });
         }
-        let source = st.metadata.as_ref().map(|m| m.vm_id.as_str()).unwrap_or("");
-        let ovf = crate::ovf::rewrite(&st.ovf, &st.vm_id, &swaps, &[source])
-            .map_err(|e| Error::new(ErrorKind::Corrupt, format!("rewriting the saved OVF: {e}")))?;
+        let ovf = match &st.foreign {
+            Some((spec, warnings)) => {
+                let mut disks = Vec::new();
+                for (d, swap) in st.restored.values().zip(&swaps) {
+                    let image_id = swap.new_image.as_deref().ok_or_else(|| {
+                        platform(format!("disk {} has no image id", d.disk_id))
+                            .volume(&d.record.device)
+                            .api_call(format!("GET /disks/{}", d.disk_id))
+                    })?;
+                    disks.push(crate::spec::OvfDisk {
+                        record: &d.record,
+                        disk_id: &d.disk_id,
+                        image_id,
+                    });
+                }
+                // In the snapshot's volume order (the boot disk first).
+                let order = |device: &str| {
+                    st.metadata
+                        .as_ref()
+                        .and_then(|m| m.disks.iter().position(|r| r.device == device))
+                };
+                disks.sort_by_key(|d| order(&d.record.device));
+                crate::spec::ovf(
+                    warnings,
+                    spec,
+                    &st.vm_id,
+                    &st.name,
+                    &disks,
+                    self.options.network.as_deref(),
+                )
+            }
+            None => {
+                let source = st.metadata.as_ref().map(|m| m.vm_id.as_str()).unwrap_or("");
+                crate::ovf::rewrite(&st.ovf, &st.vm_id, &swaps, &[source]).map_err(|e| {
+                    Error::new(ErrorKind::Corrupt, format!("rewriting the saved OVF: {e}"))
+                })?
+            }
+        };
         st.vm_posted = true;
         let vm: api::Created = self
             .client

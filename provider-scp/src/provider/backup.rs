@@ -317,12 +317,14 @@ impl ScpProvider {
             disks: disks_meta,
             base_image: base_meta,
         };
+        let spec = crate::spec::of_server(&server, &metadata.disks, &snapshot.vmconf);
         Ok(VmBackup::new(ConfigBlob::json(&snapshot.vmconf), volumes)
             .metadata(
                 serde_json::to_value(&metadata)
                     .map_err(|e| Error::other("serialising the metadata").with_source(e))?,
             )
-            .warnings(warnings))
+            .warnings(warnings)
+            .spec(spec))
     }
 
     pub(super) async fn reset_cbt(&self, id: &str) -> Result<()> {

@@ -390,7 +390,18 @@ impl BackupProvider for ScpProvider {
     }
 
     async fn restore_vm_init(&self, request: &RestoreVmRequest) -> Result<Guest> {
-        let md = parse_metadata(&request.archive.metadata)?;
+        let foreign = request.archive.is_foreign_to(self.provider_name());
+        if foreign && !matches!(request.target, RestoreTarget::NewGuest { .. }) {
+            return Err(Error::invalid(format!(
+                "snapshot {} comes from platform {}: it restores onto SCP as a new server only",
+                request.archive.snapshot.id, request.archive.snapshot.platform
+            )));
+        }
+        let md = if foreign {
+            crate::spec::foreign_metadata(request, self.options.restore_storage_id.as_deref())?
+        } else {
+            parse_metadata(&request.archive.metadata)?
+        };
         let original = request.archive.snapshot.guest.0.clone();
         let storage_id = self
             .options

@@ -728,9 +728,11 @@ impl ZStackProvider {
         let metadata = serde_json::to_value(&meta).map_err(|e| {
             Error::other("serialising the snapshot's ZStack metadata").with_source(e)
         })?;
+        let spec = guest_spec(&vm, &meta);
         Ok(VmBackup::new(ConfigBlob::json(&raw_vm), volumes)
             .metadata(metadata)
-            .warnings(warnings))
+            .warnings(warnings)
+            .spec(spec))
     }
 
     /// Closes the NBD server, releases the exports (a shared base export
@@ -774,5 +776,46 @@ impl ZStackProvider {
             Some(e) => Err(e.guest(&guest.id)),
             None => Ok(stats),
         }
+    }
+}
+
+/// The VM described platform-neutrally, for restores onto other
+/// platforms: CPUs and memory as the inventory gives them (1 CPU and
+/// 1 GiB when it gives none), ZStack's volumes as virtio disks with the
+/// root volume first in the boot order, one virtio NIC per L3 network
+/// (by device id) with its MAC and L3 network UUID.
+fn guest_spec(vm: &VmInventory, meta: &Metadata) -> provider_api::GuestSpec {
+    use provider_api::spec::{Bus, DiskSpec, NicSpec};
+    let mut nics = vm.vm_nics.clone();
+    nics.sort_by_key(|n| n.device_id);
+    provider_api::GuestSpec {
+        name: vm.name.clone(),
+        os: vm.platform.clone().filter(|p| !p.is_empty()),
+        firmware: Default::default(),
+        cpus: vm.cpu_num.filter(|n| *n > 0).unwrap_or(1),
+        memory_mib: vm
+            .memory_size
+            .map(|m| m >> 20)
+            .filter(|m| *m > 0)
+            .unwrap_or(1024),
+        disks: meta
+            .volumes
+            .iter()
+            .map(|v| DiskSpec {
+                device: v.device.clone(),
+                size: v.size,
+                bus: Bus::Virtio,
+                controller: None,
+                boot_order: (v.kind == "Root").then_some(0),
+            })
+            .collect(),
+        nics: nics
+            .into_iter()
+            .map(|n| NicSpec {
+                model: Some("virtio".into()),
+                mac: n.mac.filter(|m| !m.is_empty()),
+                network: Some(n.l3_network_uuid),
+            })
+            .collect(),
     }
 }

@@ -38,12 +38,13 @@ enum Compute {
 }
 
 /// The metadata and VM shape of a snapshot taken on another platform or
-/// imported, from its platform-neutral guest spec: the first volume is
-/// the root volume, the others data volumes, CPUs and memory as the spec
+/// imported, from its platform-neutral guest spec: the spec's boot disk
+/// (else the first volume) is the root volume, the others data volumes, CPUs and memory as the spec
 /// says; networks come from the provider options (`l3_network_uuids`),
 /// the source's networks mean nothing here. What ZStack does not take
-/// (NIC models and MACs, firmware, disk buses) is logged as a warning.
-fn foreign(archive: &ArchiveView) -> Result<(Metadata, Option<VmInventory>)> {
+/// (NIC models and MACs, firmware, disk buses) is a restore warning.
+fn foreign(request: &RestoreVmRequest) -> Result<(Metadata, Option<VmInventory>)> {
+    let archive = &request.archive;
     let snapshot = &archive.snapshot;
     let spec = archive.guest_spec()?.ok_or_else(|| {
         Error::invalid(format!(
@@ -62,9 +63,16 @@ fn foreign(archive: &ArchiveView) -> Result<(Metadata, Option<VmInventory>)> {
         .os
         .as_deref()
         .is_some_and(|o| o.to_ascii_lowercase().contains("win"));
-    let volumes = snapshot
-        .volumes
-        .iter()
+    // The root volume is the spec's boot disk when it names one.
+    let mut stored: Vec<_> = snapshot.volumes.iter().collect();
+    if let Some(boot) = spec.disks.iter().find(|d| d.boot_order == Some(0))
+        && let Some(at) = stored.iter().position(|v| v.volume.device == boot.device)
+    {
+        let v = stored.remove(at);
+        stored.insert(0, v);
+    }
+    let volumes = stored
+        .into_iter()
         .enumerate()
         .map(|(n, v)| VolumeMeta {
             device: v.volume.device.clone(),
@@ -111,7 +119,10 @@ fn foreign(archive: &ArchiveView) -> Result<(Metadata, Option<VmInventory>)> {
         unmapped.push("disk buses: ZStack attaches volumes as virtio".into());
     }
     for w in unmapped {
-        tracing::warn!(snapshot = %snapshot.id, from = %snapshot.platform, "not mapped onto ZStack: {w}");
+        request.warn(format!(
+            "not mapped from {} onto ZStack: {w}",
+            snapshot.platform
+        ));
     }
     Ok((meta, Some(inventory)))
 }
@@ -402,7 +413,7 @@ impl ZStackProvider {
             _ => return Err(Error::unsupported("restore in place")),
         };
         let (meta, backed) = if request.archive.is_foreign_to(self.provider_name()) {
-            foreign(&request.archive)?
+            foreign(request)?
         } else {
             let meta: Metadata =
                 serde_json::from_value(request.archive.metadata.clone()).map_err(|e| {
