@@ -83,8 +83,9 @@ fn file_safe(text: &str) -> String {
     if s.is_empty() { "guest".to_owned() } else { s }
 }
 
-/// The guest spec of a snapshot: the stored one (imports), else a minimal
-/// one from its volumes, with a warning naming what was assumed.
+/// The guest spec of a snapshot: the stored one (platform backups and
+/// imports), else a minimal one from its volumes, with a warning naming
+/// what was assumed.
 fn spec_of(
     info: &provider_api::SnapshotInfo,
     config: Option<&provider_api::ConfigBlob>,
@@ -143,7 +144,12 @@ pub async fn export(args: ExportArgs, config: &config::Config, json: bool) -> Re
         bail!("snapshot {id} holds no disks (a tree snapshot): nothing to export as an OVA");
     }
     let mut warnings = Vec::new();
-    let guest_config = reader.config(ConfigKind::Guest).await?;
+    // A platform backup's spec beside its configuration, else the
+    // configuration (imports store the spec as their configuration).
+    let guest_config = match reader.config(ConfigKind::Spec).await? {
+        Some(spec) => Some(spec),
+        None => reader.config(ConfigKind::Guest).await?,
+    };
     let spec = spec_of(&info, guest_config.as_ref(), &mut warnings)
         .with_context(|| format!("the guest spec stored with {id}"))?;
     for w in &warnings {

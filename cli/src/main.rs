@@ -579,12 +579,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let info = reader.info().clone();
             let guest_config = reader.config(provider_api::ConfigKind::Guest).await?;
             let metadata = reader.metadata().await?;
+            let spec = match reader.config(provider_api::ConfigKind::Spec).await? {
+                Some(blob) => provider_api::GuestSpec::from_config(&blob)
+                    .transpose()
+                    .with_context(|| format!("the guest spec stored with {}", info.id))?,
+                None => None,
+            };
             if json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({
                         "snapshot": info,
                         "guest_config": guest_config.as_ref().map(|c| String::from_utf8_lossy(&c.data).into_owned()),
+                        "spec": spec,
                         "metadata": metadata,
                     }))?
                 );
@@ -625,6 +632,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         "  config    {}, {}",
                         c.content_type,
                         report::human(c.data.len() as u64)
+                    );
+                }
+                if let Some(s) = spec {
+                    println!(
+                        "  spec      {} CPU(s), {} MiB, {} disk(s), {} NIC(s), {:?} firmware",
+                        s.cpus,
+                        s.memory_mib,
+                        s.disks.len(),
+                        s.nics.len(),
+                        s.firmware
                     );
                 }
             }
