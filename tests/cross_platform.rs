@@ -322,12 +322,42 @@ async fn an_imported_appliance_restores_onto_ovirt_and_scp_with_identical_disks(
         ovirt_hardware(&ov, &vm).await,
         (u64::from(spec.cpus), spec.memory_mib)
     );
+    // The NIC on the target's network (its vNIC profile), virtio for the
+    // VmxNet3 oVirt does not emulate, a MAC from the engine's pool.
+    let nics = ov.api_get(&format!("/vms/{vm}/nics")).await;
+    let nic = &nics["nic"][0];
+    assert_eq!(nics["nic"].as_array().map(Vec::len), Some(1), "{nics}");
+    assert_eq!(nic["interface"], "virtio");
+    let profile = nic["vnic_profile"]["id"].as_str().expect("a vNIC profile");
+    let profile = ov.api_get(&format!("/vnicprofiles/{profile}")).await;
+    assert_eq!(profile["name"], "ovirtmgmt");
+    assert_ne!(nic["mac"]["address"], spec.nics[0].mac.as_deref().unwrap());
     let warned = |text: &str| r.warnings.iter().any(|w| w.contains(text));
     assert!(
         warned("VmxNet3") && warned("MAC") && warned("other_linux"),
         "{:?}",
         r.warnings
     );
+    assert_eq!(ov.leftovers().await, Vec::<String>::new());
+
+    // Backed up on oVirt in turn, the restored VM's spec is the
+    // appliance's as oVirt holds it: same CPUs, memory and disks, its NIC
+    // on the vNIC profile it got.
+    let again = backup_into(
+        ov.provider(BackupMode::Auto, WireFormat::Json),
+        &ov.store,
+        &vm,
+        dir.path(),
+    )
+    .await;
+    let held = stored_spec(&ov.store, &again).await;
+    assert_eq!(
+        (held.cpus, held.memory_mib, held.disks.len()),
+        (spec.cpus, spec.memory_mib, 2)
+    );
+    assert_eq!(held.nics.len(), 1);
+    assert_eq!(held.nics[0].model.as_deref(), Some("virtio"));
+    assert_eq!(held.nics[0].network.as_deref(), Some("ovirtmgmt"));
     assert_eq!(ov.leftovers().await, Vec::<String>::new());
 
     // SCP: the same snapshot as a new server on its storage.

@@ -375,6 +375,39 @@ pub struct Named {
     pub name: Option<String>,
 }
 
+/// `GET /vms/{vm}/nics`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Nics {
+    /// The NICs (absent when none).
+    #[serde(default, deserialize_with = "list")]
+    pub nic: Vec<Nic>,
+}
+
+/// A VM's network interface (read for the platform-neutral spec only).
+#[derive(Debug, Clone, Deserialize)]
+pub struct Nic {
+    /// Name (`nic1`).
+    #[serde(default, deserialize_with = "opt_text")]
+    pub name: Option<String>,
+    /// `virtio`, `e1000`, `rtl8139`, ...
+    #[serde(default, deserialize_with = "opt_text")]
+    pub interface: Option<String>,
+    /// `mac.address`.
+    #[serde(default)]
+    pub mac: Option<Mac>,
+    /// The vNIC profile (absent: not connected).
+    #[serde(default)]
+    pub vnic_profile: Option<Named>,
+}
+
+/// `nic.mac`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Mac {
+    /// The address.
+    #[serde(default, deserialize_with = "opt_text")]
+    pub address: Option<String>,
+}
+
 /// A snapshot (`GET /vms/{vm}/snapshots[/{id}]`).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Snapshot {

@@ -2,8 +2,9 @@
 //!
 //! - A backup records the VM as a [`GuestSpec`] ([`of_vm`]) beside the
 //!   engine's OVF, from `GET /vms/{id}` (`cpu.topology`, `memory`,
-//!   `bios.type`, `os.type`) and the disk attachments (interface,
-//!   bootable), so that the snapshot restores onto other platforms.
+//!   `bios.type`, `os.type`), the disk attachments (interface, bootable)
+//!   and `GET /vms/{id}/nics` (interface, MAC, vNIC profile), so that the
+//!   snapshot restores onto other platforms.
 //! - A restore of a snapshot taken elsewhere (or imported) builds the
 //!   oVirt side from the snapshot's spec: the disk records the new disks
 //!   are created from ([`foreign_metadata`]: thin qcow2 disks enabled for
@@ -53,12 +54,17 @@ fn ovf_interface(interface: &str) -> &'static str {
     }
 }
 
-/// The VM of `GET /vms/{id}` with its disks as a platform-neutral spec.
-/// CPUs are sockets × cores × threads (1 each when absent), memory 1 GiB
-/// when absent; `q35_ovmf` and `q35_secure_boot` are UEFI. The engine's
-/// NICs are not read (the provider lists no `/vms/{id}/nics`): the spec
-/// has none, and a restore elsewhere gives the VM the target's networks.
-pub(crate) fn of_vm(vm: &api::Vm, disks: &[DiskRecord]) -> GuestSpec {
+/// The VM of `GET /vms/{id}` with its disks and NICs as a
+/// platform-neutral spec. CPUs are sockets × cores × threads (1 each when
+/// absent), memory 1 GiB when absent; `q35_ovmf` and `q35_secure_boot`
+/// are UEFI; a NIC's network is its vNIC profile's name (`profiles`: id →
+/// name), its model the interface.
+pub(crate) fn of_vm(
+    vm: &api::Vm,
+    disks: &[DiskRecord],
+    nics: &[api::Nic],
+    profiles: &[(String, String)],
+) -> GuestSpec {
     let topology = vm.cpu.as_ref().and_then(|c| c.topology.clone());
     let count = |v: Option<u64>| v.filter(|n| *n > 0).unwrap_or(1);
     let cpus = topology.map_or(1, |t| count(t.sockets) * count(t.cores) * count(t.threads));
@@ -86,7 +92,19 @@ pub(crate) fn of_vm(vm: &api::Vm, disks: &[DiskRecord]) -> GuestSpec {
                 boot_order: d.bootable.then_some(0),
             })
             .collect(),
-        nics: Vec::new(),
+        nics: nics
+            .iter()
+            .map(|n| NicSpec {
+                model: n.interface.clone(),
+                mac: n.mac.as_ref().and_then(|m| m.address.clone()),
+                network: n
+                    .vnic_profile
+                    .as_ref()
+                    .and_then(|p| p.id.as_ref())
+                    .and_then(|id| profiles.iter().find(|(i, _)| i == id))
+                    .map(|(_, name)| name.clone()),
+            })
+            .collect(),
     }
 }
 

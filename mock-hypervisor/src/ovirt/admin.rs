@@ -134,6 +134,7 @@ pub async fn create_vm_record(p: &Arc<OvirtPlatform>, req: AdminVm) -> Result<Va
         appliance: false,
         ovf: None,
         creation_time: unix_now(),
+        nics: Vec::new(),
     };
     p.inv.update(|doc| {
         if doc.vms.values().any(|v| v.name == vm.name) {

@@ -349,6 +349,7 @@ pub async fn create_vm(State(p): P, headers: HeaderMap, body: Bytes) -> Response
             appliance: false,
             ovf: None,
             creation_time: unix_now(),
+            nics: Vec::new(),
         };
         p.inv.update(|doc| {
             if doc.vms.values().any(|v| v.name == vm.name) {
@@ -606,6 +607,35 @@ pub async fn list_attachments(State(p): P, headers: HeaderMap, Path(vm): Path<St
                 .collect()
         });
         ok("disk_attachments", json!({"disk_attachment": list}))
+    });
+    done(Format::of(&headers), r)
+}
+
+/// `GET /vms/{vm}/nics`: the VM's network interfaces.
+pub async fn list_nics(State(p): P, headers: HeaderMap, Path(vm): Path<String>) -> Response {
+    let r = vm_of(&p, &vm).map(|v| {
+        let list: Vec<Value> = v
+            .nics
+            .iter()
+            .map(|n| {
+                let mut nic = json!({
+                    "id": n.id,
+                    "href": format!("{API}/vms/{vm}/nics/{}", n.id),
+                    "name": n.name,
+                    "interface": n.interface,
+                    "linked": true,
+                    "plugged": true,
+                    "mac": {"address": n.mac},
+                    "vm": {"id": vm, "href": format!("{API}/vms/{vm}")},
+                });
+                if let Some(profile) = &n.vnic_profile {
+                    nic["vnic_profile"] =
+                        json!({"id": profile, "href": format!("{API}/vnicprofiles/{profile}")});
+                }
+                nic
+            })
+            .collect();
+        ok("nics", json!({"nic": list}))
     });
     done(Format::of(&headers), r)
 }

@@ -16,6 +16,15 @@
 //!   the audit log gets the engine's
 //!   `VM_IMPORT_FROM_CONFIGURATION_ATTACH_DISKS_FAILED` event, "Failed to
 //!   attach Disk(s) `<aliases>` to VM `<name>`".
+//! - each network item (`ResourceType` 10) is a NIC: `rasd:Name`, the
+//!   interface from `rasd:ResourceSubType` (the engine's `VmInterfaceType`:
+//!   1 rtl8139, 2 e1000, 3 pv = virtio), `rasd:MACAddress` or one from
+//!   the MAC pool (`56:6f:…`) when empty, the vNIC profile named by
+//!   `rasd:OtherResourceType` on the network `rasd:Connection` (the
+//!   engine's only network here is `ovirtmgmt` with its profile of the
+//!   same name). A NIC whose network or profile does not exist is added
+//!   unconnected, with the engine's `IMPORTEXPORT_IMPORT_VM_INVALID_INTERFACES`
+//!   event.
 
 use std::sync::Arc;
 
@@ -54,7 +63,31 @@ pub struct OvfVm {
     pub cpus: Option<u32>,
     /// The `DiskSection`.
     pub disks: Vec<OvfDisk>,
+    /// Network items.
+    pub nics: Vec<OvfNic>,
 }
+
+/// A network item of the `VirtualHardwareSection`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OvfNic {
+    /// `rasd:Name`.
+    pub name: String,
+    /// API interface name.
+    pub interface: String,
+    /// `rasd:MACAddress` (empty: allocate).
+    pub mac: String,
+    /// `rasd:Connection`.
+    pub network: String,
+    /// `rasd:OtherResourceType` (the vNIC profile's name).
+    pub profile: String,
+}
+
+/// The management network every engine has, and its vNIC profile.
+pub const MANAGEMENT_NETWORK: &str = "ovirtmgmt";
+/// The id of the management network.
+pub const MANAGEMENT_NETWORK_ID: &str = "00000000-0000-0000-0000-000000000009";
+/// The id of the management network's vNIC profile.
+pub const MANAGEMENT_PROFILE_ID: &str = "0000000a-000a-000a-000a-000000000398";
 
 fn items(v: Option<&Value>) -> Vec<&Value> {
     match v {
@@ -140,6 +173,21 @@ pub fn parse(data: &str) -> Result<OvfVm, String> {
                     vm.cpus = u32::try_from(cpus).ok();
                 }
                 Some("4") => vm.memory = n("rasd:VirtualQuantity").map(|mb| mb << 20),
+                Some("10") => {
+                    let t = |k: &str| text(item, k).unwrap_or_default();
+                    vm.nics.push(OvfNic {
+                        name: t("rasd:Name"),
+                        interface: match t("rasd:ResourceSubType").trim() {
+                            "1" => "rtl8139",
+                            "2" => "e1000",
+                            _ => "virtio",
+                        }
+                        .into(),
+                        mac: t("rasd:MACAddress"),
+                        network: t("rasd:Connection"),
+                        profile: t("rasd:OtherResourceType"),
+                    });
+                }
                 _ => {}
             }
         }
@@ -168,6 +216,42 @@ pub async fn import_vm(
     let name = name
         .or(ovf.name.clone())
         .ok_or_else(|| Fault::bad_request("vm.name is required (the OVF has no <Name>)"))?;
+    let mut unconnected = Vec::new();
+    let nics = ovf
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(n, nic)| {
+            let known = nic.network == MANAGEMENT_NETWORK
+                && (nic.profile.is_empty() || nic.profile == MANAGEMENT_NETWORK);
+            if !known {
+                unconnected.push((nic.name.clone(), nic.network.clone()));
+            }
+            let nic_id = new_uuid();
+            super::model::Nic {
+                name: if nic.name.is_empty() {
+                    format!("nic{}", n + 1)
+                } else {
+                    nic.name.clone()
+                },
+                interface: nic.interface.clone(),
+                mac: if nic.mac.trim().is_empty() {
+                    // The default MAC pool's range.
+                    format!(
+                        "56:6f:{}:{}:{}:{}",
+                        &nic_id[0..2],
+                        &nic_id[2..4],
+                        &nic_id[4..6],
+                        &nic_id[6..8]
+                    )
+                } else {
+                    nic.mac.trim().to_owned()
+                },
+                vnic_profile: known.then(|| MANAGEMENT_PROFILE_ID.to_owned()),
+                id: nic_id,
+            }
+        })
+        .collect();
     let vm = Vm {
         id,
         name,
@@ -180,6 +264,7 @@ pub async fn import_vm(
         // VM and its disks as they are.
         ovf: None,
         creation_time: unix_now(),
+        nics,
     };
     p.inv
         .read(|doc| {
@@ -205,6 +290,23 @@ pub async fn import_vm(
         doc.vms.insert(vm.id.clone(), vm.clone());
         Ok(())
     })?;
+    if !unconnected.is_empty() {
+        // IMPORTEXPORT_IMPORT_VM_INVALID_INTERFACES
+        let networks: Vec<&str> = unconnected.iter().map(|(_, n)| n.as_str()).collect();
+        let interfaces: Vec<&str> = unconnected.iter().map(|(i, _)| i.as_str()).collect();
+        p.add_event(
+            &format!(
+                "While importing VM {}, the Network/s {} were found to be Non-VM Networks or do not exist in Cluster or are missing a suitable VM network interface profile. Network Name was not set in the Interface/s {}.",
+                vm.name,
+                networks.join(", "),
+                interfaces.join(", ")
+            ),
+            "oVirt",
+            "warning",
+            None,
+            Some(&vm.id),
+        );
+    }
     let mut failed = Vec::new();
     for d in &ovf.disks {
         let r = attach_disk(
@@ -259,6 +361,7 @@ mod tests {
             appliance: false,
             ovf: None,
             creation_time: 0,
+            nics: Vec::new(),
         };
         for (i, (iface, boot)) in [("virtio_scsi", true), ("sata", false)].iter().enumerate() {
             let id = format!("d{i}");

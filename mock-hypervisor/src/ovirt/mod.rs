@@ -624,6 +624,9 @@ impl Platform for OvirtPlatform {
             .route(API, get(api::product_info))
             .route(&a("/vms"), get(api::list_vms).post(api::create_vm))
             .route(&a("/vms/{vm}"), get(api::get_vm).delete(api::delete_vm))
+            .route(&a("/vms/{vm}/nics"), get(api::list_nics))
+            .route(&a("/vnicprofiles"), get(system::list_vnic_profiles))
+            .route(&a("/vnicprofiles/{id}"), get(system::get_vnic_profile))
             .route(
                 &a("/vms/{vm}/diskattachments"),
                 get(api::list_attachments).post(api::attach),

@@ -28,6 +28,24 @@ pub struct Vm {
     pub ovf: Option<String>,
     /// Creation time (seconds since the epoch).
     pub creation_time: u64,
+    /// Network interfaces (from an imported OVF's network items).
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+}
+
+/// A VM's network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// UUID.
+    pub id: String,
+    /// Name (`nic1`).
+    pub name: String,
+    /// `virtio`, `e1000`, `rtl8139`.
+    pub interface: String,
+    /// MAC address.
+    pub mac: String,
+    /// The vNIC profile (`None`: not connected to any network).
+    pub vnic_profile: Option<String>,
 }
 
 /// A disk (its data: the store's virtual disk with the same id).

@@ -82,6 +82,7 @@ mod tests {
             appliance: false,
             ovf: None,
             creation_time: 0,
+            nics: Vec::new(),
         };
         check(&generate(&doc, &vm)).unwrap();
         assert!(check("<vm/>").is_err());

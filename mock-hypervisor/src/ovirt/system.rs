@@ -125,6 +125,41 @@ fn one_or_none(v: Value, q: &HashMap<String, String>) -> Vec<Value> {
     }
 }
 
+/// The management network's vNIC profile (the only one).
+fn vnic_profile_view() -> Value {
+    use super::import::{MANAGEMENT_NETWORK, MANAGEMENT_NETWORK_ID, MANAGEMENT_PROFILE_ID};
+    json!({
+        "id": MANAGEMENT_PROFILE_ID,
+        "href": format!("{API}/vnicprofiles/{MANAGEMENT_PROFILE_ID}"),
+        "name": MANAGEMENT_NETWORK,
+        "pass_through": {"mode": "disabled"},
+        "port_mirroring": false,
+        "network": {"id": MANAGEMENT_NETWORK_ID, "href": format!("{API}/networks/{MANAGEMENT_NETWORK_ID}")},
+    })
+}
+
+/// `GET /vnicprofiles`.
+pub async fn list_vnic_profiles(headers: HeaderMap) -> Response {
+    done(
+        Format::of(&headers),
+        Ok(ok(
+            "vnic_profiles",
+            json!({"vnic_profile": [vnic_profile_view()]}),
+        )),
+    )
+}
+
+/// `GET /vnicprofiles/{id}`.
+pub async fn get_vnic_profile(headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let v = vnic_profile_view();
+    let r = if v["id"] == json!(id) {
+        Ok(ok("vnic_profile", v))
+    } else {
+        Err(Fault::not_found("VNIC profile", &id))
+    };
+    done(Format::of(&headers), r)
+}
+
 /// `GET /hosts`.
 pub async fn list_hosts(headers: HeaderMap, Query(q): Q) -> Response {
     let list = one_or_none(host_view(), &q);

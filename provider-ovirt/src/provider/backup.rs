@@ -69,6 +69,50 @@ impl OvirtProvider {
         Ok(out)
     }
 
+    /// The VM described platform-neutrally, its NICs from
+    /// `GET /vms/{id}/nics` and their vNIC profiles' names from
+    /// `GET /vnicprofiles/{id}`. The NICs are for restores elsewhere only:
+    /// when the engine does not list them, the spec has none and the
+    /// backup goes on with a warning.
+    pub(super) async fn spec_of(
+        &self,
+        guest: &Guest,
+        vm: &api::Vm,
+        disks: &[DiskRecord],
+    ) -> GuestSpec {
+        let nics = async {
+            let nics: api::Nics = self.client.get_as(&format!("/vms/{}/nics", vm.id)).await?;
+            let mut profiles = Vec::new();
+            for id in nics
+                .nic
+                .iter()
+                .filter_map(|n| n.vnic_profile.as_ref().and_then(|p| p.id.clone()))
+            {
+                if profiles.iter().any(|(i, _)| *i == id) {
+                    continue;
+                }
+                let p: api::Named = self.client.get_as(&format!("/vnicprofiles/{id}")).await?;
+                if let Some(name) = p.name {
+                    profiles.push((id, name));
+                }
+            }
+            Ok::<_, Error>((nics.nic, profiles))
+        }
+        .await;
+        let (nics, profiles) = match nics {
+            Ok(n) => n,
+            Err(e) => {
+                let w = format!(
+                    "the VM's NICs could not be read ({}): the stored guest spec has none",
+                    e.report()
+                );
+                let _ = self.state(guest, |s| s.warnings.push(w));
+                Default::default()
+            }
+        };
+        crate::spec::of_vm(vm, disks, &nics, &profiles)
+    }
+
     /// The VM (`GET /vms/{id}?all_content=true`) and its OVF.
     pub(super) async fn ovf(&self, vm_id: &str) -> Result<(api::Vm, ConfigBlob)> {
         let call = format!("GET /vms/{vm_id}");

@@ -558,7 +558,7 @@ impl BackupProvider for OvirtProvider {
                         .await?
                 }
             };
-            let spec = crate::spec::of_vm(&vm, &disks);
+            let spec = self.spec_of(guest, &vm, &disks).await;
             let metadata = OvirtMetadata {
                 vm_id: vm_id.clone(),
                 vm_name: vm.name,

@@ -265,6 +265,24 @@ def main():
     # log says so.
     new_id = str(uuid.uuid4())
     data = ovf.replace(vm.id, new_id).replace(disks[0].id, new_disk.id)
+    # Two NICs the way the engine's OVF writer writes them: one on the
+    # management network (its profile of the same name), an e1000 on a
+    # network this engine does not have.
+    def nic_item(n, subtype, network):
+        return ("<Item><rasd:Caption>Ethernet adapter on %s</rasd:Caption>"
+                "<rasd:InstanceId>nic%d</rasd:InstanceId>"
+                "<rasd:ResourceType>10</rasd:ResourceType>"
+                "<rasd:OtherResourceType>%s</rasd:OtherResourceType>"
+                "<rasd:ResourceSubType>%d</rasd:ResourceSubType>"
+                "<rasd:Connection>%s</rasd:Connection>"
+                "<rasd:Linked>true</rasd:Linked><rasd:Name>nic%d</rasd:Name>"
+                "<rasd:ElementName>nic%d</rasd:ElementName>"
+                "<rasd:MACAddress></rasd:MACAddress><Type>interface</Type>"
+                "<Device>bridge</Device></Item>"
+                % (network, n, network, subtype, network, n, n))
+    hardware_end = data.rindex("</Section></Content>")
+    data = (data[:hardware_end] + nic_item(1, 3, "ovirtmgmt")
+            + nic_item(2, 2, "nowhere") + data[hardware_end:])
     new_vm = call("POST /vms (from OVF)", vms_service.add, from_ovf(data))
     assert new_vm.id == new_id, (new_vm.id, new_id)
     assert new_vm.name == "sdk-restored", new_vm.name
@@ -276,6 +294,24 @@ def main():
     assert got[0].interface == attachments[0].interface, got[0].interface
     assert got[0].bootable == attachments[0].bootable, got[0].bootable
     assert got[0].active, got[0].active
+    profiles = call("GET /vnicprofiles",
+                    system.vnic_profiles_service().list)
+    mgmt = [p for p in profiles if p.name == "ovirtmgmt"]
+    assert len(mgmt) == 1 and mgmt[0].network.id, [p.name for p in profiles]
+    call("GET /vnicprofiles/{id}",
+         system.vnic_profiles_service().profile_service(mgmt[0].id).get)
+    nics = call("GET /vms/{vm}/nics", new_vm_service.nics_service().list)
+    assert [(n.name, n.interface) for n in nics] == [
+        ("nic1", types.NicInterface.VIRTIO),
+        ("nic2", types.NicInterface.E1000)], \
+        [(n.name, n.interface) for n in nics]
+    assert all(n.mac and n.mac.address for n in nics), "MACs from the pool"
+    assert nics[0].vnic_profile is not None \
+        and nics[0].vnic_profile.id == mgmt[0].id, nics[0].vnic_profile
+    assert nics[1].vnic_profile is None, "no profile on a missing network"
+    invalid = system.events_service().list(search="nowhere")
+    assert any("Network/s nowhere" in ev.description for ev in invalid), \
+        [ev.description for ev in invalid]
     source = vm_service.disk_attachments_service().list()
     assert sorted(a.disk.id for a in source) == sorted(d.id for d in disks)
     failed = system.events_service().list(search="Failed to attach")
