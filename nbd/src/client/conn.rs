@@ -78,6 +78,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    /// The writer sent `NBD_CMD_DISC`: the server closing the connection
+    /// is then the expected end.
+    disc_sent: std::sync::atomic::AtomicBool,
     next_cookie: AtomicU64,
     in_flight: AtomicUsize,
     max_in_flight: AtomicUsize,
@@ -151,6 +154,7 @@ impl Conn {
     pub(crate) fn start(r: BoxRead, w: BoxWrite, info: Negotiated) -> Conn {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
+            disc_sent: std::sync::atomic::AtomicBool::new(false),
             next_cookie: AtomicU64::new(1),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -165,7 +169,13 @@ impl Conn {
                     "server closed the connection".into(),
                 )),
                 Err(e) => {
-                    tracing::warn!("NBD connection failed: {e}");
+                    // After our own DISC the server closing (or resetting)
+                    // the connection is the expected end, not a failure.
+                    if rs.disc_sent.load(Ordering::Acquire) {
+                        tracing::debug!("NBD connection closed after disconnect: {e}");
+                    } else {
+                        tracing::warn!("NBD connection failed: {e}");
+                    }
                     e
                 }
             };
@@ -176,7 +186,7 @@ impl Conn {
         let wabort = abort.clone();
         tokio::spawn(async move {
             let w = BufWriter::with_capacity(256 * 1024, w);
-            if let Err(e) = write_loop(w, rx).await {
+            if let Err(e) = write_loop(w, rx, &ws).await {
                 ws.fail_all(e);
                 wabort.abort();
             }
@@ -289,9 +299,16 @@ impl Conn {
     }
 }
 
-async fn write_loop(mut w: BufWriter<BoxWrite>, mut rx: mpsc::Receiver<Outgoing>) -> Result<()> {
+async fn write_loop(
+    mut w: BufWriter<BoxWrite>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    shared: &Shared,
+) -> Result<()> {
     while let Some(mut m) = rx.recv().await {
         loop {
+            if be16(&m.header[6..8]) == CMD_DISC {
+                shared.disc_sent.store(true, Ordering::Release);
+            }
             w.write_all(&m.header).await?;
             if let Some(p) = &m.payload {
                 w.write_all(p).await?;
@@ -309,6 +326,7 @@ async fn write_loop(mut w: BufWriter<BoxWrite>, mut rx: mpsc::Receiver<Outgoing>
         w.flush().await?;
     }
     // Every handle dropped: say goodbye.
+    shared.disc_sent.store(true, Ordering::Release);
     let header = Request {
         flags: 0,
         command: CMD_DISC,
@@ -610,6 +628,7 @@ async fn run_replies(data: &[u8], structured: bool) -> Result<()> {
     };
     let shared = Shared {
         state: Mutex::new(State::default()),
+        disc_sent: std::sync::atomic::AtomicBool::new(false),
         next_cookie: AtomicU64::new(1),
         in_flight: AtomicUsize::new(0),
         max_in_flight: AtomicUsize::new(0),
