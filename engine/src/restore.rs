@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use provider_api::{
-    ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, Guest, GuestKind, JobInfo, Layer,
-    Outcome, RestoreContainerRequest, RestoreMechanism, RestoreSourceKind, RestoreSources,
-    RestoreTarget, RestoreVmRequest, RestoreVolumeRequest, Result, SnapshotId, SnapshotReader,
-    StoredVolume, Target,
+    ArchiveView, BackupProvider, ConfigKind, Error, ErrorKind, FileArchiveReader, FileEntry, Guest,
+    GuestKind, JobInfo, Layer, Outcome, RestoreContainerRequest, RestoreMechanism,
+    RestoreSourceKind, RestoreSources, RestoreTarget, RestoreVmRequest, RestoreVolumeRequest,
+    Result, SnapshotId, SnapshotReader, StoredVolume, Target,
 };
 use tracing::Instrument;
 
@@ -202,10 +202,17 @@ impl RestoreDriver {
                 return Err(e.guest(&info.guest));
             }
         };
-        let stop = cancel.clone();
+        // The writing thread stops at its next read once the restore is
+        // cancelled; the cleanup runs only after it has stopped, never
+        // beside it.
+        let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let files: Arc<dyn FileArchiveReader> = Arc::new(Stoppable {
+            inner: files,
+            stopped: stopped.clone(),
+        });
         let dest = prepared.destination.clone();
         let id_map = prepared.id_map;
-        let work = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>)> {
+        let mut work = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<String>)> {
             match mechanism {
                 RestoreMechanism::Tar => {
                     let f = std::fs::OpenOptions::new()
@@ -237,9 +244,17 @@ impl RestoreDriver {
                 }
             }
         });
+        let joined = |r: std::result::Result<Result<_>, tokio::task::JoinError>| {
+            r.map_err(|e| Error::other(format!("the restore thread panicked: {e}")))
+                .and_then(|r| r)
+        };
         let result = tokio::select! {
-            r = work => r.map_err(|e| Error::other(format!("the restore thread panicked: {e}"))).and_then(|r| r),
-            () = stop.cancelled() => Err(Error::new(ErrorKind::Other, "restore interrupted")),
+            r = &mut work => joined(r),
+            () = cancel.cancelled() => {
+                stopped.store(true, std::sync::atomic::Ordering::Release);
+                let _ = joined(work.await);
+                Err(Error::new(ErrorKind::Other, "restore interrupted"))
+            }
         };
         let outcome = match &result {
             Ok(_) => Outcome::ok(),
@@ -400,6 +415,40 @@ impl RestoreDriver {
                 .volume(device)
         })?;
         Ok(total)
+    }
+}
+
+/// A file archive whose reads fail once `stopped` is set: how a
+/// cancelled container restore stops its writing thread.
+struct Stoppable {
+    inner: Arc<dyn FileArchiveReader>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Stoppable {
+    fn check(&self) -> Result<()> {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            Err(Error::new(ErrorKind::Other, "restore interrupted"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl FileArchiveReader for Stoppable {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+
+    fn entries(&self) -> Result<Box<dyn Iterator<Item = Result<FileEntry>> + Send + '_>> {
+        self.check()?;
+        let entries = self.inner.entries()?;
+        Ok(Box::new(entries.map(move |e| self.check().and(e))))
+    }
+
+    fn read(&self, entry: &FileEntry, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.check()?;
+        self.inner.read(entry, offset, len)
     }
 }
 
