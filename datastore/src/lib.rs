@@ -26,6 +26,8 @@
 //!     <archive>.data.didx <archive>.catalog.didx   file archive: dynamic indexes of its data and
 //!                                         catalog streams (see [`archive`]; manifest version 2)
 //!     guest.conf.blob firewall.conf.blob metadata.json.blob
+//!     spec.json.blob                      the platform-neutral guest spec (platform backups;
+//!                                         blob kind `spec`, which older readers ignore)
 //!     index.json                          the manifest (sealed); its presence makes the snapshot
 //!     verify.json                         last verification (sealed), optional
 //!     protected                           marker, optional

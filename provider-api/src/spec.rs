@@ -1,10 +1,13 @@
 //! The platform-neutral guest specification.
 //!
-//! What an imported appliance (and, for restores across platforms, any
-//! snapshot) says about the machine, in terms every platform maps: CPUs,
-//! memory, firmware, disks with their bus, NICs with model, MAC and the
-//! network they were on. Stored as the snapshot's guest configuration
-//! with content type [`CONTENT_TYPE`] (JSON, the fields below).
+//! What a snapshot says about the machine, in terms every platform maps:
+//! CPUs, memory, firmware, disks with their bus, NICs with model, MAC and
+//! the network they were on. JSON (the fields below) of content type
+//! [`CONTENT_TYPE`]: an imported appliance stores it as its guest
+//! configuration; a platform backup stores it beside the platform's own
+//! configuration ([`VmBackup::spec`](crate::VmBackup), kept as
+//! [`ConfigKind::Spec`](crate::ConfigKind)). A restore onto another
+//! platform reads it through [`ArchiveView::guest_spec`](crate::ArchiveView::guest_spec).
 
 use serde::{Deserialize, Serialize};
 

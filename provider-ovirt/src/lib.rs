@@ -132,6 +132,19 @@
 //! from the VM, attached to the appliance, overwritten and re-attached with
 //! its saved interface and bootable flag, on every path.
 //!
+//! A backup also records the VM platform-neutrally (`spec.rs`: CPUs,
+//! memory, firmware, OS type, disks with their interface and boot flag,
+//! NICs with their vNIC profile's name) for restores onto other
+//! platforms. A snapshot taken on another platform, or imported, restores
+//! as a new VM from its spec the same way, with two differences: each
+//! disk is a thin qcow2 disk enabled for incremental backup on the
+//! `storage_domain` option (required: the snapshot names none of this
+//! engine's) with the interface its bus maps to, and the OVF the VM is
+//! added from is built from the spec (the engine's layout, NICs on the
+//! `network` option's profile). What oVirt cannot take (NVMe buses, NIC
+//! models it does not emulate, MACs, free-text OS names) is a restore
+//! warning.
+//!
 //! ## Errors
 //!
 //! Errors name the guest, the volume, the offset where one applies and the

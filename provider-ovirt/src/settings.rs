@@ -126,4 +126,22 @@ mod tests {
         let e = s.options("x").unwrap_err().to_string();
         assert!(e.contains("sideways") && e.contains("platform x"), "{e}");
     }
+
+    #[test]
+    fn restore_placement() {
+        let table = serde_json::json!({"endpoint": "http://e/api", "username": "u", "password": "p", "appliance": "a",
+            "cluster": "prod", "storage_domain": "fast", "network": "lan"});
+        let s: OvirtSettings =
+            provider_kit::registry::settings("x", "ovirt", table.as_object().unwrap().clone())
+                .unwrap();
+        let o = s.options("x").unwrap();
+        assert_eq!(
+            (
+                o.cluster.as_str(),
+                o.storage_domain.as_deref(),
+                o.network.as_deref()
+            ),
+            ("prod", Some("fast"), Some("lan"))
+        );
+    }
 }

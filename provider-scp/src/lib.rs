@@ -109,6 +109,15 @@
 //! [`Layer::Merged`](provider_api::Layer::Merged). A failed restore to a
 //! new VM deletes that VM.
 //!
+//! A backup also records the server platform-neutrally (`spec.rs`: cores,
+//! memory, OS type, disks with the bus their name implies, the NICs of
+//! the snapshot's `vmconf`) for restores onto other platforms. A snapshot
+//! taken on another platform, or imported, restores as a new server with
+//! one plain disk per volume (the spec's boot disk the system disk) on the
+//! `restore_storage_id` option (required); what the server cannot take
+//! here (NICs, firmware, buses, OS names other than linux or windows) is
+//! a restore warning.
+//!
 //! Quick recovery of linked VMs is refused: [`ScpProvider::quick_recovery`]
 //! answers [`ErrorKind::Refused`](provider_api::ErrorKind::Refused).
 //!

@@ -67,10 +67,12 @@
 //! VM's UUID (`resourceUuid`). A snapshot of another platform, or of an
 //! imported appliance, restores from its platform-neutral guest spec
 //! ([`ArchiveView::guest_spec`](provider_api::ArchiveView::guest_spec)):
-//! the first volume becomes the root volume, CPUs and memory come from the
-//! spec, networks from `l3_network_uuids` (required: the source's networks
-//! mean nothing here), and what ZStack does not take (NIC models and MACs,
-//! firmware, disk buses) is logged as a warning. Per volume,
+//! the spec's boot disk (else the first volume) becomes the root volume,
+//! CPUs and memory come from the spec, networks from `l3_network_uuids`
+//! (required: the source's networks mean nothing here), and what ZStack
+//! does not take (NIC models and MACs, firmware, disk buses) is a restore
+//! warning. A backup records the VM's own spec (CPUs, memory, volumes as
+//! virtio disks, NICs with MAC and L3 network) for restores elsewhere. Per volume,
 //! an image already on the platform with the same md5, size and media type
 //! (`Ready`, `Enabled`) is reused; otherwise AddImage with the host's
 //! HTTP URL ([`RestoreSources::merged`](provider_api::RestoreSources))

@@ -9,6 +9,9 @@
 //! password_file = "/etc/vmbackup/zstack.password"  # or password = "..."
 //! # backup_storage_uuid = "..."; work_dir = "/var/tmp/vmbackup-zstack"
 //! # api_ca = "/etc/vmbackup/zstack-ca.pem"        # a private CA of an HTTPS endpoint
+//! # l3_network_uuids = ["..."]                  # restored VMs' networks, the first the default
+//! #                                             # (required for other platforms' snapshots)
+//! # instance_offering_uuid = "..."              # restored VMs' offering (default: the backed-up one)
 //! restore_listen = "0.0.0.0:8099"                # restores: ZStack's backup storage fetches from here
 //! advertise_url = "http://10.0.0.5:8099"         # ... by this URL (default http://<restore_listen>)
 //! ```
@@ -53,6 +56,13 @@ pub struct ZStackSettings {
     pub advertise_url: Option<String>,
     /// CA of the API's HTTPS certificate, when it is not a public one.
     pub api_ca: Option<PathBuf>,
+    /// L3 networks of restored VMs, the first the default (default: the
+    /// backed-up VM's; required for snapshots of other platforms).
+    #[serde(default)]
+    pub l3_network_uuids: Vec<String>,
+    /// Instance offering of restored VMs (default: the backed-up VM's, or
+    /// its CPUs and memory).
+    pub instance_offering_uuid: Option<String>,
 }
 
 impl ZStackSettings {
@@ -73,6 +83,8 @@ impl ZStackSettings {
             ZStackOptions::new(self.endpoint.clone(), self.username.clone(), pw, work);
         options.backup_storage_uuid = self.backup_storage_uuid.clone();
         options.api_ca = self.api_ca.clone();
+        options.l3_network_uuids = self.l3_network_uuids.clone();
+        options.instance_offering_uuid = self.instance_offering_uuid.clone();
         Ok(options)
     }
 
@@ -124,6 +136,19 @@ mod tests {
         );
         let o = s.options("zs").unwrap();
         assert_eq!(o.work_dir, std::env::temp_dir().join("vmbackup-zstack-zs"));
+        assert!(o.l3_network_uuids.is_empty());
+    }
+
+    #[test]
+    fn restore_networks_and_offering() {
+        let table = serde_json::json!({"endpoint": "http://z", "username": "u", "password": "p",
+            "l3_network_uuids": ["l3-a", "l3-b"], "instance_offering_uuid": "io"});
+        let s: ZStackSettings =
+            provider_kit::registry::settings("zs", "zstack", table.as_object().unwrap().clone())
+                .unwrap();
+        let o = s.options("zs").unwrap();
+        assert_eq!(o.l3_network_uuids, ["l3-a", "l3-b"]);
+        assert_eq!(o.instance_offering_uuid.as_deref(), Some("io"));
     }
 
     #[test]
