@@ -91,6 +91,9 @@ pub struct Item {
     pub allocation_units: Option<String>,
     /// `ElementName`.
     pub element_name: Option<String>,
+    /// `ovf:configuration`: the deployment options the item belongs to
+    /// (space-separated); `None`: every one.
+    pub configuration: Option<String>,
 }
 
 /// A parsed descriptor (the first `VirtualSystem`).
@@ -112,8 +115,12 @@ pub struct Descriptor {
     /// Firmware named by `vmw:Config key="firmware"` or VirtualBox's
     /// `Firmware type`.
     pub firmware: Option<Firmware>,
-    /// Hardware items in document order.
+    /// Hardware items in document order, of the deployment option used
+    /// ([`Descriptor::configuration`]) when the descriptor has several.
     pub items: Vec<Item>,
+    /// The deployment option used (`DeploymentOptionSection`): the
+    /// `Configuration` marked `ovf:default="true"`, else the first.
+    pub configuration: Option<String>,
     /// How many `VirtualSystem`s the envelope has (only the first is used).
     pub systems: usize,
 }
@@ -153,6 +160,8 @@ struct Parser {
     /// Depth of the first `VirtualSystem` while inside it.
     system_depth: Option<usize>,
     seen_envelope: bool,
+    /// A `Configuration` marked default was seen.
+    default_configuration: bool,
 }
 
 /// Attributes by local name (`ovf:href` and `href` alike); namespace
@@ -303,7 +312,23 @@ impl Parser {
             b"Item" | b"StorageItem" | b"EthernetPortItem"
                 if self.in_first_system() && self.inside(b"VirtualHardwareSection") =>
             {
-                self.item = Some(Item::default());
+                let a = attributes(e, reader)?;
+                self.item = Some(Item {
+                    configuration: a.get(b"configuration".as_slice()).cloned(),
+                    ..Item::default()
+                });
+            }
+            b"Configuration" if self.inside(b"DeploymentOptionSection") => {
+                let a = attributes(e, reader)?;
+                if let Some(id) = a.get(b"id".as_slice()) {
+                    let default = a.get(b"default".as_slice()).is_some_and(|d| d == "true");
+                    if default && !self.default_configuration {
+                        self.d.configuration = Some(id.clone());
+                        self.default_configuration = true;
+                    } else if self.d.configuration.is_none() {
+                        self.d.configuration = Some(id.clone());
+                    }
+                }
             }
             b"Config" if self.in_first_system() => {
                 let a = attributes(e, reader)?;
@@ -462,6 +487,15 @@ fn parse_inner(xml: &[u8]) -> Result<Descriptor> {
             "no VirtualSystem: nothing to import",
         ));
     }
+    // Only the items of the deployment option used: the others describe
+    // other sizes of the same appliance.
+    if let Some(chosen) = p.d.configuration.clone() {
+        p.d.items.retain(|i| {
+            i.configuration
+                .as_deref()
+                .is_none_or(|c| c.split_whitespace().any(|id| id == chosen))
+        });
+    }
     Ok(p.d)
 }
 
@@ -499,6 +533,11 @@ impl Descriptor {
     /// `fallback_name` names a guest the descriptor does not name.
     pub fn guest(&self, fallback_name: &str) -> Result<(GuestSpec, Vec<ImportDisk>, Vec<String>)> {
         let mut warnings = Vec::new();
+        if let Some(c) = &self.configuration {
+            warnings.push(format!(
+                "deployment option {c:?} used (the descriptor's default): the hardware of its other options is left out"
+            ));
+        }
         if self.systems > 1 {
             warnings.push(format!(
                 "the descriptor holds {} virtual systems; only the first is imported",

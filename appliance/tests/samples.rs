@@ -50,6 +50,10 @@ fn real_descriptors_parse_as_their_exporters_meant() {
         }
         let nics = d.items.iter().filter(|i| i.resource_type == 10).count();
         assert_eq!(nics as u64, want["nics"].as_u64().unwrap(), "{file}: nics");
+        if file.contains("cot-iosv") {
+            // Four deployment options; the default one has 2 NICs.
+            assert_eq!(d.configuration.as_deref(), Some("1CPU-384MB-2NIC"));
+        }
         if let Some(os) = want["os"]["description"].as_str() {
             assert_eq!(d.os.as_deref(), Some(os), "{file}: os");
         }

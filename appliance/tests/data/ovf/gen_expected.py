@@ -16,7 +16,11 @@ Semantics (kept deliberately literal; see README.md for the per-file caveats):
     References/File whose ovf:id equals the Disk's ovf:fileRef (null when the
     Disk has no fileRef or no File has that id).
   * nics   : number of hardware items (Item, EthernetPortItem, StorageItem)
-    whose ResourceType is 10, across all configurations.
+    whose ResourceType is 10 in the default configuration.
+  * The default configuration of a DeploymentOptionSection is the
+    Configuration with ovf:default="true", else the first; an item with an
+    ovf:configuration attribute belongs only to the configurations it lists
+    (space-separated). Items of other configurations are left out.
   * os     : ovf:id and Description of the OperatingSystemSection.
 """
 import json
@@ -29,13 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 XSI = "{http://www.w3.org/2001/XMLSchema-instance}"
 
 EXPORTER = {
-    "pve-storage-Win10-Liz.ovf": "VMware ovftool 4.1.0",
-    "pve-storage-Win10-Liz_no_default_ns.ovf": "VMware ovftool 4.1.0 (hand-edited by Proxmox)",
-    "pve-storage-Win_2008_R2_two-disks.ovf": "VMware ovftool 4.1.0",
-    "virt-v2v-test-i-ova.ovf": "VMware (vSphere/ovftool, build-1623387)",
-    "virt-v2v-test-i-ova-two-disks.ovf": "VMware (vSphere/ovftool, build-1750787)",
-    "virt-v2v-test-i-ova-as-root.ovf": "VMware (trimmed by virt-v2v developers)",
-    "virt-v2v-test-i-ova-gz.ovf": "VMware (build-1750787, edited by virt-v2v developers for gzip)",
     "govmomi-xp-multinic.ovf": "VMware VirtualCenter Server (build-233726)",
     "govmomi-VM_OVF09.ovf": "VMware Studio (OVF 0.9)",
     "govmomi-ubuntu24.10.ovf": "Canonical Ubuntu cloud-image build (VMware-style template)",
@@ -110,11 +107,25 @@ def parse(path):
         return ET.fromstring(data.decode("utf-8"))
 
 
-def hw_items(vs):
+def default_configuration(root):
+    configs = []
+    for dos in find_all(root, "DeploymentOptionSection"):
+        configs += [c for c in dos if local(c.tag) == "Configuration"]
+    for c in configs:
+        if attr(c, "default") == "true":
+            return attr(c, "id")
+    return attr(configs[0], "id") if configs else None
+
+
+def hw_items(vs, default):
     out = []
     for vhs in find_all(vs, "VirtualHardwareSection"):
         out += [c for c in vhs if local(c.tag) in ("Item", "StorageItem", "EthernetPortItem")]
-    return out
+    if default is None:
+        return out
+    return [i for i in out
+            if attr(i, "configuration") is None
+            or default in attr(i, "configuration").split()]
 
 
 def pick(items, rtype):
@@ -145,7 +156,7 @@ def describe(fname):
             })
     vss = find_all(root, "VirtualSystem")
     vs = vss[0]
-    items = hw_items(vs)
+    items = hw_items(vs, default_configuration(root))
     cpu = pick(items, 3)
     mem = pick(items, 4)
     cpus = text(cpu, "VirtualQuantity") if cpu is not None else None
@@ -174,7 +185,7 @@ def main():
         sys.exit("EXPORTER table out of sync: %s" % sorted(missing))
     out = {n: describe(n) for n in names}
     with open(os.path.join(HERE, "expected.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
+        json.dump(out, fh, indent=2, sort_keys=True)
         fh.write("\n")
 
 
