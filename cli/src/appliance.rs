@@ -68,18 +68,9 @@ pub async fn import(args: ImportArgs, config: &config::Config, json: bool) -> Re
     .await
 }
 
-/// Characters safe in a member name.
+/// Characters safe in a member name (`guest` for an empty name).
 fn file_safe(text: &str) -> String {
-    let s: String = text
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let s = provider_nbd::file_safe(text);
     if s.is_empty() { "guest".to_owned() } else { s }
 }
 

@@ -117,7 +117,10 @@ fn write_lock<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(|e| e.into_inner())
 }
 
-fn file_safe(text: &str) -> String {
+/// `text` with every character but ASCII letters, digits and `._-`
+/// replaced by `_`: a name safe for a file (or a tar member) whatever a
+/// guest or device is called.
+pub fn file_safe(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
