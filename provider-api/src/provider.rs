@@ -368,6 +368,19 @@ impl ArchiveView {
             })
     }
 
+    /// [`ArchiveView::guest_spec`] for a restore onto another platform
+    /// than the snapshot's: an error naming the snapshot and its platform
+    /// when it holds none.
+    pub fn foreign_guest_spec(&self) -> Result<crate::GuestSpec> {
+        self.guest_spec()?.ok_or_else(|| {
+            Error::invalid(format!(
+                "snapshot {} was taken on platform {} and holds no platform-neutral guest spec: \
+                 it restores onto {} only (or into raw files with restore --to)",
+                self.snapshot.id, self.snapshot.platform, self.snapshot.platform
+            ))
+        })
+    }
+
     /// The view of `snapshot` with what the target holds for it.
     pub fn new(
         snapshot: SnapshotInfo,

@@ -96,13 +96,7 @@ pub(crate) fn foreign_metadata(
     storage_id: Option<&str>,
 ) -> Result<SnapshotMetadata> {
     let snapshot = &request.archive.snapshot;
-    let spec = request.archive.guest_spec()?.ok_or_else(|| {
-        Error::invalid(format!(
-            "snapshot {} was taken on platform {} and holds no platform-neutral guest spec: \
-             it restores onto {} only (or into raw files with restore --to)",
-            snapshot.id, snapshot.platform, snapshot.platform
-        ))
-    })?;
+    let spec = request.archive.foreign_guest_spec()?;
     let Some(storage_id) = storage_id else {
         return Err(Error::invalid(format!(
             "snapshot {} comes from platform {}: name the storage of the restored server \

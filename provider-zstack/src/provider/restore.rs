@@ -46,13 +46,7 @@ enum Compute {
 fn foreign(request: &RestoreVmRequest) -> Result<(Metadata, Option<VmInventory>)> {
     let archive = &request.archive;
     let snapshot = &archive.snapshot;
-    let spec = archive.guest_spec()?.ok_or_else(|| {
-        Error::invalid(format!(
-            "snapshot {} was taken on platform {} and holds no platform-neutral guest spec: \
-             it restores onto {} only (or into raw files with restore --to)",
-            snapshot.id, snapshot.platform, snapshot.platform
-        ))
-    })?;
+    let spec = archive.foreign_guest_spec()?;
     if snapshot.volumes.is_empty() {
         return Err(Error::invalid(format!(
             "snapshot {} holds no volumes",
