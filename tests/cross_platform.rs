@@ -6,7 +6,9 @@
 //! with the source's and the mapped CPUs and memory with the source's; a
 //! target that needs a choice the snapshot cannot make (ZStack's networks,
 //! oVirt's storage domain) fails naming the option and leaves nothing on
-//! the platform; what a platform cannot take is a warning of the restore.
+//! the platform, and so does a restore that fails half-way (a disk that
+//! cannot be attached, before or after the VM is added); what a platform
+//! cannot take is a warning of the restore.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -494,6 +496,36 @@ async fn an_scp_backup_restores_onto_ovirt_with_identical_disks() {
             .collect::<Vec<_>>(),
         ["scsi0", "scsi1"]
     );
+
+    // Failures on the way leave nothing: the second disk's attachment to
+    // the appliance, then the attachments after the VM is added (the
+    // engine's import and the provider's alike).
+    let inventory = || {
+        ov.mock.ovirt().inventory().read(|doc| {
+            (
+                doc.vms.keys().cloned().collect::<Vec<_>>(),
+                doc.disks.keys().cloned().collect::<Vec<_>>(),
+            )
+        })
+    };
+    let before_restores = inventory();
+    for (after, name) in [(1, "plain-fail-early"), (2, "plain-fail-late")] {
+        ov.arm(json!({"attach_fail_after": after})).await;
+        let e = ov
+            .restore(
+                ovirt_target(&ov),
+                &snapshot,
+                RestoreTarget::NewGuest {
+                    name: Some(name.into()),
+                },
+            )
+            .await
+            .unwrap_err();
+        ov.disarm().await;
+        assert!(e.report().contains("hot plugging"), "{}", e.report());
+        assert_eq!(inventory(), before_restores, "{name}: VMs and disks");
+        assert_eq!(ov.leftovers().await, Vec::<String>::new(), "{name}");
+    }
 
     let r = ov
         .restore(
