@@ -354,7 +354,7 @@ impl OvirtProvider {
                         image_id,
                     });
                 }
-                // In the snapshot's volume order (the boot disk first).
+                // In the snapshot's volume order (the boot flag is per disk).
                 let order = |device: &str| {
                     st.metadata
                         .as_ref()

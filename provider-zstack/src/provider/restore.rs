@@ -39,10 +39,11 @@ enum Compute {
 
 /// The metadata and VM shape of a snapshot taken on another platform or
 /// imported, from its platform-neutral guest spec: the spec's boot disk
-/// (else the first volume) is the root volume, the others data volumes, CPUs and memory as the spec
-/// says; networks come from the provider options (`l3_network_uuids`),
-/// the source's networks mean nothing here. What ZStack does not take
-/// (NIC models and MACs, firmware, disk buses) is a restore warning.
+/// (else the first volume) is the root volume, the others data volumes,
+/// CPUs and memory as the spec says; networks come from the provider
+/// options (`l3_network_uuids`), the source's networks mean nothing here.
+/// What ZStack does not take (NIC models and MACs, firmware, disk buses)
+/// is a restore warning.
 fn foreign(request: &RestoreVmRequest) -> Result<(Metadata, Option<VmInventory>)> {
     let archive = &request.archive;
     let snapshot = &archive.snapshot;
