@@ -16,6 +16,27 @@ fn nbdkit(args: &[&str]) -> Peer {
     spawn_tcp(c, port)
 }
 
+/// Connects to the nbdkit peer on `port`. An I/O error during the
+/// handshake (a reset) is retried, up to 5 times 200 ms apart and each
+/// printed: two clean CI runs saw nbdkit reset the first connection after
+/// its start (never reproduced locally, under load or not, in 100 runs);
+/// these tests are about what happens after the handshake, which the
+/// qemu-nbd and own-server tests check without retries.
+async fn connect(port: u16) -> Client {
+    let mut tries = 0;
+    loop {
+        match Client::connect(&opts(port)).await {
+            Ok(c) => return c,
+            Err(e) if tries < 5 && matches!(e.kind(), ErrorKind::Io) => {
+                tries += 1;
+                eprintln!("connecting to nbdkit on port {port} (try {tries}): {e:?}; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("connecting to nbdkit on port {port}: {e:?}"),
+        }
+    }
+}
+
 fn opts(port: u16) -> ConnectOptions {
     ConnectOptions::new(
         Address::Tcp {
@@ -42,7 +63,7 @@ async fn eio_names_offset_and_connection_survives() {
         "error-pread-rate=1",
         &trig,
     ]);
-    let c = Client::connect(&opts(peer.port)).await.unwrap();
+    let c = connect(peer.port).await;
     let first = c.read(4096, 8).await.unwrap();
 
     std::fs::write(&trigger, b"").unwrap();
@@ -70,7 +91,7 @@ async fn eio_names_offset_and_connection_survives() {
         "error-pread=EIO",
         "error-pread-rate=0.5",
     ]);
-    let c = Client::connect(&opts(peer.port)).await.unwrap();
+    let c = connect(peer.port).await;
     let futs = (0..64u64).map(|i| {
         let c = c.clone();
         async move { c.read(i * 65536, 65536).await }
@@ -97,7 +118,7 @@ async fn pipelining_keeps_many_reads_in_flight() {
         "64M",
         "rdelay=200ms",
     ]);
-    let c = Client::connect(&opts(peer.port)).await.unwrap();
+    let c = connect(peer.port).await;
     let futs = (0..32u64).map(|i| {
         let c = c.clone();
         async move { c.read(i * 4096, 4096).await }
